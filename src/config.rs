@@ -1,0 +1,304 @@
+//! Configuration: one serde struct loaded from TOML, then overridden by command-line
+//! flags (see `main.rs`), then validated once. Everything else takes a validated
+//! [`Config`]; nothing reads the file or the environment later.
+//!
+//! The example files in `config/` document every field.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What to do with a key that matches no tenant rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnmatchedPolicy {
+    /// Refuse the request with `INVALID_ARGUMENT`, naming the key.
+    #[default]
+    Reject,
+    /// Send the key upstream unchanged (it may not touch etcdmux's own key space).
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listeners", rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub layout: LayoutConfig,
+    #[serde(default)]
+    pub tenancy: TenancyConfig,
+    #[serde(default)]
+    pub leases: LeaseConfig,
+}
+
+/// One gRPC listener. Several listeners let one etcdmux serve several sidecar
+/// apiservers, each pinned to its own static tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// Every request on this listener belongs to this tenant (sidecar mode).
+    #[serde(default)]
+    pub static_tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Prometheus `/metrics` listener; none when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Client URLs returned by `MemberList`, so clients that sync their member list
+    /// keep talking to etcdmux. Defaults to `http://<listener addr>` of each listener.
+    pub advertise_client_urls: Vec<String>,
+    /// The etcd version `Status` reports. The apiserver enables consistent reads from
+    /// its cache only for >= 3.4.31 / >= 3.5.13, so report a version whose features
+    /// etcdmux implements.
+    pub advertised_version: String,
+    /// Largest request etcdmux decodes; keep it at or above etcd's
+    /// `--max-request-bytes` plus gRPC overhead so that etcd, not etcdmux, answers
+    /// "etcdserver: request is too large".
+    pub max_request_bytes: usize,
+    /// Largest response etcdmux encodes.
+    pub max_response_bytes: usize,
+    /// HTTP/2 streams one client connection may have open at once.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            metrics_listen: None,
+            advertise_client_urls: Vec::new(),
+            advertised_version: "3.5.17".to_string(),
+            max_request_bytes: 2 * 1024 * 1024 + 512 * 1024,
+            max_response_bytes: 256 * 1024 * 1024,
+            max_concurrent_streams: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// etcd client URLs (`http://host:port`). Requests go to one endpoint at a time
+    /// and fail over to the next when it is unreachable.
+    pub endpoints: Vec<String>,
+    /// HTTP/2 connections kept to the current endpoint, whatever the tenant count.
+    pub connections: usize,
+    pub connect_timeout_ms: u64,
+    /// Deadline for a request whose client sent none.
+    pub default_timeout_ms: u64,
+    /// etcd's `--max-txn-ops`: ranges that span resource roots are split into
+    /// transactions of at most this many operations.
+    pub max_txn_ops: usize,
+    /// HTTP/2 keepalive ping interval towards etcd.
+    pub keepalive_interval_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            endpoints: vec!["http://127.0.0.1:2379".to_string()],
+            connections: 2,
+            connect_timeout_ms: 3_000,
+            default_timeout_ms: 30_000,
+            max_txn_ops: 128,
+            keepalive_interval_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayoutConfig {
+    /// Upstream prefix of the kplane-compatible layout:
+    /// `<prefix>/<resource>/clusters/<tenant><rest>`.
+    pub prefix: String,
+    /// etcdmux's own bookkeeping (resource-root index, lease owners, keys without a
+    /// leading `/`). Must not overlap `prefix`.
+    pub meta_prefix: String,
+    /// Resource roots remembered as present in the index (an evicted root only costs
+    /// one idempotent index write on its next put).
+    pub root_cache_capacity: u64,
+}
+
+impl Default for LayoutConfig {
+    fn default() -> Self {
+        LayoutConfig {
+            prefix: "/registry".to_string(),
+            meta_prefix: "/etcdmux".to_string(),
+            root_cache_capacity: 100_000,
+        }
+    }
+}
+
+/// A key-path rule: `prefix = "/projects/{tenant}/"` takes the tenant from the
+/// path; `prefix = "/datum-core/", tenant = "root"` maps a fixed prefix to a tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub prefix: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenancyConfig {
+    #[serde(rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+    /// Keys passed upstream unchanged (reads for everyone, writes for the admin).
+    pub global_keys: Vec<String>,
+    pub unmatched: UnmatchedPolicy,
+    /// Identity of requests that carry no key (Compact, LeaseGrant, Maintenance)
+    /// on a listener without a static tenant.
+    pub connection_identity: String,
+    /// The identity allowed to compact, write global keys and run maintenance.
+    pub admin_identity: String,
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        TenancyConfig {
+            rules: Vec::new(),
+            global_keys: vec!["compact_rev_key".to_string()],
+            unmatched: UnmatchedPolicy::Reject,
+            connection_identity: "root".to_string(),
+            admin_identity: "root".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How long a lease's owner is remembered before it is read from etcd again.
+    pub owner_cache_ttl_ms: u64,
+    pub owner_cache_capacity: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig { owner_cache_ttl_ms: 5_000, owner_cache_capacity: 100_000 }
+    }
+}
+
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![ListenerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 2379)), static_tenant: None }]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("parsing {path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: origin.to_string(), source })
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream.connect_timeout_ms)
+    }
+
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream.default_timeout_ms)
+    }
+
+    /// Client URLs advertised by `MemberList`.
+    pub fn advertise_urls(&self) -> Vec<String> {
+        if !self.server.advertise_client_urls.is_empty() {
+            return self.server.advertise_client_urls.clone();
+        }
+        self.listeners.iter().map(|l| format!("http://{}", l.addr)).collect()
+    }
+
+    /// Checks what serde cannot: cross-field rules, name syntax, overlaps. Tenant
+    /// rules are checked again (and compiled) by `tenant::Resolver::new`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.listeners.is_empty() {
+            return bad("at least one [[listener]] is required".into());
+        }
+        if self.upstream.endpoints.is_empty() {
+            return bad("upstream.endpoints must name at least one etcd endpoint".into());
+        }
+        for e in &self.upstream.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return bad(format!("upstream endpoint {e:?} must be an http:// or https:// URL"));
+            }
+        }
+        if self.upstream.connections == 0 {
+            return bad("upstream.connections must be at least 1".into());
+        }
+        if self.upstream.max_txn_ops < 2 {
+            return bad("upstream.max_txn_ops must be at least 2".into());
+        }
+        let p = &self.layout.prefix;
+        let m = &self.layout.meta_prefix;
+        for (name, v) in [("layout.prefix", p), ("layout.meta_prefix", m)] {
+            if v.is_empty() || v.ends_with('/') {
+                return bad(format!("{name} {v:?} must be non-empty and not end with '/'"));
+            }
+        }
+        if p.starts_with(m.as_str()) || m.starts_with(p.as_str()) {
+            return bad(format!("layout.prefix {p:?} and layout.meta_prefix {m:?} overlap"));
+        }
+        for g in &self.tenancy.global_keys {
+            if g.is_empty() || g.starts_with(p.as_str()) || g.starts_with(m.as_str()) {
+                return bad(format!(
+                    "global key {g:?} is empty or lies inside etcdmux's own key space ({p:?}, {m:?})"
+                ));
+            }
+        }
+        crate::tenant::Resolver::new(self).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_are_valid() {
+        for f in ["config/milo.toml", "config/static.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
+            cfg.validate().unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+
+    #[test]
+    fn defaults_and_rejections() {
+        let cfg = Config::parse("", "empty").unwrap();
+        assert_eq!(cfg.upstream.connections, 2);
+        assert_eq!(cfg.server.advertised_version, "3.5.17");
+        assert_eq!(cfg.tenancy.global_keys, vec!["compact_rev_key"]);
+        cfg.validate().unwrap();
+
+        assert!(Config::parse("bogus = 1", "x").is_err(), "unknown fields are refused");
+        let overlap = Config::parse("[layout]\nprefix = \"/a\"\nmeta_prefix = \"/a/meta\"", "x").unwrap();
+        assert!(overlap.validate().is_err());
+        let global_inside =
+            Config::parse("[tenancy]\nglobal_keys = [\"/registry/x\"]", "x").unwrap();
+        assert!(global_inside.validate().is_err());
+    }
+}

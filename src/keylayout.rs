@@ -1,0 +1,501 @@
+//! The upstream key layout: where a tenant's key lives in the shared etcd keyspace,
+//! and how a tenant's key range becomes upstream ranges.
+//!
+//! The layout is kplane's, so a kplane-native apiserver can later read the same data:
+//!
+//! | tenant | tenant key                                   | upstream key                                                    |
+//! |--------|----------------------------------------------|-----------------------------------------------------------------|
+//! | `p`    | `/pods/default/nginx`                        | `/registry/pods/clusters/p/default/nginx`                       |
+//! | `p`    | `/pods`                                      | `/registry/pods/clusters/p`                                     |
+//! | `p`    | `/pods/`                                     | `/registry/pods/clusters/p/`                                    |
+//! | `p`    | `/apps.k8s.io/deployments/ns/web`            | `/registry/apps.k8s.io/deployments/clusters/p/ns/web`           |
+//! | `p`    | `/apps.k8s.io`                               | `/registry/apps.k8s.io/clusters/p`                              |
+//! | `p`    | `/`                                          | `/registry//clusters/p`                                         |
+//! | `p`    | `foo` (no leading `/`)                       | `/etcdmux/bare/p/foo`                                           |
+//!
+//! A slash key `/<root><rest>` has a *resource root*: its first path segment, or its
+//! first two when the first holds a `.` (an API group) and a second follows. `rest`
+//! is empty or starts with `/`. Keys without a leading `/` (possible on a static
+//! listener) form one more root per tenant, the *bare* root, kept under the meta
+//! prefix because no name in the slash layout is free to hold them.
+//!
+//! Properties (proved by the proptests below, for every byte string):
+//! - **bijective and tenant-closed**: `decode(encode(t, k)) == (t, k)`; tenant names
+//!   hold no `/`, so a tenant can never reach another's segment;
+//! - **order-preserving within a root**: a root's keys are `prefix + rest`, so a range
+//!   inside one root is one upstream range with the same order, limit and `more`;
+//! - **ranges across roots** are planned as one upstream piece per
+//!   *slot* (the key `/<root>` alone, the `/<root>/…` interval — `/<root>!…` belongs
+//!   to another root — or the bare root), found through the tenant's *root index*: a
+//!   key per used slot under `<meta>/roots/<tenant>/`, written in the same transaction
+//!   as the slot's first key and never removed, so every etcdmux replica sees it and
+//!   a tenant-wide range touches only the slots that tenant has used.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::tenant::{End, TenantName};
+
+/// Where a key sits in the layout.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Root {
+    /// `/<name>…`. `single` roots are one-segment API groups (`/apps.k8s.io`) that
+    /// hold just the key `/<name>`: `/<name>/…` belongs to two-segment roots.
+    Slash { name: Bytes, single: bool },
+    /// Keys without a leading `/`.
+    Bare,
+}
+
+/// The smallest key greater than every key with prefix `p` (etcd's prefix end):
+/// increment the last byte below 0xff, dropping 0xff bytes after it; all 0xff (or
+/// empty) means "no end", which etcd spells `"\x00"`.
+pub fn prefix_end(p: &[u8]) -> Bytes {
+    let mut end = p.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Bytes::from(end);
+        }
+    }
+    Bytes::from_static(b"\0")
+}
+
+/// The root of a tenant key.
+pub fn root_of(key: &[u8]) -> Root {
+    match split_slash_key(key) {
+        Some((root_len, single)) => Root::Slash { name: Bytes::copy_from_slice(&key[1..root_len]), single },
+        None => Root::Bare,
+    }
+}
+
+/// Which part of the layout a key is in: the unit of the per-tenant root index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    /// Keys without a leading `/`.
+    Bare,
+    /// The key `/<root>` itself (rare: Kubernetes never writes it).
+    Key(Bytes),
+    /// Keys `/<root>/…` (every Kubernetes object of resource `<root>`).
+    Under(Bytes),
+}
+
+/// The slot of a tenant key.
+pub fn slot_of(key: &[u8]) -> Slot {
+    match split_slash_key(key) {
+        Some((root_len, _)) if root_len == key.len() => Slot::Key(Bytes::copy_from_slice(&key[1..])),
+        Some((root_len, _)) => Slot::Under(Bytes::copy_from_slice(&key[1..root_len])),
+        None => Slot::Bare,
+    }
+}
+
+/// For a slash key: the length of `/<root>` and whether it is a single-key root.
+fn split_slash_key(key: &[u8]) -> Option<(usize, bool)> {
+    if key.first() != Some(&b'/') {
+        return None;
+    }
+    let seg1_end = key[1..].iter().position(|&b| b == b'/').map_or(key.len(), |i| i + 1);
+    let dotted = key[1..seg1_end].contains(&b'.');
+    if !dotted {
+        return Some((seg1_end, false));
+    }
+    if seg1_end == key.len() {
+        return Some((seg1_end, true));
+    }
+    let seg2_end = key[seg1_end + 1..].iter().position(|&b| b == b'/').map_or(key.len(), |i| seg1_end + 1 + i);
+    Some((seg2_end, false))
+}
+
+/// One upstream range. An empty `range_end` is a single key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub key: Bytes,
+    pub range_end: Bytes,
+}
+
+/// The layout with its configured prefixes.
+#[derive(Debug, Clone)]
+pub struct KeyLayout {
+    /// `/registry`
+    prefix: Bytes,
+    /// `/etcdmux/bare/`
+    bare: Bytes,
+    /// `/etcdmux/roots` (index keys add `/<tenant>/<slot>`)
+    roots: Bytes,
+    /// `/etcdmux/leases/`
+    leases: Bytes,
+}
+
+const CLUSTERS: &[u8] = b"/clusters/";
+
+fn cat(parts: &[&[u8]]) -> Bytes {
+    let mut out = BytesMut::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        out.put_slice(p);
+    }
+    out.freeze()
+}
+
+impl KeyLayout {
+    pub fn new(prefix: &str, meta_prefix: &str) -> KeyLayout {
+        let m = meta_prefix.as_bytes();
+        KeyLayout {
+            prefix: Bytes::copy_from_slice(prefix.as_bytes()),
+            bare: cat(&[m, b"/bare/"]),
+            roots: cat(&[m, b"/roots"]),
+            leases: cat(&[m, b"/leases/"]),
+        }
+    }
+
+    /// Upstream prefix of tenant `t`'s keys in slash root `name`: `/registry/<name>/clusters/<t>`.
+    fn slash_prefix(&self, name: &[u8], t: &TenantName) -> Bytes {
+        cat(&[&self.prefix, b"/", name, CLUSTERS, t.as_str().as_bytes()])
+    }
+
+    /// Upstream prefix of tenant `t`'s bare keys: `/etcdmux/bare/<t>/`.
+    fn bare_prefix(&self, t: &TenantName) -> Bytes {
+        cat(&[&self.bare, t.as_str().as_bytes(), b"/"])
+    }
+
+    /// The upstream key of tenant `t`'s key `key`.
+    pub fn encode(&self, t: &TenantName, key: &[u8]) -> Bytes {
+        match split_slash_key(key) {
+            Some((root_len, _)) => {
+                cat(&[&self.prefix, b"/", &key[1..root_len], CLUSTERS, t.as_str().as_bytes(), &key[root_len..]])
+            }
+            None => cat(&[&self.bare, t.as_str().as_bytes(), b"/", key]),
+        }
+    }
+
+    /// The tenant and tenant key of an upstream key, or `None` when the key is not
+    /// one `encode` can produce (another application's key, index or lease records).
+    pub fn decode(&self, up: &Bytes) -> Option<(TenantName, Bytes)> {
+        if let Some(x) = up.strip_prefix(&self.prefix[..]).and_then(|x| x.strip_prefix(b"/")) {
+            let (root_len, tenant_start) = self.parse_slash(x)?;
+            let rel_tenant_end = x[tenant_start..].iter().position(|&b| b == b'/').map_or(x.len(), |i| tenant_start + i);
+            let tenant = tenant_from(&x[tenant_start..rel_tenant_end])?;
+            let mut key = BytesMut::with_capacity(1 + root_len + (x.len() - rel_tenant_end));
+            key.put_u8(b'/');
+            key.put_slice(&x[..root_len]);
+            key.put_slice(&x[rel_tenant_end..]);
+            return Some((tenant, key.freeze()));
+        }
+        let x = up.strip_prefix(&self.bare[..])?;
+        let slash = x.iter().position(|&b| b == b'/')?;
+        let tenant = tenant_from(&x[..slash])?;
+        let key = &x[slash + 1..];
+        if key.is_empty() || key[0] == b'/' {
+            return None;
+        }
+        Some((tenant, up.slice(up.len() - key.len()..)))
+    }
+
+    /// For `x` = `<root>/clusters/<tenant><rest>`: the length of `<root>` and where the
+    /// tenant starts.
+    fn parse_slash(&self, x: &[u8]) -> Option<(usize, usize)> {
+        let seg1 = x.iter().position(|&b| b == b'/')?;
+        if x[..seg1].contains(&b'.') {
+            // One-segment API group root: exactly `<seg1>/clusters/<tenant>`.
+            let after = &x[seg1..];
+            if let Some(t) = after.strip_prefix(CLUSTERS) {
+                if !t.is_empty() && !t.contains(&b'/') {
+                    return Some((seg1, seg1 + CLUSTERS.len()));
+                }
+            }
+            let seg2 = x[seg1 + 1..].iter().position(|&b| b == b'/').map(|i| seg1 + 1 + i)?;
+            x[seg2..].starts_with(CLUSTERS).then_some((seg2, seg2 + CLUSTERS.len()))
+        } else {
+            x[seg1..].starts_with(CLUSTERS).then_some((seg1, seg1 + CLUSTERS.len()))
+        }
+    }
+
+    /// The index key recording that tenant `t` has (or had) keys in `slot`.
+    pub fn index_key(&self, t: &TenantName, slot: &Slot) -> Bytes {
+        let tn = t.as_str().as_bytes();
+        match slot {
+            Slot::Bare => cat(&[&self.roots, b"/", tn, b"/b"]),
+            Slot::Key(name) => cat(&[&self.roots, b"/", tn, b"/k", name]),
+            Slot::Under(name) => cat(&[&self.roots, b"/", tn, b"/u", name]),
+        }
+    }
+
+    /// The upstream range holding tenant `t`'s index.
+    pub fn index_range(&self, t: &TenantName) -> Piece {
+        let start = cat(&[&self.roots, b"/", t.as_str().as_bytes(), b"/"]);
+        let range_end = prefix_end(&start);
+        Piece { key: start, range_end }
+    }
+
+    /// The slot an index key of tenant `t` records.
+    pub fn slot_from_index_key(&self, t: &TenantName, k: &[u8]) -> Option<Slot> {
+        let rest = k.strip_prefix(&self.index_range(t).key[..])?;
+        let (tag, name) = rest.split_first()?;
+        let name = Bytes::copy_from_slice(name);
+        match tag {
+            b'b' if name.is_empty() => Some(Slot::Bare),
+            b'k' => Some(Slot::Key(name)),
+            b'u' => Some(Slot::Under(name)),
+            _ => None,
+        }
+    }
+
+    /// Where the owner of lease `id` is recorded.
+    pub fn lease_owner_key(&self, id: i64) -> Bytes {
+        cat(&[&self.leases, format!("{id:016x}").as_bytes()])
+    }
+
+    /// The range of all lease owner records.
+    pub fn lease_owner_range(&self) -> Piece {
+        Piece { key: self.leases.clone(), range_end: prefix_end(&self.leases) }
+    }
+
+    /// The lease id of an owner record key.
+    pub fn lease_id_from_owner_key(&self, k: &[u8]) -> Option<i64> {
+        let hex = std::str::from_utf8(k.strip_prefix(&self.leases[..])?).ok()?;
+        u64::from_str_radix(hex, 16).ok().map(|v| v as i64)
+    }
+
+    /// The single upstream piece for a tenant range that stays inside one root (the
+    /// common case: `/pods/` with its prefix end), or `None` when the range may span
+    /// roots and needs [`KeyLayout::plan`] with the root index.
+    pub fn plan_fast(&self, t: &TenantName, start: &Bytes, end: &End) -> Option<Piece> {
+        if let End::Single = end {
+            return Some(Piece { key: self.encode(t, start), range_end: Bytes::new() });
+        }
+        match root_of(start) {
+            Root::Slash { name, single: false } => {
+                let lo = cat(&[b"/", &name, b"/"]);
+                let hi = prefix_end(&lo);
+                let inside = start.as_ref() >= lo.as_ref()
+                    && matches!(end, End::Key(e) if e.as_ref() <= hi.as_ref());
+                if inside {
+                    return self.slash_interval(t, &name, start, end);
+                }
+                None
+            }
+            Root::Bare if start.as_ref() >= b"0".as_ref() => self.bare_pieces(t, start, end).pop(),
+            Root::Bare if matches!(end, End::Key(e) if e.as_ref() <= b"/".as_ref()) => {
+                self.bare_pieces(t, start, end).pop()
+            }
+            _ => None,
+        }
+    }
+
+    /// Every upstream piece of tenant `t`'s range `[start, end)`, given every slot
+    /// that may hold the tenant's keys (an over-approximation is fine). Pieces are
+    /// disjoint; their union holds exactly the tenant's keys in the range. Results
+    /// must be merged in tenant-key order, as roots interleave (`/a` < `/a!x` < `/a/x`).
+    pub fn plan<'s>(&self, t: &TenantName, start: &Bytes, end: &End, slots: impl IntoIterator<Item = &'s Slot>) -> Vec<Piece> {
+        if let Some(p) = self.plan_fast(t, start, end) {
+            return vec![p];
+        }
+        let mut pieces = Vec::new();
+        for slot in slots {
+            match slot {
+                Slot::Bare => pieces.extend(self.bare_pieces(t, start, end)),
+                Slot::Key(name) => {
+                    let key = cat(&[b"/", name]);
+                    let below_end = match end {
+                        End::Key(e) => key.as_ref() < e.as_ref(),
+                        _ => true,
+                    };
+                    if start.as_ref() <= key.as_ref() && below_end {
+                        pieces.push(Piece { key: self.slash_prefix(name, t), range_end: Bytes::new() });
+                    }
+                }
+                Slot::Under(name) => pieces.extend(self.slash_interval(t, name, start, end)),
+            }
+        }
+        pieces
+    }
+
+    /// `[start, end)` ∩ `[/<name>/, /<name>0)` as one upstream range.
+    fn slash_interval(&self, t: &TenantName, name: &[u8], start: &Bytes, end: &End) -> Option<Piece> {
+        let lo = cat(&[b"/", name, b"/"]);
+        let hi = prefix_end(&lo);
+        let from = if start.as_ref() > lo.as_ref() { start.clone() } else { lo };
+        let to = match end {
+            End::Key(e) if e.as_ref() < hi.as_ref() => e.clone(),
+            _ => hi.clone(),
+        };
+        if from >= to {
+            return None;
+        }
+        let base = self.slash_prefix(name, t);
+        let rest = |k: &Bytes| k.slice(1 + name.len()..);
+        let range_end = if to == hi { cat(&[&base, b"0"]) } else { cat(&[&base, &rest(&to)]) };
+        Some(Piece { key: cat(&[&base, &rest(&from)]), range_end })
+    }
+
+    /// `[start, end)` ∩ the bare keys (`< "/"` or `>= "0"`), as up to two pieces.
+    fn bare_pieces(&self, t: &TenantName, start: &Bytes, end: &End) -> Vec<Piece> {
+        let base = self.bare_prefix(t);
+        let mut out = Vec::new();
+        let end_key = |e: &End| match e {
+            End::Key(k) => Some(k.clone()),
+            _ => None,
+        };
+        // Keys below "/".
+        let below = match end_key(end) {
+            Some(e) if e.as_ref() < b"/".as_ref() => e,
+            _ => Bytes::from_static(b"/"),
+        };
+        if start.as_ref() < below.as_ref() {
+            out.push(Piece { key: cat(&[&base, start]), range_end: cat(&[&base, &below]) });
+        }
+        // Keys from "0" on.
+        let from = if start.as_ref() > b"0".as_ref() { start.clone() } else { Bytes::from_static(b"0") };
+        let range_end = match end_key(end) {
+            Some(e) if e.as_ref() <= from.as_ref() => return out,
+            Some(e) => cat(&[&base, &e]),
+            None => prefix_end(&base),
+        };
+        out.push(Piece { key: cat(&[&base, &from]), range_end });
+        out
+    }
+}
+
+fn tenant_from(raw: &[u8]) -> Option<TenantName> {
+    TenantName::new(std::str::from_utf8(raw).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn layout() -> KeyLayout {
+        KeyLayout::new("/registry", "/etcdmux")
+    }
+
+    fn t(s: &str) -> TenantName {
+        TenantName::new(s).unwrap()
+    }
+
+    #[test]
+    fn table_in_module_docs() {
+        let l = layout();
+        let p = t("p");
+        for (key, up) in [
+            (&b"/pods/default/nginx"[..], &b"/registry/pods/clusters/p/default/nginx"[..]),
+            (b"/pods", b"/registry/pods/clusters/p"),
+            (b"/pods/", b"/registry/pods/clusters/p/"),
+            (b"/apps.k8s.io/deployments/ns/web", b"/registry/apps.k8s.io/deployments/clusters/p/ns/web"),
+            (
+                b"/apiextensions.k8s.io/customresourcedefinitions/widgets.example.com",
+                b"/registry/apiextensions.k8s.io/customresourcedefinitions/clusters/p/widgets.example.com",
+            ),
+            (b"/apps.k8s.io", b"/registry/apps.k8s.io/clusters/p"),
+            (b"/", b"/registry//clusters/p"),
+            (b"foo", b"/etcdmux/bare/p/foo"),
+        ] {
+            let enc = l.encode(&p, key);
+            assert_eq!(enc.as_ref(), up, "{}", String::from_utf8_lossy(key));
+            assert_eq!(l.decode(&enc), Some((p.clone(), Bytes::copy_from_slice(key))));
+        }
+        // Not layout keys.
+        for k in [&b"/registry/pods"[..], b"/registry/pods/clusters/", b"/etcdmux/roots/pods", b"/other"] {
+            assert_eq!(l.decode(&Bytes::copy_from_slice(k)), None);
+        }
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/a/"), Bytes::from_static(b"/a0"));
+        assert_eq!(prefix_end(b"a\xff"), Bytes::from_static(b"b"));
+        assert_eq!(prefix_end(b"\xff\xff"), Bytes::from_static(b"\0"));
+    }
+
+    #[test]
+    fn index_keys_round_trip() {
+        let l = layout();
+        for key in [&b"/pods/x"[..], b"/apps.k8s.io", b"/apps.k8s.io/d/x", b"/", b"//", b"bare"] {
+            let slot = slot_of(key);
+            let ik = l.index_key(&t("p"), &slot);
+            assert!(ik.starts_with(&l.index_range(&t("p")).key));
+            assert_eq!(l.slot_from_index_key(&t("p"), &ik), Some(slot));
+            assert_eq!(l.slot_from_index_key(&t("p!"), &ik), None);
+        }
+        assert_eq!(l.lease_id_from_owner_key(&l.lease_owner_key(-5)), Some(-5));
+    }
+
+    // Keys drawn from a small alphabet around the layout's special bytes, so that
+    // roots, dots, slashes, prefix ends and 0xff collide often.
+    fn key_strategy() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            Just(b'/'), Just(b'.'), Just(b'a'), Just(b'b'), Just(b'0'), Just(b'!'),
+            Just(0u8), Just(0xffu8), any::<u8>()
+        ];
+        prop::collection::vec(byte, 1..12)
+    }
+
+    fn tenant_strategy() -> impl Strategy<Value = TenantName> {
+        prop::sample::select(vec!["p", "p!", "pa", "clusters", "a.b", "root", "é"]).prop_map(t)
+    }
+
+    fn decode_all(l: &KeyLayout, up: &BTreeSet<Bytes>, pieces: &[Piece]) -> BTreeSet<(TenantName, Bytes)> {
+        let mut out = BTreeSet::new();
+        for p in pieces {
+            for k in up {
+                let hit = if p.range_end.is_empty() {
+                    *k == p.key
+                } else {
+                    k >= &p.key && (p.range_end.as_ref() == b"\0" || k < &p.range_end)
+                };
+                if hit {
+                    assert!(out.insert(l.decode(k).expect("pieces hold only layout keys")), "pieces overlap");
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn bijective_and_tenant_closed(tn in tenant_strategy(), key in key_strategy()) {
+            let l = layout();
+            let up = l.encode(&tn, &key);
+            prop_assert_eq!(l.decode(&up), Some((tn, Bytes::from(key))));
+        }
+
+        #[test]
+        fn injective_across_tenants(a in tenant_strategy(), ka in key_strategy(), b in tenant_strategy(), kb in key_strategy()) {
+            let l = layout();
+            prop_assert_eq!(l.encode(&a, &ka) == l.encode(&b, &kb), a == b && ka == kb);
+        }
+
+        #[test]
+        fn order_preserving_within_a_root(tn in tenant_strategy(), k1 in key_strategy(), k2 in key_strategy()) {
+            let l = layout();
+            prop_assume!(root_of(&k1) == root_of(&k2));
+            prop_assert_eq!(k1.cmp(&k2), l.encode(&tn, &k1).cmp(&l.encode(&tn, &k2)));
+        }
+
+        /// The planner returns exactly the tenant's keys in the range, for any key set
+        /// of several tenants and any range, and the fast path agrees with it.
+        #[test]
+        fn plans_are_exact(
+            tn in tenant_strategy(),
+            keys in prop::collection::vec((tenant_strategy(), key_strategy()), 0..40),
+            start in prop::collection::vec(any::<u8>().prop_map(|b| b % 3 + b'.'), 0..4).prop_map(Bytes::from),
+            start_key in key_strategy(),
+            end in prop_oneof![Just(None), key_strategy().prop_map(Some)],
+            use_start_key in any::<bool>(),
+        ) {
+            let l = layout();
+            let start = if use_start_key { Bytes::from(start_key) } else { start };
+            let end = match end { None => End::Unbounded, Some(e) => End::Key(Bytes::from(e)) };
+            let up: BTreeSet<Bytes> = keys.iter().map(|(tt, k)| l.encode(tt, k)).collect();
+            let slots: BTreeSet<Slot> = keys.iter().filter(|(tt, _)| *tt == tn).map(|(_, k)| slot_of(k)).collect();
+            let pieces = l.plan(&tn, &start, &end, &slots);
+            let got = decode_all(&l, &up, &pieces);
+            let want: BTreeSet<(TenantName, Bytes)> = keys.iter()
+                .filter(|(tt, k)| *tt == tn && k.as_slice() >= start.as_ref()
+                    && match &end { End::Key(e) => k.as_slice() < e.as_ref(), _ => true })
+                .map(|(tt, k)| (tt.clone(), Bytes::from(k.clone())))
+                .collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
