@@ -29,6 +29,12 @@ pub enum Error {
     Unsupported(String),
     #[error("etcdmux: {0}")]
     Unavailable(String),
+    /// A broken invariant inside etcdmux (never the client's fault).
+    #[error("etcdmux: internal error: {0}")]
+    Internal(String),
+    /// etcd's limit on operations per transaction (`--max-txn-ops`).
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
     /// etcd answered with an error: passed on as it came.
     #[error("{}", .0.message())]
     Upstream(Status),
@@ -48,7 +54,9 @@ impl From<Error> for Status {
             | Error::Unmatched(_)
             | Error::InvalidTenant { .. }
             | Error::CrossTenant { .. }
-            | Error::InvalidArgument(_) => Code::InvalidArgument,
+            | Error::InvalidArgument(_)
+            | Error::TooManyOps => Code::InvalidArgument,
+            Error::Internal(_) => Code::Internal,
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unsupported(_) => Code::Unimplemented,

@@ -122,6 +122,8 @@ pub struct KeyLayout {
     roots: Bytes,
     /// `/etcdmux/leases/`
     leases: Bytes,
+    /// `/etcdmux/void`
+    void: Bytes,
 }
 
 const CLUSTERS: &[u8] = b"/clusters/";
@@ -142,6 +144,7 @@ impl KeyLayout {
             bare: cat(&[m, b"/bare/"]),
             roots: cat(&[m, b"/roots"]),
             leases: cat(&[m, b"/leases/"]),
+            void: cat(&[m, b"/void"]),
         }
     }
 
@@ -235,6 +238,12 @@ impl KeyLayout {
             b'u' => Some(Slot::Under(name)),
             _ => None,
         }
+    }
+
+    /// A key etcdmux never writes: compares against it behave like compares over an
+    /// empty range.
+    pub fn void_key(&self) -> Bytes {
+        self.void.clone()
     }
 
     /// Where the owner of lease `id` is recorded.

@@ -1,1 +1,139 @@
-fn main() {}
+//! The `etcdmux` command: serve, or check a config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use etcdmux::config::{Config, ListenerConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "etcdmux", version, about = "Multi-tenant etcd v3 gRPC proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML config file (see config/milo.toml); defaults apply without one.
+    #[arg(long, env = "ETCDMUX_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address; replaces the first listener's address.
+    #[arg(long, env = "ETCDMUX_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// etcd endpoints, comma-separated (http://host:port).
+    #[arg(long, env = "ETCDMUX_UPSTREAM", value_delimiter = ',')]
+    upstream: Vec<String>,
+    /// Every request belongs to this tenant (sidecar mode), on every listener.
+    #[arg(long, env = "ETCDMUX_STATIC_TENANT")]
+    static_tenant: Option<String>,
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "ETCDMUX_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load and validate a config file, print the effective config, and exit.
+    CheckConfig { file: PathBuf },
+}
+
+fn load(cli: &Cli) -> Result<Config, String> {
+    let mut cfg = match &cli.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::parse("", "defaults").map_err(|e| e.to_string())?,
+    };
+    if let Some(addr) = cli.listen {
+        match cfg.listeners.first_mut() {
+            Some(l) => l.addr = addr,
+            None => cfg.listeners.push(ListenerConfig { addr, static_tenant: None }),
+        }
+    }
+    if !cli.upstream.is_empty() {
+        cfg.upstream.endpoints = cli.upstream.clone();
+    }
+    if let Some(t) = &cli.static_tenant {
+        for l in &mut cfg.listeners {
+            l.static_tenant = Some(t.clone());
+        }
+    }
+    if cli.metrics_listen.is_some() {
+        cfg.server.metrics_listen = cli.metrics_listen;
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match Config::load(file).and_then(|c| c.validate().map(|_| c)) {
+            Ok(cfg) => {
+                println!("{}: ok\n{cfg:#?}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cfg = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("etcdmux: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("etcdmux: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("etcdmux: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> Result<(), etcdmux::server::BoxError> {
+    if let Some(addr) = cfg.server.metrics_listen {
+        etcdmux::metrics::install(addr).map_err(|e| format!("metrics listener {addr}: {e}"))?;
+    }
+    let mut running = etcdmux::server::start(cfg).await?;
+    let stop = running.shutdown_handle();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(());
+    });
+    running.wait().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

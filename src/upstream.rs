@@ -156,6 +156,46 @@ impl Upstream {
         WatchClient::new(ch).max_decoding_message_size(self.max_message).max_encoding_message_size(self.max_message)
     }
 
+    /// One KV call with retries: `f` gets a client and the outgoing request.
+    pub async fn kv_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.call(ctx, retry, |ch| f(self.kv(ch), ctx.request(req.clone()))).await
+    }
+
+    /// One Lease call with retries.
+    pub async fn lease_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(LeaseClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.call(ctx, retry, |ch| f(self.lease(ch), ctx.request(req.clone()))).await
+    }
+
+    /// One Maintenance call with retries.
+    pub async fn maintenance_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(MaintenanceClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.call(ctx, retry, |ch| f(self.maintenance(ch), ctx.request(req.clone()))).await
+    }
+
+    /// One Cluster call with retries.
+    pub async fn cluster_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(ClusterClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.call(ctx, retry, |ch| f(self.cluster(ch), ctx.request(req.clone()))).await
+    }
+
     /// Runs `f` against a channel, with the deadline of `ctx`, retrying as `retry`
     /// allows and failing over to the next endpoint when one is unreachable.
     pub async fn call<T, F, Fut>(&self, ctx: &CallCtx, retry: Retry, mut f: F) -> Result<T, Status>

@@ -1,0 +1,79 @@
+//! The per-tenant root index: which layout slots a tenant has keys in, kept in etcd.
+//!
+//! A range that spans resource roots (`get --prefix /`, deleting a whole project)
+//! must find every root the tenant has written. Each slot's index key
+//! (`<meta>/roots/<tenant>/<slot>`) is put in the same etcd transaction as the
+//! slot's first key and never removed, so the index is always a superset of the
+//! slots holding keys, for every etcdmux replica, at every revision.
+//!
+//! This process only remembers which index keys it knows exist (a bounded cache);
+//! forgetting one costs one idempotent index put on the slot's next write.
+
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::keylayout::Slot;
+use crate::pb::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, ResponseHeader};
+use crate::proxy::Proxy;
+use crate::tenant::TenantName;
+use crate::upstream::{CallCtx, Retry};
+
+pub struct RootIndex {
+    known: moka::sync::Cache<Bytes, ()>,
+}
+
+impl RootIndex {
+    pub fn new(capacity: u64) -> RootIndex {
+        RootIndex { known: moka::sync::Cache::new(capacity) }
+    }
+
+    pub fn is_known(&self, index_key: &Bytes) -> bool {
+        self.known.contains_key(index_key)
+    }
+
+    /// Records index keys that etcd now holds (after a committed write or a read).
+    pub fn learn(&self, index_key: Bytes) {
+        self.known.insert(index_key, ());
+        metrics::gauge!("etcdmux_root_index_cached").set(self.known.entry_count() as f64);
+    }
+
+    /// The op that records `index_key` (an empty value: only its existence counts).
+    pub fn put_op(index_key: Bytes) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest { key: index_key, ..Default::default() })),
+        }
+    }
+}
+
+/// A tenant's index as read from etcd.
+pub struct IndexSnapshot {
+    pub header: Option<ResponseHeader>,
+    /// The revision the index was read at: the revision to read data at.
+    pub revision: i64,
+    pub slots: Vec<Slot>,
+}
+
+impl Proxy {
+    /// Reads tenant `t`'s index at `revision` (0 = now).
+    pub async fn read_index(&self, ctx: &CallCtx, t: &TenantName, revision: i64) -> Result<IndexSnapshot> {
+        let range = self.layout.index_range(t);
+        let req = RangeRequest { key: range.key, range_end: range.range_end, keys_only: true, revision, ..Default::default() };
+        let resp = self
+            .upstream
+            .call(ctx, Retry::Safe, |ch| {
+                let r = ctx.request(req.clone());
+                let mut kv = self.upstream.kv(ch);
+                async move { kv.range(r).await }
+            })
+            .await?;
+        let mut slots = Vec::with_capacity(resp.kvs.len());
+        for kv in resp.kvs {
+            if let Some(slot) = self.layout.slot_from_index_key(t, &kv.key) {
+                slots.push(slot);
+                self.index.learn(kv.key);
+            }
+        }
+        let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+        Ok(IndexSnapshot { header: resp.header, revision: rev, slots })
+    }
+}
