@@ -9,6 +9,8 @@
 //! This process only remembers which index keys it knows exist (a bounded cache);
 //! forgetting one costs one idempotent index put on the slot's next write.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 
 use crate::error::Result;
@@ -50,7 +52,7 @@ pub struct IndexSnapshot {
     pub header: Option<ResponseHeader>,
     /// The revision the index was read at: the revision to read data at.
     pub revision: i64,
-    pub slots: Vec<Slot>,
+    pub slots: BTreeSet<Slot>,
 }
 
 impl Proxy {
@@ -66,10 +68,10 @@ impl Proxy {
                 async move { kv.range(r).await }
             })
             .await?;
-        let mut slots = Vec::with_capacity(resp.kvs.len());
+        let mut slots = BTreeSet::new();
         for kv in resp.kvs {
             if let Some(slot) = self.layout.slot_from_index_key(t, &kv.key) {
-                slots.push(slot);
+                slots.insert(slot);
                 self.index.learn(kv.key);
             }
         }

@@ -8,7 +8,6 @@
 //! delete that spans roots is one upstream transaction, guarded by a compare that
 //! the index did not grow meanwhile.
 
-use std::cmp::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +25,7 @@ use crate::pb::etcdserverpb::{
 use crate::pb::mvccpb::KeyValue;
 use crate::proxy::Proxy;
 use crate::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName};
+use crate::txn::piece_request;
 use crate::upstream::{CallCtx, Retry};
 
 /// Retries of a cross-root operation whose index changed under it.
@@ -105,24 +105,22 @@ pub fn index_unchanged_since(range: Piece, rev: i64) -> Compare {
 }
 
 /// Sorts merged key-values the way etcd orders one range's answer: by the sort
-/// target (ascending by default when the target is not the key), then by key.
+/// target (ascending by default when the target is not the key), reversed for
+/// DESCEND; etcd reverses only the target comparison, so ties stay in ascending
+/// key order.
 pub fn sort_kvs(kvs: &mut [KeyValue], req: &RangeRequest) {
     let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
     let descend = SortOrder::try_from(req.sort_order) == Ok(SortOrder::Descend);
     kvs.sort_by(|a, b| {
         let primary = match target {
-            SortTarget::Key => Ordering::Equal,
+            SortTarget::Key => a.key.cmp(&b.key),
             SortTarget::Version => a.version.cmp(&b.version),
             SortTarget::Create => a.create_revision.cmp(&b.create_revision),
             SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
             SortTarget::Value => a.value.cmp(&b.value),
         };
-        let c = primary.then_with(|| a.key.cmp(&b.key));
-        if descend {
-            c.reverse()
-        } else {
-            c
-        }
+        let primary = if descend { primary.reverse() } else { primary };
+        primary.then_with(|| a.key.cmp(&b.key))
     });
 }
 
@@ -181,12 +179,9 @@ impl Proxy {
                     success: chunk
                         .iter()
                         .map(|p| {
-                            range_op(RangeRequest {
-                                key: p.key.clone(),
-                                range_end: p.range_end.clone(),
-                                revision: pin,
-                                ..req.clone()
-                            })
+                            let mut r = piece_request(&req, p.key.clone(), p.range_end.clone(), pieces.len() > 1);
+                            r.revision = pin;
+                            range_op(r)
                         })
                         .collect(),
                     ..Default::default()

@@ -331,6 +331,10 @@ impl Resolver {
     /// Resolves a `(key, range_end)` pair with etcd's conventions: empty `range_end`
     /// is one key, `"\x00"` is "from key on" (here: to the end of the tenant's space).
     pub fn resolve_range(&self, scope: &Scope, key: &Bytes, range_end: &Bytes) -> Result<RangeRef, Error> {
+        // etcd refuses an empty key for ranges too, whatever the range_end.
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
         if range_end.is_empty() {
             return Ok(match self.resolve_key(scope, key)? {
                 KeyRef::Tenant { tenant, key } => RangeRef::Tenant { tenant, start: key, end: End::Single },
@@ -344,9 +348,7 @@ impl Resolver {
             let end = if unbounded { End::Unbounded } else { End::Key(range_end.clone()) };
             return Ok(RangeRef::Tenant { tenant: t.clone(), start: key.clone(), end });
         }
-        // An empty start key with a range_end is legal in etcd ("from the beginning").
-        let start = if key.is_empty() { None } else { self.match_rules(key)? };
-        let Some(KeyRef::Tenant { tenant, key: start }) = start else {
+        let Some(KeyRef::Tenant { tenant, key: start }) = self.match_rules(key)? else {
             return self.resolve_raw_range(scope, key, range_end);
         };
         if unbounded || *range_end == prefix_end(&self.client_prefix_bytes(&tenant)?.concat_slash()) {
@@ -526,9 +528,10 @@ mod tests {
         assert_eq!(r.resolve_key(&s, &b("foo")).unwrap(), KeyRef::Tenant { tenant: t("tenant-a"), key: b("foo") });
         assert_eq!(r.resolve_key(&s, &b("compact_rev_key")).unwrap(), KeyRef::Raw { key: b("compact_rev_key"), global: true });
         assert_eq!(
-            r.resolve_range(&s, &Bytes::new(), &b("\0")).unwrap(),
-            RangeRef::Tenant { tenant: t("tenant-a"), start: Bytes::new(), end: End::Unbounded }
+            r.resolve_range(&s, &b("\0"), &b("\0")).unwrap(),
+            RangeRef::Tenant { tenant: t("tenant-a"), start: b("\0"), end: End::Unbounded }
         );
+        assert!(matches!(r.resolve_range(&s, &Bytes::new(), &b("\0")), Err(Error::EmptyKey)));
         assert!(r.authorize(&s, &t("tenant-a")).is_ok());
         assert!(r.authorize(&s, &t("tenant-b")).is_err());
         assert!(r.require_admin(&s, "Compact").is_err());

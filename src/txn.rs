@@ -21,8 +21,9 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::index::{IndexSnapshot, RootIndex};
-use crate::keylayout::slot_of;
+use crate::keylayout::{slot_of, Slot};
 use crate::kv::{index_unchanged_since, sort_kvs};
+use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::{
     request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, RangeRequest,
     RangeResponse, RequestOp, ResponseOp, TxnRequest, TxnResponse,
@@ -65,6 +66,8 @@ struct Translate<'a> {
     /// The tenant's index, once a cross-root op asked for it.
     index: Option<&'a IndexSnapshot>,
     needs_index: bool,
+    /// Slots the txn's own puts write: its ranges must see them too.
+    put_slots: BTreeSet<Slot>,
 }
 
 impl<'a> Translate<'a> {
@@ -114,6 +117,17 @@ impl<'a> Translate<'a> {
         }
     }
 
+    /// Like `pieces`, but never empty: a range with nothing of the tenant's in it is
+    /// sent as the same op on the void key, so that etcd itself produces the answer
+    /// (and the header revision at that point of the txn).
+    fn pieces_or_void(&mut self, key: &Bytes, range_end: &Bytes, write: bool) -> Result<Vec<(Bytes, Bytes)>> {
+        let pieces = self.pieces(key, range_end, write)?.unwrap_or_default();
+        if pieces.is_empty() && !self.needs_index {
+            return Ok(vec![(self.proxy.layout.void_key(), Bytes::new())]);
+        }
+        Ok(pieces)
+    }
+
     fn compare(&mut self, mut c: Compare) -> Result<Compare> {
         let Some(mut pieces) = self.pieces(&c.key, &c.range_end, false)? else { return Ok(c) };
         match pieces.len() {
@@ -154,15 +168,13 @@ impl<'a> Translate<'a> {
         use request_op::Request as R;
         Ok(match req {
             R::RequestRange(r) => {
-                let pieces = self.pieces(&r.key, &r.range_end, false)?.unwrap_or_default();
-                let pieces = pieces
-                    .into_iter()
-                    .map(|(key, range_end)| RangeRequest { key, range_end, ..r.clone() })
-                    .collect();
+                let pieces = self.pieces_or_void(&r.key, &r.range_end, false)?;
+                let several = pieces.len() > 1;
+                let pieces = pieces.into_iter().map(|(k, e)| piece_request(&r, k, e, several)).collect();
                 OpPlan::Range { pieces, orig: r }
             }
             R::RequestDeleteRange(d) => {
-                let pieces = self.pieces(&d.key, &d.range_end, true)?.unwrap_or_default();
+                let pieces = self.pieces_or_void(&d.key, &d.range_end, true)?;
                 let pieces = pieces
                     .into_iter()
                     .map(|(key, range_end)| DeleteRangeRequest { key, range_end, prev_kv: d.prev_kv })
@@ -183,7 +195,9 @@ impl<'a> Translate<'a> {
                     }
                     let layout = &self.proxy.layout;
                     p.key = layout.encode(&tenant, &key);
-                    let ik = layout.index_key(&tenant, &slot_of(&key));
+                    let slot = slot_of(&key);
+                    let ik = layout.index_key(&tenant, &slot);
+                    self.put_slots.insert(slot);
                     let index_key = (!self.proxy.index.is_known(&ik)).then_some(ik);
                     OpPlan::Put { req: p, index_key }
                 }
@@ -301,7 +315,9 @@ impl Answer<'_> {
                     for _ in pieces {
                         match it.next().and_then(|r| r.response) {
                             Some(P::ResponseDeleteRange(mut part)) => {
-                                d.header = d.header.or(part.header);
+                                // Inside a txn a header holds the revision after the op:
+                                // the last piece's is the whole delete's.
+                                d.header = part.header.or(d.header);
                                 d.deleted += part.deleted;
                                 d.prev_kvs.append(&mut part.prev_kvs);
                             }
@@ -344,8 +360,103 @@ impl Answer<'_> {
     }
 }
 
+/// etcd's rule that a txn never puts a key twice, or puts and deletes it, on one
+/// path (a branch, its nested txns, and sibling nested txns), applied to the
+/// client's keys as etcd applies it (`checkIntervals`). Checking before translation
+/// matters: a whole-tenant delete becomes pieces for the slots that exist, which
+/// upstream's own check would see as not overlapping a put into a new slot.
+/// Returns the branch's puts and deletes for the enclosing level.
+fn check_intervals(reqs: &[RequestOp]) -> Result<(BTreeSet<Bytes>, Vec<(Bytes, Bytes)>)> {
+    use request_op::Request as R;
+    let dup = || Error::Upstream(tonic::Status::invalid_argument("etcdserver: duplicate key given in txn request"));
+    // etcd's interval: [key, range_end), or the point [key, key+"\0") when range_end
+    // is empty; an empty end elsewhere means "no end" in its affine comparison.
+    let hits = |dels: &[(Bytes, Bytes)], k: &Bytes| {
+        dels.iter().any(|(b, e)| {
+            if e.is_empty() {
+                b == k
+            } else {
+                b <= k && k < e
+            }
+        })
+    };
+    let mut dels: Vec<(Bytes, Bytes)> = reqs
+        .iter()
+        .filter_map(|r| match &r.request {
+            Some(R::RequestDeleteRange(d)) => Some((d.key.clone(), d.range_end.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut puts = BTreeSet::new();
+    for r in reqs {
+        let Some(R::RequestTxn(t)) = &r.request else { continue };
+        let (puts_then, dels_then) = check_intervals(&t.success)?;
+        let (puts_else, dels_else) = check_intervals(&t.failure)?;
+        for k in &puts_then {
+            if puts.contains(k) || hits(&dels, k) {
+                return Err(dup());
+            }
+            puts.insert(k.clone());
+        }
+        for k in puts_else {
+            // then and else exclude each other: the same key in both is fine.
+            if (puts.contains(&k) && !puts_then.contains(&k)) || hits(&dels, &k) {
+                return Err(dup());
+            }
+            puts.insert(k);
+        }
+        dels.extend(dels_then);
+        dels.extend(dels_else);
+    }
+    for r in reqs {
+        let Some(R::RequestPut(p)) = &r.request else { continue };
+        if puts.contains(&p.key) || hits(&dels, &p.key) {
+            return Err(dup());
+        }
+        puts.insert(p.key.clone());
+    }
+    Ok((puts, dels))
+}
+
+/// etcd's per-op validation of a txn (`checkTxnRequest`), run before the overlap
+/// check so that errors come in etcd's order.
+fn check_txn_request(r: &TxnRequest, max_ops: usize) -> Result<()> {
+    use request_op::Request as R;
+    let etcd = |m: &'static str| Err(Error::Upstream(tonic::Status::invalid_argument(m)));
+    let opc = r.compare.len().max(r.success.len()).max(r.failure.len());
+    if opc > max_ops {
+        return Err(Error::TooManyOps);
+    }
+    if r.compare.iter().any(|c| c.key.is_empty()) {
+        return Err(Error::EmptyKey);
+    }
+    for op in r.success.iter().chain(r.failure.iter()) {
+        match &op.request {
+            Some(R::RequestRange(x)) if x.key.is_empty() => return Err(Error::EmptyKey),
+            Some(R::RequestDeleteRange(x)) if x.key.is_empty() => return Err(Error::EmptyKey),
+            Some(R::RequestPut(p)) => {
+                if p.key.is_empty() {
+                    return Err(Error::EmptyKey);
+                }
+                if p.ignore_value && !p.value.is_empty() {
+                    return etcd("etcdserver: value is provided");
+                }
+                if p.ignore_lease && p.lease != 0 {
+                    return etcd("etcdserver: lease is provided");
+                }
+            }
+            Some(R::RequestTxn(t)) => check_txn_request(t, max_ops - opc)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Proxy {
     pub async fn txn(&self, scope: &Scope, ctx: &CallCtx, req: TxnRequest) -> Result<TxnResponse> {
+        check_txn_request(&req, self.cfg.upstream.max_txn_ops)?;
+        check_intervals(&req.success)?;
+        check_intervals(&req.failure)?;
         let mut index: Option<IndexSnapshot> = None;
         for _ in 0..5 {
             let mut tr = Translate {
@@ -356,6 +467,7 @@ impl Proxy {
                 leases: BTreeSet::new(),
                 index: index.as_ref(),
                 needs_index: false,
+                put_slots: BTreeSet::new(),
             };
             let compare: Vec<Compare> = req.compare.iter().cloned().map(|c| tr.compare(c)).collect::<Result<_>>()?;
             let mut success = tr.branch(req.success.clone())?;
@@ -364,7 +476,9 @@ impl Proxy {
                 let Some(Owner::Tenant(t)) = &tr.owner else {
                     return Err(Error::Internal("cross-root op without a tenant".to_string()));
                 };
-                index = Some(self.read_index(ctx, t, 0).await?);
+                let mut snap = self.read_index(ctx, t, 0).await?;
+                snap.slots.extend(tr.put_slots);
+                index = Some(snap);
                 continue;
             }
             if tr.writes_global {
@@ -417,7 +531,8 @@ impl Proxy {
 
     /// Merges the answers of the upstream pieces of one client range into etcd's
     /// answer for the whole range: keys in client form, etcd's order, `count` summed,
-    /// `limit` and `more` applied to the union.
+    /// `limit` and `more` applied to the union. Pieces must have been requested with
+    /// [`piece_request`].
     pub fn merge_ranges(
         &self,
         view: Option<&(TenantName, ClientPrefix)>,
@@ -427,7 +542,7 @@ impl Proxy {
         let several = parts.len() > 1;
         let mut out = RangeResponse::default();
         for mut part in parts {
-            out.header = out.header.or(part.header);
+            out.header = part.header.or(out.header);
             out.count += part.count;
             out.more |= part.more;
             if let Some((t, cp)) = view {
@@ -437,13 +552,58 @@ impl Proxy {
             }
             out.kvs.append(&mut part.kvs);
         }
-        if several {
+        if !several {
+            return Ok(out);
+        }
+        let limit = req.limit.max(0) as usize;
+        if reads_first_keys(req) {
+            // etcd's own order of work: the first limit+1 keys, then the sort.
+            out.kvs.sort_by(|a, b| a.key.cmp(&b.key));
+            out.more = out.kvs.len() > limit;
+            out.kvs.truncate(limit + 1);
             sort_kvs(&mut out.kvs, req);
-            if req.limit > 0 && out.kvs.len() > req.limit as usize {
-                out.kvs.truncate(req.limit as usize);
+            out.kvs.truncate(limit);
+        } else {
+            sort_kvs(&mut out.kvs, req);
+            if limit > 0 && out.kvs.len() > limit {
+                out.kvs.truncate(limit);
                 out.more = true;
+            }
+        }
+        if req.keys_only {
+            for kv in &mut out.kvs {
+                kv.value = Bytes::new();
             }
         }
         Ok(out)
     }
+}
+
+/// Whether etcd answers `r` from the first `limit+1` keys in key order, sorting
+/// only those by the sort target (etcd 3.4/3.5 do this for a limited range with no
+/// sort order and no revision filters), rather than from the whole range.
+fn reads_first_keys(r: &RangeRequest) -> bool {
+    r.limit > 0
+        && r.sort_order == SortOrder::None as i32
+        && r.min_mod_revision == 0
+        && r.max_mod_revision == 0
+        && r.min_create_revision == 0
+        && r.max_create_revision == 0
+}
+
+/// The request for one piece of a client range. With several pieces and etcd's
+/// first-keys rule, each piece is read in key order with one extra key, so the merge
+/// can find the union's first `limit+1` keys; a keys-only range sorted by value is
+/// read with values, which the merge drops after sorting.
+pub fn piece_request(orig: &RangeRequest, key: Bytes, range_end: Bytes, several: bool) -> RangeRequest {
+    let mut r = RangeRequest { key, range_end, ..orig.clone() };
+    if several && reads_first_keys(orig) {
+        r.sort_target = SortTarget::Key as i32;
+        r.limit = orig.limit + 1;
+    }
+    if several && orig.keys_only && orig.sort_target == SortTarget::Value as i32 {
+        // etcd sorts by value before dropping values: the merge needs them.
+        r.keys_only = false;
+    }
+    r
 }

@@ -1,0 +1,74 @@
+# etcdmux developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+CARGO ?= cargo
+CARGO_TARGET_DIR ?= target
+export CARGO_TARGET_DIR
+
+# rustup installs cargo here; a non-login shell (CI, sudo) may not have it on PATH.
+ifneq ($(wildcard $(HOME)/.cargo/bin),)
+export PATH := $(PATH):$(HOME)/.cargo/bin
+endif
+
+DEB_PACKAGES := etcd-server etcd-client protobuf-compiler
+
+.PHONY: deps build run test check-config clean-run
+
+## deps: install etcd, etcdctl and protoc (Debian/Ubuntu) if missing; check for cargo
+deps:
+	@missing=""; \
+	for bin in etcd etcdctl protoc; do \
+	  command -v "$$bin" >/dev/null 2>&1 || missing="$$missing $$bin"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: missing:$$missing; installing $(DEB_PACKAGES)"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
+	  else echo "deps: not root and no sudo; install $(DEB_PACKAGES) by hand" >&2; exit 1; fi; \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "deps: apt-get not found; install etcd 3.4+ (etcd, etcdctl) and protoc by hand" >&2; exit 1; \
+	  fi; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEB_PACKAGES); \
+	  for bin in etcd etcdctl protoc; do \
+	    command -v "$$bin" >/dev/null 2>&1 || { echo "deps: $$bin still missing after install" >&2; exit 1; }; \
+	  done; \
+	  echo "deps: note: the etcd-server package may have started a system etcd on 127.0.0.1:2379;"; \
+	  echo "deps:       \`make run\` needs that port (stop it with: sudo systemctl disable --now etcd)"; \
+	fi
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo "deps: cargo not found: install Rust >= 1.88 (https://rustup.rs: curl https://sh.rustup.rs -sSf | sh)" >&2; \
+	  exit 1; }
+
+## build: release binary at $(CARGO_TARGET_DIR)/release/etcdmux
+build: deps
+	$(CARGO) build --release --locked
+
+## run: start a local etcd (127.0.0.1:2379) and etcdmux (127.0.0.1:23790) in the background
+run: build
+	./scripts/run.sh
+
+## test: unit and integration tests (each integration test starts its own etcd)
+test: deps
+	RUST_BACKTRACE=1 $(CARGO) test --locked --all-targets
+
+## check-config: validate the example configs
+check-config:
+	$(CARGO) run --release --locked -- check-config config/milo.toml
+	$(CARGO) run --release --locked -- check-config config/static.toml
+
+## clean-run: stop what `make run` started and remove .run/
+clean-run:
+	@for name in etcdmux etcd; do \
+	  pidfile=".run/$$name.pid"; \
+	  [ -f "$$pidfile" ] || continue; \
+	  pid="$$(cat "$$pidfile")"; \
+	  if [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null && grep -qa "$$name" "/proc/$$pid/cmdline" 2>/dev/null; then \
+	    echo "stopping $$name (pid $$pid)"; \
+	    kill "$$pid" 2>/dev/null || true; \
+	    for _ in $$(seq 1 50); do kill -0 "$$pid" 2>/dev/null || break; sleep 0.1; done; \
+	    if kill -0 "$$pid" 2>/dev/null; then echo "$$name did not stop; sending SIGKILL"; kill -9 "$$pid" || true; fi; \
+	  fi; \
+	done
+	rm -rf .run
