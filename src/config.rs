@@ -36,6 +36,8 @@ pub struct Config {
     pub tenancy: TenancyConfig,
     #[serde(default)]
     pub leases: LeaseConfig,
+    #[serde(default)]
+    pub watch: WatchConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
@@ -190,6 +192,44 @@ impl Default for LeaseConfig {
     }
 }
 
+/// The watch hub: one shared upstream watch, a bounded event ring, bounded
+/// per-stream queues.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Events kept in the shared ring (watchers starting at a revision still in the
+    /// ring are served from it, older ones catch up from etcd first).
+    pub ring_events: usize,
+    /// Bytes of keys and values kept in the ring.
+    pub ring_bytes: usize,
+    /// Responses queued for one client stream; a watcher whose stream is that far
+    /// behind is cancelled (it can resume from its last revision).
+    pub stream_buffer: usize,
+    /// Largest number of events in one response when replaying history.
+    pub replay_batch: usize,
+    /// Interval of progress notifications to watchers that asked for them
+    /// (etcd's default is 10 minutes).
+    pub progress_notify_interval_ms: u64,
+    /// Watchers catching up from etcd at once; more wait their turn.
+    pub max_catchups: usize,
+    /// Delay before re-opening a broken upstream watch (doubles up to 5 s).
+    pub reconnect_backoff_ms: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            ring_events: 100_000,
+            ring_bytes: 64 * 1024 * 1024,
+            stream_buffer: 1024,
+            replay_batch: 1000,
+            progress_notify_interval_ms: 600_000,
+            max_catchups: 64,
+            reconnect_backoff_ms: 100,
+        }
+    }
+}
+
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 2379)), static_tenant: None }]
 }
@@ -248,6 +288,9 @@ impl Config {
         }
         if self.upstream.connections == 0 {
             return bad("upstream.connections must be at least 1".into());
+        }
+        if self.watch.ring_events == 0 || self.watch.stream_buffer == 0 || self.watch.replay_batch == 0 || self.watch.max_catchups == 0 {
+            return bad("watch.ring_events, stream_buffer, replay_batch and max_catchups must be at least 1".into());
         }
         if self.upstream.max_txn_ops < 2 {
             return bad("upstream.max_txn_ops must be at least 2".into());

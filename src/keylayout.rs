@@ -240,6 +240,15 @@ impl KeyLayout {
         }
     }
 
+    /// The one upstream range the watch hub watches: from the bare keys under the
+    /// meta prefix to the end of the slash layout, or the other way round, whichever
+    /// comes first. Keys in between that are not layout keys are filtered out.
+    pub fn watch_range(&self) -> Piece {
+        let slash = cat(&[&self.prefix, b"/"]);
+        let (lo, hi) = if self.bare < slash { (&self.bare, &slash) } else { (&slash, &self.bare) };
+        Piece { key: lo.clone(), range_end: prefix_end(hi) }
+    }
+
     /// A key etcdmux never writes: compares against it behave like compares over an
     /// empty range.
     pub fn void_key(&self) -> Bytes {

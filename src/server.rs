@@ -23,7 +23,7 @@ use crate::pb::etcdserverpb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::proxy::Proxy;
-use crate::watch::WatchService;
+use crate::watch::{hub::Hub, WatchService};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -79,6 +79,8 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         listeners.push(listener);
     }
     let proxy = Proxy::new(cfg)?;
+    let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
+    hub.start(proxy.clone());
     let (shutdown, _) = broadcast::channel(1);
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
@@ -100,7 +102,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
             .tcp_nodelay(true)
             .add_service(svc!(KvServer, KvService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(LeaseServer, LeaseService::new(proxy.clone(), scope.clone())))
-            .add_service(svc!(WatchServer, WatchService::new(proxy.clone(), scope.clone())))
+            .add_service(svc!(WatchServer, WatchService::new(proxy.clone(), scope.clone(), hub.clone())))
             .add_service(svc!(MaintenanceServer, MaintenanceService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())));
         let mut stop = shutdown.subscribe();

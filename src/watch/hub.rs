@@ -1,0 +1,828 @@
+//! The watch hub: every tenant's watches served from one upstream watch.
+//!
+//! ```text
+//!  etcd ──one watch (prev_kv, progress)──▶ upstream task ──▶ HubState (one lock)
+//!                                                          ├─ ring: recent events, bounded
+//!                                                          ├─ watchers by tenant
+//!                                                          └─ streams waiting for progress
+//!  client streams ◀── bounded queue per stream ◀── dispatch (one response per watcher per upstream response)
+//! ```
+//!
+//! One upstream watch covers the whole layout (the slash layout and the bare keys
+//! under the meta prefix, with whatever lies between filtered out), so there is one
+//! revision order and events of one revision always arrive together. Each upstream
+//! event is decoded and rewritten to tenant form once; the rendered client form is
+//! cached on the event, and watchers share its bytes.
+//!
+//! Guarantees per watcher, and how they hold:
+//! - *ordered, unique, no gaps*: one dispatcher applies upstream responses in order;
+//!   the hub tracks `last_rev`, the revision through which every event has been
+//!   dispatched, and re-opens a broken upstream watch at `last_rev + 1`;
+//! - *atomic*: etcd never splits a revision across watch responses (etcdmux does
+//!   not ask for fragments upstream), and a watcher gets one response per upstream
+//!   response;
+//! - *resumable*: a watcher starting inside the ring (`covers_from..=last_rev`) is
+//!   replayed from it under the same lock that registers it; an older start catches
+//!   up through a temporary upstream watch, then hands over to the ring exactly where
+//!   its own stream ends — both under the lock, so nothing is missed or repeated;
+//! - *slow watchers* cannot block anyone: queues are bounded and sends never wait; a
+//!   watcher whose stream is full is cancelled alone with a reason.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+use crate::config::WatchConfig;
+use crate::keylayout::{KeyLayout, Piece};
+use crate::pb::etcdserverpb::{
+    watch_request, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    WatchResponse,
+};
+use crate::pb::mvccpb::{event::EventType, Event};
+use crate::proxy::Proxy;
+use crate::tenant::{ClientPrefix, End, TenantName};
+use crate::upstream::{CallCtx, Retry};
+
+/// The progress response's watch id: etcd's "applies to every watcher of the stream".
+pub const PROGRESS_WATCH_ID: i64 = -1;
+
+/// One upstream event in tenant form, shared by every watcher it reaches.
+pub struct HubEvent {
+    pub rev: i64,
+    pub tenant: TenantName,
+    /// The tenant key.
+    pub key: Bytes,
+    /// kv and prev_kv with tenant keys.
+    event: Event,
+    /// The same event with keys in key-path-rule client form, made on first use.
+    prefixed: OnceLock<Event>,
+    size: usize,
+}
+
+impl HubEvent {
+    fn from_upstream(layout: &KeyLayout, mut event: Event) -> Option<HubEvent> {
+        let kv = event.kv.as_mut()?;
+        let (tenant, key) = layout.decode(&kv.key)?;
+        kv.key = key.clone();
+        let rev = kv.mod_revision;
+        let mut size = 96 + key.len() + kv.value.len();
+        if let Some(prev) = event.prev_kv.as_mut() {
+            prev.key = key.clone();
+            size += prev.value.len();
+        }
+        Some(HubEvent { rev, tenant, key, event, prefixed: OnceLock::new(), size })
+    }
+
+    fn is_put(&self) -> bool {
+        self.event.r#type == EventType::Put as i32
+    }
+}
+
+/// How a watcher's events are shown to its client.
+pub enum Render {
+    /// Tenant keys as they are (static listeners).
+    Tenant,
+    /// Tenant keys under the tenant's key-path prefix.
+    Prefixed(ClientPrefix),
+}
+
+/// One client watcher.
+pub struct Watcher {
+    pub id: i64,
+    pub sink: Arc<StreamSink>,
+    pub tenant: TenantName,
+    pub start: Bytes,
+    pub end: End,
+    /// Events before this revision are not for this watcher.
+    pub from_rev: i64,
+    pub prev_kv: bool,
+    pub no_put: bool,
+    pub no_delete: bool,
+    pub progress_notify: bool,
+    pub render: Render,
+    canceled: AtomicBool,
+    /// Whether events reached this watcher since the last progress tick.
+    active: AtomicBool,
+}
+
+impl Watcher {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: i64,
+        sink: Arc<StreamSink>,
+        tenant: TenantName,
+        start: Bytes,
+        end: End,
+        from_rev: i64,
+        create: &WatchCreateRequest,
+        render: Render,
+    ) -> Watcher {
+        use crate::pb::etcdserverpb::watch_create_request::FilterType;
+        Watcher {
+            id,
+            sink,
+            tenant,
+            start,
+            end,
+            from_rev,
+            prev_kv: create.prev_kv,
+            no_put: create.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
+            progress_notify: create.progress_notify,
+            render,
+            canceled: AtomicBool::new(false),
+            active: AtomicBool::new(false),
+        }
+    }
+
+    fn matches(&self, ev: &HubEvent) -> bool {
+        if ev.rev < self.from_rev || self.canceled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let in_range = match &self.end {
+            End::Single => ev.key == self.start,
+            End::Key(e) => ev.key >= self.start && ev.key < *e,
+            End::Unbounded => ev.key >= self.start,
+        };
+        in_range && !(if ev.is_put() { self.no_put } else { self.no_delete })
+    }
+
+    fn render(&self, ev: &HubEvent) -> Event {
+        let mut e = match &self.render {
+            Render::Tenant => ev.event.clone(),
+            Render::Prefixed(cp) => ev
+                .prefixed
+                .get_or_init(|| {
+                    let mut e = ev.event.clone();
+                    let key = cp.render(&ev.key);
+                    if let Some(kv) = e.kv.as_mut() {
+                        kv.key = key.clone();
+                    }
+                    if let Some(p) = e.prev_kv.as_mut() {
+                        p.key = key;
+                    }
+                    e
+                })
+                .clone(),
+        };
+        if !self.prev_kv {
+            e.prev_kv = None;
+        }
+        e
+    }
+
+    pub fn cancel(&self) -> bool {
+        !self.canceled.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// The sending side of one client Watch stream.
+pub struct StreamSink {
+    data: mpsc::Sender<WatchResponse>,
+    /// Cancels and stream errors: at most one per watcher plus one error, so bounded
+    /// by the stream's watcher count.
+    control: mpsc::UnboundedSender<Result<WatchResponse, Status>>,
+    pub require_leader: bool,
+    /// Watchers of this stream still catching up: progress waits for them.
+    catching_up: AtomicUsize,
+    progress_wanted: AtomicBool,
+}
+
+/// Outcome of queueing a response on a stream.
+enum Sent {
+    Ok,
+    Full,
+    Gone,
+}
+
+impl StreamSink {
+    pub fn new(
+        buffer: usize,
+        require_leader: bool,
+    ) -> (Arc<StreamSink>, mpsc::Receiver<WatchResponse>, mpsc::UnboundedReceiver<Result<WatchResponse, Status>>) {
+        let (data, data_rx) = mpsc::channel(buffer);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let sink = StreamSink {
+            data,
+            control,
+            require_leader,
+            catching_up: AtomicUsize::new(0),
+            progress_wanted: AtomicBool::new(false),
+        };
+        (Arc::new(sink), data_rx, control_rx)
+    }
+
+    fn send(&self, r: WatchResponse) -> Sent {
+        match self.data.try_send(r) {
+            Ok(()) => Sent::Ok,
+            Err(mpsc::error::TrySendError::Full(_)) => Sent::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
+        }
+    }
+
+    /// Resolves when the client's response stream is gone.
+    pub async fn closed(&self) {
+        self.data.closed().await
+    }
+
+    /// Queues a control message (cancel, stream error); never blocks.
+    pub fn control(&self, r: Result<WatchResponse, Status>) {
+        let _ = self.control.send(r);
+    }
+
+    /// Queues a response that must not be dropped (created, cancel confirmations);
+    /// when the data queue is full it goes through the control queue.
+    pub fn send_reliable(&self, r: WatchResponse) {
+        if let Err(mpsc::error::TrySendError::Full(r)) = self.data.try_send(r) {
+            self.control(Ok(r));
+        }
+    }
+}
+
+struct HubState {
+    ring: VecDeque<Arc<HubEvent>>,
+    ring_bytes: usize,
+    /// The ring holds every event with revision in `covers_from..=last_rev`.
+    covers_from: i64,
+    /// Every event up to this revision has been dispatched.
+    last_rev: i64,
+    /// cluster_id / member_id / raft_term of the latest upstream header.
+    header: ResponseHeader,
+    watchers: HashMap<TenantName, Vec<Arc<Watcher>>>,
+    watcher_count: usize,
+    progress_waiters: Vec<Arc<StreamSink>>,
+    tick_due: bool,
+    ready: bool,
+}
+
+/// The hub. One per process.
+pub struct Hub {
+    state: Mutex<HubState>,
+    cfg: WatchConfig,
+    layout: KeyLayout,
+    /// The upstream range the hub watches.
+    range: Piece,
+    progress_kick: Notify,
+    ready: Notify,
+    catchups: Semaphore,
+}
+
+/// What the upstream task does after one response.
+enum Next {
+    Continue,
+    Reopen,
+}
+
+impl Hub {
+    pub fn new(cfg: &WatchConfig, layout: KeyLayout) -> Arc<Hub> {
+        let range = layout.watch_range();
+        Arc::new(Hub {
+            state: Mutex::new(HubState {
+                ring: VecDeque::new(),
+                ring_bytes: 0,
+                covers_from: 1,
+                last_rev: 0,
+                header: ResponseHeader::default(),
+                watchers: HashMap::new(),
+                watcher_count: 0,
+                progress_waiters: Vec::new(),
+                tick_due: false,
+                ready: false,
+            }),
+            cfg: cfg.clone(),
+            layout,
+            range,
+            progress_kick: Notify::new(),
+            ready: Notify::new(),
+            catchups: Semaphore::new(cfg.max_catchups),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // A panic while holding the lock would be a bug; the state is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the upstream watch and the progress ticker.
+    pub fn start(self: &Arc<Self>, proxy: Arc<Proxy>) {
+        metrics::gauge!("etcdmux_watch_upstream_watches").set(0.0);
+        tokio::spawn(self.clone().run_upstream(proxy));
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_millis(hub.cfg.progress_notify_interval_ms.max(10));
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                hub.lock().tick_due = true;
+                hub.progress_kick.notify_one();
+            }
+        });
+    }
+
+    /// Waits until the hub knows where etcd's history stands.
+    pub async fn ready(&self) {
+        loop {
+            let notified = self.ready.notified();
+            if self.lock().ready {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn header(&self, st: &HubState, rev: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader { revision: rev, ..st.header.clone() })
+    }
+
+    async fn current_revision(proxy: &Proxy) -> Result<i64, Status> {
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        let req = RangeRequest { key: proxy.layout.void_key(), ..Default::default() };
+        let resp = proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
+        Ok(resp.header.map_or(0, |h| h.revision))
+    }
+
+    /// The revision a watch with start_revision 0 starts at: etcd's current + 1.
+    pub async fn now(&self, proxy: &Proxy) -> Result<i64, Status> {
+        Ok(Self::current_revision(proxy).await? + 1)
+    }
+
+    async fn run_upstream(self: Arc<Self>, proxy: Arc<Proxy>) {
+        let base = Duration::from_millis(self.cfg.reconnect_backoff_ms.max(1));
+        let mut backoff = base;
+        loop {
+            if !self.lock().ready {
+                match Self::current_revision(&proxy).await {
+                    Ok(rev) => {
+                        let mut st = self.lock();
+                        st.last_rev = rev;
+                        st.covers_from = rev + 1;
+                        st.ready = true;
+                        drop(st);
+                        self.ready.notify_waiters();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watch hub: cannot read etcd's revision");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+            let start = self.lock().last_rev + 1;
+            match self.watch_upstream(&proxy, start, &mut backoff, base).await {
+                Ok(()) => {}
+                Err(s) => {
+                    let no_leader = s.message().contains("no leader");
+                    tracing::warn!(error = %s, "watch hub: upstream watch broke; resuming");
+                    metrics::counter!("etcdmux_watch_upstream_restarts_total").increment(1);
+                    if no_leader {
+                        self.no_leader();
+                    }
+                }
+            }
+            metrics::gauge!("etcdmux_watch_upstream_watches").set(0.0);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Runs one upstream watch from `start` until it ends.
+    async fn watch_upstream(&self, proxy: &Proxy, start: i64, backoff: &mut Duration, base: Duration) -> Result<(), Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let create = WatchCreateRequest {
+            key: self.range.key.clone(),
+            range_end: self.range.range_end.clone(),
+            start_revision: start,
+            progress_notify: true,
+            prev_kv: true,
+            ..Default::default()
+        };
+        let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        req.metadata_mut().insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
+        let mut client = proxy.upstream.watch(proxy.upstream.channel());
+        let mut stream = client.watch(req).await?.into_inner();
+        metrics::gauge!("etcdmux_watch_upstream_watches").set(1.0);
+        loop {
+            tokio::select! {
+                _ = self.progress_kick.notified() => {
+                    let progress = WatchRequest {
+                        request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                    };
+                    if tx.send(progress).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                msg = stream.message() => match msg? {
+                    Some(resp) => {
+                        *backoff = base;
+                        if let Next::Reopen = self.on_upstream(resp) {
+                            return Ok(());
+                        }
+                    }
+                    None => return Err(Status::unavailable("upstream watch stream ended")),
+                },
+            }
+        }
+    }
+
+    /// Applies one upstream response.
+    fn on_upstream(&self, resp: WatchResponse) -> Next {
+        let mut st = self.lock();
+        if let Some(h) = &resp.header {
+            st.header = ResponseHeader { revision: 0, ..h.clone() };
+        }
+        if resp.compact_revision > 0 {
+            self.compacted(&mut st, resp.compact_revision);
+            return Next::Reopen;
+        }
+        if resp.canceled {
+            tracing::warn!(reason = %resp.cancel_reason, "watch hub: upstream cancelled the watch");
+            return Next::Reopen;
+        }
+        if resp.created {
+            return Next::Continue;
+        }
+        if resp.events.is_empty() {
+            // A progress notification: no event up to this revision is missing.
+            let rev = resp.header.map_or(0, |h| h.revision);
+            st.last_rev = st.last_rev.max(rev);
+            self.answer_progress(&mut st);
+            return Next::Continue;
+        }
+        metrics::counter!("etcdmux_watch_events_in_total").increment(resp.events.len() as u64);
+        let events: Vec<Arc<HubEvent>> = resp
+            .events
+            .into_iter()
+            .filter_map(|e| HubEvent::from_upstream(&self.layout, e))
+            .map(Arc::new)
+            .collect();
+        let max_rev = events.iter().map(|e| e.rev).max().unwrap_or(st.last_rev);
+        st.last_rev = st.last_rev.max(max_rev);
+        self.dispatch(&mut st, &events);
+        for e in events {
+            st.ring_bytes += e.size;
+            st.ring.push_back(e);
+        }
+        self.evict(&mut st);
+        Next::Continue
+    }
+
+    /// Sends a batch of events to every watcher they match: one response each.
+    fn dispatch(&self, st: &mut HubState, events: &[Arc<HubEvent>]) {
+        let mut out: Vec<(Arc<Watcher>, Vec<Event>)> = Vec::new();
+        let mut slot: HashMap<*const Watcher, usize> = HashMap::new();
+        for ev in events {
+            let Some(ws) = st.watchers.get(&ev.tenant) else { continue };
+            for w in ws {
+                if w.matches(ev) {
+                    let i = *slot.entry(Arc::as_ptr(w)).or_insert_with(|| {
+                        out.push((w.clone(), Vec::new()));
+                        out.len() - 1
+                    });
+                    out[i].1.push(w.render(ev));
+                }
+            }
+        }
+        let header = self.header(st, st.last_rev);
+        let mut slow = Vec::new();
+        for (w, evs) in out {
+            let n = evs.len() as u64;
+            let resp = WatchResponse { header: header.clone(), watch_id: w.id, events: evs, ..Default::default() };
+            match w.sink.send(resp) {
+                Sent::Ok => {
+                    w.active.store(true, Ordering::Relaxed);
+                    metrics::counter!("etcdmux_watch_events_out_total").increment(n);
+                }
+                Sent::Full => slow.push(w),
+                Sent::Gone => {}
+            }
+        }
+        for w in slow {
+            self.cancel_slow(st, &w);
+        }
+    }
+
+    /// Cancels a watcher whose stream cannot take more: alone, with a reason.
+    fn cancel_slow(&self, st: &mut HubState, w: &Arc<Watcher>) {
+        if !w.cancel() {
+            return;
+        }
+        Self::unregister(st, w);
+        metrics::counter!("etcdmux_watch_slow_cancels_total").increment(1);
+        w.sink.control(Ok(WatchResponse {
+            header: self.header(st, st.last_rev),
+            watch_id: w.id,
+            canceled: true,
+            cancel_reason: format!(
+                "etcdmux: watcher fell behind ({} responses queued on its stream); re-watch from the revision after the last event received",
+                self.cfg.stream_buffer
+            ),
+            ..Default::default()
+        }));
+    }
+
+    fn unregister(st: &mut HubState, w: &Arc<Watcher>) {
+        if let Some(ws) = st.watchers.get_mut(&w.tenant) {
+            let before = ws.len();
+            ws.retain(|x| !Arc::ptr_eq(x, w));
+            st.watcher_count -= before - ws.len();
+            if ws.is_empty() {
+                // No per-tenant state is kept for a tenant without watchers.
+                st.watchers.remove(&w.tenant);
+            }
+        }
+        metrics::gauge!("etcdmux_watch_watchers").set(st.watcher_count as f64);
+    }
+
+    fn evict(&self, st: &mut HubState) {
+        while st.ring.len() > self.cfg.ring_events || st.ring_bytes > self.cfg.ring_bytes {
+            let Some(first) = st.ring.pop_front() else { break };
+            st.ring_bytes -= first.size;
+            // Whole revisions only: the ring covers from the next revision on.
+            while st.ring.front().is_some_and(|e| e.rev == first.rev) {
+                if let Some(e) = st.ring.pop_front() {
+                    st.ring_bytes -= e.size;
+                }
+            }
+            st.covers_from = first.rev + 1;
+        }
+        metrics::gauge!("etcdmux_watch_ring_events").set(st.ring.len() as f64);
+        metrics::gauge!("etcdmux_watch_ring_bytes").set(st.ring_bytes as f64);
+    }
+
+    /// The upstream history the hub needs was compacted: every registered watcher
+    /// has lost events, and gets etcd's compacted cancel.
+    fn compacted(&self, st: &mut HubState, compact_rev: i64) {
+        tracing::warn!(compact_rev, last_rev = st.last_rev, "watch hub: resume revision compacted");
+        let header = self.header(st, compact_rev);
+        for (_, ws) in st.watchers.drain() {
+            for w in ws {
+                if w.cancel() {
+                    w.sink.control(Ok(WatchResponse {
+                        header: header.clone(),
+                        watch_id: w.id,
+                        canceled: true,
+                        compact_revision: compact_rev,
+                        ..Default::default()
+                    }));
+                }
+            }
+        }
+        st.watcher_count = 0;
+        st.ring.clear();
+        st.ring_bytes = 0;
+        st.last_rev = compact_rev - 1;
+        st.covers_from = compact_rev;
+    }
+
+    /// etcd lost its leader: streams that asked to require one end, as etcd ends them.
+    fn no_leader(&self) {
+        let mut st = self.lock();
+        let mut ended: Vec<Arc<StreamSink>> = Vec::new();
+        for ws in st.watchers.values() {
+            for w in ws {
+                if w.sink.require_leader && !ended.iter().any(|s| Arc::ptr_eq(s, &w.sink)) {
+                    ended.push(w.sink.clone());
+                }
+            }
+        }
+        for sink in &ended {
+            sink.control(Err(Status::new(Code::Unavailable, "etcdserver: no leader")));
+        }
+        for ws in st.watchers.values_mut() {
+            ws.retain(|w| !w.sink.require_leader || !w.cancel());
+        }
+        st.watchers.retain(|_, ws| !ws.is_empty());
+        st.watcher_count = st.watchers.values().map(|ws| ws.len()).sum();
+    }
+
+    /// Answers progress requests and periodic notifications after an upstream
+    /// progress response proved nothing up to `last_rev` is missing.
+    fn answer_progress(&self, st: &mut HubState) {
+        let header = self.header(st, st.last_rev);
+        let mut waiting = Vec::new();
+        for sink in std::mem::take(&mut st.progress_waiters) {
+            if sink.catching_up.load(Ordering::Relaxed) > 0 {
+                waiting.push(sink);
+                continue;
+            }
+            sink.progress_wanted.store(false, Ordering::Relaxed);
+            sink.send_reliable(WatchResponse { header: header.clone(), watch_id: PROGRESS_WATCH_ID, ..Default::default() });
+        }
+        st.progress_waiters = waiting;
+        if std::mem::take(&mut st.tick_due) {
+            for ws in st.watchers.values() {
+                for w in ws {
+                    if w.progress_notify && !w.active.swap(false, Ordering::Relaxed) {
+                        let _ = w.sink.send(WatchResponse { header: header.clone(), watch_id: w.id, ..Default::default() });
+                    }
+                }
+            }
+        }
+    }
+
+    /// A client asked for progress on its stream (`WatchProgressRequest`).
+    pub fn request_progress(&self, sink: &Arc<StreamSink>) {
+        if !sink.progress_wanted.swap(true, Ordering::Relaxed) {
+            self.lock().progress_waiters.push(sink.clone());
+        }
+        self.progress_kick.notify_one();
+    }
+
+    /// Registers a watcher: queues its `created` response, then serves it from the
+    /// ring, or starts a catch-up when its start is older than the ring.
+    pub fn add(self: &Arc<Self>, proxy: &Arc<Proxy>, w: Arc<Watcher>, mut created: WatchResponse) {
+        let mut st = self.lock();
+        created.header = self.header(&st, st.last_rev);
+        w.sink.send_reliable(created);
+        metrics::counter!("etcdmux_watch_created_total").increment(1);
+        if w.from_rev >= st.covers_from {
+            self.hand_over(&mut st, &w, w.from_rev);
+            return;
+        }
+        w.sink.catching_up.fetch_add(1, Ordering::Relaxed);
+        drop(st);
+        metrics::counter!("etcdmux_watch_catchups_total").increment(1);
+        tokio::spawn(self.clone().catch_up(proxy.clone(), w));
+    }
+
+    /// Replays the ring from `from` to a watcher and registers it for live events.
+    /// The caller holds the lock and guarantees `from >= covers_from`, or that every
+    /// event before `covers_from` from `from` on was already sent.
+    fn hand_over(&self, st: &mut HubState, w: &Arc<Watcher>, from: i64) {
+        let from = from.max(st.covers_from);
+        let first = st.ring.partition_point(|e| e.rev < from);
+        let mut batch: Vec<Event> = Vec::new();
+        let mut batch_rev = 0;
+        let mut ok = true;
+        let total = st.ring.len();
+        for i in first..total {
+            let ev = st.ring[i].clone();
+            if !w.matches(&ev) {
+                continue;
+            }
+            // Flush before a new revision once the batch is full: never split one.
+            if batch.len() >= self.cfg.replay_batch && ev.rev != batch_rev {
+                ok = self.send_replay(st, w, std::mem::take(&mut batch), batch_rev);
+                if !ok {
+                    break;
+                }
+            }
+            batch_rev = ev.rev;
+            batch.push(w.render(&ev));
+        }
+        if ok && !batch.is_empty() {
+            ok = self.send_replay(st, w, batch, batch_rev);
+        }
+        if !ok {
+            return;
+        }
+        st.watchers.entry(w.tenant.clone()).or_default().push(w.clone());
+        st.watcher_count += 1;
+        metrics::gauge!("etcdmux_watch_watchers").set(st.watcher_count as f64);
+    }
+
+    fn send_replay(&self, st: &mut HubState, w: &Arc<Watcher>, events: Vec<Event>, rev: i64) -> bool {
+        let n = events.len() as u64;
+        let resp = WatchResponse { header: self.header(st, rev), watch_id: w.id, events, ..Default::default() };
+        match w.sink.send(resp) {
+            Sent::Ok => {
+                metrics::counter!("etcdmux_watch_events_out_total").increment(n);
+                true
+            }
+            Sent::Full => {
+                self.cancel_slow(st, w);
+                false
+            }
+            Sent::Gone => false,
+        }
+    }
+
+    /// Serves a watcher older than the ring from a temporary upstream watch, until
+    /// it reaches what the ring covers; then hands it over.
+    async fn catch_up(self: Arc<Self>, proxy: Arc<Proxy>, w: Arc<Watcher>) {
+        let _permit = self.catchups.acquire().await;
+        let mut next = w.from_rev;
+        let outcome = loop {
+            match self.catch_up_once(&proxy, &w, &mut next).await {
+                Ok(done) => break done,
+                Err(s) => {
+                    tracing::debug!(error = %s, watch_id = w.id, "catch-up watch broke; resuming");
+                    if w.canceled.load(Ordering::Relaxed) {
+                        break true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(self.cfg.reconnect_backoff_ms.max(1))).await;
+                }
+            }
+        };
+        let _ = outcome;
+        let st = self.lock();
+        w.sink.catching_up.fetch_sub(1, Ordering::Relaxed);
+        if !st.progress_waiters.is_empty() {
+            // A progress request may have waited for this watcher.
+            self.progress_kick.notify_one();
+        }
+        drop(st);
+    }
+
+    /// One catch-up upstream watch from `*next`. Ok(true) when the watcher was handed
+    /// over or cancelled.
+    async fn catch_up_once(&self, proxy: &Proxy, w: &Arc<Watcher>, next: &mut i64) -> Result<bool, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let create = WatchCreateRequest {
+            key: self.range.key.clone(),
+            range_end: self.range.range_end.clone(),
+            start_revision: *next,
+            prev_kv: w.prev_kv,
+            ..Default::default()
+        };
+        let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
+        let mut client = proxy.upstream.watch(proxy.upstream.channel());
+        let mut stream = client.watch(tonic::Request::new(ReceiverStream::new(rx))).await?.into_inner();
+        // etcd answers a progress request only once the watch has caught up, which
+        // is how an idle range proves it has nothing more to send.
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    let p = WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) };
+                    let _ = tx.send(p).await;
+                }
+                msg = stream.message() => {
+                    let Some(resp) = msg? else { return Err(Status::unavailable("catch-up stream ended")) };
+                    if w.canceled.load(Ordering::Relaxed) || w.sink.data.is_closed() {
+                        return Ok(true);
+                    }
+                    if resp.compact_revision > 0 {
+                        if w.cancel() {
+                            let st = self.lock();
+                            w.sink.control(Ok(WatchResponse {
+                                header: self.header(&st, st.last_rev),
+                                watch_id: w.id,
+                                canceled: true,
+                                compact_revision: resp.compact_revision,
+                                ..Default::default()
+                            }));
+                        }
+                        return Ok(true);
+                    }
+                    if resp.created {
+                        continue;
+                    }
+                    if resp.canceled {
+                        return Err(Status::unavailable(resp.cancel_reason));
+                    }
+                    if self.catch_up_step(w, next, resp) {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers one catch-up response; true once the watcher is handed over.
+    fn catch_up_step(&self, w: &Arc<Watcher>, next: &mut i64, resp: WatchResponse) -> bool {
+        let header_rev = resp.header.as_ref().map_or(0, |h| h.revision);
+        let events: Vec<HubEvent> =
+            resp.events.iter().cloned().filter_map(|e| HubEvent::from_upstream(&self.layout, e)).collect();
+        // Through which revision this upstream watch has shown everything.
+        let known_to = if resp.events.is_empty() {
+            header_rev
+        } else {
+            resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0)
+        };
+        let mut st = self.lock();
+        let cov = st.covers_from;
+        let mine: Vec<Event> =
+            events.iter().filter(|e| e.rev >= *next && e.rev < cov && w.matches(e)).map(|e| w.render(e)).collect();
+        if !mine.is_empty() {
+            let rev = events.iter().filter(|e| e.rev < cov).map(|e| e.rev).max().unwrap_or(*next);
+            if !self.send_replay(&mut st, w, mine, rev) {
+                return true;
+            }
+        }
+        if known_to >= *next {
+            *next = (known_to + 1).min(cov);
+        }
+        if known_to >= cov - 1 {
+            self.hand_over(&mut st, w, cov);
+            return true;
+        }
+        false
+    }
+
+    /// Removes a watcher (client cancel or stream end).
+    pub fn remove(&self, w: &Arc<Watcher>) {
+        w.cancel();
+        let mut st = self.lock();
+        Self::unregister(&mut st, w);
+    }
+}

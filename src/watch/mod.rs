@@ -1,0 +1,214 @@
+//! The Watch service: client watch streams served by the shared [`hub::Hub`].
+//!
+//! Each client stream gets a task that reads its requests (create, cancel,
+//! progress) and a [`StreamSink`]: a bounded queue of responses the hub fills
+//! without ever waiting, plus a small control queue for cancels and stream errors.
+//! The response stream handed to tonic drains both and keeps header revisions from
+//! going backwards. A stream costs no upstream watch, connection or task beyond its
+//! own request reader.
+
+pub mod hub;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::error::Error;
+use crate::kv::request_span;
+use crate::pb::etcdserverpb::{watch_request, watch_server::Watch, WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proxy::Proxy;
+use crate::tenant::{RangeRef, Scope};
+use hub::{Hub, Render, StreamSink, Watcher};
+
+pub struct WatchService {
+    proxy: Arc<Proxy>,
+    scope: Scope,
+    hub: Arc<Hub>,
+}
+
+impl WatchService {
+    pub fn new(proxy: Arc<Proxy>, scope: Scope, hub: Arc<Hub>) -> WatchService {
+        WatchService { proxy, scope, hub }
+    }
+}
+
+/// The responses of one client stream.
+pub struct ResponseStream {
+    data: mpsc::Receiver<WatchResponse>,
+    control: mpsc::UnboundedReceiver<Result<WatchResponse, Status>>,
+    last_rev: i64,
+    done: bool,
+}
+
+impl ResponseStream {
+    fn clamp(&mut self, mut r: WatchResponse) -> WatchResponse {
+        // Header revisions never go backwards on a stream.
+        if let Some(h) = r.header.as_mut() {
+            h.revision = h.revision.max(self.last_rev);
+            self.last_rev = h.revision;
+        }
+        r
+    }
+}
+
+impl Stream for ResponseStream {
+    type Item = Result<WatchResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        // Events queued before a cancel are still delivered first.
+        if let Poll::Ready(Some(r)) = self.data.poll_recv(cx) {
+            let r = self.clamp(r);
+            return Poll::Ready(Some(Ok(r)));
+        }
+        match self.control.poll_recv(cx) {
+            Poll::Ready(Some(Ok(r))) => {
+                let r = self.clamp(r);
+                Poll::Ready(Some(Ok(r)))
+            }
+            Poll::Ready(Some(Err(s))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(s)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// What one client stream's task keeps.
+struct StreamState {
+    proxy: Arc<Proxy>,
+    scope: Scope,
+    hub: Arc<Hub>,
+    sink: Arc<StreamSink>,
+    watchers: HashMap<i64, Arc<Watcher>>,
+    next_id: i64,
+}
+
+impl StreamState {
+    async fn create(&mut self, c: WatchCreateRequest) {
+        let id = if c.watch_id != 0 {
+            c.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id
+        };
+        if self.watchers.contains_key(&id) {
+            self.refuse(id, "mvcc: duplicate watch ID provided on the WatchStream".to_string());
+            return;
+        }
+        if c.watch_id == 0 {
+            self.next_id += 1;
+        }
+        match self.watcher(id, &c).await {
+            Ok(w) => {
+                let w = Arc::new(w);
+                self.watchers.insert(id, w.clone());
+                let created = WatchResponse { watch_id: id, created: true, ..Default::default() };
+                self.hub.add(&self.proxy, w, created);
+            }
+            Err(e) => self.refuse(id, Status::from(e).message().to_string()),
+        }
+    }
+
+    async fn watcher(&self, id: i64, c: &WatchCreateRequest) -> Result<Watcher, Error> {
+        let (tenant, start, end) = match self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end)? {
+            RangeRef::Tenant { tenant, start, end } => (tenant, start, end),
+            RangeRef::Raw { .. } => {
+                return Err(Error::Unsupported(
+                    "watching global or unmatched keys is not supported; watch tenant keys".to_string(),
+                ))
+            }
+        };
+        let cp = self.proxy.tenant_view(&self.scope, &tenant)?;
+        let render = if self.scope.static_tenant.is_some() { Render::Tenant } else { Render::Prefixed(cp) };
+        self.hub.ready().await;
+        let from = if c.start_revision > 0 { c.start_revision } else { self.hub.now(&self.proxy).await? };
+        Ok(Watcher::new(id, self.sink.clone(), tenant, start, end, from, c, render))
+    }
+
+    /// Answers a create that cannot be served: created and cancelled at once, with
+    /// the reason, as etcd answers a watch it refuses.
+    fn refuse(&self, id: i64, reason: String) {
+        self.sink.send_reliable(WatchResponse {
+            watch_id: id,
+            created: true,
+            canceled: true,
+            cancel_reason: reason,
+            ..Default::default()
+        });
+    }
+
+    fn cancel(&mut self, id: i64) {
+        if let Some(w) = self.watchers.remove(&id) {
+            self.hub.remove(&w);
+            self.sink.send_reliable(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
+            metrics::counter!("etcdmux_watch_cancelled_total").increment(1);
+        }
+    }
+
+    fn close(&mut self) {
+        for (_, w) in self.watchers.drain() {
+            self.hub.remove(&w);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ResponseStream;
+
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let require_leader = req.metadata().get(crate::upstream::REQUIRE_LEADER).is_some();
+        let (sink, data, control) = StreamSink::new(self.proxy.cfg.watch.stream_buffer, require_leader);
+        let mut inbound = req.into_inner();
+        let mut state = StreamState {
+            proxy: self.proxy.clone(),
+            scope: self.scope.clone(),
+            hub: self.hub.clone(),
+            sink,
+            watchers: HashMap::new(),
+            next_id: 0,
+        };
+        metrics::gauge!("etcdmux_watch_streams").increment(1.0);
+        tokio::spawn(
+            async move {
+                loop {
+                    let msg = tokio::select! {
+                        m = inbound.message() => m,
+                        _ = state.sink_closed() => break,
+                    };
+                    let Ok(Some(req)) = msg else { break };
+                    match req.request_union {
+                        Some(watch_request::RequestUnion::CreateRequest(c)) => state.create(c).await,
+                        Some(watch_request::RequestUnion::CancelRequest(c)) => state.cancel(c.watch_id),
+                        Some(watch_request::RequestUnion::ProgressRequest(_)) => state.hub.request_progress(&state.sink),
+                        None => {}
+                    }
+                }
+                state.close();
+                metrics::gauge!("etcdmux_watch_streams").decrement(1.0);
+            }
+            .instrument(request_span("watch", "watch")),
+        );
+        Ok(Response::new(ResponseStream { data, control, last_rev: 0, done: false }))
+    }
+}
+
+impl StreamState {
+    /// Resolves when the client has gone (its response stream was dropped).
+    async fn sink_closed(&self) {
+        self.sink.closed().await
+    }
+}
