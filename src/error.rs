@@ -19,6 +19,8 @@ pub enum Error {
     InvalidTenant { name: String, why: String },
     #[error("etcdmux: a request may not span tenants: range from tenant {from} reaches {to}")]
     CrossTenant { from: String, to: String },
+    #[error("etcdmux: a txn may not span tenants: it touches {first} and {second}")]
+    CrossTenantTxn { first: String, second: String },
     #[error("etcdmux: permission denied: {0}")]
     PermissionDenied(String),
     #[error("etcdmux: {0}")]
@@ -54,6 +56,7 @@ impl From<Error> for Status {
             | Error::Unmatched(_)
             | Error::InvalidTenant { .. }
             | Error::CrossTenant { .. }
+            | Error::CrossTenantTxn { .. }
             | Error::InvalidArgument(_)
             | Error::TooManyOps => Code::InvalidArgument,
             Error::Internal(_) => Code::Internal,

@@ -249,6 +249,14 @@ impl KeyLayout {
         Piece { key: lo.clone(), range_end: prefix_end(hi) }
     }
 
+    /// The key catch-up watches write to mark "everything before this revision was
+    /// seen": inside the watch range, never a tenant key.
+    pub fn fence_key(&self) -> Bytes {
+        // Under the bare prefix with an empty tenant name: inside the watch range
+        // whatever the prefixes, and never decodable as a tenant's key.
+        cat(&[&self.bare, b"/fence"])
+    }
+
     /// A key etcdmux never writes: compares against it behave like compares over an
     /// empty range.
     pub fn void_key(&self) -> Bytes {
@@ -434,6 +442,9 @@ mod tests {
             assert_eq!(l.slot_from_index_key(&t("p!"), &ik), None);
         }
         assert_eq!(l.lease_id_from_owner_key(&l.lease_owner_key(-5)), Some(-5));
+        let w = l.watch_range();
+        let fence = l.fence_key();
+        assert!(fence >= w.key && fence < w.range_end && l.decode(&fence).is_none());
     }
 
     // Keys drawn from a small alphabet around the layout's special bytes, so that

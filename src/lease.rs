@@ -236,10 +236,15 @@ impl Lease for LeaseService {
                             let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
                             let _ = tx.send(ka).await;
                             up_tx = Some(tx);
-                            let mut client = proxy.upstream.lease(proxy.upstream.channel());
+                            let (ep, ch) = proxy.upstream.stream_channel();
+                            let mut client = proxy.upstream.lease(ch);
                             match client.lease_keep_alive(ctx.request(ReceiverStream::new(rx))).await {
                                 Ok(s) => upstream = Some(s.into_inner()),
-                                Err(s) => { let _ = out_tx.send(Err(s)).await; break }
+                                Err(s) => {
+                                    proxy.upstream.report(ep, &s);
+                                    let _ = out_tx.send(Err(s)).await;
+                                    break
+                                }
                             }
                         }
                         resp = up_next => match resp {

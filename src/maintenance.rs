@@ -100,8 +100,13 @@ impl Maintenance for MaintenanceService {
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         self.proxy.resolver.require_admin(&self.scope, "Snapshot")?;
         let ctx = self.proxy.ctx(&req);
-        let mut client = self.proxy.upstream.maintenance(self.proxy.upstream.channel());
-        let stream = client.snapshot(ctx.request(req.into_inner())).await?.into_inner();
+        let (ep, ch) = self.proxy.upstream.stream_channel();
+        let mut client = self.proxy.upstream.maintenance(ch);
+        let stream = client
+            .snapshot(ctx.request(req.into_inner()))
+            .await
+            .inspect_err(|s| self.proxy.upstream.report(ep, s))?
+            .into_inner();
         Ok(Response::new(Box::pin(stream.map(|r| r))))
     }
 }

@@ -36,12 +36,17 @@ pub struct Running {
     pub addrs: Vec<SocketAddr>,
     shutdown: broadcast::Sender<()>,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// The watch hub's tasks: stopped with the server.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops accepting, lets open calls finish (up to a few seconds), and waits.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());
+        for t in &self.background {
+            t.abort();
+        }
         for task in self.tasks.drain(..) {
             let abort = task.abort_handle();
             if tokio::time::timeout(DRAIN, task).await.is_err() {
@@ -67,6 +72,9 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.shutdown.send(());
+        for t in &self.background {
+            t.abort();
+        }
     }
 }
 
@@ -80,7 +88,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     }
     let proxy = Proxy::new(cfg)?;
     let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
-    hub.start(proxy.clone());
+    let background = hub.start(proxy.clone());
     let (shutdown, _) = broadcast::channel(1);
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
@@ -111,5 +119,5 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
             let _ = stop.recv().await;
         })));
     }
-    Ok(Running { addrs, shutdown, tasks })
+    Ok(Running { addrs, shutdown, tasks, background })
 }

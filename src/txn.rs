@@ -83,10 +83,10 @@ impl<'a> Translate<'a> {
             Some(o) if *o == owner => Ok(()),
             Some(o) => {
                 let name = |o: &Owner| match o {
-                    Owner::Tenant(t) => format!("tenant {t}"),
+                    Owner::Tenant(t) => t.to_string(),
                     Owner::Raw => "global or unmatched keys".to_string(),
                 };
-                Err(Error::CrossTenant { from: name(o), to: name(&owner) })
+                Err(Error::CrossTenantTxn { first: name(o), second: name(&owner) })
             }
         }
     }

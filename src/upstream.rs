@@ -124,9 +124,17 @@ impl Upstream {
         })
     }
 
-    /// A channel of the current endpoint (round-robin over its connections).
-    pub fn channel(&self) -> Channel {
-        self.channel_at(self.current.load(Ordering::Relaxed)).1
+    /// A channel for a streaming call, and its endpoint: report the stream's errors
+    /// with [`Upstream::report`] so that a dead endpoint is left for the next one.
+    pub fn stream_channel(&self) -> (usize, Channel) {
+        self.channel_at(self.current.load(Ordering::Relaxed))
+    }
+
+    /// Tells the pool that a call on endpoint `ep` failed with `status`.
+    pub fn report(&self, ep: usize, status: &Status) {
+        if is_connect_error(status) || is_transport_error(status) {
+            self.fail_over(ep);
+        }
     }
 
     fn channel_at(&self, endpoint: usize) -> (usize, Channel) {
@@ -208,17 +216,23 @@ impl Upstream {
             let (ep, ch) = self.channel_at(self.current.load(Ordering::Relaxed));
             let res = match tokio::time::timeout_at(ctx.deadline, f(ch)).await {
                 Ok(r) => r,
-                Err(_) => return Err(Status::deadline_exceeded("context deadline exceeded")),
+                Err(_) => return Err(deadline_exceeded()),
             };
             let status = match res {
                 Ok(resp) => return Ok(resp.into_inner()),
+                // tonic's own timer (from the propagated grpc-timeout) can fire first.
+                Err(s) if s.code() == Code::Cancelled && Instant::now() >= ctx.deadline => return Err(deadline_exceeded()),
                 Err(s) => s,
             };
             let unsent = is_connect_error(&status);
-            if unsent {
+            let dropped = is_transport_error(&status);
+            if unsent || dropped {
                 self.fail_over(ep);
             }
-            let retryable = status.code() == Code::Unavailable && (retry == Retry::Safe || unsent);
+            let retryable = match retry {
+                Retry::Safe => status.code() == Code::Unavailable || dropped,
+                Retry::OnlyUnsent => unsent,
+            };
             attempt += 1;
             if !retryable || attempt > 2 * self.endpoints.len() as u32 + 2 {
                 metrics::counter!("etcdmux_upstream_errors_total", "code" => format!("{:?}", status.code()))
@@ -247,6 +261,17 @@ impl Upstream {
             metrics::counter!("etcdmux_upstream_failovers_total").increment(1);
         }
     }
+}
+
+/// etcd's answer to a missed deadline, as its clients see it.
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("context deadline exceeded")
+}
+
+/// A connection that broke under a call (tonic reports it as UNKNOWN): the request
+/// may or may not have reached etcd.
+fn is_transport_error(s: &Status) -> bool {
+    matches!(s.code(), Code::Unknown | Code::Unavailable) && s.message().contains("transport error")
 }
 
 /// A transport failure before the request reached etcd (refused, unreachable).

@@ -41,7 +41,7 @@ use tonic::{Code, Status};
 use crate::config::WatchConfig;
 use crate::keylayout::{KeyLayout, Piece};
 use crate::pb::etcdserverpb::{
-    watch_request, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    watch_request, PutRequest, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest, WatchRequest,
     WatchResponse,
 };
 use crate::pb::mvccpb::{event::EventType, Event};
@@ -51,6 +51,21 @@ use crate::upstream::{CallCtx, Retry};
 
 /// The progress response's watch id: etcd's "applies to every watcher of the stream".
 pub const PROGRESS_WATCH_ID: i64 = -1;
+
+/// Whether this etcd answers a `WatchProgressRequest` only once the watch has sent
+/// every event up to the answered revision. Older releases answer at once with the
+/// current revision, even while the watch is still catching up; the apiserver gates
+/// consistent reads from cache on the same releases.
+pub fn progress_is_reliable(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor, patch) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    match (major, minor) {
+        (3, 4) => patch >= 31,
+        (3, 5) => patch >= 13,
+        (3, m) => m > 5,
+        (m, _) => m > 3,
+    }
+}
 
 /// One upstream event in tenant form, shared by every watcher it reaches.
 pub struct HubEvent {
@@ -109,6 +124,8 @@ pub struct Watcher {
     canceled: AtomicBool,
     /// Whether events reached this watcher since the last progress tick.
     active: AtomicBool,
+    /// Its start was compacted in etcd: only etcd can answer it, through a catch-up.
+    pub compacted: bool,
 }
 
 impl Watcher {
@@ -138,11 +155,14 @@ impl Watcher {
             render,
             canceled: AtomicBool::new(false),
             active: AtomicBool::new(false),
+            compacted: false,
         }
     }
 
     fn matches(&self, ev: &HubEvent) -> bool {
-        if ev.rev < self.from_rev || self.canceled.load(Ordering::Relaxed) {
+        // The tenant check is what keeps replay and catch-up tenant-closed: they walk
+        // every event, not the tenant index that live dispatch uses.
+        if ev.tenant != self.tenant || ev.rev < self.from_rev || self.canceled.load(Ordering::Relaxed) {
             return false;
         }
         let in_range = match &self.end {
@@ -259,6 +279,8 @@ struct HubState {
     progress_waiters: Vec<Arc<StreamSink>>,
     tick_due: bool,
     ready: bool,
+    /// A fence write's revision: progress is proven once `last_rev` reaches it.
+    fence_target: Option<i64>,
 }
 
 /// The hub. One per process.
@@ -271,6 +293,8 @@ pub struct Hub {
     progress_kick: Notify,
     ready: Notify,
     catchups: Semaphore,
+    /// Whether etcd's own progress answers can be trusted (see `progress_is_reliable`).
+    upstream_progress: AtomicBool,
 }
 
 /// What the upstream task does after one response.
@@ -294,6 +318,7 @@ impl Hub {
                 progress_waiters: Vec::new(),
                 tick_due: false,
                 ready: false,
+                fence_target: None,
             }),
             cfg: cfg.clone(),
             layout,
@@ -301,6 +326,7 @@ impl Hub {
             progress_kick: Notify::new(),
             ready: Notify::new(),
             catchups: Semaphore::new(cfg.max_catchups),
+            upstream_progress: AtomicBool::new(false),
         })
     }
 
@@ -309,12 +335,12 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the upstream watch and the progress ticker.
-    pub fn start(self: &Arc<Self>, proxy: Arc<Proxy>) {
+    /// Starts the upstream watch and the progress ticker; abort the handles to stop.
+    pub fn start(self: &Arc<Self>, proxy: Arc<Proxy>) -> Vec<tokio::task::JoinHandle<()>> {
         metrics::gauge!("etcdmux_watch_upstream_watches").set(0.0);
-        tokio::spawn(self.clone().run_upstream(proxy));
+        let upstream = tokio::spawn(self.clone().run_upstream(proxy));
         let hub = self.clone();
-        tokio::spawn(async move {
+        let ticker = tokio::spawn(async move {
             let every = Duration::from_millis(hub.cfg.progress_notify_interval_ms.max(10));
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
@@ -324,6 +350,7 @@ impl Hub {
                 hub.progress_kick.notify_one();
             }
         });
+        vec![upstream, ticker]
     }
 
     /// Waits until the hub knows where etcd's history stands.
@@ -341,16 +368,40 @@ impl Hub {
         Some(ResponseHeader { revision: rev, ..st.header.clone() })
     }
 
-    async fn current_revision(proxy: &Proxy) -> Result<i64, Status> {
+    async fn etcd_version(proxy: &Proxy) -> Option<String> {
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        let req = crate::pb::etcdserverpb::StatusRequest {};
+        let resp =
+            proxy.upstream.maintenance_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.status(r).await }).await;
+        resp.ok().map(|r| r.version)
+    }
+
+    async fn current_header(proxy: &Proxy) -> Result<ResponseHeader, Status> {
         let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
         let req = RangeRequest { key: proxy.layout.void_key(), ..Default::default() };
         let resp = proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
-        Ok(resp.header.map_or(0, |h| h.revision))
+        Ok(resp.header.unwrap_or_default())
+    }
+
+    /// Whether etcd has compacted history at `rev`: the ring may still hold those
+    /// events, but etcd refuses a watch from there, and so must the hub. A range at
+    /// that revision fails exactly when a watch from it would.
+    pub async fn is_compacted(&self, proxy: &Proxy, rev: i64) -> Result<bool, Status> {
+        if rev > self.lock().last_rev {
+            return Ok(false);
+        }
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        let req = RangeRequest { key: proxy.layout.void_key(), revision: rev, ..Default::default() };
+        match proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await {
+            Ok(_) => Ok(false),
+            Err(s) if s.code() == Code::OutOfRange && s.message().contains("compacted") => Ok(true),
+            Err(s) => Err(s),
+        }
     }
 
     /// The revision a watch with start_revision 0 starts at: etcd's current + 1.
     pub async fn now(&self, proxy: &Proxy) -> Result<i64, Status> {
-        Ok(Self::current_revision(proxy).await? + 1)
+        Ok(Self::current_header(proxy).await?.revision + 1)
     }
 
     async fn run_upstream(self: Arc<Self>, proxy: Arc<Proxy>) {
@@ -358,9 +409,13 @@ impl Hub {
         let mut backoff = base;
         loop {
             if !self.lock().ready {
-                match Self::current_revision(&proxy).await {
-                    Ok(rev) => {
+                let reliable = Self::etcd_version(&proxy).await.is_some_and(|v| progress_is_reliable(&v));
+                self.upstream_progress.store(reliable, Ordering::Relaxed);
+                match Self::current_header(&proxy).await {
+                    Ok(h) => {
+                        let rev = h.revision;
                         let mut st = self.lock();
+                        st.header = ResponseHeader { revision: 0, ..h };
                         st.last_rev = rev;
                         st.covers_from = rev + 1;
                         st.ready = true;
@@ -407,20 +462,38 @@ impl Hub {
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         req.metadata_mut().insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
-        let mut client = proxy.upstream.watch(proxy.upstream.channel());
-        let mut stream = client.watch(req).await?.into_inner();
+        let (ep, ch) = proxy.upstream.stream_channel();
+        let mut client = proxy.upstream.watch(ch);
+        let mut stream = match client.watch(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                proxy.upstream.report(ep, &s);
+                return Err(s);
+            }
+        };
         metrics::gauge!("etcdmux_watch_upstream_watches").set(1.0);
+        {
+            // A kick taken by the previous stream must not be lost with it.
+            let st = self.lock();
+            if !st.progress_waiters.is_empty() || st.tick_due {
+                self.progress_kick.notify_one();
+            }
+        }
         loop {
             tokio::select! {
                 _ = self.progress_kick.notified() => {
-                    let progress = WatchRequest {
-                        request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                    };
-                    if tx.send(progress).await.is_err() {
-                        return Ok(());
+                    if self.upstream_progress.load(Ordering::Relaxed) {
+                        let progress = WatchRequest {
+                            request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                        };
+                        if tx.send(progress).await.is_err() {
+                            return Ok(());
+                        }
+                    } else {
+                        self.write_fence(proxy).await;
                     }
                 }
-                msg = stream.message() => match msg? {
+                msg = stream.message() => match msg.inspect_err(|s| proxy.upstream.report(ep, s))? {
                     Some(resp) => {
                         *backoff = base;
                         if let Next::Reopen = self.on_upstream(resp) {
@@ -429,6 +502,30 @@ impl Hub {
                     }
                     None => return Err(Status::unavailable("upstream watch stream ended")),
                 },
+            }
+        }
+    }
+
+    /// Proves progress without trusting etcd's progress answer: write the fence key
+    /// (inside the watched range) and wait for its event, which etcd delivers after
+    /// every older event.
+    async fn write_fence(&self, proxy: &Proxy) {
+        let fence = PutRequest { key: self.layout.fence_key(), ..Default::default() };
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        match proxy.upstream.kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await }).await {
+            Ok(resp) => {
+                let rev = resp.header.map_or(0, |h| h.revision);
+                let mut st = self.lock();
+                st.fence_target = Some(st.fence_target.map_or(rev, |t| t.max(rev)));
+                if st.last_rev >= rev {
+                    st.fence_target = None;
+                    self.answer_progress(&mut st);
+                }
+                metrics::counter!("etcdmux_watch_progress_fences_total").increment(1);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "watch hub: progress fence write failed; retrying");
+                self.progress_kick.notify_one();
             }
         }
     }
@@ -451,27 +548,36 @@ impl Hub {
             return Next::Continue;
         }
         if resp.events.is_empty() {
-            // A progress notification: no event up to this revision is missing.
-            let rev = resp.header.map_or(0, |h| h.revision);
-            st.last_rev = st.last_rev.max(rev);
-            self.answer_progress(&mut st);
+            // A progress notification. Periodic ones come only for a synced watch;
+            // answers to requests are trusted only where etcd waits for sync first.
+            let periodic = resp.watch_id != PROGRESS_WATCH_ID;
+            if periodic || self.upstream_progress.load(Ordering::Relaxed) {
+                let rev = resp.header.map_or(0, |h| h.revision);
+                st.last_rev = st.last_rev.max(rev);
+                self.answer_progress(&mut st);
+            }
             return Next::Continue;
         }
         metrics::counter!("etcdmux_watch_events_in_total").increment(resp.events.len() as u64);
+        // Every event counts for the revision reached, keys of no tenant included.
+        let raw_max = resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0);
         let events: Vec<Arc<HubEvent>> = resp
             .events
             .into_iter()
             .filter_map(|e| HubEvent::from_upstream(&self.layout, e))
             .map(Arc::new)
             .collect();
-        let max_rev = events.iter().map(|e| e.rev).max().unwrap_or(st.last_rev);
-        st.last_rev = st.last_rev.max(max_rev);
+        st.last_rev = st.last_rev.max(raw_max);
         self.dispatch(&mut st, &events);
         for e in events {
             st.ring_bytes += e.size;
             st.ring.push_back(e);
         }
         self.evict(&mut st);
+        if st.fence_target.is_some_and(|f| st.last_rev >= f) {
+            st.fence_target = None;
+            self.answer_progress(&mut st);
+        }
         Next::Continue
     }
 
@@ -644,7 +750,7 @@ impl Hub {
         created.header = self.header(&st, st.last_rev);
         w.sink.send_reliable(created);
         metrics::counter!("etcdmux_watch_created_total").increment(1);
-        if w.from_rev >= st.covers_from {
+        if w.from_rev >= st.covers_from && !w.compacted {
             self.hand_over(&mut st, &w, w.from_rev);
             return;
         }
@@ -745,17 +851,25 @@ impl Hub {
             ..Default::default()
         };
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
-        let mut client = proxy.upstream.watch(proxy.upstream.channel());
-        let mut stream = client.watch(tonic::Request::new(ReceiverStream::new(rx))).await?.into_inner();
-        // etcd answers a progress request only once the watch has caught up, which
-        // is how an idle range proves it has nothing more to send.
-        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        let (ep, ch) = proxy.upstream.stream_channel();
+        let mut client = proxy.upstream.watch(ch);
+        let mut stream = match client.watch(tonic::Request::new(ReceiverStream::new(rx))).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                proxy.upstream.report(ep, &s);
+                return Err(s);
+            }
+        };
+        // The catch-up must learn when it has seen everything before the ring. etcd
+        // 3.4 answers a progress request even before an old watch has caught up, so
+        // instead a fence key inside the watched range is written once the watch
+        // exists: its event comes after every older event, and carries a revision
+        // the ring covers.
+        let fence = PutRequest { key: self.layout.fence_key(), ..Default::default() };
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        proxy.upstream.kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await }).await?;
         loop {
             tokio::select! {
-                _ = poll.tick() => {
-                    let p = WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) };
-                    let _ = tx.send(p).await;
-                }
                 msg = stream.message() => {
                     let Some(resp) = msg? else { return Err(Status::unavailable("catch-up stream ended")) };
                     if w.canceled.load(Ordering::Relaxed) || w.sink.data.is_closed() {
@@ -793,12 +907,10 @@ impl Hub {
         let header_rev = resp.header.as_ref().map_or(0, |h| h.revision);
         let events: Vec<HubEvent> =
             resp.events.iter().cloned().filter_map(|e| HubEvent::from_upstream(&self.layout, e)).collect();
-        // Through which revision this upstream watch has shown everything.
-        let known_to = if resp.events.is_empty() {
-            header_rev
-        } else {
-            resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0)
-        };
+        // Through which revision this upstream watch has shown everything: the last
+        // event it sent, of any key in the range (the fence included).
+        let known_to = resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0);
+        let _ = header_rev;
         let mut st = self.lock();
         let cov = st.covers_from;
         let mine: Vec<Event> =

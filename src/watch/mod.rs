@@ -135,7 +135,9 @@ impl StreamState {
         let render = if self.scope.static_tenant.is_some() { Render::Tenant } else { Render::Prefixed(cp) };
         self.hub.ready().await;
         let from = if c.start_revision > 0 { c.start_revision } else { self.hub.now(&self.proxy).await? };
-        Ok(Watcher::new(id, self.sink.clone(), tenant, start, end, from, c, render))
+        let mut w = Watcher::new(id, self.sink.clone(), tenant, start, end, from, c, render);
+        w.compacted = c.start_revision > 0 && self.hub.is_compacted(&self.proxy, from).await?;
+        Ok(w)
     }
 
     /// Answers a create that cannot be served: created and cancelled at once, with

@@ -1,0 +1,675 @@
+//! The watch path checked against etcd's own history.
+//!
+//! A randomized multi-tenant workload (puts, deletes, multi-key txns, expiring
+//! leases, compactions) runs against etcd through etcdmux while watchers are created
+//! on several streams at random times, with random ranges, start revisions, prev_kv
+//! and filters. The ring is kept tiny, so starts fall both inside it (ring replay)
+//! and before it (catch-up from etcd, then hand-over). Ground truth is a watch opened
+//! straight on etcd from revision 1. After the run every watcher's stream must be
+//! exactly etcd's history for its tenant and range: ordered, unique, gap-free,
+//! revisions never split across responses, prev_kv and filters right, progress
+//! answers never ahead of what was delivered and never behind etcd at request time,
+//! header revisions never going backwards. Fault variants cut the upstream
+//! connection (a loopback relay) and restart etcd in the middle of the run.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use etcdmux::keylayout::KeyLayout;
+use etcdmux::pb::etcdserverpb::{
+    kv_client::KvClient, lease_client::LeaseClient, request_op, watch_client::WatchClient,
+    watch_create_request::FilterType, watch_request, CompactionRequest, DeleteRangeRequest, LeaseGrantRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    WatchResponse,
+};
+use etcdmux::pb::mvccpb::{event::EventType, Event};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch as tokio_watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const TENANTS: usize = 4;
+const RESOURCES: &[&str] = &["pods", "configmaps", "apps.k8s.io/deployments"];
+
+fn mux_toml(ring_events: usize, stream_buffer: usize) -> String {
+    format!(
+        "{}\n[watch]\nring_events = {ring_events}\nstream_buffer = {stream_buffer}\nreconnect_backoff_ms = 20\n",
+        common::MILO_TOML
+    )
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn prefix_end(p: &[u8]) -> Bytes {
+    etcdmux::keylayout::prefix_end(p)
+}
+
+/// An event as the checker compares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ev {
+    rev: i64,
+    delete: bool,
+    key: Bytes,
+    value: Bytes,
+    prev: Option<(Bytes, i64)>,
+}
+
+fn ev_of(e: &Event) -> Ev {
+    let kv = e.kv.clone().unwrap_or_default();
+    Ev {
+        rev: kv.mod_revision,
+        delete: e.r#type == EventType::Delete as i32,
+        key: kv.key,
+        value: kv.value,
+        prev: e.prev_kv.as_ref().map(|p| (p.value.clone(), p.mod_revision)),
+    }
+}
+
+/// etcd's history, in client form, from a direct watch from revision 1.
+#[derive(Default)]
+struct Truth {
+    events: Vec<Ev>,
+    last_rev: i64,
+}
+
+async fn record_truth(url: String, truth: Arc<Mutex<Truth>>, stop: tokio_watch::Receiver<bool>) {
+    let layout = KeyLayout::new("/registry", "/etcdmux");
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let from = truth.lock().unwrap().last_rev + 1;
+        let Ok(mut client) = WatchClient::connect(url.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let create = WatchCreateRequest {
+            key: b("\0"),
+            range_end: b("\0"),
+            start_revision: from,
+            prev_kv: true,
+            progress_notify: true,
+            ..Default::default()
+        };
+        tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await.unwrap();
+        let Ok(resp) = client.watch(ReceiverStream::new(rx)).await else { continue };
+        let mut stream = resp.into_inner();
+        let mut stop = stop.clone();
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = stop.changed() => return,
+            };
+            let Ok(Some(r)) = msg else { break };
+            assert_eq!(r.compact_revision, 0, "the truth watch must never be compacted");
+            let mut t = truth.lock().unwrap();
+            for e in &r.events {
+                let mut ev = ev_of(e);
+                t.last_rev = t.last_rev.max(ev.rev);
+                let Some((tenant, key)) = layout.decode(&ev.key) else { continue };
+                ev.key = Bytes::from([format!("/projects/{tenant}").as_bytes(), &key].concat());
+                t.events.push(ev);
+            }
+        }
+        let _ = tx;
+    }
+}
+
+/// A watcher as the test asked for it.
+#[derive(Debug, Clone)]
+struct Spec {
+    id: i64,
+    key: Bytes,
+    range_end: Bytes,
+    start: i64,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+}
+
+impl Spec {
+    fn wants(&self, e: &Ev) -> bool {
+        let in_range = if self.range_end.is_empty() {
+            e.key == self.key
+        } else {
+            e.key >= self.key && e.key < self.range_end
+        };
+        in_range && e.rev >= self.start && !(if e.delete { self.no_delete } else { self.no_put })
+    }
+
+    fn shape(&self, e: &Ev) -> Ev {
+        let mut e = e.clone();
+        if !self.prev_kv {
+            e.prev = None;
+        }
+        e
+    }
+}
+
+/// One client stream: what was sent and everything received, in order.
+struct TestStream {
+    tx: mpsc::Sender<WatchRequest>,
+    log: Arc<Mutex<Vec<WatchResponse>>>,
+    specs: Vec<Spec>,
+    /// (position in log when sent, etcd revision just before sending)
+    progress_asks: Vec<(usize, i64)>,
+}
+
+impl TestStream {
+    async fn open(url: &str) -> TestStream {
+        let mut client = WatchClient::connect(url.to_string()).await.expect("connect etcdmux");
+        let (tx, rx) = mpsc::channel(64);
+        let mut stream = client.watch(ReceiverStream::new(rx)).await.expect("watch").into_inner();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = stream.message().await {
+                l.lock().unwrap().push(r);
+            }
+        });
+        TestStream { tx, log, specs: Vec::new(), progress_asks: Vec::new() }
+    }
+
+    async fn create(&mut self, spec: Spec) {
+        let mut filters = Vec::new();
+        if spec.no_put {
+            filters.push(FilterType::Noput as i32);
+        }
+        if spec.no_delete {
+            filters.push(FilterType::Nodelete as i32);
+        }
+        let c = WatchCreateRequest {
+            key: spec.key.clone(),
+            range_end: spec.range_end.clone(),
+            start_revision: spec.start,
+            prev_kv: spec.prev_kv,
+            filters,
+            watch_id: spec.id,
+            ..Default::default()
+        };
+        self.tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await.unwrap();
+        self.specs.push(spec);
+    }
+
+    /// Asks for progress and waits for the answer; returns its revision.
+    async fn progress(&mut self, etcd_rev: i64) -> i64 {
+        let pos = self.log.lock().unwrap().len();
+        self.progress_asks.push((pos, etcd_rev));
+        let p = WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) };
+        self.tx.send(p).await.unwrap();
+        for _ in 0..600 {
+            {
+                let log = self.log.lock().unwrap();
+                if let Some(r) = log[pos..].iter().find(|r| is_progress(r)) {
+                    return r.header.as_ref().map_or(0, |h| h.revision);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no progress answer within 12 s");
+    }
+}
+
+fn is_progress(r: &WatchResponse) -> bool {
+    r.watch_id == -1 && r.events.is_empty() && !r.created && !r.canceled && r.compact_revision == 0
+}
+
+/// etcd's current revision (`kv` must be a direct etcd client).
+async fn current_rev(kv: &mut KvClient<Channel>) -> i64 {
+    loop {
+        if let Ok(r) = kv.range(RangeRequest { key: b("\0"), ..Default::default() }).await {
+            return r.into_inner().header.unwrap().revision;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks one stream's log against the truth.
+fn check_stream(s: &TestStream, truth: &[Ev], final_rev: i64) {
+    let log = s.log.lock().unwrap();
+    let mut last_header = 0;
+    for r in log.iter() {
+        let h = r.header.as_ref().map_or(0, |h| h.revision);
+        assert!(h >= last_header || r.header.is_none(), "header revision went back: {h} after {last_header}");
+        last_header = last_header.max(h);
+    }
+    for spec in &s.specs {
+        let expected: Vec<Ev> = truth.iter().filter(|e| e.rev <= final_rev && spec.wants(e)).map(|e| spec.shape(e)).collect();
+        let mut got: Vec<Ev> = Vec::new();
+        let mut seen_revs: BTreeMap<i64, usize> = BTreeMap::new();
+        let mut created = false;
+        let mut cancel: Option<&WatchResponse> = None;
+        for (i, r) in log.iter().enumerate() {
+            if r.watch_id != spec.id {
+                continue;
+            }
+            if r.created {
+                assert!(!created, "watcher {} created twice", spec.id);
+                assert!(!r.canceled, "watcher {} refused: {}", spec.id, r.cancel_reason);
+                created = true;
+                continue;
+            }
+            assert!(created, "watcher {}: events before created", spec.id);
+            assert!(cancel.is_none(), "watcher {}: response after its cancel", spec.id);
+            if r.canceled {
+                cancel = Some(r);
+                continue;
+            }
+            for e in &r.events {
+                let ev = ev_of(e);
+                // Atomic: a revision's events all come in one response.
+                if let Some(&j) = seen_revs.get(&ev.rev) {
+                    assert_eq!(j, i, "watcher {}: revision {} split across responses", spec.id, ev.rev);
+                }
+                seen_revs.insert(ev.rev, i);
+                got.push(ev);
+            }
+        }
+        assert!(created, "watcher {} never created", spec.id);
+        match cancel {
+            None => assert_eq!(
+                got, expected,
+                "watcher {} ({:?}): stream differs from etcd's history",
+                spec.id, spec
+            ),
+            Some(c) => {
+                assert!(c.compact_revision > 0, "watcher {} cancelled without compaction: {:?}", spec.id, c.cancel_reason);
+                assert!(got.len() <= expected.len() && got[..] == expected[..got.len()], "watcher {}: not a prefix before its compacted cancel", spec.id);
+                let next = got.last().map_or(spec.start, |e| e.rev + 1);
+                assert!(next <= c.compact_revision, "watcher {}: compacted at {} but had reached {}", spec.id, c.compact_revision, next);
+            }
+        }
+    }
+    // Progress answers: never ahead of what was delivered, never behind etcd.
+    for &(pos, etcd_rev) in &s.progress_asks {
+        let Some((i, r)) = log.iter().enumerate().skip(pos).find(|(_, r)| is_progress(r)) else { continue };
+        let rev = r.header.as_ref().map_or(0, |h| h.revision);
+        assert!(rev >= etcd_rev, "progress answered {rev}, but etcd was at {etcd_rev} when asked");
+        for spec in &s.specs {
+            let created_at = log.iter().position(|x| x.watch_id == spec.id && x.created);
+            let Some(created_at) = created_at.filter(|&c| c < i) else { continue };
+            if log[..i].iter().any(|x| x.watch_id == spec.id && x.canceled) {
+                continue;
+            }
+            let before: usize = log[created_at..i].iter().filter(|x| x.watch_id == spec.id).map(|x| x.events.len()).sum();
+            let due = truth.iter().filter(|e| e.rev <= rev && spec.wants(e)).count();
+            assert_eq!(before, due, "watcher {}: progress {rev} sent before all its events up to {rev}", spec.id);
+        }
+    }
+}
+
+/// A loopback TCP relay in front of etcd whose connections can be cut.
+struct Relay {
+    url: String,
+    cut: tokio_watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(target: &str) -> Relay {
+        let target = target.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (cut, cut_rx) = tokio_watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let mut cut_rx = cut_rx.clone();
+                // Only cuts after this connection was accepted apply to it.
+                cut_rx.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { url, cut }
+    }
+
+    /// Drops every connection through the relay (new ones are accepted again).
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+enum Fault {
+    None,
+    CutUpstream,
+    RestartEtcd,
+}
+
+async fn run_checker(seed: u64, fault: Fault) {
+    common::init_tracing();
+    let mut etcd = common::Etcd::start();
+    let relay = Relay::start(&etcd.client_url).await;
+    let mut cfg = etcdmux::config::Config::parse(&mux_toml(12, 4096), "watch test").unwrap();
+    cfg.upstream.endpoints = vec![relay.url.clone()];
+    cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
+    cfg.validate().unwrap();
+    let running = etcdmux::server::start(cfg).await.unwrap();
+    let mux_url = format!("http://{}", running.addrs[0]);
+
+    let truth = Arc::new(Mutex::new(Truth::default()));
+    let (stop_tx, stop_rx) = tokio_watch::channel(false);
+    let truth_task = tokio::spawn(record_truth(etcd.client_url.clone(), truth.clone(), stop_rx));
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut kv = KvClient::connect(mux_url.clone()).await.unwrap();
+    let mut direct = KvClient::connect(etcd.client_url.clone()).await.unwrap();
+    let mut lease = LeaseClient::connect(mux_url.clone()).await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        streams.push(TestStream::open(&mux_url).await);
+    }
+    let key = |rng: &mut StdRng| {
+        let t = rng.random_range(0..TENANTS);
+        let r = RESOURCES[rng.random_range(0..RESOURCES.len())];
+        format!("/projects/t{t}/{r}/ns/k{}", rng.random_range(0..6))
+    };
+    let mut next_id = 1;
+    let steps = 400;
+    for step in 0..steps {
+        if step == steps / 2 {
+            match fault {
+                Fault::None => {}
+                Fault::CutUpstream => relay.cut(),
+                Fault::RestartEtcd => {
+                    etcd.kill();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    etcd.restart();
+                }
+            }
+        }
+        let op = rng.random_range(0..100);
+        // Writes may fail while etcd restarts; the history is whatever etcd applied.
+        let _ = match op {
+            0..=49 => kv.put(PutRequest { key: b(&key(&mut rng)), value: b(&format!("v{step}")), ..Default::default() }).await.map(|_| ()),
+            50..=64 => kv.delete_range(DeleteRangeRequest { key: b(&key(&mut rng)), ..Default::default() }).await.map(|_| ()),
+            65..=79 => {
+                // A multi-key txn inside one tenant: one revision, several events.
+                let t = rng.random_range(0..TENANTS);
+                let mut ops = Vec::new();
+                for (i, r) in RESOURCES.iter().enumerate().take(rng.random_range(2..=3)) {
+                    let k = format!("/projects/t{t}/{r}/ns/txn{i}");
+                    let req = if rng.random_bool(0.7) {
+                        request_op::Request::RequestPut(PutRequest { key: b(&k), value: b(&format!("x{step}")), ..Default::default() })
+                    } else {
+                        request_op::Request::RequestDeleteRange(DeleteRangeRequest { key: b(&k), ..Default::default() })
+                    };
+                    ops.push(RequestOp { request: Some(req) });
+                }
+                kv.txn(TxnRequest { success: ops, ..Default::default() }).await.map(|_| ())
+            }
+            80..=84 => {
+                // A short lease: its keys' deletes arrive later, from etcd itself.
+                match lease.lease_grant(LeaseGrantRequest { ttl: 1, id: 0 }).await {
+                    Ok(l) => {
+                        let id = l.into_inner().id;
+                        kv.put(PutRequest { key: b(&key(&mut rng)), value: b("leased"), lease: id, ..Default::default() }).await.map(|_| ())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            85..=86 => {
+                let now = current_rev(&mut direct).await;
+                let target = now - rng.random_range(5..40);
+                if target > 1 {
+                    let _ = direct.compact(CompactionRequest { revision: target, physical: false }).await;
+                }
+                Ok(())
+            }
+            _ => {
+                // A new watcher on a random stream.
+                let t = rng.random_range(0..TENANTS);
+                let (k, e) = match rng.random_range(0..3) {
+                    0 => {
+                        let p = format!("/projects/t{t}/");
+                        (b(&p), prefix_end(p.as_bytes()))
+                    }
+                    1 => {
+                        let p = format!("/projects/t{t}/{}/", RESOURCES[rng.random_range(0..RESOURCES.len())]);
+                        (b(&p), prefix_end(p.as_bytes()))
+                    }
+                    _ => (b(&format!("/projects/t{t}/pods/ns/k{}", rng.random_range(0..6))), Bytes::new()),
+                };
+                let now = current_rev(&mut direct).await;
+                let start = match rng.random_range(0..4) {
+                    0 => now + 1,
+                    1 => (now - rng.random_range(0..10)).max(1),
+                    _ => rng.random_range(1..=now.max(1)),
+                };
+                let filter = rng.random_range(0..10);
+                let spec = Spec {
+                    id: next_id,
+                    key: k,
+                    range_end: e,
+                    start,
+                    prev_kv: rng.random_bool(0.5),
+                    no_put: filter == 0,
+                    no_delete: filter == 1,
+                };
+                next_id += 1;
+                let i = rng.random_range(0..streams.len());
+                streams[i].create(spec).await;
+                Ok(())
+            }
+        };
+        if step % 50 == 25 {
+            let i = rng.random_range(0..streams.len());
+            let now = current_rev(&mut direct).await;
+            streams[i].progress(now).await;
+        }
+    }
+    // Let leases expire, then bring every stream up to etcd's final revision.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let final_rev = current_rev(&mut direct).await;
+    for s in &mut streams {
+        let got = s.progress(final_rev).await;
+        assert!(got >= final_rev);
+    }
+    for _ in 0..200 {
+        if truth.lock().unwrap().last_rev >= final_rev {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = truth_task.await;
+    let truth = truth.lock().unwrap();
+    let created: usize = streams.iter().map(|s| s.specs.len()).sum();
+    assert!(created > 10, "the workload created too few watchers ({created})");
+    for s in &streams {
+        check_stream(s, &truth.events, final_rev);
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_guarantees_hold() {
+    for seed in [1, 2] {
+        run_checker(seed, Fault::None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_guarantees_hold_when_the_upstream_connection_drops() {
+    run_checker(3, Fault::CutUpstream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_guarantees_hold_across_an_etcd_restart() {
+    run_checker(4, Fault::RestartEtcd).await;
+}
+
+/// A stalled client is cancelled alone; the others keep receiving, and nothing
+/// grows without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_watcher_is_cancelled_alone() {
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, &mux_toml(1000, 8)).await;
+    let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
+
+    let create = |id: i64| WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b("/projects/p/pods/"),
+            range_end: b("/projects/p/pods0"),
+            watch_id: id,
+            ..Default::default()
+        })),
+    };
+    // The stalled stream: created, never read.
+    let mut stalled_client = WatchClient::connect(mux.url.clone()).await.unwrap();
+    let (stx, srx) = mpsc::channel(4);
+    stx.send(create(1)).await.unwrap();
+    let mut stalled = stalled_client.watch(ReceiverStream::new(srx)).await.unwrap().into_inner();
+    // The healthy stream, read continuously.
+    let healthy = TestStream::open(&mux.url).await;
+    healthy.tx.send(create(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let n = 300;
+    for i in 0..n {
+        // Values big enough that HTTP/2 flow control fills up and the queue backs up.
+        kv.put(PutRequest { key: b(&format!("/projects/p/pods/ns/k{}", i % 10)), value: Bytes::from(vec![b'x'; 16 * 1024]), ..Default::default() })
+            .await
+            .unwrap();
+    }
+    for _ in 0..500 {
+        let got: usize = healthy.log.lock().unwrap().iter().map(|r| r.events.len()).sum();
+        if got == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got: usize = healthy.log.lock().unwrap().iter().map(|r| r.events.len()).sum();
+    assert_eq!(got, n, "the healthy watcher must get every event");
+
+    // Now read the stalled stream: some events, then a cancel with a reason.
+    let mut events = 0;
+    let mut cancel = None;
+    while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(5), stalled.message()).await {
+        if r.canceled {
+            cancel = Some(r);
+            break;
+        }
+        events += r.events.len();
+    }
+    let cancel = cancel.expect("the stalled watcher must be cancelled");
+    assert!(events < n, "a stalled watcher cannot have received everything ({events})");
+    assert!(cancel.cancel_reason.contains("fell behind"), "{}", cancel.cancel_reason);
+    assert_eq!(cancel.compact_revision, 0);
+}
+
+/// A watch from a compacted revision gets etcd's answer: created, then cancelled
+/// with the compact revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_start_matches_etcd() {
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, &mux_toml(100, 64)).await;
+    let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
+    for i in 0..10 {
+        kv.put(PutRequest { key: b("/projects/p/pods/ns/a"), value: b(&i.to_string()), ..Default::default() }).await.unwrap();
+    }
+    kv.compact(CompactionRequest { revision: 8, physical: true }).await.unwrap();
+    let mut answers = Vec::new();
+    for (url, key) in [(mux.url.clone(), "/projects/p/pods/ns/a"), (etcd.client_url.clone(), "/registry/pods/clusters/p/ns/a")] {
+        let mut client = WatchClient::connect(url).await.unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let c = WatchCreateRequest { key: b(key), start_revision: 3, ..Default::default() };
+        tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await.unwrap();
+        let mut s = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let mut got = Vec::new();
+        while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(3), s.message()).await {
+            got.push((r.created, r.canceled, r.compact_revision, r.events.len()));
+            if r.canceled {
+                break;
+            }
+        }
+        answers.push(got);
+        drop(tx);
+    }
+    assert_eq!(answers[0], answers[1], "etcdmux vs etcd");
+    assert!(answers[0].iter().any(|a| a.2 == 8), "{:?}", answers[0]);
+}
+
+/// Many tenants, few upstream watchers: 1,000 tenants × 10 resource prefixes, each
+/// listed and watched like the apiserver's cacher, on 20 client streams. etcd's own
+/// metrics must show a constant number of watchers, and every write must reach
+/// exactly its tenant's watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_tenants_share_one_upstream_watch() {
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, &mux_toml(100_000, 65_536)).await;
+    let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
+    let tenants: usize = std::env::var("ETCDMUX_SCALE_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let resources = 10;
+    let t0 = std::time::Instant::now();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(TestStream::open(&mux.url).await);
+    }
+    let mut direct = KvClient::connect(etcd.client_url.clone()).await.unwrap();
+    let rev = current_rev(&mut direct).await;
+    let mut id = 1;
+    let mut owner: HashMap<(usize, usize), (usize, i64)> = HashMap::new();
+    for t in 0..tenants {
+        for r in 0..resources {
+            let prefix = format!("/projects/p{t}/res{r}/");
+            // The cacher's list, then its watch from the list's revision + 1.
+            let list = kv
+                .range(RangeRequest { key: b(&prefix), range_end: prefix_end(prefix.as_bytes()), limit: 500, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            let from = list.header.map_or(rev, |h| h.revision) + 1;
+            let s = id as usize % streams.len();
+            streams[s]
+                .create(Spec { id, key: b(&prefix), range_end: prefix_end(prefix.as_bytes()), start: from, prev_kv: true, no_put: false, no_delete: false })
+                .await;
+            owner.insert((t, r), (s, id));
+            id += 1;
+        }
+        if t % 100 == 99 {
+            eprintln!("scale: {} tenants listed and watched after {:?}", t + 1, t0.elapsed());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let upstream_watchers = etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap_or(f64::NAN);
+    assert!(upstream_watchers <= 3.0, "etcd holds {upstream_watchers} watchers for {} client watches", tenants * resources);
+
+    // One write per tenant, into a random resource.
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut expected: HashMap<i64, usize> = HashMap::new();
+    for t in 0..tenants {
+        let r = rng.random_range(0..resources);
+        kv.put(PutRequest { key: b(&format!("/projects/p{t}/res{r}/ns/obj")), value: b("v"), ..Default::default() }).await.unwrap();
+        *expected.entry(owner[&(t, r)].1).or_default() += 1;
+    }
+    let mut got: HashMap<i64, usize> = HashMap::new();
+    for _ in 0..500 {
+        got.clear();
+        for s in &streams {
+            for r in s.log.lock().unwrap().iter() {
+                if !r.events.is_empty() {
+                    *got.entry(r.watch_id).or_default() += r.events.len();
+                }
+            }
+        }
+        if got.values().sum::<usize>() >= tenants {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, expected, "every write reaches exactly its tenant's watcher");
+}
