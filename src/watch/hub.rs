@@ -39,7 +39,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
 use crate::config::WatchConfig;
-use crate::keylayout::{KeyLayout, Piece};
+use crate::keylayout::{prefix_end, root_of, KeyLayout, Piece, Root};
 use crate::pb::etcdserverpb::{
     watch_request, PutRequest, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest, WatchRequest,
     WatchResponse,
@@ -73,6 +73,8 @@ pub struct HubEvent {
     pub tenant: TenantName,
     /// The tenant key.
     pub key: Bytes,
+    /// The resource root of `key`, for the fan-out index.
+    root: Root,
     /// kv and prev_kv with tenant keys.
     event: Event,
     /// The same event with keys in key-path-rule client form, made on first use.
@@ -91,7 +93,8 @@ impl HubEvent {
             prev.key = key.clone();
             size += prev.value.len();
         }
-        Some(HubEvent { rev, tenant, key, event, prefixed: OnceLock::new(), size })
+        let root = root_of(&key);
+        Some(HubEvent { rev, tenant, key, root, event, prefixed: OnceLock::new(), size })
     }
 
     fn is_put(&self) -> bool {
@@ -126,6 +129,8 @@ pub struct Watcher {
     active: AtomicBool,
     /// Its start was compacted in etcd: only etcd can answer it, through a catch-up.
     pub compacted: bool,
+    /// The one resource root its range lies in, if it lies in one.
+    root: Option<Root>,
 }
 
 impl Watcher {
@@ -156,7 +161,23 @@ impl Watcher {
             canceled: AtomicBool::new(false),
             active: AtomicBool::new(false),
             compacted: false,
+            root: None,
         }
+        .with_root()
+    }
+
+    fn with_root(mut self) -> Watcher {
+        let root = root_of(&self.start);
+        self.root = match (&self.end, &root) {
+            (End::Single, _) => Some(root),
+            (End::Key(e), Root::Slash { name, single: false }) => {
+                let lo = [b"/", &name[..], b"/"].concat();
+                let hi = prefix_end(&lo);
+                (self.start.as_ref() >= lo.as_slice() && e.as_ref() <= hi.as_ref()).then_some(root)
+            }
+            _ => None,
+        };
+        self
     }
 
     fn matches(&self, ev: &HubEvent) -> bool {
@@ -265,6 +286,57 @@ impl StreamSink {
     }
 }
 
+/// One tenant's watchers, indexed by the resource root their range lies in, so an
+/// event is checked only against watchers of its tenant and root (plus the few whose
+/// range spans roots). A tenant without watchers has no entry at all.
+#[derive(Default)]
+struct TenantWatchers {
+    by_root: HashMap<Root, Vec<Arc<Watcher>>>,
+    wide: Vec<Arc<Watcher>>,
+}
+
+impl TenantWatchers {
+    fn insert(&mut self, w: Arc<Watcher>) {
+        match &w.root {
+            Some(r) => self.by_root.entry(r.clone()).or_default().push(w),
+            None => self.wide.push(w),
+        }
+    }
+
+    /// Removes `w`; true if it was there.
+    fn remove(&mut self, w: &Arc<Watcher>) -> bool {
+        let list = match &w.root {
+            Some(r) => match self.by_root.get_mut(r) {
+                Some(l) => l,
+                None => return false,
+            },
+            None => &mut self.wide,
+        };
+        let before = list.len();
+        list.retain(|x| !Arc::ptr_eq(x, w));
+        let removed = list.len() < before;
+        if let Some(r) = &w.root {
+            if self.by_root.get(r).is_some_and(|l| l.is_empty()) {
+                self.by_root.remove(r);
+            }
+        }
+        removed
+    }
+
+    /// The watchers an event in `root` may match.
+    fn candidates<'a>(&'a self, root: &Root) -> impl Iterator<Item = &'a Arc<Watcher>> {
+        self.by_root.get(root).into_iter().flatten().chain(self.wide.iter())
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Watcher>> {
+        self.by_root.values().flatten().chain(self.wide.iter())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_root.is_empty() && self.wide.is_empty()
+    }
+}
+
 struct HubState {
     ring: VecDeque<Arc<HubEvent>>,
     ring_bytes: usize,
@@ -274,7 +346,7 @@ struct HubState {
     last_rev: i64,
     /// cluster_id / member_id / raft_term of the latest upstream header.
     header: ResponseHeader,
-    watchers: HashMap<TenantName, Vec<Arc<Watcher>>>,
+    watchers: HashMap<TenantName, TenantWatchers>,
     watcher_count: usize,
     progress_waiters: Vec<Arc<StreamSink>>,
     tick_due: bool,
@@ -587,7 +659,7 @@ impl Hub {
         let mut slot: HashMap<*const Watcher, usize> = HashMap::new();
         for ev in events {
             let Some(ws) = st.watchers.get(&ev.tenant) else { continue };
-            for w in ws {
+            for w in ws.candidates(&ev.root) {
                 if w.matches(ev) {
                     let i = *slot.entry(Arc::as_ptr(w)).or_insert_with(|| {
                         out.push((w.clone(), Vec::new()));
@@ -637,9 +709,9 @@ impl Hub {
 
     fn unregister(st: &mut HubState, w: &Arc<Watcher>) {
         if let Some(ws) = st.watchers.get_mut(&w.tenant) {
-            let before = ws.len();
-            ws.retain(|x| !Arc::ptr_eq(x, w));
-            st.watcher_count -= before - ws.len();
+            if ws.remove(w) {
+                st.watcher_count -= 1;
+            }
             if ws.is_empty() {
                 // No per-tenant state is kept for a tenant without watchers.
                 st.watchers.remove(&w.tenant);
@@ -670,7 +742,7 @@ impl Hub {
         tracing::warn!(compact_rev, last_rev = st.last_rev, "watch hub: resume revision compacted");
         let header = self.header(st, compact_rev);
         for (_, ws) in st.watchers.drain() {
-            for w in ws {
+            for w in ws.all() {
                 if w.cancel() {
                     w.sink.control(Ok(WatchResponse {
                         header: header.clone(),
@@ -692,22 +764,19 @@ impl Hub {
     /// etcd lost its leader: streams that asked to require one end, as etcd ends them.
     fn no_leader(&self) {
         let mut st = self.lock();
-        let mut ended: Vec<Arc<StreamSink>> = Vec::new();
-        for ws in st.watchers.values() {
-            for w in ws {
-                if w.sink.require_leader && !ended.iter().any(|s| Arc::ptr_eq(s, &w.sink)) {
-                    ended.push(w.sink.clone());
-                }
+        let ended: Vec<Arc<Watcher>> =
+            st.watchers.values().flat_map(|ws| ws.all()).filter(|w| w.sink.require_leader).cloned().collect();
+        let mut sinks: Vec<&Arc<StreamSink>> = Vec::new();
+        for w in &ended {
+            if !sinks.iter().any(|s| Arc::ptr_eq(s, &w.sink)) {
+                sinks.push(&w.sink);
+                w.sink.control(Err(Status::new(Code::Unavailable, "etcdserver: no leader")));
             }
         }
-        for sink in &ended {
-            sink.control(Err(Status::new(Code::Unavailable, "etcdserver: no leader")));
+        for w in &ended {
+            w.cancel();
+            Self::unregister(&mut st, w);
         }
-        for ws in st.watchers.values_mut() {
-            ws.retain(|w| !w.sink.require_leader || !w.cancel());
-        }
-        st.watchers.retain(|_, ws| !ws.is_empty());
-        st.watcher_count = st.watchers.values().map(|ws| ws.len()).sum();
     }
 
     /// Answers progress requests and periodic notifications after an upstream
@@ -726,7 +795,7 @@ impl Hub {
         st.progress_waiters = waiting;
         if std::mem::take(&mut st.tick_due) {
             for ws in st.watchers.values() {
-                for w in ws {
+                for w in ws.all() {
                     if w.progress_notify && !w.active.swap(false, Ordering::Relaxed) {
                         let _ = w.sink.send(WatchResponse { header: header.clone(), watch_id: w.id, ..Default::default() });
                     }
@@ -791,7 +860,7 @@ impl Hub {
         if !ok {
             return;
         }
-        st.watchers.entry(w.tenant.clone()).or_default().push(w.clone());
+        st.watchers.entry(w.tenant.clone()).or_default().insert(w.clone());
         st.watcher_count += 1;
         metrics::gauge!("etcdmux_watch_watchers").set(st.watcher_count as f64);
     }
