@@ -268,10 +268,15 @@ fn deadline_exceeded() -> Status {
     Status::deadline_exceeded("context deadline exceeded")
 }
 
-/// A connection that broke under a call (tonic reports it as UNKNOWN): the request
-/// may or may not have reached etcd.
+/// A connection that broke under a call (tonic reports UNKNOWN or CANCELLED): the
+/// request may or may not have reached etcd.
 fn is_transport_error(s: &Status) -> bool {
-    matches!(s.code(), Code::Unknown | Code::Unavailable) && s.message().contains("transport error")
+    match s.code() {
+        Code::Unknown | Code::Unavailable => s.message().contains("transport error"),
+        // hyper cancels calls in flight on a connection that closed.
+        Code::Cancelled => s.message().contains("operation was canceled"),
+        _ => false,
+    }
 }
 
 /// A transport failure before the request reached etcd (refused, unreachable).

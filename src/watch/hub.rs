@@ -49,6 +49,9 @@ use crate::proxy::Proxy;
 use crate::tenant::{ClientPrefix, End, TenantName};
 use crate::upstream::{CallCtx, Retry};
 
+/// Consecutive failed catch-up attempts before the watcher is cancelled.
+const CATCH_UP_ATTEMPTS: u32 = 8;
+
 /// The progress response's watch id: etcd's "applies to every watcher of the stream".
 pub const PROGRESS_WATCH_ID: i64 = -1;
 
@@ -221,68 +224,9 @@ impl Watcher {
     pub fn cancel(&self) -> bool {
         !self.canceled.swap(true, Ordering::Relaxed)
     }
-}
 
-/// The sending side of one client Watch stream.
-pub struct StreamSink {
-    data: mpsc::Sender<WatchResponse>,
-    /// Cancels and stream errors: at most one per watcher plus one error, so bounded
-    /// by the stream's watcher count.
-    control: mpsc::UnboundedSender<Result<WatchResponse, Status>>,
-    pub require_leader: bool,
-    /// Watchers of this stream still catching up: progress waits for them.
-    catching_up: AtomicUsize,
-    progress_wanted: AtomicBool,
-}
-
-/// Outcome of queueing a response on a stream.
-enum Sent {
-    Ok,
-    Full,
-    Gone,
-}
-
-impl StreamSink {
-    pub fn new(
-        buffer: usize,
-        require_leader: bool,
-    ) -> (Arc<StreamSink>, mpsc::Receiver<WatchResponse>, mpsc::UnboundedReceiver<Result<WatchResponse, Status>>) {
-        let (data, data_rx) = mpsc::channel(buffer);
-        let (control, control_rx) = mpsc::unbounded_channel();
-        let sink = StreamSink {
-            data,
-            control,
-            require_leader,
-            catching_up: AtomicUsize::new(0),
-            progress_wanted: AtomicBool::new(false),
-        };
-        (Arc::new(sink), data_rx, control_rx)
-    }
-
-    fn send(&self, r: WatchResponse) -> Sent {
-        match self.data.try_send(r) {
-            Ok(()) => Sent::Ok,
-            Err(mpsc::error::TrySendError::Full(_)) => Sent::Full,
-            Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
-        }
-    }
-
-    /// Resolves when the client's response stream is gone.
-    pub async fn closed(&self) {
-        self.data.closed().await
-    }
-
-    /// Queues a control message (cancel, stream error); never blocks.
-    pub fn control(&self, r: Result<WatchResponse, Status>) {
-        let _ = self.control.send(r);
-    }
-
-    /// Queues a response that must not be dropped (created, cancel confirmations);
-    /// when the data queue is full it goes through the control queue.
-    pub fn send_reliable(&self, r: WatchResponse) {
-        if let Err(mpsc::error::TrySendError::Full(r)) = self.data.try_send(r) {
-            self.control(Ok(r));
-        }
+    pub fn is_canceled(&self) -> bool {
+        self.canceled.load(Ordering::Relaxed)
     }
 }
 
@@ -337,6 +281,97 @@ impl TenantWatchers {
     }
 }
 
+/// A queued message of one client stream.
+pub enum Outgoing {
+    /// Counts against the stream's buffer (events, progress).
+    Data(WatchResponse),
+    /// Must not be dropped (created, cancels): bounded by the watcher count, and by
+    /// the request reader waiting while the stream is full.
+    Control(WatchResponse),
+    /// Ends the stream with an error.
+    End(Status),
+}
+
+/// The sending side of one client Watch stream: one ordered queue, so a watcher's
+/// `created` always precedes its events and a cancel follows them, with the number
+/// of queued data responses bounded by `stream_buffer`.
+pub struct StreamSink {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    /// Data responses queued and not yet taken by the client.
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+    /// Signalled when the client takes a response.
+    pub room: Arc<Notify>,
+    pub require_leader: bool,
+    /// Watchers of this stream still catching up: progress waits for them.
+    catching_up: AtomicUsize,
+}
+
+/// Outcome of queueing a response on a stream.
+enum Sent {
+    Ok,
+    Full,
+    Gone,
+}
+
+/// The receiving side, for the response stream.
+pub struct SinkReceiver {
+    pub queue: mpsc::UnboundedReceiver<Outgoing>,
+    pub queued: Arc<AtomicUsize>,
+    pub room: Arc<Notify>,
+}
+
+impl StreamSink {
+    pub fn new(buffer: usize, require_leader: bool) -> (Arc<StreamSink>, SinkReceiver) {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let room = Arc::new(Notify::new());
+        let sink = StreamSink {
+            queue,
+            queued: queued.clone(),
+            limit: buffer,
+            room: room.clone(),
+            require_leader,
+            catching_up: AtomicUsize::new(0),
+        };
+        (Arc::new(sink), SinkReceiver { queue: rx, queued, room })
+    }
+
+    fn send(&self, r: WatchResponse) -> Sent {
+        if self.queue.is_closed() {
+            return Sent::Gone;
+        }
+        if self.queued.load(Ordering::Relaxed) >= self.limit {
+            return Sent::Full;
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        match self.queue.send(Outgoing::Data(r)) {
+            Ok(()) => Sent::Ok,
+            Err(_) => Sent::Gone,
+        }
+    }
+
+    /// Whether the client is behind by a full buffer.
+    pub fn is_full(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= self.limit
+    }
+
+    /// Resolves when the client's response stream is gone.
+    pub async fn closed(&self) {
+        self.queue.closed().await
+    }
+
+    /// Queues a response that must not be dropped (created, cancels).
+    pub fn send_reliable(&self, r: WatchResponse) {
+        let _ = self.queue.send(Outgoing::Control(r));
+    }
+
+    /// Ends the stream with `status` after what is already queued.
+    pub fn end(&self, status: Status) {
+        let _ = self.queue.send(Outgoing::End(status));
+    }
+}
+
 struct HubState {
     ring: VecDeque<Arc<HubEvent>>,
     ring_bytes: usize,
@@ -348,11 +383,25 @@ struct HubState {
     header: ResponseHeader,
     watchers: HashMap<TenantName, TenantWatchers>,
     watcher_count: usize,
-    progress_waiters: Vec<Arc<StreamSink>>,
+    /// Progress requests waiting for a probe issued after them.
+    progress_waiters: Vec<Waiter>,
+    /// Probes (upstream progress requests or fence writes) issued and completed, in
+    /// order: a request is answered by the first probe issued after it.
+    probes_issued: u64,
+    probes_done: u64,
+    /// Fence writes not seen yet: (revision, probe).
+    pending_fences: Vec<(i64, u64)>,
+    /// Upstream progress requests sent and not answered: their probes, in order.
+    inflight_requests: VecDeque<u64>,
     tick_due: bool,
     ready: bool,
-    /// A fence write's revision: progress is proven once `last_rev` reaches it.
-    fence_target: Option<i64>,
+}
+
+/// One client progress request.
+struct Waiter {
+    sink: Arc<StreamSink>,
+    /// The probe that answers it: the first issued after the request.
+    after: u64,
 }
 
 /// The hub. One per process.
@@ -388,9 +437,12 @@ impl Hub {
                 watchers: HashMap::new(),
                 watcher_count: 0,
                 progress_waiters: Vec::new(),
+                probes_issued: 0,
+                probes_done: 0,
+                pending_fences: Vec::new(),
+                inflight_requests: VecDeque::new(),
                 tick_due: false,
                 ready: false,
-                fence_target: None,
             }),
             cfg: cfg.clone(),
             layout,
@@ -521,7 +573,13 @@ impl Hub {
     }
 
     /// Runs one upstream watch from `start` until it ends.
-    async fn watch_upstream(&self, proxy: &Proxy, start: i64, backoff: &mut Duration, base: Duration) -> Result<(), Status> {
+    async fn watch_upstream(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        start: i64,
+        backoff: &mut Duration,
+        base: Duration,
+    ) -> Result<(), Status> {
         let (tx, rx) = mpsc::channel(16);
         let create = WatchCreateRequest {
             key: self.range.key.clone(),
@@ -545,8 +603,9 @@ impl Hub {
         };
         metrics::gauge!("etcdmux_watch_upstream_watches").set(1.0);
         {
-            // A kick taken by the previous stream must not be lost with it.
-            let st = self.lock();
+            // Requests sent on the previous stream died with it; ask again.
+            let mut st = self.lock();
+            st.inflight_requests.clear();
             if !st.progress_waiters.is_empty() || st.tick_due {
                 self.progress_kick.notify_one();
             }
@@ -558,11 +617,17 @@ impl Hub {
                         let progress = WatchRequest {
                             request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
                         };
-                        if tx.send(progress).await.is_err() {
-                            return Ok(());
+                        // Never wait here: this task also reads the upstream watch.
+                        let mut st = self.lock();
+                        if tx.try_send(progress).is_ok() {
+                            st.probes_issued += 1;
+                            let seq = st.probes_issued;
+                            st.inflight_requests.push_back(seq);
+                        } else {
+                            self.progress_kick.notify_one();
                         }
                     } else {
-                        self.write_fence(proxy).await;
+                        tokio::spawn(self.clone().write_fence(proxy.clone()));
                     }
                 }
                 msg = stream.message() => match msg.inspect_err(|s| proxy.upstream.report(ep, s))? {
@@ -581,24 +646,49 @@ impl Hub {
     /// Proves progress without trusting etcd's progress answer: write the fence key
     /// (inside the watched range) and wait for its event, which etcd delivers after
     /// every older event.
-    async fn write_fence(&self, proxy: &Proxy) {
+    async fn write_fence(self: Arc<Self>, proxy: Arc<Proxy>) {
+        let seq = {
+            let mut st = self.lock();
+            st.probes_issued += 1;
+            st.probes_issued
+        };
         let fence = PutRequest { key: self.layout.fence_key(), ..Default::default() };
-        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
-        match proxy.upstream.kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await }).await {
-            Ok(resp) => {
-                let rev = resp.header.map_or(0, |h| h.revision);
-                let mut st = self.lock();
-                st.fence_target = Some(st.fence_target.map_or(rev, |t| t.max(rev)));
-                if st.last_rev >= rev {
-                    st.fence_target = None;
-                    self.answer_progress(&mut st);
+        let mut backoff = Duration::from_millis(self.cfg.reconnect_backoff_ms.max(1));
+        loop {
+            let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+            match proxy.upstream.kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await }).await {
+                Ok(resp) => {
+                    let rev = resp.header.map_or(0, |h| h.revision);
+                    let mut st = self.lock();
+                    st.pending_fences.push((rev, seq));
+                    self.check_fences(&mut st);
+                    metrics::counter!("etcdmux_watch_progress_fences_total").increment(1);
+                    return;
                 }
-                metrics::counter!("etcdmux_watch_progress_fences_total").increment(1);
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch hub: progress fence write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "watch hub: progress fence write failed; retrying");
-                self.progress_kick.notify_one();
+        }
+    }
+
+    /// Completes the probes of fences the upstream watch has delivered.
+    fn check_fences(&self, st: &mut HubState) {
+        let last = st.last_rev;
+        let mut done = st.probes_done;
+        st.pending_fences.retain(|&(rev, seq)| {
+            if rev <= last {
+                done = done.max(seq);
+                false
+            } else {
+                true
             }
+        });
+        if done > st.probes_done {
+            st.probes_done = done;
+            self.answer_progress(st);
         }
     }
 
@@ -622,10 +712,16 @@ impl Hub {
         if resp.events.is_empty() {
             // A progress notification. Periodic ones come only for a synced watch;
             // answers to requests are trusted only where etcd waits for sync first.
-            let periodic = resp.watch_id != PROGRESS_WATCH_ID;
-            if periodic || self.upstream_progress.load(Ordering::Relaxed) {
-                let rev = resp.header.map_or(0, |h| h.revision);
+            let rev = resp.header.map_or(0, |h| h.revision);
+            if resp.watch_id != PROGRESS_WATCH_ID {
                 st.last_rev = st.last_rev.max(rev);
+                self.check_fences(&mut st);
+            } else if self.upstream_progress.load(Ordering::Relaxed) {
+                st.last_rev = st.last_rev.max(rev);
+                if let Some(seq) = st.inflight_requests.pop_front() {
+                    st.probes_done = st.probes_done.max(seq);
+                }
+                self.check_fences(&mut st);
                 self.answer_progress(&mut st);
             }
             return Next::Continue;
@@ -646,10 +742,7 @@ impl Hub {
             st.ring.push_back(e);
         }
         self.evict(&mut st);
-        if st.fence_target.is_some_and(|f| st.last_rev >= f) {
-            st.fence_target = None;
-            self.answer_progress(&mut st);
-        }
+        self.check_fences(&mut st);
         Next::Continue
     }
 
@@ -695,7 +788,7 @@ impl Hub {
         }
         Self::unregister(st, w);
         metrics::counter!("etcdmux_watch_slow_cancels_total").increment(1);
-        w.sink.control(Ok(WatchResponse {
+        w.sink.send_reliable(WatchResponse {
             header: self.header(st, st.last_rev),
             watch_id: w.id,
             canceled: true,
@@ -704,7 +797,7 @@ impl Hub {
                 self.cfg.stream_buffer
             ),
             ..Default::default()
-        }));
+        });
     }
 
     fn unregister(st: &mut HubState, w: &Arc<Watcher>) {
@@ -736,25 +829,26 @@ impl Hub {
         metrics::gauge!("etcdmux_watch_ring_bytes").set(st.ring_bytes as f64);
     }
 
-    /// The upstream history the hub needs was compacted: every registered watcher
-    /// has lost events, and gets etcd's compacted cancel.
+    /// The upstream history the hub needs was compacted while it was away: watchers
+    /// that needed those revisions get etcd's compacted cancel; watchers starting at
+    /// or after the compact revision lost nothing and stay.
     fn compacted(&self, st: &mut HubState, compact_rev: i64) {
         tracing::warn!(compact_rev, last_rev = st.last_rev, "watch hub: resume revision compacted");
         let header = self.header(st, compact_rev);
-        for (_, ws) in st.watchers.drain() {
-            for w in ws.all() {
-                if w.cancel() {
-                    w.sink.control(Ok(WatchResponse {
-                        header: header.clone(),
-                        watch_id: w.id,
-                        canceled: true,
-                        compact_revision: compact_rev,
-                        ..Default::default()
-                    }));
-                }
+        let lost: Vec<Arc<Watcher>> =
+            st.watchers.values().flat_map(|ws| ws.all()).filter(|w| w.from_rev < compact_rev).cloned().collect();
+        for w in &lost {
+            if w.cancel() {
+                w.sink.send_reliable(WatchResponse {
+                    header: header.clone(),
+                    watch_id: w.id,
+                    canceled: true,
+                    compact_revision: compact_rev,
+                    ..Default::default()
+                });
             }
+            Self::unregister(st, w);
         }
-        st.watcher_count = 0;
         st.ring.clear();
         st.ring_bytes = 0;
         st.last_rev = compact_rev - 1;
@@ -770,7 +864,7 @@ impl Hub {
         for w in &ended {
             if !sinks.iter().any(|s| Arc::ptr_eq(s, &w.sink)) {
                 sinks.push(&w.sink);
-                w.sink.control(Err(Status::new(Code::Unavailable, "etcdserver: no leader")));
+                w.sink.end(Status::new(Code::Unavailable, "etcdserver: no leader"));
             }
         }
         for w in &ended {
@@ -779,21 +873,23 @@ impl Hub {
         }
     }
 
-    /// Answers progress requests and periodic notifications after an upstream
-    /// progress response proved nothing up to `last_rev` is missing.
+    /// Answers the progress requests whose probe has completed (and whose stream has
+    /// no watcher still catching up), and the periodic notifications due. The answer
+    /// is `last_rev`: every event up to it has been queued to every registered
+    /// watcher, and the probe, issued after the request, proved it is no older than
+    /// etcd's revision at the time of the request.
     fn answer_progress(&self, st: &mut HubState) {
         let header = self.header(st, st.last_rev);
-        let mut waiting = Vec::new();
-        for sink in std::mem::take(&mut st.progress_waiters) {
-            if sink.catching_up.load(Ordering::Relaxed) > 0 {
-                waiting.push(sink);
-                continue;
+        let done = st.probes_done;
+        st.progress_waiters.retain(|w| {
+            if w.after > done || w.sink.catching_up.load(Ordering::Relaxed) > 0 {
+                return true;
             }
-            sink.progress_wanted.store(false, Ordering::Relaxed);
-            sink.send_reliable(WatchResponse { header: header.clone(), watch_id: PROGRESS_WATCH_ID, ..Default::default() });
-        }
-        st.progress_waiters = waiting;
-        if std::mem::take(&mut st.tick_due) {
+            w.sink.send_reliable(WatchResponse { header: header.clone(), watch_id: PROGRESS_WATCH_ID, ..Default::default() });
+            false
+        });
+        if st.tick_due && st.probes_done > 0 {
+            st.tick_due = false;
             for ws in st.watchers.values() {
                 for w in ws.all() {
                     if w.progress_notify && !w.active.swap(false, Ordering::Relaxed) {
@@ -806,9 +902,10 @@ impl Hub {
 
     /// A client asked for progress on its stream (`WatchProgressRequest`).
     pub fn request_progress(&self, sink: &Arc<StreamSink>) {
-        if !sink.progress_wanted.swap(true, Ordering::Relaxed) {
-            self.lock().progress_waiters.push(sink.clone());
-        }
+        let mut st = self.lock();
+        let after = st.probes_issued + 1;
+        st.progress_waiters.push(Waiter { sink: sink.clone(), after });
+        drop(st);
         self.progress_kick.notify_one();
     }
 
@@ -833,6 +930,10 @@ impl Hub {
     /// The caller holds the lock and guarantees `from >= covers_from`, or that every
     /// event before `covers_from` from `from` on was already sent.
     fn hand_over(&self, st: &mut HubState, w: &Arc<Watcher>, from: i64) {
+        // Cancelled meanwhile (checked under the lock that `remove` takes too).
+        if w.is_canceled() {
+            return;
+        }
         let from = from.max(st.covers_from);
         let first = st.ring.partition_point(|e| e.rev < from);
         let mut batch: Vec<Event> = Vec::new();
@@ -886,26 +987,41 @@ impl Hub {
     async fn catch_up(self: Arc<Self>, proxy: Arc<Proxy>, w: Arc<Watcher>) {
         let _permit = self.catchups.acquire().await;
         let mut next = w.from_rev;
-        let outcome = loop {
+        let mut backoff = Duration::from_millis(self.cfg.reconnect_backoff_ms.max(1));
+        let mut failures = 0;
+        loop {
             match self.catch_up_once(&proxy, &w, &mut next).await {
-                Ok(done) => break done,
+                Ok(_) => break,
                 Err(s) => {
                     tracing::debug!(error = %s, watch_id = w.id, "catch-up watch broke; resuming");
-                    if w.canceled.load(Ordering::Relaxed) {
-                        break true;
+                    failures += 1;
+                    if w.is_canceled() {
+                        break;
                     }
-                    tokio::time::sleep(Duration::from_millis(self.cfg.reconnect_backoff_ms.max(1))).await;
+                    if failures >= CATCH_UP_ATTEMPTS {
+                        // Give up on this watcher alone, with the reason: its client can
+                        // re-watch from its last revision.
+                        if w.cancel() {
+                            let st = self.lock();
+                            w.sink.send_reliable(WatchResponse {
+                                header: self.header(&st, st.last_rev),
+                                watch_id: w.id,
+                                canceled: true,
+                                cancel_reason: format!("etcdmux: cannot catch up from etcd: {}", s.message()),
+                                ..Default::default()
+                            });
+                        }
+                        break;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        };
-        let _ = outcome;
-        let st = self.lock();
-        w.sink.catching_up.fetch_sub(1, Ordering::Relaxed);
-        if !st.progress_waiters.is_empty() {
-            // A progress request may have waited for this watcher.
-            self.progress_kick.notify_one();
         }
-        drop(st);
+        let mut st = self.lock();
+        w.sink.catching_up.fetch_sub(1, Ordering::Relaxed);
+        // A progress request may have waited for this watcher only.
+        self.answer_progress(&mut st);
     }
 
     /// One catch-up upstream watch from `*next`. Ok(true) when the watcher was handed
@@ -941,19 +1057,19 @@ impl Hub {
             tokio::select! {
                 msg = stream.message() => {
                     let Some(resp) = msg? else { return Err(Status::unavailable("catch-up stream ended")) };
-                    if w.canceled.load(Ordering::Relaxed) || w.sink.data.is_closed() {
+                    if w.canceled.load(Ordering::Relaxed) || w.sink.queue.is_closed() {
                         return Ok(true);
                     }
                     if resp.compact_revision > 0 {
                         if w.cancel() {
                             let st = self.lock();
-                            w.sink.control(Ok(WatchResponse {
+                            w.sink.send_reliable(WatchResponse {
                                 header: self.header(&st, st.last_rev),
                                 watch_id: w.id,
                                 canceled: true,
                                 compact_revision: resp.compact_revision,
                                 ..Default::default()
-                            }));
+                            });
                         }
                         return Ok(true);
                     }

@@ -11,11 +11,11 @@ pub mod hub;
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -24,7 +24,7 @@ use crate::kv::request_span;
 use crate::pb::etcdserverpb::{watch_request, watch_server::Watch, WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::proxy::Proxy;
 use crate::tenant::{RangeRef, Scope};
-use hub::{Hub, Render, StreamSink, Watcher};
+use hub::{Hub, Outgoing, Render, SinkReceiver, StreamSink, Watcher};
 
 pub struct WatchService {
     proxy: Arc<Proxy>,
@@ -38,23 +38,11 @@ impl WatchService {
     }
 }
 
-/// The responses of one client stream.
+/// The responses of one client stream, in the order they were queued.
 pub struct ResponseStream {
-    data: mpsc::Receiver<WatchResponse>,
-    control: mpsc::UnboundedReceiver<Result<WatchResponse, Status>>,
+    rx: SinkReceiver,
     last_rev: i64,
     done: bool,
-}
-
-impl ResponseStream {
-    fn clamp(&mut self, mut r: WatchResponse) -> WatchResponse {
-        // Header revisions never go backwards on a stream.
-        if let Some(h) = r.header.as_mut() {
-            h.revision = h.revision.max(self.last_rev);
-            self.last_rev = h.revision;
-        }
-        r
-    }
 }
 
 impl Stream for ResponseStream {
@@ -64,23 +52,26 @@ impl Stream for ResponseStream {
         if self.done {
             return Poll::Ready(None);
         }
-        // Events queued before a cancel are still delivered first.
-        if let Poll::Ready(Some(r)) = self.data.poll_recv(cx) {
-            let r = self.clamp(r);
-            return Poll::Ready(Some(Ok(r)));
-        }
-        match self.control.poll_recv(cx) {
-            Poll::Ready(Some(Ok(r))) => {
-                let r = self.clamp(r);
-                Poll::Ready(Some(Ok(r)))
-            }
-            Poll::Ready(Some(Err(s))) => {
+        let mut r = match self.rx.queue.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Outgoing::End(status))) => {
                 self.done = true;
-                Poll::Ready(Some(Err(s)))
+                return Poll::Ready(Some(Err(status)));
             }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Outgoing::Control(r))) => r,
+            Poll::Ready(Some(Outgoing::Data(r))) => {
+                self.rx.queued.fetch_sub(1, Ordering::Relaxed);
+                r
+            }
+        };
+        self.rx.room.notify_waiters();
+        // Header revisions never go backwards on a stream.
+        if let Some(h) = r.header.as_mut() {
+            h.revision = h.revision.max(self.last_rev);
+            self.last_rev = h.revision;
         }
+        Poll::Ready(Some(Ok(r)))
     }
 }
 
@@ -96,6 +87,8 @@ struct StreamState {
 
 impl StreamState {
     async fn create(&mut self, c: WatchCreateRequest) {
+        // Watchers the hub cancelled (slow, compacted, no leader) are gone for good.
+        self.watchers.retain(|_, w| !w.is_canceled());
         let id = if c.watch_id != 0 {
             c.watch_id
         } else {
@@ -153,7 +146,8 @@ impl StreamState {
     }
 
     fn cancel(&mut self, id: i64) {
-        if let Some(w) = self.watchers.remove(&id) {
+        // etcd answers nothing for a watch it no longer has.
+        if let Some(w) = self.watchers.remove(&id).filter(|w| !w.is_canceled()) {
             self.hub.remove(&w);
             self.sink.send_reliable(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
             metrics::counter!("etcdmux_watch_cancelled_total").increment(1);
@@ -164,6 +158,7 @@ impl StreamState {
         for (_, w) in self.watchers.drain() {
             self.hub.remove(&w);
         }
+        metrics::gauge!("etcdmux_watch_streams").decrement(1.0);
     }
 }
 
@@ -173,7 +168,7 @@ impl Watch for WatchService {
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let require_leader = req.metadata().get(crate::upstream::REQUIRE_LEADER).is_some();
-        let (sink, data, control) = StreamSink::new(self.proxy.cfg.watch.stream_buffer, require_leader);
+        let (sink, rx) = StreamSink::new(self.proxy.cfg.watch.stream_buffer, require_leader);
         let mut inbound = req.into_inner();
         let mut state = StreamState {
             proxy: self.proxy.clone(),
@@ -187,25 +182,56 @@ impl Watch for WatchService {
         tokio::spawn(
             async move {
                 loop {
+                    // Like etcd, stop reading requests while the client is not reading
+                    // responses: a client cannot queue creates without bound.
+                    while state.sink.is_full() {
+                        let room = state.sink.room.clone();
+                        let notified = room.notified();
+                        if !state.sink.is_full() {
+                            break;
+                        }
+                        tokio::select! {
+                            _ = notified => {}
+                            _ = state.sink_closed() => return state.close(),
+                        }
+                    }
                     let msg = tokio::select! {
                         m = inbound.message() => m,
                         _ = state.sink_closed() => break,
                     };
-                    let Ok(Some(req)) = msg else { break };
+                    let req = match msg {
+                        Ok(Some(req)) => req,
+                        // The client closed its side: its watches keep running until it
+                        // goes away, as in etcd.
+                        Ok(None) => {
+                            state.sink_closed().await;
+                            break;
+                        }
+                        Err(_) => break,
+                    };
                     match req.request_union {
-                        Some(watch_request::RequestUnion::CreateRequest(c)) => state.create(c).await,
+                        Some(watch_request::RequestUnion::CreateRequest(c)) => {
+                            let sink = state.sink.clone();
+                            tokio::select! {
+                                _ = state.create(c) => {}
+                                _ = closed(&sink) => break,
+                            }
+                        }
                         Some(watch_request::RequestUnion::CancelRequest(c)) => state.cancel(c.watch_id),
                         Some(watch_request::RequestUnion::ProgressRequest(_)) => state.hub.request_progress(&state.sink),
                         None => {}
                     }
                 }
                 state.close();
-                metrics::gauge!("etcdmux_watch_streams").decrement(1.0);
             }
             .instrument(request_span("watch", "watch")),
         );
-        Ok(Response::new(ResponseStream { data, control, last_rev: 0, done: false }))
+        Ok(Response::new(ResponseStream { rx, last_rev: 0, done: false }))
     }
+}
+
+async fn closed(sink: &Arc<StreamSink>) {
+    sink.closed().await
 }
 
 impl StreamState {
