@@ -47,36 +47,41 @@ pub fn request_span(service: &'static str, op: &'static str) -> tracing::Span {
     tracing::debug_span!("request", service, op, tenant = tracing::field::Empty)
 }
 
+/// Runs one unary call's work in its span and turns the result into the gRPC answer:
+/// the one place where etcdmux's errors become statuses.
+pub async fn answer<T>(
+    service: &'static str,
+    op: &'static str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> std::result::Result<Response<T>, Status> {
+    Ok(Response::new(work.instrument(request_span(service, op)).await?))
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.range(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("kv", "range")).await?))
+        answer("kv", "range", self.proxy.range(&self.scope, &ctx, req.into_inner())).await
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.put(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("kv", "put")).await?))
+        answer("kv", "put", self.proxy.put(&self.scope, &ctx, req.into_inner())).await
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.delete_range(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("kv", "delete_range")).await?))
+        answer("kv", "delete_range", self.proxy.delete_range(&self.scope, &ctx, req.into_inner())).await
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.txn(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("kv", "txn")).await?))
+        answer("kv", "txn", self.proxy.txn(&self.scope, &ctx, req.into_inner())).await
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.compact(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("kv", "compact")).await?))
+        answer("kv", "compact", self.proxy.compact(&self.scope, &ctx, req.into_inner())).await
     }
 }
 
@@ -171,7 +176,7 @@ impl Proxy {
             // A fresh read is pinned to the index's revision, and reported at it: the
             // apiserver starts its watch right after the revision a list reports.
             let pin = if req.revision > 0 { req.revision } else { snap.revision };
-            let mut header = snap.header.clone();
+            let mut header = snap.header;
             let mut parts = Vec::with_capacity(pieces.len());
             let mut compacted_meanwhile = false;
             for chunk in pieces.chunks(self.cfg.upstream.max_txn_ops) {

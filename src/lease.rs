@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::config::LeaseConfig;
 use crate::error::{Error, Result};
-use crate::kv::request_span;
+use crate::kv::{answer, request_span};
 use crate::pb::etcdserverpb::{
     lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest,
@@ -178,14 +178,12 @@ const KEEPALIVE_BUFFER: usize = 64;
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.lease_grant(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("lease", "grant")).await?))
+        answer("lease", "grant", self.proxy.lease_grant(&self.scope, &ctx, req.into_inner())).await
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.lease_revoke(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("lease", "revoke")).await?))
+        answer("lease", "revoke", self.proxy.lease_revoke(&self.scope, &ctx, req.into_inner())).await
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;
@@ -221,7 +219,7 @@ impl Lease for LeaseService {
                             match proxy.check_lease(&scope, &ctx, ka.id).await {
                                 Ok(()) => {}
                                 Err(Error::LeaseNotFound) => {
-                                    let resp = LeaseKeepAliveResponse { header: last_header.clone(), id: ka.id, ttl: 0 };
+                                    let resp = LeaseKeepAliveResponse { header: last_header, id: ka.id, ttl: 0 };
                                     if out_tx.send(Ok(resp)).await.is_err() { break }
                                     continue;
                                 }
@@ -249,7 +247,7 @@ impl Lease for LeaseService {
                         }
                         resp = up_next => match resp {
                             Ok(Some(r)) => {
-                                last_header = r.header.clone();
+                                last_header = r.header;
                                 if out_tx.send(Ok(r)).await.is_err() { break }
                             }
                             Ok(None) => { let _ = out_tx.send(Err(Status::unavailable("etcdmux: upstream keepalive stream ended"))).await; break }
@@ -268,13 +266,11 @@ impl Lease for LeaseService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.lease_time_to_live(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("lease", "time_to_live")).await?))
+        answer("lease", "time_to_live", self.proxy.lease_time_to_live(&self.scope, &ctx, req.into_inner())).await
     }
 
     async fn lease_leases(&self, req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        let fut = self.proxy.lease_leases(&self.scope, &ctx, req.into_inner());
-        Ok(Response::new(fut.instrument(request_span("lease", "leases")).await?))
+        answer("lease", "leases", self.proxy.lease_leases(&self.scope, &ctx, req.into_inner())).await
     }
 }

@@ -13,10 +13,8 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::error::Result;
-use crate::kv::request_span;
 use crate::pb::etcdserverpb::{
     alarm_request::AlarmAction, cluster_server::Cluster, maintenance_server::Maintenance, AlarmRequest,
     AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
@@ -51,7 +49,7 @@ macro_rules! admin_forward {
             let resp = $self.proxy.upstream.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
             Ok::<_, crate::error::Error>(resp)
         };
-        Ok(Response::new(fut.instrument(request_span($service, stringify!($method))).await?))
+        crate::kv::answer($service, stringify!($method), fut).await
     }};
 }
 

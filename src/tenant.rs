@@ -181,7 +181,7 @@ impl Resolver {
                         ));
                     }
                     patterns += 1;
-                    rules.push(Rule::Pattern { literal: Bytes::copy_from_slice(p[..i].as_bytes()) });
+                    rules.push(Rule::Pattern { literal: Bytes::copy_from_slice(&p.as_bytes()[..i]) });
                 }
                 (Some(_), Some(_)) => {
                     return invalid(format!("tenant rule {p:?} has both {{tenant}} and a fixed tenant"))

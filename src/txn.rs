@@ -360,18 +360,21 @@ impl Answer<'_> {
     }
 }
 
+/// Deleted `(key, range_end)` intervals of a txn branch.
+type Intervals = Vec<(Bytes, Bytes)>;
+
 /// etcd's rule that a txn never puts a key twice, or puts and deletes it, on one
 /// path (a branch, its nested txns, and sibling nested txns), applied to the
 /// client's keys as etcd applies it (`checkIntervals`). Checking before translation
 /// matters: a whole-tenant delete becomes pieces for the slots that exist, which
 /// upstream's own check would see as not overlapping a put into a new slot.
 /// Returns the branch's puts and deletes for the enclosing level.
-fn check_intervals(reqs: &[RequestOp]) -> Result<(BTreeSet<Bytes>, Vec<(Bytes, Bytes)>)> {
+fn check_intervals(reqs: &[RequestOp]) -> Result<(BTreeSet<Bytes>, Intervals)> {
     use request_op::Request as R;
     let dup = || Error::Upstream(tonic::Status::invalid_argument("etcdserver: duplicate key given in txn request"));
     // etcd's interval: [key, range_end), or the point [key, key+"\0") when range_end
     // is empty; an empty end elsewhere means "no end" in its affine comparison.
-    let hits = |dels: &[(Bytes, Bytes)], k: &Bytes| {
+    let hits = |dels: &Intervals, k: &Bytes| {
         dels.iter().any(|(b, e)| {
             if e.is_empty() {
                 b == k
@@ -380,7 +383,7 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(BTreeSet<Bytes>, Vec<(Bytes, B
             }
         })
     };
-    let mut dels: Vec<(Bytes, Bytes)> = reqs
+    let mut dels: Intervals = reqs
         .iter()
         .filter_map(|r| match &r.request {
             Some(R::RequestDeleteRange(d)) => Some((d.key.clone(), d.range_end.clone())),

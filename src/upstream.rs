@@ -89,6 +89,22 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// Defines `$name(ctx, retry, req, f)`: one call on a `$client` with retries, where
+/// `f` gets the client and the outgoing request (deadline and metadata set).
+macro_rules! unary_calls {
+    ($($(#[$doc:meta])* $name:ident => $make:ident, $client:ident;)*) => {$(
+        $(#[$doc])*
+        pub async fn $name<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
+        where
+            Req: Clone,
+            F: Fn($client<Channel>, Request<Req>) -> Fut,
+            Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+        {
+            self.call(ctx, retry, |ch| f(self.$make(ch), ctx.request(req.clone()))).await
+        }
+    )*};
+}
+
 /// The pool of upstream connections.
 pub struct Upstream {
     /// `endpoints[i]` holds the channels to endpoint `i`.
@@ -164,44 +180,15 @@ impl Upstream {
         WatchClient::new(ch).max_decoding_message_size(self.max_message).max_encoding_message_size(self.max_message)
     }
 
-    /// One KV call with retries: `f` gets a client and the outgoing request.
-    pub async fn kv_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
-    where
-        Req: Clone,
-        F: Fn(KvClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
-    {
-        self.call(ctx, retry, |ch| f(self.kv(ch), ctx.request(req.clone()))).await
-    }
-
-    /// One Lease call with retries.
-    pub async fn lease_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
-    where
-        Req: Clone,
-        F: Fn(LeaseClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
-    {
-        self.call(ctx, retry, |ch| f(self.lease(ch), ctx.request(req.clone()))).await
-    }
-
-    /// One Maintenance call with retries.
-    pub async fn maintenance_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
-    where
-        Req: Clone,
-        F: Fn(MaintenanceClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
-    {
-        self.call(ctx, retry, |ch| f(self.maintenance(ch), ctx.request(req.clone()))).await
-    }
-
-    /// One Cluster call with retries.
-    pub async fn cluster_call<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
-    where
-        Req: Clone,
-        F: Fn(ClusterClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
-    {
-        self.call(ctx, retry, |ch| f(self.cluster(ch), ctx.request(req.clone()))).await
+    unary_calls! {
+        /// One KV call with retries: `f` gets a client and the outgoing request.
+        kv_call => kv, KvClient;
+        /// One Lease call with retries.
+        lease_call => lease, LeaseClient;
+        /// One Maintenance call with retries.
+        maintenance_call => maintenance, MaintenanceClient;
+        /// One Cluster call with retries.
+        cluster_call => cluster, ClusterClient;
     }
 
     /// Runs `f` against a channel, with the deadline of `ctx`, retrying as `retry`

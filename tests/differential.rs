@@ -255,7 +255,7 @@ async fn run(mux_toml: &str, prefix: &[u8], keys: &'static [&'static [u8]], seed
             _ if g.admin && g.rev > 3 => {
                 let rev = g.rng.random_range(1..g.rev);
                 let req = CompactionRequest { revision: rev, physical: false };
-                let a = show(via_mux.compact(req.clone()).await, |v| norm_header(&mut v.header));
+                let a = show(via_mux.compact(req).await, |v| norm_header(&mut v.header));
                 let b = show(direct.compact(req).await, |v| norm_header(&mut v.header));
                 assert_eq!(a, b, "seed {seed} step {step}: compact {rev}");
                 continue;

@@ -207,7 +207,7 @@ async fn member_list_names_etcdmux() {
     let mut c2 = common::client(&mux2.url).await;
     let ml = c2.member_list().await.unwrap();
     assert_eq!(ml.members().len(), 1);
-    assert_eq!(ml.members()[0].client_urls(), [mux2.url.clone()]);
+    assert_eq!(ml.members()[0].client_urls(), std::slice::from_ref(&mux2.url));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

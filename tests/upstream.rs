@@ -13,6 +13,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Keys a fake server saw, with the grpc-timeout each request carried.
+type Seen = Arc<Mutex<Vec<(Bytes, Option<String>)>>>;
+
 use bytes::Bytes;
 use common::{Etcd, MILO_TOML};
 use etcdmux::pb::etcdserverpb::{
@@ -235,7 +238,7 @@ async fn tiny_client_deadline_never_hangs() {
 /// and never answers one.
 #[derive(Clone, Default)]
 struct StalledKv {
-    seen: Arc<Mutex<Vec<(Bytes, Option<String>)>>>,
+    seen: Seen,
 }
 
 impl StalledKv {

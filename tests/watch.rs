@@ -486,13 +486,13 @@ async fn run_checker(seed: u64, fault: Fault) {
     }
     let _ = stop_tx.send(true);
     let _ = truth_task.await;
+    running.shutdown().await;
     let truth = truth.lock().unwrap();
     let created: usize = streams.iter().map(|s| s.specs.len()).sum();
     assert!(created > 10, "the workload created too few watchers ({created})");
     for s in &streams {
         check_stream(s, &truth.events, final_rev);
     }
-    running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

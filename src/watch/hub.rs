@@ -489,7 +489,7 @@ impl Hub {
     }
 
     fn header(&self, st: &HubState, rev: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader { revision: rev, ..st.header.clone() })
+        Some(ResponseHeader { revision: rev, ..st.header })
     }
 
     async fn etcd_version(proxy: &Proxy) -> Option<String> {
@@ -696,7 +696,7 @@ impl Hub {
     fn on_upstream(&self, resp: WatchResponse) -> Next {
         let mut st = self.lock();
         if let Some(h) = &resp.header {
-            st.header = ResponseHeader { revision: 0, ..h.clone() };
+            st.header = ResponseHeader { revision: 0, ..*h };
         }
         if resp.compact_revision > 0 {
             self.compacted(&mut st, resp.compact_revision);
@@ -766,7 +766,7 @@ impl Hub {
         let mut slow = Vec::new();
         for (w, evs) in out {
             let n = evs.len() as u64;
-            let resp = WatchResponse { header: header.clone(), watch_id: w.id, events: evs, ..Default::default() };
+            let resp = WatchResponse { header, watch_id: w.id, events: evs, ..Default::default() };
             match w.sink.send(resp) {
                 Sent::Ok => {
                     w.active.store(true, Ordering::Relaxed);
@@ -840,7 +840,7 @@ impl Hub {
         for w in &lost {
             if w.cancel() {
                 w.sink.send_reliable(WatchResponse {
-                    header: header.clone(),
+                    header,
                     watch_id: w.id,
                     canceled: true,
                     compact_revision: compact_rev,
@@ -885,7 +885,7 @@ impl Hub {
             if w.after > done || w.sink.catching_up.load(Ordering::Relaxed) > 0 {
                 return true;
             }
-            w.sink.send_reliable(WatchResponse { header: header.clone(), watch_id: PROGRESS_WATCH_ID, ..Default::default() });
+            w.sink.send_reliable(WatchResponse { header, watch_id: PROGRESS_WATCH_ID, ..Default::default() });
             false
         });
         if st.tick_due && st.probes_done > 0 {
@@ -893,7 +893,7 @@ impl Hub {
             for ws in st.watchers.values() {
                 for w in ws.all() {
                     if w.progress_notify && !w.active.swap(false, Ordering::Relaxed) {
-                        let _ = w.sink.send(WatchResponse { header: header.clone(), watch_id: w.id, ..Default::default() });
+                        let _ = w.sink.send(WatchResponse { header, watch_id: w.id, ..Default::default() });
                     }
                 }
             }
@@ -1001,16 +1001,8 @@ impl Hub {
                     if failures >= CATCH_UP_ATTEMPTS {
                         // Give up on this watcher alone, with the reason: its client can
                         // re-watch from its last revision.
-                        if w.cancel() {
-                            let st = self.lock();
-                            w.sink.send_reliable(WatchResponse {
-                                header: self.header(&st, st.last_rev),
-                                watch_id: w.id,
-                                canceled: true,
-                                cancel_reason: format!("etcdmux: cannot catch up from etcd: {}", s.message()),
-                                ..Default::default()
-                            });
-                        }
+                        let reason = format!("etcdmux: cannot catch up from etcd: {}", s.message());
+                        self.cancel_catching_up(&w, 0, reason);
                         break;
                     }
                     tokio::time::sleep(backoff).await;
@@ -1061,16 +1053,7 @@ impl Hub {
                         return Ok(true);
                     }
                     if resp.compact_revision > 0 {
-                        if w.cancel() {
-                            let st = self.lock();
-                            w.sink.send_reliable(WatchResponse {
-                                header: self.header(&st, st.last_rev),
-                                watch_id: w.id,
-                                canceled: true,
-                                compact_revision: resp.compact_revision,
-                                ..Default::default()
-                            });
-                        }
+                        self.cancel_catching_up(w, resp.compact_revision, String::new());
                         return Ok(true);
                     }
                     if resp.created {
@@ -1084,6 +1067,21 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// Cancels a watcher that is still catching up (so not in the index).
+    fn cancel_catching_up(&self, w: &Arc<Watcher>, compact_revision: i64, cancel_reason: String) {
+        if w.cancel() {
+            let st = self.lock();
+            w.sink.send_reliable(WatchResponse {
+                header: self.header(&st, st.last_rev),
+                watch_id: w.id,
+                canceled: true,
+                compact_revision,
+                cancel_reason,
+                ..Default::default()
+            });
         }
     }
 
