@@ -214,6 +214,9 @@ pub struct WatchConfig {
     pub max_catchups: usize,
     /// Delay before re-opening a broken upstream watch (doubles up to 5 s).
     pub reconnect_backoff_ms: u64,
+    /// Responses larger than this are split for watchers that asked for fragments
+    /// (etcd uses its `--max-request-bytes`, 1.5 MiB by default).
+    pub fragment_bytes: usize,
 }
 
 impl Default for WatchConfig {
@@ -226,6 +229,7 @@ impl Default for WatchConfig {
             progress_notify_interval_ms: 600_000,
             max_catchups: 64,
             reconnect_backoff_ms: 100,
+            fragment_bytes: 1536 * 1024,
         }
     }
 }

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use prost::Message;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
@@ -126,6 +127,8 @@ pub struct Watcher {
     pub no_put: bool,
     pub no_delete: bool,
     pub progress_notify: bool,
+    /// Split responses larger than etcd's request limit into fragments.
+    pub fragment: bool,
     pub render: Render,
     canceled: AtomicBool,
     /// Whether events reached this watcher since the last progress tick.
@@ -160,6 +163,7 @@ impl Watcher {
             no_put: create.filters.contains(&(FilterType::Noput as i32)),
             no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
             progress_notify: create.progress_notify,
+            fragment: create.fragment,
             render,
             canceled: AtomicBool::new(false),
             active: AtomicBool::new(false),
@@ -338,17 +342,25 @@ impl StreamSink {
     }
 
     fn send(&self, r: WatchResponse) -> Sent {
+        self.send_all(vec![r])
+    }
+
+    /// Queues responses that belong together (the fragments of one response): all
+    /// of them, or none when the stream has no room for all.
+    fn send_all(&self, rs: Vec<WatchResponse>) -> Sent {
         if self.queue.is_closed() {
             return Sent::Gone;
         }
-        if self.queued.load(Ordering::Relaxed) >= self.limit {
+        if self.queued.load(Ordering::Relaxed) + rs.len() > self.limit {
             return Sent::Full;
         }
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        match self.queue.send(Outgoing::Data(r)) {
-            Ok(()) => Sent::Ok,
-            Err(_) => Sent::Gone,
+        self.queued.fetch_add(rs.len(), Ordering::Relaxed);
+        for r in rs {
+            if self.queue.send(Outgoing::Data(r)).is_err() {
+                return Sent::Gone;
+            }
         }
+        Sent::Ok
     }
 
     /// Whether the client is behind by a full buffer.
@@ -766,8 +778,7 @@ impl Hub {
         let mut slow = Vec::new();
         for (w, evs) in out {
             let n = evs.len() as u64;
-            let resp = WatchResponse { header, watch_id: w.id, events: evs, ..Default::default() };
-            match w.sink.send(resp) {
+            match self.deliver(&w, header, evs) {
                 Sent::Ok => {
                     w.active.store(true, Ordering::Relaxed);
                     metrics::counter!("etcdmux_watch_events_out_total").increment(n);
@@ -779,6 +790,38 @@ impl Hub {
         for w in slow {
             self.cancel_slow(st, &w);
         }
+    }
+
+    /// Queues `events` for `w` as one response or, when the watcher asked for
+    /// fragments and the response is larger than etcd's request limit, as etcd
+    /// fragments it: every part but the last flagged `fragment`, a revision's events
+    /// never split between watchers' streams.
+    fn deliver(&self, w: &Watcher, header: Option<ResponseHeader>, events: Vec<Event>) -> Sent {
+        let limit = self.cfg.fragment_bytes;
+        let resp = WatchResponse { header, watch_id: w.id, events, ..Default::default() };
+        if !w.fragment || resp.encoded_len() <= limit {
+            return w.sink.send(resp);
+        }
+        let mut parts: Vec<Vec<Event>> = Vec::new();
+        let mut current: Vec<Event> = Vec::new();
+        let mut size = 0;
+        for e in resp.events {
+            let len = e.encoded_len();
+            if !current.is_empty() && size + len > limit {
+                parts.push(std::mem::take(&mut current));
+                size = 0;
+            }
+            size += len;
+            current.push(e);
+        }
+        parts.push(current);
+        let n = parts.len();
+        let fragments = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, events)| WatchResponse { header, watch_id: w.id, events, fragment: i + 1 < n, ..Default::default() })
+            .collect();
+        w.sink.send_all(fragments)
     }
 
     /// Cancels a watcher whose stream cannot take more: alone, with a reason.
@@ -968,8 +1011,7 @@ impl Hub {
 
     fn send_replay(&self, st: &mut HubState, w: &Arc<Watcher>, events: Vec<Event>, rev: i64) -> bool {
         let n = events.len() as u64;
-        let resp = WatchResponse { header: self.header(st, rev), watch_id: w.id, events, ..Default::default() };
-        match w.sink.send(resp) {
+        match self.deliver(w, self.header(st, rev), events) {
             Sent::Ok => {
                 metrics::counter!("etcdmux_watch_events_out_total").increment(n);
                 true
