@@ -13,7 +13,7 @@ endif
 
 DEB_PACKAGES := etcd-server etcd-client protobuf-compiler
 
-.PHONY: deps build run test check-config clean-run
+.PHONY: deps build run test check-config clean-run bench bench-smoke soak
 
 ## deps: install etcd, etcdctl and protoc (Debian/Ubuntu) if missing; check for cargo
 deps:
@@ -49,9 +49,10 @@ build: deps
 run: build
 	./scripts/run.sh
 
-## test: unit and integration tests (each integration test starts its own etcd)
+## test: unit and integration tests (each integration test starts its own etcd), then the benchmark in short mode
 test: deps
 	RUST_BACKTRACE=1 $(CARGO) test --locked --all-targets
+	$(MAKE) bench-smoke
 
 ## check-config: validate the example configs
 check-config:
@@ -72,3 +73,18 @@ clean-run:
 	  fi; \
 	done
 	rm -rf .run
+
+## bench: watch benchmark (etcdmux vs direct etcd) -> loadtest/results/watch.md
+bench: build
+	$(CARGO) run --release --locked -p etcdmux-loadtest --bin watchbench -- \
+	  --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
+
+## bench-smoke: the same benchmark at a tiny size (what CI runs), debug build
+bench-smoke: deps
+	$(CARGO) build --locked -p etcdmux -p etcdmux-loadtest
+	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
+
+## soak: the differential and watch checkers with many more seeds
+soak: deps
+	ETCDMUX_DIFF_SEEDS=200 RUST_BACKTRACE=1 $(CARGO) test --locked --release --test differential

@@ -1,0 +1,386 @@
+//! watchbench: the watch path measured side by side with direct etcd, in one run.
+//!
+//! It starts its own etcd (loopback, temp dir) and the etcdmux binary in front of it
+//! with Milo's rules, then measures:
+//! 1. event delivery latency: one writer, one watcher through etcdmux and one
+//!    straight on etcd on the same keys, so every event is timed on both paths;
+//! 2. at each tenant count: client watchers created through etcdmux (one per tenant
+//!    and resource, like the apiserver's cacher), etcd's own watcher count
+//!    (`etcd_debugging_mvcc_watcher_total`) and etcdmux's RSS growth per watcher,
+//!    plus one write per tenant that must reach exactly its watcher;
+//! 3. idle tenants: tenants that wrote a key and have no watcher, and etcdmux's RSS
+//!    growth per tenant.
+//!
+//! The report goes to `loadtest/results/<name>.md` with the machine it ran on.
+//! Figures are for this machine only; the ratios are what carries over.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use etcdmux::pb::etcdserverpb::{
+    kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest, WatchCreateRequest,
+    WatchRequest, WatchResponse,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser, Debug)]
+#[command(about = "Watch benchmark: etcdmux vs direct etcd")]
+struct Args {
+    /// The etcdmux binary to run.
+    #[arg(long, default_value = "target/release/etcdmux")]
+    etcdmux: PathBuf,
+    /// Tenant counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    tenants: Vec<usize>,
+    /// Resource prefixes watched per tenant.
+    #[arg(long, default_value_t = 10)]
+    resources: usize,
+    /// Client watch streams the watchers are spread over.
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
+    /// Events timed for the latency comparison.
+    #[arg(long, default_value_t = 2000)]
+    events: usize,
+    /// Idle tenants written for the per-tenant memory figure.
+    #[arg(long, default_value_t = 10000)]
+    idle_tenants: usize,
+    /// Report name: loadtest/results/<name>.md
+    #[arg(long, default_value = "watch")]
+    name: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// The processes of one run, killed on drop.
+struct Procs {
+    etcd: Child,
+    mux: Child,
+    _dir: tempfile::TempDir,
+    etcd_url: String,
+    etcd_metrics: String,
+    mux_url: String,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in [&mut self.mux, &mut self.etcd] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn http_get(url: &str) -> Result<String, Error> {
+    let rest = url.trim_start_matches("http://");
+    let (hostport, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = tokio::net::TcpStream::connect(hostport).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes()).await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+async fn metric(url: &str, name: &str) -> f64 {
+    let body = http_get(&format!("{url}/metrics")).await.unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn start(args: &Args) -> Result<Procs, Error> {
+    let dir = tempfile::tempdir()?;
+    let (client, peer, metrics, mux_port) = (free_port(), free_port(), free_port(), free_port());
+    let etcd_url = format!("http://127.0.0.1:{client}");
+    let etcd_metrics = format!("http://127.0.0.1:{metrics}");
+    let etcd = Command::new("etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.path().join("etcd"))
+        .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-cluster", &format!("bench=http://127.0.0.1:{peer}")])
+        .args(["--listen-metrics-urls", &etcd_metrics, "--logger", "zap", "--log-level", "error"])
+        .args(["--quota-backend-bytes", &(8u64 << 30).to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting etcd (make deps installs it): {e}"))?;
+    let config = dir.path().join("etcdmux.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[listener]]
+addr = "127.0.0.1:{mux_port}"
+[upstream]
+endpoints = ["{etcd_url}"]
+[tenancy]
+rule = [ {{ prefix = "/projects/{{tenant}}/" }}, {{ prefix = "/datum-core/", tenant = "root" }} ]
+[watch]
+stream_buffer = 100000
+"#
+        ),
+    )?;
+    let mux = Command::new(&args.etcdmux)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {} (make build first): {e}", args.etcdmux.display()))?;
+    let procs = Procs { etcd, mux, _dir: dir, etcd_url, etcd_metrics, mux_url: format!("http://127.0.0.1:{mux_port}") };
+    for _ in 0..200 {
+        let up = http_get(&format!("{}/health", procs.etcd_metrics)).await.is_ok_and(|b| b.contains("true"))
+            && tokio::net::TcpStream::connect(format!("127.0.0.1:{mux_port}")).await.is_ok();
+        if up {
+            return Ok(procs);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err("etcd or etcdmux did not come up".into())
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn prefix_end(p: &str) -> Bytes {
+    etcdmux::keylayout::prefix_end(p.as_bytes())
+}
+
+/// A client watch stream whose responses go to a channel. Dropping it cancels the
+/// call (a half-close alone would leave its watches running, as in etcd).
+struct Stream {
+    tx: mpsc::Sender<WatchRequest>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn open_stream(url: &str, out: mpsc::UnboundedSender<(Instant, WatchResponse)>) -> Result<Stream, Error> {
+    let mut client = WatchClient::connect(url.to_string()).await?;
+    let (tx, rx) = mpsc::channel(1024);
+    // etcd sends the response headers with its first answer, so the call must not be
+    // awaited before the first create is queued.
+    let task = tokio::spawn(async move {
+        let Ok(resp) = client.watch(ReceiverStream::new(rx)).await else { return };
+        let mut s = resp.into_inner();
+        while let Ok(Some(r)) = s.message().await {
+            if out.send((Instant::now(), r)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Stream { tx, task })
+}
+
+async fn create(s: &Stream, key: &str, end: Bytes, start: i64, id: i64) -> Result<(), Error> {
+    let c = WatchCreateRequest { key: b(key), range_end: end, start_revision: start, watch_id: id, ..Default::default() };
+    s.tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await?;
+    Ok(())
+}
+
+async fn revision(kv: &mut KvClient<Channel>) -> Result<i64, Error> {
+    let r = kv.range(RangeRequest { key: b("/bench/rev"), ..Default::default() }).await?.into_inner();
+    Ok(r.header.map_or(0, |h| h.revision))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Phase 1: the same events timed through etcdmux and straight from etcd.
+async fn latency(p: &Procs, events: usize, report: &mut String) -> Result<(), Error> {
+    let mut direct = KvClient::connect(p.etcd_url.clone()).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let via_mux = open_stream(&p.mux_url, tx.clone()).await?;
+    let via_etcd = open_stream(&p.etcd_url, tx).await?;
+    let start = revision(&mut direct).await? + 1;
+    create(&via_mux, "/projects/lat/pods/", prefix_end("/projects/lat/pods/"), start, 1).await?;
+    create(&via_etcd, "/registry/pods/clusters/lat/", prefix_end("/registry/pods/clusters/lat/"), start, 2).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let mut sent = HashMap::new();
+    for i in 0..events {
+        // Writes go straight to etcd, in the layout, so both watchers see one event.
+        let key = format!("/registry/pods/clusters/lat/ns/e{i}");
+        sent.insert(format!("e{i}"), Instant::now());
+        direct.put(PutRequest { key: b(&key), value: b("x"), ..Default::default() }).await?;
+        // ~1000 events/s: latency, not throughput.
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let (mut mux_lat, mut etcd_lat) = (Vec::new(), Vec::new());
+    while mux_lat.len() < events || etcd_lat.len() < events {
+        let Ok(Some((at, r))) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await else { break };
+        for e in &r.events {
+            let key = String::from_utf8_lossy(&e.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default()).into_owned();
+            let name = key.rsplit('/').next().unwrap_or_default().to_string();
+            if let Some(s) = sent.get(&name) {
+                if r.watch_id == 1 { &mut mux_lat } else { &mut etcd_lat }.push(at - *s);
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    mux_lat.sort();
+    etcd_lat.sort();
+    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
+    writeln!(report, "## Event delivery latency\n")?;
+    writeln!(report, "{events} puts at ~1,000/s over {elapsed:.1?}, each event timed through etcdmux and straight from etcd.\n")?;
+    writeln!(report, "| path | events received | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")?;
+    for (name, l) in [("etcd direct", &etcd_lat), ("etcdmux", &mux_lat)] {
+        writeln!(report, "| {name} | {} | {} | {} | {} |", l.len(), ms(percentile(l, 0.5)), ms(percentile(l, 0.99)), ms(l.last().copied().unwrap_or_default()))?;
+    }
+    writeln!(report)?;
+    Ok(())
+}
+
+/// Phase 2: watchers at one tenant count.
+async fn scale(p: &Procs, tenants: usize, resources: usize, streams: usize, report: &mut String) -> Result<(), Error> {
+    let mut kv = KvClient::connect(p.mux_url.clone()).await?;
+    let mut direct = KvClient::connect(p.etcd_url.clone()).await?;
+    let mux_pid = p.mux.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_kib(mux_pid);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut ss = Vec::new();
+    for _ in 0..streams {
+        ss.push(open_stream(&p.mux_url, tx.clone()).await?);
+    }
+    drop(tx);
+    let rev = revision(&mut direct).await?;
+    let t0 = Instant::now();
+    let mut id = 0i64;
+    for t in 0..tenants {
+        for r in 0..resources {
+            let prefix = format!("/projects/s{tenants}-{t}/res{r}/");
+            create(&ss[id as usize % streams], &prefix, prefix_end(&prefix), rev + 1, id).await?;
+            id += 1;
+        }
+    }
+    let watchers = tenants * resources;
+    let mut created = 0;
+    while created < watchers {
+        let Ok(Some((_, r))) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await else { break };
+        created += r.created as usize;
+    }
+    let create_time = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_kib(mux_pid);
+    let upstream = metric(&p.etcd_metrics, "etcd_debugging_mvcc_watcher_total").await;
+    // One write per tenant must reach exactly its one watcher.
+    let t1 = Instant::now();
+    for t in 0..tenants {
+        let key = format!("/projects/s{tenants}-{t}/res{}/ns/obj", t % resources);
+        kv.put(PutRequest { key: b(&key), value: b("v"), ..Default::default() }).await?;
+    }
+    let mut delivered = 0;
+    while delivered < tenants {
+        let Ok(Some((_, r))) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await else { break };
+        delivered += r.events.len();
+    }
+    let fanout_time = t1.elapsed();
+    let per_watcher = (rss_after.saturating_sub(rss_before) as f64 * 1024.0) / watchers.max(1) as f64;
+    writeln!(
+        report,
+        "| {tenants} | {watchers} | {streams} | {upstream} | {created} in {create_time:.1?} | {:.0} | {:.0} B | {delivered}/{tenants} in {fanout_time:.1?} |",
+        rss_after as f64 / 1024.0,
+        per_watcher
+    )?;
+    drop(ss);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Phase 3: tenants with data and no watcher.
+async fn idle(p: &Procs, n: usize, report: &mut String) -> Result<(), Error> {
+    let mut kv = KvClient::connect(p.mux_url.clone()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(p.mux.id());
+    for t in 0..n {
+        kv.put(PutRequest { key: b(&format!("/projects/idle-{t}/configmaps/ns/c")), value: b("v"), ..Default::default() }).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(p.mux.id());
+    writeln!(report, "## Idle tenants\n")?;
+    writeln!(report, "{n} tenants each wrote one key through etcdmux and hold no watcher.\n")?;
+    writeln!(report, "| etcdmux RSS before | after | per idle tenant |\n|---|---|---|")?;
+    writeln!(
+        report,
+        "| {:.1} MiB | {:.1} MiB | {:.0} B |\n",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        after.saturating_sub(before) as f64 * 1024.0 / n.max(1) as f64
+    )?;
+    writeln!(report, "etcdmux keeps no structure per tenant; what an idle tenant can cost is an entry in the bounded root-index cache (`layout.root_cache_capacity`, one entry per tenant and resource root written through this process), which the figure above includes.\n")?;
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .unwrap_or(0);
+    let etcd = Command::new("etcd").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default();
+    format!("{cores} cores ({cpu}), {:.1} GiB memory; {etcd}", mem as f64 / 1024.0 / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = Args::parse();
+    let procs = start(&args).await?;
+    let mut report = String::new();
+    writeln!(report, "# Watch benchmark: etcdmux vs direct etcd\n")?;
+    writeln!(report, "Machine: {}. Both paths measured in the same run against the same etcd; the load generator runs on the same cores.\n", machine())?;
+    eprintln!("watchbench: latency");
+    latency(&procs, args.events, &mut report).await?;
+    writeln!(report, "## Watchers per tenant count\n")?;
+    writeln!(report, "Each tenant watches {} resource prefixes (list revision + 1, like the apiserver's cacher). RSS per watcher = etcdmux's RSS growth / watchers.\n", args.resources)?;
+    writeln!(report, "| tenants | client watchers | client streams | etcd watchers | created | etcdmux RSS MiB | RSS per watcher | one write per tenant delivered |\n|---|---|---|---|---|---|---|---|")?;
+    for &t in &args.tenants {
+        eprintln!("watchbench: {t} tenants");
+        scale(&procs, t, args.resources, args.streams, &mut report).await?;
+    }
+    writeln!(report)?;
+    eprintln!("watchbench: idle tenants");
+    idle(&procs, args.idle_tenants, &mut report).await?;
+    let dir = PathBuf::from("loadtest/results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.md", args.name));
+    std::fs::write(&path, &report)?;
+    println!("{report}");
+    eprintln!("watchbench: report written to {}", path.display());
+    Ok(())
+}
