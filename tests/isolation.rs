@@ -203,3 +203,27 @@ async fn leases_belong_to_their_tenant() {
     let owners = raw.get("/etcdmux/leases/", Some(GetOptions::new().with_prefix())).await.unwrap();
     assert_eq!(owners.count(), 1, "only b's lease record is left");
 }
+
+/// The root index lives in etcd: what one etcdmux replica writes, another one's
+/// tenant-wide ranges and deletes see, whatever each has cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_root_index() {
+    let etcd = common::Etcd::start();
+    let one = common::start_mux(&etcd, common::MILO_TOML).await;
+    let two = common::start_mux(&etcd, common::MILO_TOML).await;
+    let mut a = common::client(&one.url).await;
+    let mut b = common::client(&two.url).await;
+    // Replica two reads the project first, so it caches an index without the roots.
+    assert_eq!(b.get("/projects/p/", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
+    for k in ["/projects/p/pods/ns/a", "/projects/p/configmaps/ns/b", "/projects/p/apps.k8s.io/deployments/ns/c"] {
+        a.put(k, "v", None).await.unwrap();
+    }
+    let seen = b.get("/projects/p/", Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+    assert_eq!(
+        keys(&seen),
+        vec!["/projects/p/apps.k8s.io/deployments/ns/c", "/projects/p/configmaps/ns/b", "/projects/p/pods/ns/a"]
+    );
+    let del = b.delete("/projects/p/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(del.deleted(), 3);
+    assert_eq!(a.get("/projects/p/", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
+}
