@@ -707,3 +707,31 @@ async fn large_responses_are_fragmented_like_etcd() {
     assert!(results[0].1 > 0, "etcdmux fragmented the replay");
     assert!(results[0].2 <= 1536 * 1024 + 600 * 1024, "fragments stay near the limit: {}", results[0].2);
 }
+
+/// Global keys (the apiserver compactor's `compact_rev_key`) can be watched like in
+/// etcd: the events are etcd's own, under the client's watch id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_keys_can_be_watched() {
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, &mux_toml(100, 64)).await;
+    let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
+    let s = TestStream::open(&mux.url).await;
+    let c = WatchCreateRequest { key: b("compact_rev_key"), watch_id: 7, prev_kv: true, ..Default::default() };
+    s.tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for v in ["1", "2"] {
+        kv.put(PutRequest { key: b("compact_rev_key"), value: b(v), ..Default::default() }).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = s.log.lock().unwrap().iter().filter(|r| r.watch_id == 7).flat_map(|r| r.events.clone()).map(|e| ev_of(&e)).collect();
+        if got.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let values: Vec<Bytes> = got.iter().map(|e| e.value.clone()).collect();
+    assert_eq!(values, vec![b("1"), b("2")]);
+    assert_eq!(got[1].prev.as_ref().map(|p| p.0.clone()), Some(b("1")));
+    assert!(s.log.lock().unwrap().iter().any(|r| r.watch_id == 7 && r.created && !r.canceled));
+}

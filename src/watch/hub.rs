@@ -363,6 +363,11 @@ impl StreamSink {
         Sent::Ok
     }
 
+    /// Queues an events response; false when the stream has no room (or is gone).
+    pub fn send_events(&self, r: WatchResponse) -> bool {
+        matches!(self.send(r), Sent::Ok)
+    }
+
     /// Whether the client is behind by a full buffer.
     pub fn is_full(&self) -> bool {
         self.queued.load(Ordering::Relaxed) >= self.limit

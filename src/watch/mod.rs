@@ -82,6 +82,8 @@ struct StreamState {
     hub: Arc<Hub>,
     sink: Arc<StreamSink>,
     watchers: HashMap<i64, Arc<Watcher>>,
+    /// Watches of global or passthrough keys, each served by its own upstream watch.
+    passthrough: HashMap<i64, tokio::task::JoinHandle<()>>,
     next_id: i64,
 }
 
@@ -89,20 +91,27 @@ impl StreamState {
     async fn create(&mut self, c: WatchCreateRequest) {
         // Watchers the hub cancelled (slow, compacted, no leader) are gone for good.
         self.watchers.retain(|_, w| !w.is_canceled());
+        self.passthrough.retain(|_, t| !t.is_finished());
         let id = if c.watch_id != 0 {
             c.watch_id
         } else {
-            while self.watchers.contains_key(&self.next_id) {
+            while self.watchers.contains_key(&self.next_id) || self.passthrough.contains_key(&self.next_id) {
                 self.next_id += 1;
             }
             self.next_id
         };
-        if self.watchers.contains_key(&id) {
+        if self.watchers.contains_key(&id) || self.passthrough.contains_key(&id) {
             self.refuse(id, "mvcc: duplicate watch ID provided on the WatchStream".to_string());
             return;
         }
         if c.watch_id == 0 {
             self.next_id += 1;
+        }
+        if let Ok(RangeRef::Raw { key, range_end, .. }) = self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end) {
+            let create = WatchCreateRequest { key, range_end, watch_id: 0, ..c };
+            let task = tokio::spawn(passthrough(self.proxy.clone(), self.sink.clone(), id, create));
+            self.passthrough.insert(id, task);
+            return;
         }
         match self.watcher(id, &c).await {
             Ok(w) => {
@@ -118,11 +127,7 @@ impl StreamState {
     async fn watcher(&self, id: i64, c: &WatchCreateRequest) -> Result<Watcher, Error> {
         let (tenant, start, end) = match self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end)? {
             RangeRef::Tenant { tenant, start, end } => (tenant, start, end),
-            RangeRef::Raw { .. } => {
-                return Err(Error::Unsupported(
-                    "watching global or unmatched keys is not supported; watch tenant keys".to_string(),
-                ))
-            }
+            RangeRef::Raw { .. } => return Err(Error::Internal("raw watch reached the hub".to_string())),
         };
         let cp = self.proxy.tenant_view(&self.scope, &tenant)?;
         let render = if self.scope.static_tenant.is_some() { Render::Tenant } else { Render::Prefixed(cp) };
@@ -146,6 +151,13 @@ impl StreamState {
     }
 
     fn cancel(&mut self, id: i64) {
+        if let Some(task) = self.passthrough.remove(&id) {
+            if !task.is_finished() {
+                task.abort();
+                self.sink.send_reliable(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
+            }
+            return;
+        }
         // etcd answers nothing for a watch it no longer has.
         if let Some(w) = self.watchers.remove(&id).filter(|w| !w.is_canceled()) {
             self.hub.remove(&w);
@@ -157,6 +169,9 @@ impl StreamState {
     fn close(&mut self) {
         for (_, w) in self.watchers.drain() {
             self.hub.remove(&w);
+        }
+        for (_, t) in self.passthrough.drain() {
+            t.abort();
         }
         metrics::gauge!("etcdmux_watch_streams").decrement(1.0);
     }
@@ -176,6 +191,7 @@ impl Watch for WatchService {
             hub: self.hub.clone(),
             sink,
             watchers: HashMap::new(),
+            passthrough: HashMap::new(),
             next_id: 0,
         };
         metrics::gauge!("etcdmux_watch_streams").increment(1.0);
@@ -227,6 +243,79 @@ impl Watch for WatchService {
             .instrument(request_span("watch", "watch")),
         );
         Ok(Response::new(ResponseStream { rx, last_rev: 0, done: false }))
+    }
+}
+
+/// A watch on global or passthrough keys: those keys are the same upstream and for
+/// every client, so the watch is etcd's own, relayed under the client's watch id and
+/// resumed after upstream errors from the revision after the last event relayed.
+/// (Progress answers on the stream do not wait for it: it is not in the hub.)
+async fn passthrough(proxy: Arc<Proxy>, sink: Arc<StreamSink>, id: i64, mut create: WatchCreateRequest) {
+    let mut created = false;
+    let mut backoff = std::time::Duration::from_millis(proxy.cfg.watch.reconnect_backoff_ms.max(1));
+    loop {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let req = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create.clone())) };
+        let _ = tx.send(req).await;
+        let mut call = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if sink.require_leader {
+            call.metadata_mut().insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
+        }
+        let (ep, ch) = proxy.upstream.stream_channel();
+        let mut stream = match proxy.upstream.watch(ch).watch(call).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                proxy.upstream.report(ep, &s);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let mut r = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(s) => {
+                    proxy.upstream.report(ep, &s);
+                    if s.message().contains("no leader") && sink.require_leader {
+                        sink.end(s);
+                        return;
+                    }
+                    break;
+                }
+            };
+            if r.created {
+                if created {
+                    continue; // a resumed watch: the client saw its creation already
+                }
+                created = true;
+                if create.start_revision == 0 {
+                    // "From now" means from after the creation's revision, also on resume.
+                    create.start_revision = r.header.as_ref().map_or(0, |h| h.revision) + 1;
+                }
+            }
+            r.watch_id = id;
+            if let Some(last) = r.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
+                create.start_revision = last + 1;
+            }
+            let ends = r.canceled;
+            if r.events.is_empty() {
+                sink.send_reliable(r);
+            } else if !sink.send_events(r) {
+                sink.send_reliable(WatchResponse {
+                    watch_id: id,
+                    canceled: true,
+                    cancel_reason: "etcdmux: watcher fell behind; re-watch from the revision after the last event received"
+                        .to_string(),
+                    ..Default::default()
+                });
+                return;
+            }
+            if ends {
+                return;
+            }
+        }
+        tokio::time::sleep(backoff).await;
     }
 }
 
