@@ -735,3 +735,119 @@ async fn global_keys_can_be_watched() {
     assert_eq!(got[1].prev.as_ref().map(|p| p.0.clone()), Some(b("1")));
     assert!(s.log.lock().unwrap().iter().any(|r| r.watch_id == 7 && r.created && !r.canceled));
 }
+
+/// A three-member etcd for leader-loss tests; members are killed on drop.
+struct Cluster {
+    members: Vec<std::process::Child>,
+    client_urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let peers: Vec<String> = (0..3).map(|_| format!("http://127.0.0.1:{}", port())).collect();
+        let clients: Vec<String> = (0..3).map(|_| format!("http://127.0.0.1:{}", port())).collect();
+        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
+        let members = (0..3)
+            .map(|i| {
+                std::process::Command::new("etcd")
+                    .args(["--name", &format!("m{i}"), "--data-dir"])
+                    .arg(dir.path().join(format!("m{i}")))
+                    .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
+                    .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
+                    .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                    .args(["--heartbeat-interval", "50", "--election-timeout", "500", "--logger", "zap", "--log-level", "error"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("etcd (make deps installs it)")
+            })
+            .collect();
+        Cluster { members, client_urls: clients, _dir: dir }
+    }
+
+    fn kill(&mut self, i: usize) {
+        let _ = self.members[i].kill();
+        let _ = self.members[i].wait();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Streams opened with etcd's `hasleader` metadata end with etcd's "no leader"
+/// error when the upstream loses its leader; other streams stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_leader_streams_end_when_etcd_has_no_leader() {
+    let mut cluster = Cluster::start();
+    let mut cfg = etcdmux::config::Config::parse(&mux_toml(100, 64), "leader test").unwrap();
+    cfg.upstream.endpoints = cluster.client_urls.clone();
+    cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
+    cfg.validate().unwrap();
+    // Wait for the cluster to elect a leader.
+    let mut kv = loop {
+        if let Ok(mut c) = KvClient::connect(cluster.client_urls[0].clone()).await {
+            if c.put(PutRequest { key: b("/ready"), value: b("1"), ..Default::default() }).await.is_ok() {
+                break c;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let running = etcdmux::server::start(cfg).await.unwrap();
+    let url = format!("http://{}", running.addrs[0]);
+
+    let open = |require_leader: bool| {
+        let url = url.clone();
+        async move {
+            let mut client = WatchClient::connect(url).await.unwrap();
+            let (tx, rx) = mpsc::channel(4);
+            let c = WatchCreateRequest { key: b("/projects/p/pods/"), range_end: prefix_end(b"/projects/p/pods/"), ..Default::default() };
+            tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await.unwrap();
+            let mut req = tonic::Request::new(ReceiverStream::new(rx));
+            if require_leader {
+                req.metadata_mut().insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+            }
+            let stream = client.watch(req).await.unwrap().into_inner();
+            (tx, stream)
+        }
+    };
+    let (_tx1, mut strict) = open(true).await;
+    let (_tx2, mut relaxed) = open(false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kv.put(PutRequest { key: b("/registry/pods/clusters/p/ns/a"), value: b("v"), ..Default::default() }).await.unwrap();
+    for s in [&mut strict, &mut relaxed] {
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap();
+            if !r.events.is_empty() {
+                break;
+            }
+        }
+    }
+    // Two of three members gone: no quorum, no leader.
+    cluster.kill(1);
+    cluster.kill(2);
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match strict.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(s) => return Some(s),
+            }
+        }
+    })
+    .await
+    .expect("the hasleader stream must end within 30 s");
+    let status = ended.expect("ended with an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(status.message(), "etcdserver: no leader");
+    // The stream that did not ask is still open.
+    assert!(tokio::time::timeout(Duration::from_millis(300), relaxed.message()).await.is_err(), "the other stream stays open");
+    running.shutdown().await;
+}
