@@ -311,6 +311,8 @@ fn check_stream(s: &TestStream, truth: &[Ev], final_rev: i64) {
 struct Relay {
     url: String,
     cut: tokio_watch::Sender<u64>,
+    /// While set, new connections are refused (closed at once).
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Relay {
@@ -319,8 +321,13 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (cut, cut_rx) = tokio_watch::channel(0u64);
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_paused = paused.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if is_paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
                 let target = target.clone();
                 let mut cut_rx = cut_rx.clone();
                 // Only cuts after this connection was accepted apply to it.
@@ -334,7 +341,17 @@ impl Relay {
                 });
             }
         });
-        Relay { url, cut }
+        Relay { url, cut, paused }
+    }
+
+    /// Cuts every connection and refuses new ones until `resume`.
+    fn pause(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Drops every connection through the relay (new ones are accepted again).
@@ -849,5 +866,77 @@ async fn require_leader_streams_end_when_etcd_has_no_leader() {
     assert_eq!(status.message(), "etcdserver: no leader");
     // The stream that did not ask is still open.
     assert!(tokio::time::timeout(Duration::from_millis(300), relaxed.message()).await.is_err(), "the other stream stays open");
+    running.shutdown().await;
+}
+
+/// The hub loses etcd, history it had not seen yet is compacted meanwhile, and it
+/// comes back: watchers that needed the lost revisions get etcd's compacted cancel;
+/// a watcher that starts after them keeps running and gets the events after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_resume_at_a_compacted_revision_cancels_only_affected_watchers() {
+    let etcd = common::Etcd::start();
+    let relay = Relay::start(&etcd.client_url).await;
+    let mut cfg = etcdmux::config::Config::parse(&mux_toml(100, 64), "compaction test").unwrap();
+    cfg.upstream.endpoints = vec![relay.url.clone()];
+    cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
+    cfg.validate().unwrap();
+    let running = etcdmux::server::start(cfg).await.unwrap();
+    let url = format!("http://{}", running.addrs[0]);
+    let mut direct = KvClient::connect(etcd.client_url.clone()).await.unwrap();
+    let mut s = TestStream::open(&url).await;
+    let now = current_rev(&mut direct).await;
+    let spec = |id, start| Spec {
+        id,
+        key: b("/projects/p/pods/"),
+        range_end: prefix_end(b"/projects/p/pods/"),
+        start,
+        prev_kv: false,
+        no_put: false,
+        no_delete: false,
+    };
+    s.create(spec(1, now + 1)).await;
+    // A watcher far in the future: it needs nothing that will be lost.
+    s.create(spec(2, now + 200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    relay.pause();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        direct.put(PutRequest { key: b("/registry/pods/clusters/p/ns/a"), value: b(&i.to_string()), ..Default::default() }).await.unwrap();
+    }
+    let compact_to = current_rev(&mut direct).await;
+    direct.compact(CompactionRequest { revision: compact_to, physical: true }).await.unwrap();
+    relay.resume();
+
+    // Watcher 1 lost the five puts: etcd's compacted cancel.
+    let mut cancel = None;
+    for _ in 0..300 {
+        cancel = s.log.lock().unwrap().iter().find(|r| r.watch_id == 1 && r.canceled).cloned();
+        if cancel.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cancel = cancel.expect("watcher 1 must be cancelled as compacted");
+    assert_eq!(cancel.compact_revision, compact_to);
+    // Watcher 2 is untouched and still served: bring it its first event.
+    let mut kv = KvClient::connect(url.clone()).await.unwrap();
+    loop {
+        let rev = current_rev(&mut direct).await;
+        if rev >= now + 200 {
+            break;
+        }
+        kv.put(PutRequest { key: b("/projects/p/pods/ns/fill"), value: b("x"), ..Default::default() }).await.unwrap();
+    }
+    let mut got = 0;
+    for _ in 0..100 {
+        got = s.log.lock().unwrap().iter().filter(|r| r.watch_id == 2).map(|r| r.events.len()).sum();
+        if got > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(got > 0, "watcher 2 keeps receiving");
+    assert!(!s.log.lock().unwrap().iter().any(|r| r.watch_id == 2 && r.canceled), "watcher 2 was not cancelled");
     running.shutdown().await;
 }
