@@ -840,7 +840,7 @@ fn history_mismatches(ep: &str) -> Vec<String> {
 /// History replayed from etcdmux's event ring (its watch hub started before the
 /// revision asked for) shows only the watcher's own tenant, with its own keys.
 ///
-/// BUG (src/watch/hub.rs `Watcher::matches`, used by `Hub::hand_over` for ring
+/// Regression test (was a bug in src/watch/hub.rs `Watcher::matches`, used by `Hub::hand_over` for ring
 /// replay and by `Hub::catch_up_step`): it checks the watcher's key range, revision
 /// and filters but not `ev.tenant`. Live events are safe (dispatch looks watchers up
 /// by tenant), but a replay hands a watcher every tenant's events whose tenant key
@@ -876,7 +876,7 @@ async fn watch_history_from_ring_is_own_tenant_only() {
 /// History older than etcdmux's event ring (a fresh etcdmux on an etcd that already
 /// has the writes) is caught up from etcd and shows the same events etcd would.
 ///
-/// BUG (src/watch/hub.rs `Hub::catch_up_once`/`catch_up_step`, with the etcd 3.4.23
+/// Regression test (was a bug in src/watch/hub.rs `Hub::catch_up_once`/`catch_up_step`, with the etcd 3.4.23
 /// that `make deps` installs): the catch-up sends a WatchProgressRequest at once
 /// (`interval` ticks immediately) and takes an event-less answer as proof that the
 /// watch has shown everything up to its header revision. etcd 3.4 answers a progress
@@ -907,7 +907,7 @@ async fn watch_history_older_than_ring_is_replayed() {
 /// A txn that names two tenants is refused as a whole with INVALID_ARGUMENT, and
 /// nothing of it is applied. The message must read cleanly.
 ///
-/// BUG (src/txn.rs `Translate::claim` + src/error.rs `Error::CrossTenant`): `claim`
+/// Regression test (was a bug in src/txn.rs `Translate::claim` + src/error.rs `Error::CrossTenant`): `claim`
 /// formats each side as `"tenant <name>"` and the error's format string adds
 /// `"range from tenant {from}"` again, so etcdctl prints "range from tenant tenant
 /// root reaches tenant demo" (and calls a txn a "range").

@@ -318,7 +318,7 @@ async fn client_deadline_is_propagated_upstream() {
 /// deadline (here the configured default, as the client sent none) must end the call
 /// with etcd's DEADLINE_EXCEEDED "context deadline exceeded", every time.
 ///
-/// BUG (src/upstream.rs `Upstream::call` with `CallCtx::request`): the outgoing
+/// Regression test (was a bug in src/upstream.rs `Upstream::call` with `CallCtx::request`): the outgoing
 /// request carries `set_timeout(remaining)`, so tonic's client-side timeout layer on
 /// the upstream `Channel` expires at the same instant as `timeout_at(ctx.deadline)`.
 /// `timeout_at` polls the inner future first, so whichever timer the runtime sees
@@ -413,7 +413,7 @@ async fn relay(target: SocketAddr) -> Relay {
 /// A read that is in flight when its etcd dies is safe to repeat: etcdmux must retry
 /// it on the next endpoint, as it does for a refused connection.
 ///
-/// BUG (src/upstream.rs `Upstream::call`): only `Code::Unavailable` is retried, but a
+/// Regression test (was a bug in src/upstream.rs `Upstream::call`): only `Code::Unavailable` is retried, but a
 /// request whose HTTP/2 connection closes under it fails in tonic with
 /// `Code::Unknown` "transport error", so the read is not retried or failed over and
 /// the client gets UNKNOWN "transport error". (Also seen with a real etcd killed
@@ -527,7 +527,7 @@ async fn many_clients_share_a_few_upstream_connections() {
 /// Snapshot (a server stream) must fail over like every unary call: once the
 /// current endpoint has died, a snapshot must be served by the next one.
 ///
-/// BUG (src/maintenance.rs `MaintenanceService::snapshot`): it takes
+/// Regression test (was a bug in src/maintenance.rs `MaintenanceService::snapshot`): it takes
 /// `upstream.channel()` of the current endpoint and calls etcd once, outside
 /// `Upstream::call`, so it never retries and never moves the pool. After X dies,
 /// every Snapshot answers UNAVAILABLE "tcp connect error" until some unary request
@@ -573,7 +573,7 @@ async fn snapshot_fails_over_when_the_current_endpoint_dies() {
 /// hub resumes from: the hub re-opens at its last revision + 1, and Y replays the
 /// tenant events it holds from there on.
 ///
-/// BUG (src/watch/hub.rs `Hub::watch_upstream`): it opens the upstream watch on
+/// Regression test (was a bug in src/watch/hub.rs `Hub::watch_upstream`): it opens the upstream watch on
 /// `upstream.channel()` and, when it breaks, re-opens on the same channel forever
 /// (`run_upstream` backs off up to 5s); nothing calls the pool's failover, so after X
 /// dies no watcher gets another event until some unary request moves the pool.
@@ -627,7 +627,7 @@ async fn watch_hub_fails_over_when_the_current_endpoint_dies() {
 
 /// After `Running::shutdown` etcdmux holds no connection to etcd any more.
 ///
-/// BUG (low; src/server.rs `start` / src/watch/hub.rs `Hub::start`): the watch hub's
+/// Regression test (was a low-severity bug in src/server.rs `start` / src/watch/hub.rs `Hub::start`): the watch hub's
 /// tasks (upstream watch, progress ticker) are spawned outside the shutdown signal
 /// and hold the `Proxy`, so after `shutdown()` returns the hub keeps its upstream
 /// watch and connection open (and re-opens them, forever) for as long as the runtime
