@@ -1,13 +1,15 @@
 //! watchbench: the watch path measured side by side with direct etcd, in one run.
 //!
-//! It starts its own etcd (loopback, temp dir) and the etcdmux binary in front of it
-//! with Milo's rules, then measures:
-//! 1. event delivery latency: one writer, one watcher through etcdmux and one
-//!    straight on etcd on the same keys, so every event is timed on both paths;
-//! 2. at each tenant count: client watchers created through etcdmux (one per tenant
-//!    and resource, like the apiserver's cacher), etcd's own watcher count
-//!    (`etcd_debugging_mvcc_watcher_total`) and etcdmux's RSS growth per watcher,
-//!    plus one write per tenant that must reach exactly its watcher;
+//! It starts its own etcd (loopback, temp dir) and, in front of that same etcd, the
+//! etcdmux binary with Milo's rules and etcd's own `grpc-proxy`, then measures:
+//! 1. event delivery latency: one writer, and one watcher each through etcdmux,
+//!    through grpc-proxy and straight on etcd on the same keys, so every event is
+//!    timed on all three paths;
+//! 2. at each tenant count, for etcdmux and for grpc-proxy: client watchers created
+//!    through the proxy (one per tenant and resource, like the apiserver's cacher),
+//!    the watchers that adds in etcd (`etcd_debugging_mvcc_watcher_total`) and the
+//!    proxy's RSS growth per watcher, plus one write per tenant that must reach
+//!    exactly its watcher;
 //! 3. idle tenants: tenants that wrote a key and have no watcher, and etcdmux's RSS
 //!    growth per tenant.
 //!
@@ -67,15 +69,17 @@ fn free_port() -> u16 {
 struct Procs {
     etcd: Child,
     mux: Child,
+    proxy: Child,
     _dir: tempfile::TempDir,
     etcd_url: String,
     etcd_metrics: String,
     mux_url: String,
+    proxy_url: String,
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for c in [&mut self.mux, &mut self.etcd] {
+        for c in [&mut self.proxy, &mut self.mux, &mut self.etcd] {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -109,7 +113,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 async fn start(args: &Args) -> Result<Procs, Error> {
     let dir = tempfile::tempdir()?;
-    let (client, peer, metrics, mux_port) = (free_port(), free_port(), free_port(), free_port());
+    let (client, peer, metrics, mux_port, proxy_port) = (free_port(), free_port(), free_port(), free_port(), free_port());
     let etcd_url = format!("http://127.0.0.1:{client}");
     let etcd_metrics = format!("http://127.0.0.1:{metrics}");
     let etcd = Command::new("etcd")
@@ -149,10 +153,26 @@ stream_buffer = 100000
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting {} (make build first): {e}", args.etcdmux.display()))?;
-    let procs = Procs { etcd, mux, _dir: dir, etcd_url, etcd_metrics, mux_url: format!("http://127.0.0.1:{mux_port}") };
+    let proxy = Command::new("etcd")
+        .args(["grpc-proxy", "start", "--endpoints", &etcd_url, "--listen-addr", &format!("127.0.0.1:{proxy_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting etcd grpc-proxy: {e}"))?;
+    let procs = Procs {
+        etcd,
+        mux,
+        proxy,
+        _dir: dir,
+        etcd_url,
+        etcd_metrics,
+        mux_url: format!("http://127.0.0.1:{mux_port}"),
+        proxy_url: format!("http://127.0.0.1:{proxy_port}"),
+    };
     for _ in 0..200 {
         let up = http_get(&format!("{}/health", procs.etcd_metrics)).await.is_ok_and(|b| b.contains("true"))
-            && tokio::net::TcpStream::connect(format!("127.0.0.1:{mux_port}")).await.is_ok();
+            && tokio::net::TcpStream::connect(format!("127.0.0.1:{mux_port}")).await.is_ok()
+            && tokio::net::TcpStream::connect(format!("127.0.0.1:{proxy_port}")).await.is_ok();
         if up {
             return Ok(procs);
         }
@@ -222,10 +242,13 @@ async fn latency(p: &Procs, events: usize, report: &mut String) -> Result<(), Er
     let mut direct = KvClient::connect(p.etcd_url.clone()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let via_mux = open_stream(&p.mux_url, tx.clone()).await?;
-    let via_etcd = open_stream(&p.etcd_url, tx).await?;
+    let via_etcd = open_stream(&p.etcd_url, tx.clone()).await?;
+    let via_proxy = open_stream(&p.proxy_url, tx).await?;
     let start = revision(&mut direct).await? + 1;
+    let raw = "/registry/pods/clusters/lat/";
     create(&via_mux, "/projects/lat/pods/", prefix_end("/projects/lat/pods/"), start, 1).await?;
-    create(&via_etcd, "/registry/pods/clusters/lat/", prefix_end("/registry/pods/clusters/lat/"), start, 2).await?;
+    create(&via_etcd, raw, prefix_end(raw), start, 2).await?;
+    create(&via_proxy, raw, prefix_end(raw), start, 3).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
     let mut sent = HashMap::new();
@@ -237,42 +260,56 @@ async fn latency(p: &Procs, events: usize, report: &mut String) -> Result<(), Er
         // ~1000 events/s: latency, not throughput.
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
-    let (mut mux_lat, mut etcd_lat) = (Vec::new(), Vec::new());
-    while mux_lat.len() < events || etcd_lat.len() < events {
+    let (mut mux_lat, mut etcd_lat, mut proxy_lat) = (Vec::new(), Vec::new(), Vec::new());
+    while mux_lat.len() < events || etcd_lat.len() < events || proxy_lat.len() < events {
         let Ok(Some((at, r))) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await else { break };
         for e in &r.events {
             let key = String::from_utf8_lossy(&e.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default()).into_owned();
             let name = key.rsplit('/').next().unwrap_or_default().to_string();
             if let Some(s) = sent.get(&name) {
-                if r.watch_id == 1 { &mut mux_lat } else { &mut etcd_lat }.push(at - *s);
+                match r.watch_id {
+                    1 => mux_lat.push(at - *s),
+                    2 => etcd_lat.push(at - *s),
+                    _ => proxy_lat.push(at - *s),
+                }
             }
         }
     }
     let elapsed = t0.elapsed();
     mux_lat.sort();
     etcd_lat.sort();
+    proxy_lat.sort();
     let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
     writeln!(report, "## Event delivery latency\n")?;
-    writeln!(report, "{events} puts at ~1,000/s over {elapsed:.1?}, each event timed through etcdmux and straight from etcd.\n")?;
+    writeln!(report, "{events} puts at ~1,000/s over {elapsed:.1?}, each event timed through etcdmux, through etcd's grpc-proxy and straight from etcd.\n")?;
     writeln!(report, "| path | events received | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")?;
-    for (name, l) in [("etcd direct", &etcd_lat), ("etcdmux", &mux_lat)] {
+    for (name, l) in [("etcd direct", &etcd_lat), ("etcd grpc-proxy", &proxy_lat), ("etcdmux", &mux_lat)] {
         writeln!(report, "| {name} | {} | {} | {} | {} |", l.len(), ms(percentile(l, 0.5)), ms(percentile(l, 0.99)), ms(l.last().copied().unwrap_or_default()))?;
     }
     writeln!(report)?;
     Ok(())
 }
 
-/// Phase 2: watchers at one tenant count.
-async fn scale(p: &Procs, tenants: usize, resources: usize, streams: usize, report: &mut String) -> Result<(), Error> {
-    let mut kv = KvClient::connect(p.mux_url.clone()).await?;
+/// A proxy under test in the scale phase.
+struct Target<'a> {
+    name: &'a str,
+    url: &'a str,
+    pid: u32,
+    /// The key prefix clients use for tenant `t`'s resource `r`.
+    key: fn(usize, usize, usize) -> String,
+}
+
+/// Phase 2: watchers at one tenant count, through one proxy.
+async fn scale(p: &Procs, target: &Target<'_>, tenants: usize, resources: usize, streams: usize, report: &mut String) -> Result<(), Error> {
+    let mut kv = KvClient::connect(target.url.to_string()).await?;
     let mut direct = KvClient::connect(p.etcd_url.clone()).await?;
-    let mux_pid = p.mux.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = rss_kib(mux_pid);
+    let rss_before = rss_kib(target.pid);
+    let etcd_before = metric(&p.etcd_metrics, "etcd_debugging_mvcc_watcher_total").await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut ss = Vec::new();
     for _ in 0..streams {
-        ss.push(open_stream(&p.mux_url, tx.clone()).await?);
+        ss.push(open_stream(target.url, tx.clone()).await?);
     }
     drop(tx);
     let rev = revision(&mut direct).await?;
@@ -280,7 +317,7 @@ async fn scale(p: &Procs, tenants: usize, resources: usize, streams: usize, repo
     let mut id = 0i64;
     for t in 0..tenants {
         for r in 0..resources {
-            let prefix = format!("/projects/s{tenants}-{t}/res{r}/");
+            let prefix = (target.key)(tenants, t, r);
             create(&ss[id as usize % streams], &prefix, prefix_end(&prefix), rev + 1, id).await?;
             id += 1;
         }
@@ -293,12 +330,12 @@ async fn scale(p: &Procs, tenants: usize, resources: usize, streams: usize, repo
     }
     let create_time = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after = rss_kib(mux_pid);
-    let upstream = metric(&p.etcd_metrics, "etcd_debugging_mvcc_watcher_total").await;
+    let rss_after = rss_kib(target.pid);
+    let upstream = metric(&p.etcd_metrics, "etcd_debugging_mvcc_watcher_total").await - etcd_before;
     // One write per tenant must reach exactly its one watcher.
     let t1 = Instant::now();
     for t in 0..tenants {
-        let key = format!("/projects/s{tenants}-{t}/res{}/ns/obj", t % resources);
+        let key = format!("{}ns/obj", (target.key)(tenants, t, t % resources));
         kv.put(PutRequest { key: b(&key), value: b("v"), ..Default::default() }).await?;
     }
     let mut delivered = 0;
@@ -310,7 +347,8 @@ async fn scale(p: &Procs, tenants: usize, resources: usize, streams: usize, repo
     let per_watcher = (rss_after.saturating_sub(rss_before) as f64 * 1024.0) / watchers.max(1) as f64;
     writeln!(
         report,
-        "| {tenants} | {watchers} | {streams} | {upstream} | {created} in {create_time:.1?} | {:.0} | {:.0} B | {delivered}/{tenants} in {fanout_time:.1?} |",
+        "| {} | {tenants} | {watchers} | {streams} | {upstream} | {created} in {create_time:.1?} | {:.0} | {:.0} B | {delivered}/{tenants} in {fanout_time:.1?} |",
+        target.name,
         rss_after as f64 / 1024.0,
         per_watcher
     )?;
@@ -362,16 +400,24 @@ async fn main() -> Result<(), Error> {
     let args = Args::parse();
     let procs = start(&args).await?;
     let mut report = String::new();
-    writeln!(report, "# Watch benchmark: etcdmux vs direct etcd\n")?;
+    writeln!(report, "# Watch benchmark: etcdmux vs etcd grpc-proxy vs direct etcd\n")?;
     writeln!(report, "Machine: {}. Both paths measured in the same run against the same etcd; the load generator runs on the same cores.\n", machine())?;
     eprintln!("watchbench: latency");
     latency(&procs, args.events, &mut report).await?;
     writeln!(report, "## Watchers per tenant count\n")?;
-    writeln!(report, "Each tenant watches {} resource prefixes (list revision + 1, like the apiserver's cacher). RSS per watcher = etcdmux's RSS growth / watchers.\n", args.resources)?;
-    writeln!(report, "| tenants | client watchers | client streams | etcd watchers | created | etcdmux RSS MiB | RSS per watcher | one write per tenant delivered |\n|---|---|---|---|---|---|---|---|")?;
+    writeln!(report, "Each tenant watches {} resource prefixes (list revision + 1, like the apiserver's cacher). RSS per watcher = the proxy's RSS growth / watchers.\n", args.resources)?;
+    writeln!(report, "etcdmux holds one shared upstream watch in all (opened at start), so the watchers it adds in etcd are 0; grpc-proxy coalesces only identical ranges.\n")?;
+    writeln!(report, "| proxy | tenants | client watchers | client streams | etcd watchers added | created | proxy RSS MiB | proxy RSS per watcher | one write per tenant delivered |\n|---|---|---|---|---|---|---|---|---|")?;
+    let targets = [
+        Target { name: "etcdmux", url: &procs.mux_url, pid: procs.mux.id(), key: |n, t, r| format!("/projects/m{n}-{t}/res{r}/") },
+        // grpc-proxy has no tenants: clients use Milo's raw key paths.
+        Target { name: "etcd grpc-proxy", url: &procs.proxy_url, pid: procs.proxy.id(), key: |n, t, r| format!("/projects/g{n}-{t}/res{r}/") },
+    ];
     for &t in &args.tenants {
-        eprintln!("watchbench: {t} tenants");
-        scale(&procs, t, args.resources, args.streams, &mut report).await?;
+        for target in &targets {
+            eprintln!("watchbench: {t} tenants through {}", target.name);
+            scale(&procs, target, t, args.resources, args.streams, &mut report).await?;
+        }
     }
     writeln!(report)?;
     eprintln!("watchbench: idle tenants");
