@@ -401,7 +401,7 @@ async fn main() -> Result<(), Error> {
     let procs = start(&args).await?;
     let mut report = String::new();
     writeln!(report, "# Watch benchmark: etcdmux vs etcd grpc-proxy vs direct etcd\n")?;
-    writeln!(report, "Machine: {}. Both paths measured in the same run against the same etcd; the load generator runs on the same cores.\n", machine())?;
+    writeln!(report, "Machine: {}. All paths measured in the same run against the same etcd; the load generator runs on the same cores.\n", machine())?;
     eprintln!("watchbench: latency");
     latency(&procs, args.events, &mut report).await?;
     writeln!(report, "## Watchers per tenant count\n")?;

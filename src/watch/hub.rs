@@ -1134,13 +1134,11 @@ impl Hub {
 
     /// Delivers one catch-up response; true once the watcher is handed over.
     fn catch_up_step(&self, w: &Arc<Watcher>, next: &mut i64, resp: WatchResponse) -> bool {
-        let header_rev = resp.header.as_ref().map_or(0, |h| h.revision);
         let events: Vec<HubEvent> =
             resp.events.iter().cloned().filter_map(|e| HubEvent::from_upstream(&self.layout, e)).collect();
         // Through which revision this upstream watch has shown everything: the last
         // event it sent, of any key in the range (the fence included).
         let known_to = resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0);
-        let _ = header_rev;
         let mut st = self.lock();
         let cov = st.covers_from;
         let mine: Vec<Event> =
