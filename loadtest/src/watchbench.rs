@@ -19,21 +19,21 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
+use etcdmux_loadtest::{
+    b, machine, metric, ms, percentile, prefix_end, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front,
+    FrontKind,
+};
 use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest, WatchCreateRequest,
     WatchRequest, WatchResponse,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Parser, Debug)]
 #[command(about = "Watch benchmark: etcdmux vs direct etcd")]
@@ -59,134 +59,6 @@ struct Args {
     /// Report name: loadtest/results/<name>.md
     #[arg(long, default_value = "watch")]
     name: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
-}
-
-/// The processes of one run, killed on drop.
-struct Procs {
-    etcd: Child,
-    mux: Child,
-    proxy: Child,
-    _dir: tempfile::TempDir,
-    etcd_url: String,
-    etcd_metrics: String,
-    mux_url: String,
-    proxy_url: String,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in [&mut self.proxy, &mut self.mux, &mut self.etcd] {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-async fn http_get(url: &str) -> Result<String, Error> {
-    let rest = url.trim_start_matches("http://");
-    let (hostport, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut s = tokio::net::TcpStream::connect(hostport).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes()).await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-async fn metric(url: &str, name: &str) -> f64 {
-    let body = http_get(&format!("{url}/metrics")).await.unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
-}
-
-async fn start(args: &Args) -> Result<Procs, Error> {
-    let dir = tempfile::tempdir()?;
-    let (client, peer, metrics, mux_port, proxy_port) = (free_port(), free_port(), free_port(), free_port(), free_port());
-    let etcd_url = format!("http://127.0.0.1:{client}");
-    let etcd_metrics = format!("http://127.0.0.1:{metrics}");
-    let etcd = Command::new("etcd")
-        .args(["--name", "bench", "--data-dir"])
-        .arg(dir.path().join("etcd"))
-        .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-cluster", &format!("bench=http://127.0.0.1:{peer}")])
-        .args(["--listen-metrics-urls", &etcd_metrics, "--logger", "zap", "--log-level", "error"])
-        .args(["--quota-backend-bytes", &(8u64 << 30).to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting etcd (make deps installs it): {e}"))?;
-    let config = dir.path().join("etcdmux.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[[listener]]
-addr = "127.0.0.1:{mux_port}"
-[upstream]
-endpoints = ["{etcd_url}"]
-[tenancy]
-rule = [ {{ prefix = "/projects/{{tenant}}/" }}, {{ prefix = "/datum-core/", tenant = "root" }} ]
-[watch]
-stream_buffer = 100000
-"#
-        ),
-    )?;
-    let mux = Command::new(&args.etcdmux)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting {} (make build first): {e}", args.etcdmux.display()))?;
-    let proxy = Command::new("etcd")
-        .args(["grpc-proxy", "start", "--endpoints", &etcd_url, "--listen-addr", &format!("127.0.0.1:{proxy_port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting etcd grpc-proxy: {e}"))?;
-    let procs = Procs {
-        etcd,
-        mux,
-        proxy,
-        _dir: dir,
-        etcd_url,
-        etcd_metrics,
-        mux_url: format!("http://127.0.0.1:{mux_port}"),
-        proxy_url: format!("http://127.0.0.1:{proxy_port}"),
-    };
-    for _ in 0..200 {
-        let up = http_get(&format!("{}/health", procs.etcd_metrics)).await.is_ok_and(|b| b.contains("true"))
-            && tokio::net::TcpStream::connect(format!("127.0.0.1:{mux_port}")).await.is_ok()
-            && tokio::net::TcpStream::connect(format!("127.0.0.1:{proxy_port}")).await.is_ok();
-        if up {
-            return Ok(procs);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err("etcd or etcdmux did not come up".into())
-}
-
-fn b(s: &str) -> Bytes {
-    Bytes::copy_from_slice(s.as_bytes())
-}
-
-fn prefix_end(p: &str) -> Bytes {
-    etcdmux::keylayout::prefix_end(p.as_bytes())
 }
 
 /// A client watch stream whose responses go to a channel. Dropping it cancels the
@@ -230,20 +102,35 @@ async fn revision(kv: &mut KvClient<Channel>) -> Result<i64, Error> {
     Ok(r.header.map_or(0, |h| h.revision))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
+/// etcd with etcdmux and grpc-proxy in front of it.
+struct Procs {
+    etcd: Etcd,
+    mux: Front,
+    proxy: Front,
+    _dir: tempfile::TempDir,
+}
+
+impl Procs {
+    async fn start(args: &Args) -> Result<Procs, Error> {
+        let dir = tempfile::tempdir()?;
+        let etcd = start_etcd().await?;
+        let mux = start_front(&etcd, &FrontKind::Etcdmux(args.etcdmux.clone()), dir.path(), "[watch]\nstream_buffer = 100000\n").await?;
+        let proxy = start_front(&etcd, &FrontKind::GrpcProxy, dir.path(), "").await?;
+        Ok(Procs { etcd, mux, proxy, _dir: dir })
     }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn pid(f: &Front) -> u32 {
+    f.proc.as_ref().map_or(0, |p| p.pid())
 }
 
 /// Phase 1: the same events timed through etcdmux and straight from etcd.
 async fn latency(p: &Procs, events: usize, report: &mut String) -> Result<(), Error> {
-    let mut direct = KvClient::connect(p.etcd_url.clone()).await?;
+    let mut direct = KvClient::connect(p.etcd.url.clone()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let via_mux = open_stream(&p.mux_url, tx.clone()).await?;
-    let via_etcd = open_stream(&p.etcd_url, tx.clone()).await?;
-    let via_proxy = open_stream(&p.proxy_url, tx).await?;
+    let via_mux = open_stream(&p.mux.url, tx.clone()).await?;
+    let via_etcd = open_stream(&p.etcd.url, tx.clone()).await?;
+    let via_proxy = open_stream(&p.proxy.url, tx).await?;
     let start = revision(&mut direct).await? + 1;
     let raw = "/registry/pods/clusters/lat/";
     create(&via_mux, "/projects/lat/pods/", prefix_end("/projects/lat/pods/"), start, 1).await?;
@@ -279,7 +166,6 @@ async fn latency(p: &Procs, events: usize, report: &mut String) -> Result<(), Er
     mux_lat.sort();
     etcd_lat.sort();
     proxy_lat.sort();
-    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
     writeln!(report, "## Event delivery latency\n")?;
     writeln!(report, "{events} puts at ~1,000/s over {elapsed:.1?}, each event timed through etcdmux, through etcd's grpc-proxy and straight from etcd.\n")?;
     writeln!(report, "| path | events received | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")?;
@@ -302,10 +188,10 @@ struct Target<'a> {
 /// Phase 2: watchers at one tenant count, through one proxy.
 async fn scale(p: &Procs, target: &Target<'_>, tenants: usize, resources: usize, streams: usize, report: &mut String) -> Result<(), Error> {
     let mut kv = KvClient::connect(target.url.to_string()).await?;
-    let mut direct = KvClient::connect(p.etcd_url.clone()).await?;
+    let mut direct = KvClient::connect(p.etcd.url.clone()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib(target.pid);
-    let etcd_before = metric(&p.etcd_metrics, "etcd_debugging_mvcc_watcher_total").await;
+    let etcd_before = metric(&p.etcd.metrics, "etcd_debugging_mvcc_watcher_total").await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut ss = Vec::new();
     for _ in 0..streams {
@@ -331,7 +217,7 @@ async fn scale(p: &Procs, target: &Target<'_>, tenants: usize, resources: usize,
     let create_time = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = rss_kib(target.pid);
-    let upstream = metric(&p.etcd_metrics, "etcd_debugging_mvcc_watcher_total").await - etcd_before;
+    let upstream = metric(&p.etcd.metrics, "etcd_debugging_mvcc_watcher_total").await - etcd_before;
     // One write per tenant must reach exactly its one watcher.
     let t1 = Instant::now();
     for t in 0..tenants {
@@ -359,14 +245,14 @@ async fn scale(p: &Procs, target: &Target<'_>, tenants: usize, resources: usize,
 
 /// Phase 3: tenants with data and no watcher.
 async fn idle(p: &Procs, n: usize, report: &mut String) -> Result<(), Error> {
-    let mut kv = KvClient::connect(p.mux_url.clone()).await?;
+    let mut kv = KvClient::connect(p.mux.url.clone()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(p.mux.id());
+    let before = rss_kib(pid(&p.mux));
     for t in 0..n {
         kv.put(PutRequest { key: b(&format!("/projects/idle-{t}/configmaps/ns/c")), value: b("v"), ..Default::default() }).await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(p.mux.id());
+    let after = rss_kib(pid(&p.mux));
     writeln!(report, "## Idle tenants\n")?;
     writeln!(report, "{n} tenants each wrote one key through etcdmux and hold no watcher.\n")?;
     writeln!(report, "| etcdmux RSS before | after | per idle tenant |\n|---|---|---|")?;
@@ -381,24 +267,10 @@ async fn idle(p: &Procs, n: usize, report: &mut String) -> Result<(), Error> {
     Ok(())
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .unwrap_or(0);
-    let etcd = Command::new("etcd").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default();
-    format!("{cores} cores ({cpu}), {:.1} GiB memory; {etcd}", mem as f64 / 1024.0 / 1024.0)
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
-    let procs = start(&args).await?;
+    let procs = Procs::start(&args).await?;
     let mut report = String::new();
     writeln!(report, "# Watch benchmark: etcdmux vs etcd grpc-proxy vs direct etcd\n")?;
     writeln!(report, "Machine: {}. All paths measured in the same run against the same etcd; the load generator runs on the same cores.\n", machine())?;
@@ -409,9 +281,9 @@ async fn main() -> Result<(), Error> {
     writeln!(report, "etcdmux holds one shared upstream watch in all (opened at start), so the watchers it adds in etcd are 0; grpc-proxy coalesces only identical ranges.\n")?;
     writeln!(report, "| proxy | tenants | client watchers | client streams | etcd watchers added | created | proxy RSS MiB | proxy RSS per watcher | one write per tenant delivered |\n|---|---|---|---|---|---|---|---|---|")?;
     let targets = [
-        Target { name: "etcdmux", url: &procs.mux_url, pid: procs.mux.id(), key: |n, t, r| format!("/projects/m{n}-{t}/res{r}/") },
+        Target { name: "etcdmux", url: &procs.mux.url, pid: pid(&procs.mux), key: |n, t, r| format!("/projects/m{n}-{t}/res{r}/") },
         // grpc-proxy has no tenants: clients use Milo's raw key paths.
-        Target { name: "etcd grpc-proxy", url: &procs.proxy_url, pid: procs.proxy.id(), key: |n, t, r| format!("/projects/g{n}-{t}/res{r}/") },
+        Target { name: "etcd grpc-proxy", url: &procs.proxy.url, pid: pid(&procs.proxy), key: |n, t, r| format!("/projects/g{n}-{t}/res{r}/") },
     ];
     for &t in &args.tenants {
         for target in &targets {
@@ -422,10 +294,7 @@ async fn main() -> Result<(), Error> {
     writeln!(report)?;
     eprintln!("watchbench: idle tenants");
     idle(&procs, args.idle_tenants, &mut report).await?;
-    let dir = PathBuf::from("loadtest/results");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{}.md", args.name));
-    std::fs::write(&path, &report)?;
+    let path = write_report(&args.name, &report)?;
     println!("{report}");
     eprintln!("watchbench: report written to {}", path.display());
     Ok(())

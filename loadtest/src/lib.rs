@@ -1,0 +1,238 @@
+//! What the benchmarks share: starting etcd and the proxies under test on loopback
+//! ports in a temp dir, reading etcd's `/metrics` and a process's RSS and CPU, and
+//! describing the machine for the report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+pub fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+pub fn prefix_end(p: &str) -> Bytes {
+    etcdmux::keylayout::prefix_end(p.as_bytes())
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A single-member etcd on loopback ports.
+pub struct Etcd {
+    pub proc: Proc,
+    pub url: String,
+    pub metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+/// What sits between the load and etcd.
+#[derive(Debug, Clone)]
+pub enum FrontKind {
+    /// Clients talk to etcd itself.
+    Direct,
+    /// etcd's own `grpc-proxy start`.
+    GrpcProxy,
+    /// The etcdmux binary with Milo's rules.
+    Etcdmux(PathBuf),
+}
+
+impl FrontKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FrontKind::Direct => "etcd direct",
+            FrontKind::GrpcProxy => "etcd grpc-proxy",
+            FrontKind::Etcdmux(_) => "etcdmux",
+        }
+    }
+}
+
+/// A proxy in front of an etcd (none for `Direct`).
+pub struct Front {
+    pub proc: Option<Proc>,
+    pub url: String,
+}
+
+pub async fn http_get(url: &str) -> Result<String, Error> {
+    let rest = url.trim_start_matches("http://");
+    let (hostport, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = tokio::net::TcpStream::connect(hostport).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes()).await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// The sum of a Prometheus metric's samples (all label sets).
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let body = http_get(&format!("{url}/metrics")).await.unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+async fn wait_port(port: u16) -> bool {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+pub async fn start_etcd() -> Result<Etcd, Error> {
+    let dir = tempfile::tempdir()?;
+    let (client, peer, metrics) = (free_port(), free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let metrics = format!("http://127.0.0.1:{metrics}");
+    let child = Command::new("etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.path().join("etcd"))
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-cluster", &format!("bench=http://127.0.0.1:{peer}")])
+        .args(["--listen-metrics-urls", &metrics, "--logger", "zap", "--log-level", "error"])
+        .args(["--quota-backend-bytes", &(8u64 << 30).to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting etcd (make deps installs it): {e}"))?;
+    let etcd = Etcd { proc: Proc(child), url, metrics, _dir: dir };
+    for _ in 0..200 {
+        if http_get(&format!("{}/health", etcd.metrics)).await.is_ok_and(|b| b.contains("true")) {
+            return Ok(etcd);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err("etcd did not become healthy".into())
+}
+
+/// Starts `kind` in front of `etcd`; `extra_toml` is appended to etcdmux's config.
+pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: &str) -> Result<Front, Error> {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let child = match kind {
+        FrontKind::Direct => return Ok(Front { proc: None, url: etcd.url.clone() }),
+        FrontKind::GrpcProxy => Command::new("etcd")
+            .args(["grpc-proxy", "start", "--endpoints", &etcd.url, "--listen-addr", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting etcd grpc-proxy: {e}"))?,
+        FrontKind::Etcdmux(bin) => {
+            let config = dir.join(format!("etcdmux-{port}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"
+[[listener]]
+addr = "127.0.0.1:{port}"
+[server]
+max_concurrent_streams = 1000000
+[upstream]
+endpoints = ["{}"]
+[tenancy]
+rule = [ {{ prefix = "/projects/{{tenant}}/" }}, {{ prefix = "/datum-core/", tenant = "root" }} ]
+{extra_toml}
+"#,
+                    etcd.url
+                ),
+            )?;
+            Command::new(bin)
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("starting {} (make build first): {e}", bin.display()))?
+        }
+    };
+    let front = Front { proc: Some(Proc(child)), url };
+    if !wait_port(port).await {
+        return Err(format!("{} did not accept connections", kind.name()).into());
+    }
+    Ok(front)
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// The machine, for the report header.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .unwrap_or(0);
+    let etcd = Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {:.1} GiB memory; {etcd}", mem as f64 / 1024.0 / 1024.0)
+}
+
+/// Writes a report to `loadtest/results/<name>.md` and returns its path.
+pub fn write_report(name: &str, report: &str) -> Result<PathBuf, Error> {
+    let dir = PathBuf::from("loadtest/results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.md"));
+    std::fs::write(&path, report)?;
+    Ok(path)
+}
