@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::config::Config;
@@ -114,7 +114,9 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
             .add_service(svc!(MaintenanceServer, MaintenanceService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())));
         let mut stop = shutdown.subscribe();
-        let incoming = TcpListenerStream::new(listener);
+        // Server::tcp_nodelay applies only to sockets tonic binds itself: without it
+        // here, Nagle's algorithm adds ~40 ms to small responses (found by apiload).
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.recv().await;
         })));
