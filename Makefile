@@ -74,16 +74,21 @@ clean-run:
 	done
 	rm -rf .run
 
-## bench: watch benchmark (etcdmux vs direct etcd) -> loadtest/results/watch.md
+## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md
+BENCH_PROJECTS ?= 100,1000,10000
 bench: build
-	$(CARGO) run --release --locked -p etcdmux-loadtest --bin watchbench -- \
-	  --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
+	$(CARGO) build --release --locked -p etcdmux-loadtest
+	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
+	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --projects $(BENCH_PROJECTS) --name api
 
-## bench-smoke: the same benchmark at a tiny size (what CI runs), debug build
+## bench-smoke: both benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
 	$(CARGO) build --locked -p etcdmux -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
+	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --name api-smoke
 
 ## soak: the differential and watch checkers with many more seeds
 soak: deps
