@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .bytes(".")
+        // Small initial buffers per call and stream (src/codec.rs).
+        .codec_path("crate::codec::EtcdCodec")
         .build_client(true)
         .build_server(true)
         .compile_protos(

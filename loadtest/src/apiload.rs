@@ -70,6 +70,9 @@ struct Args {
     p99_bound_ms: u64,
     #[arg(long, default_value = "api")]
     name: String,
+    /// Targets to run, comma-separated: direct, grpc-proxy, etcdmux.
+    #[arg(long, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
+    targets: Vec<String>,
 }
 
 /// What one (target, scale point) run measured.
@@ -353,7 +356,17 @@ async fn compact(ch: &Channel) {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
-    let targets = [FrontKind::Direct, FrontKind::GrpcProxy, FrontKind::Etcdmux(args.etcdmux.clone())];
+    let targets: Vec<FrontKind> = [FrontKind::Direct, FrontKind::GrpcProxy, FrontKind::Etcdmux(args.etcdmux.clone())]
+        .into_iter()
+        .filter(|k| {
+            let short = match k {
+                FrontKind::Direct => "direct",
+                FrontKind::GrpcProxy => "grpc-proxy",
+                FrontKind::Etcdmux(_) => "etcdmux",
+            };
+            args.targets.iter().any(|t| t == short)
+        })
+        .collect();
     let mut report = String::new();
     writeln!(report, "# Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux\n")?;
     writeln!(report, "Machine: {}. Load generator on the same cores (its CPU is in the table).\n", machine())?;

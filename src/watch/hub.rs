@@ -286,14 +286,16 @@ impl TenantWatchers {
 }
 
 /// A queued message of one client stream.
+/// Boxed, so that a queue's preallocated block of slots stays small for the many
+/// idle streams an apiserver keeps open.
 pub enum Outgoing {
     /// Counts against the stream's buffer (events, progress).
-    Data(WatchResponse),
+    Data(Box<WatchResponse>),
     /// Must not be dropped (created, cancels): bounded by the watcher count, and by
     /// the request reader waiting while the stream is full.
-    Control(WatchResponse),
+    Control(Box<WatchResponse>),
     /// Ends the stream with an error.
-    End(Status),
+    End(Box<Status>),
 }
 
 /// The sending side of one client Watch stream: one ordered queue, so a watcher's
@@ -356,7 +358,7 @@ impl StreamSink {
         }
         self.queued.fetch_add(rs.len(), Ordering::Relaxed);
         for r in rs {
-            if self.queue.send(Outgoing::Data(r)).is_err() {
+            if self.queue.send(Outgoing::Data(Box::new(r))).is_err() {
                 return Sent::Gone;
             }
         }
@@ -380,12 +382,12 @@ impl StreamSink {
 
     /// Queues a response that must not be dropped (created, cancels).
     pub fn send_reliable(&self, r: WatchResponse) {
-        let _ = self.queue.send(Outgoing::Control(r));
+        let _ = self.queue.send(Outgoing::Control(Box::new(r)));
     }
 
     /// Ends the stream with `status` after what is already queued.
     pub fn end(&self, status: Status) {
-        let _ = self.queue.send(Outgoing::End(status));
+        let _ = self.queue.send(Outgoing::End(Box::new(status)));
     }
 }
 

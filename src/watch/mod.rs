@@ -57,12 +57,12 @@ impl Stream for ResponseStream {
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Ready(Some(Outgoing::End(status))) => {
                 self.done = true;
-                return Poll::Ready(Some(Err(status)));
+                return Poll::Ready(Some(Err(*status)));
             }
-            Poll::Ready(Some(Outgoing::Control(r))) => r,
+            Poll::Ready(Some(Outgoing::Control(r))) => *r,
             Poll::Ready(Some(Outgoing::Data(r))) => {
                 self.rx.queued.fetch_sub(1, Ordering::Relaxed);
-                r
+                *r
             }
         };
         self.rx.room.notify_waiters();

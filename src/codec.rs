@@ -1,0 +1,43 @@
+//! The gRPC codec: prost with small initial buffers.
+//!
+//! tonic's default allocates an 8 KiB encode and an 8 KiB decode buffer for every
+//! call and stream up front. With one watch stream per (project, resource), as
+//! apiservers open them, that is most of a stream's memory. Buffers start at 1 KiB
+//! here and grow as a message needs.
+
+use std::marker::PhantomData;
+
+use tonic::codec::{BufferSettings, Codec};
+use tonic_prost::ProstCodec;
+
+/// Initial buffer size and the size after which an encoder yields.
+const SETTINGS: (usize, usize) = (1024, 32 * 1024);
+
+/// `ProstCodec` with [`SETTINGS`]; the generated services and clients use it.
+#[derive(Debug, Clone, Copy)]
+pub struct EtcdCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for EtcdCodec<T, U> {
+    fn default() -> Self {
+        EtcdCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for EtcdCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+    type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(SETTINGS.0, SETTINGS.1))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<T, U>::raw_decoder(BufferSettings::new(SETTINGS.0, SETTINGS.1))
+    }
+}
