@@ -344,12 +344,17 @@ impl StreamSink {
     }
 
     fn send(&self, r: WatchResponse) -> Sent {
-        self.send_all(vec![r])
+        self.send_all(std::iter::once(r))
     }
 
     /// Queues responses that belong together (the fragments of one response): all
     /// of them, or none when the stream has no room for all.
-    fn send_all(&self, rs: Vec<WatchResponse>) -> Sent {
+    fn send_all<I>(&self, rs: I) -> Sent
+    where
+        I: IntoIterator<Item = WatchResponse>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let rs = rs.into_iter();
         if self.queue.is_closed() {
             return Sent::Gone;
         }
@@ -826,8 +831,7 @@ impl Hub {
         let fragments = parts
             .into_iter()
             .enumerate()
-            .map(|(i, events)| WatchResponse { header, watch_id: w.id, events, fragment: i + 1 < n, ..Default::default() })
-            .collect();
+            .map(|(i, events)| WatchResponse { header, watch_id: w.id, events, fragment: i + 1 < n, ..Default::default() });
         w.sink.send_all(fragments)
     }
 

@@ -23,7 +23,8 @@ use crate::error::Error;
 use crate::kv::request_span;
 use crate::pb::etcdserverpb::{watch_request, watch_server::Watch, WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::proxy::Proxy;
-use crate::tenant::{RangeRef, Scope};
+use crate::tenant::{End, RangeRef, Scope, TenantName};
+use bytes::Bytes;
 use hub::{Hub, Outgoing, Render, SinkReceiver, StreamSink, Watcher};
 
 pub struct WatchService {
@@ -107,13 +108,18 @@ impl StreamState {
         if c.watch_id == 0 {
             self.next_id += 1;
         }
-        if let Ok(RangeRef::Raw { key, range_end, .. }) = self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end) {
-            let create = WatchCreateRequest { key, range_end, watch_id: 0, ..c };
-            let task = tokio::spawn(passthrough(self.proxy.clone(), self.sink.clone(), id, create));
-            self.passthrough.insert(id, task);
-            return;
-        }
-        match self.watcher(id, &c).await {
+        // Resolve once: tenant ranges go to the hub, raw keys to a relayed watch.
+        let (tenant, start, end) = match self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end) {
+            Ok(RangeRef::Tenant { tenant, start, end }) => (tenant, start, end),
+            Ok(RangeRef::Raw { key, range_end, .. }) => {
+                let create = WatchCreateRequest { key, range_end, watch_id: 0, ..c };
+                let task = tokio::spawn(passthrough(self.proxy.clone(), self.sink.clone(), id, create));
+                self.passthrough.insert(id, task);
+                return;
+            }
+            Err(e) => return self.refuse(id, Status::from(e).message().to_string()),
+        };
+        match self.watcher(id, &c, tenant, start, end).await {
             Ok(w) => {
                 let w = Arc::new(w);
                 self.watchers.insert(id, w.clone());
@@ -124,11 +130,14 @@ impl StreamState {
         }
     }
 
-    async fn watcher(&self, id: i64, c: &WatchCreateRequest) -> Result<Watcher, Error> {
-        let (tenant, start, end) = match self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end)? {
-            RangeRef::Tenant { tenant, start, end } => (tenant, start, end),
-            RangeRef::Raw { .. } => return Err(Error::Internal("raw watch reached the hub".to_string())),
-        };
+    async fn watcher(
+        &self,
+        id: i64,
+        c: &WatchCreateRequest,
+        tenant: TenantName,
+        start: Bytes,
+        end: End,
+    ) -> Result<Watcher, Error> {
         let cp = self.proxy.tenant_view(&self.scope, &tenant)?;
         let render = if self.scope.static_tenant.is_some() { Render::Tenant } else { Render::Prefixed(cp) };
         self.hub.ready().await;
