@@ -11,16 +11,19 @@ ifneq ($(wildcard $(HOME)/.cargo/bin),)
 export PATH := $(PATH):$(HOME)/.cargo/bin
 endif
 
-DEB_PACKAGES := etcd-server etcd-client protobuf-compiler
+DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core
+# The benchmark plots' labels are drawn with this font.
+PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
 .PHONY: deps build run test check-config clean-run bench bench-smoke soak
 
-## deps: install etcd, etcdctl and protoc (Debian/Ubuntu) if missing; check for cargo
+## deps: install etcd, etcdctl, protoc and the plot font (Debian/Ubuntu) if missing; check for cargo
 deps:
 	@missing=""; \
 	for bin in etcd etcdctl protoc; do \
 	  command -v "$$bin" >/dev/null 2>&1 || missing="$$missing $$bin"; \
 	done; \
+	[ -f $(PLOT_FONT) ] || missing="$$missing $(PLOT_FONT)"; \
 	if [ -n "$$missing" ]; then \
 	  echo "deps: missing:$$missing; installing $(DEB_PACKAGES)"; \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
@@ -74,13 +77,14 @@ clean-run:
 	done
 	rm -rf .run
 
-## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md
-BENCH_PROJECTS ?= 100,1000,10000
+## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv)
+BENCH_PROJECTS ?= 100,1000,10000,30000
+BENCH_MODELS ?= shared,per-project
 bench: build
 	$(CARGO) build --release --locked -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
 	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
-	  --projects $(BENCH_PROJECTS) --name api
+	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --name api
 
 ## bench-smoke: both benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
@@ -88,7 +92,7 @@ bench-smoke: deps
 	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
 	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
-	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --name api-smoke
+	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --name api-smoke
 
 ## soak: the differential and watch checkers with many more seeds
 soak: deps

@@ -14,11 +14,18 @@
 //! Two connection models: one shared connection carrying one watch stream per
 //! (project, resource) (Milo after its shared-client change), or one connection per
 //! project (before it).
+//!
+//! A watchdog samples the RSS of etcd, the proxy and this process; when the machine
+//! runs out of memory the point stops and is reported as failing, with the peaks.
+//! The report (`loadtest/results/<name>.md`), a CSV of every row and the plots
+//! (`<name>-{rss,watchers,write-p99,delivery-p99}.{svg,png}`) are written at the end.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,11 +36,15 @@ use etcdmux::pb::etcdserverpb::{
     watch_request, CompactionRequest, Compare, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
     WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
+use etcdmux_loadtest::plot::{self, Chart, Series};
 use etcdmux_loadtest::{
-    b, cpu_time, machine, metric, ms, percentile, prefix_end, rss_kib, start_etcd, start_front, write_report, Error,
-    FrontKind,
+    b, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile, prefix_end, raise_fd_limit,
+    rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind,
 };
-use tokio::sync::{mpsc, Semaphore};
+use indicatif::{ProgressBar, ProgressStyle};
+use plotters::style::RGBColor;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -43,6 +54,15 @@ enum Model {
     Shared,
     /// One connection per project.
     PerProject,
+}
+
+impl Model {
+    fn name(self) -> &'static str {
+        match self {
+            Model::Shared => "shared connection",
+            Model::PerProject => "connection per project",
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -63,11 +83,19 @@ struct Args {
     write_rate: u64,
     #[arg(long, default_value_t = 20)]
     duration_secs: u64,
-    #[arg(long, value_enum, default_value = "shared")]
-    model: Model,
-    /// A target degrades at a scale point when its write p99 exceeds this bound.
+    /// Connection models to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "shared")]
+    models: Vec<Model>,
+    /// A target degrades at a scale point when its write or delivery p99 exceeds this.
     #[arg(long, default_value_t = 100)]
     p99_bound_ms: u64,
+    /// Lists and watch creates in flight during setup (the apiserver starts its
+    /// cachers concurrently too).
+    #[arg(long, default_value_t = 64)]
+    setup_concurrency: usize,
+    /// A point stops, as failing, when the machine's available memory drops below this.
+    #[arg(long, default_value_t = 1024)]
+    min_available_mib: u64,
     #[arg(long, default_value = "api")]
     name: String,
     /// Targets to run, comma-separated: direct, grpc-proxy, etcdmux.
@@ -75,7 +103,7 @@ struct Args {
     targets: Vec<String>,
 }
 
-/// What one (target, scale point) run measured.
+/// What one (target, model, scale point) run measured.
 #[derive(Default)]
 struct Row {
     list: Vec<Duration>,
@@ -87,12 +115,49 @@ struct Row {
     delivered: u64,
     duplicates: u64,
     errors: u64,
+    progress_replies: u64,
     etcd_watchers: f64,
-    etcd_rss_mib: f64,
-    front_rss_mib: f64,
+    etcd_streams: f64,
+    etcd_conns: usize,
     front_cpu: f64,
     loadgen_cpu: f64,
     setup: Duration,
+    write_throughput: f64,
+}
+
+/// Highest RSS seen, in KiB, sampled by the watchdog.
+#[derive(Default)]
+struct Peaks {
+    etcd: AtomicU64,
+    front: AtomicU64,
+    loadgen: AtomicU64,
+}
+
+impl Peaks {
+    fn sample(&self, etcd: u32, front: Option<u32>) {
+        self.etcd.fetch_max(rss_kib(etcd), Ordering::Relaxed);
+        if let Some(f) = front {
+            self.front.fetch_max(rss_kib(f), Ordering::Relaxed);
+        }
+        self.loadgen.fetch_max(rss_kib(std::process::id()), Ordering::Relaxed);
+    }
+
+    fn mib(v: &AtomicU64) -> f64 {
+        v.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+/// One cell of the report: a target at a scale point, measured or failed.
+struct Outcome {
+    model: Model,
+    projects: usize,
+    target: &'static str,
+    result: Result<Row, String>,
+    /// Why the target degraded here (empty when it did not).
+    degraded: Vec<String>,
+    etcd_mib: f64,
+    front_mib: f64,
+    loadgen_mib: f64,
 }
 
 fn key(p: usize, r: usize, o: usize) -> String {
@@ -103,6 +168,40 @@ fn prefix(p: usize, r: usize) -> String {
     format!("/projects/p{p}/res{r}/")
 }
 
+fn bar(len: usize, label: String) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64).with_prefix(label);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>36} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}") {
+        pb.set_style(style);
+    }
+    pb
+}
+
+/// Runs `f(0..n)` with at most `limit` in flight; stops at the first error.
+async fn bounded<T, F, Fut>(n: usize, limit: usize, pb: &ProgressBar, f: F) -> Result<Vec<T>, Error>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T, Error>> + Send + 'static,
+{
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    let mut set = JoinSet::new();
+    let mut next = 0;
+    while next < n || !set.is_empty() {
+        while next < n && set.len() < limit.max(1) {
+            let fut = f(next);
+            let i = next;
+            set.spawn(async move { (i, fut.await) });
+            next += 1;
+        }
+        if let Some(done) = set.join_next().await {
+            let (i, r) = done?;
+            out[i] = Some(r?);
+            pb.inc(1);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
 /// Per (project, resource) delivery bookkeeping, shared with the watch readers.
 #[derive(Default)]
 struct Delivery {
@@ -110,107 +209,148 @@ struct Delivery {
     latencies: Vec<Duration>,
 }
 
-async fn run_point(args: &Args, kind: &FrontKind, projects: usize) -> Result<Row, Error> {
-    let dir = tempfile::tempdir()?;
-    let etcd = start_etcd().await?;
-    let front = start_front(&etcd, kind, dir.path(), "[watch]\nstream_buffer = 100000\n").await?;
+/// One client watch: its request sender and the task reading its responses.
+struct Watch {
+    tx: mpsc::Sender<WatchRequest>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Shared by the watch readers.
+struct Shared {
+    t0: Instant,
+    delivery: Mutex<Delivery>,
+    progress: AtomicU64,
+}
+
+/// Lists (p, r) page by page, then opens its watch from the list revision + 1 and
+/// waits for `created`. Returns the watch, the list time and the keys it saw.
+async fn list_and_watch(ch: Channel, p: usize, r: usize, shared: Arc<Shared>) -> Result<(Watch, Duration, Vec<(Bytes, i64)>), Error> {
+    let mut kv = KvClient::new(ch.clone());
+    let (mut from, end) = (b(&prefix(p, r)), prefix_end(&prefix(p, r)));
+    let started = Instant::now();
+    let mut rev = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = kv.range(RangeRequest { key: from.clone(), range_end: end.clone(), limit: 500, revision: rev, ..Default::default() }).await?.into_inner();
+        if rev == 0 {
+            rev = page.header.map_or(0, |h| h.revision);
+        }
+        seen.extend(page.kvs.iter().map(|kv| (kv.key.clone(), kv.mod_revision)));
+        match (page.more, page.kvs.last()) {
+            (true, Some(last)) => from = Bytes::from([&last.key[..], b"\0"].concat()),
+            _ => break,
+        }
+    }
+    let list_time = started.elapsed();
+    let (tx, rx) = mpsc::channel(16);
+    let create = WatchCreateRequest { key: b(&prefix(p, r)), range_end: end, start_revision: rev + 1, prev_kv: true, progress_notify: true, ..Default::default() };
+    tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await?;
+    let (created_tx, created_rx) = oneshot::channel();
+    // The call is not awaited before the create is queued: etcd sends the response
+    // headers with its first answer.
+    let reader = tokio::spawn(async move {
+        let mut created_tx = Some(created_tx);
+        let Ok(resp) = WatchClient::new(ch).watch(ReceiverStream::new(rx)).await else { return };
+        let mut s = resp.into_inner();
+        while let Ok(Some(w)) = s.message().await {
+            if w.created {
+                if let Some(c) = created_tx.take() {
+                    let _ = c.send(());
+                }
+            } else if w.events.is_empty() {
+                shared.progress.fetch_add(1, Ordering::Relaxed);
+            }
+            if w.events.is_empty() {
+                continue;
+            }
+            let now = shared.t0.elapsed();
+            let mut d = shared.delivery.lock().unwrap_or_else(|e| e.into_inner());
+            for e in &w.events {
+                let Some(kv) = &e.kv else { continue };
+                d.revisions.entry((p, r)).or_default().push(kv.mod_revision);
+                let sent = std::str::from_utf8(&kv.value).ok().and_then(|v| v.strip_prefix("t=")).and_then(|v| v.parse::<u64>().ok());
+                if let Some(sent) = sent {
+                    d.latencies.push(now.saturating_sub(Duration::from_nanos(sent)));
+                }
+            }
+        }
+    });
+    let watch = Watch { tx, reader };
+    match tokio::time::timeout(Duration::from_secs(60), created_rx).await {
+        Ok(Ok(())) => Ok((watch, list_time, seen)),
+        Ok(Err(_)) => Err(format!("watch on {} ended before it was created", prefix(p, r)).into()),
+        Err(_) => Err(format!("watch on {} not created within 60 s", prefix(p, r)).into()),
+    }
+}
+
+async fn connect(url: &str, source: Option<IpAddr>) -> Result<Channel, Error> {
+    Ok(Endpoint::from_shared(url.to_string())?.tcp_nodelay(true).local_address(source).connect().await?)
+}
+
+/// The load itself, against `front` (which is etcd itself for the direct target).
+async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: usize, label: &str) -> Result<Row, Error> {
     let mut row = Row::default();
     let t_setup = Instant::now();
-    let connect = |url: String| async move {
-        Endpoint::from_shared(url)?.tcp_nodelay(true).connect().await.map_err(Error::from)
+    let conns = match model {
+        Model::Shared => 1,
+        Model::PerProject => projects,
     };
-    let channels: Vec<Channel> = match args.model {
-        Model::Shared => vec![connect(front.url.clone()).await?],
-        Model::PerProject => {
-            let mut v = Vec::with_capacity(projects);
-            for _ in 0..projects {
-                v.push(connect(front.url.clone()).await?);
-            }
-            v
-        }
-    };
+    let pb = bar(conns, format!("{label} connect"));
+    let url = front.url.clone();
+    let channels = bounded(conns, args.setup_concurrency, &pb, |i| {
+        let url = url.clone();
+        // A loopback source address per 20,000 connections: one address's ephemeral
+        // ports run out at about 28,000.
+        let source = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i / 20_000) as u8)));
+        async move { connect(&url, source).await }
+    })
+    .await?;
+    pb.finish_and_clear();
+    let channels = Arc::new(channels);
     let chan = |p: usize| channels[p % channels.len()].clone();
 
     // Seed: one txn of puts per project.
-    for p in 0..projects {
-        let ops = (0..args.resources)
-            .flat_map(|r| (0..args.objects).map(move |o| (r, o)))
-            .map(|(r, o)| RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest { key: b(&key(p, r, o)), value: b("seed"), ..Default::default() })),
-            })
-            .collect();
-        KvClient::new(chan(p)).txn(TxnRequest { success: ops, ..Default::default() }).await?;
-    }
-    // Lists, then watches from each list's revision + 1.
-    let t0 = Instant::now();
-    let delivery = Arc::new(Mutex::new(Delivery::default()));
-    let created = Arc::new(AtomicUsize::new(0));
-    let progress = Arc::new(AtomicU64::new(0));
-    let mut streams = Vec::new();
-    let mut known: HashMap<String, i64> = HashMap::new();
-    for p in 0..projects {
-        for r in 0..args.resources {
-            let mut kv = KvClient::new(chan(p));
-            let (mut from, end) = (b(&prefix(p, r)), prefix_end(&prefix(p, r)));
-            let started = Instant::now();
-            let mut rev = 0;
-            loop {
-                let page = kv.range(RangeRequest { key: from.clone(), range_end: end.clone(), limit: 500, revision: rev, ..Default::default() }).await?.into_inner();
-                if rev == 0 {
-                    rev = page.header.map_or(0, |h| h.revision);
-                }
-                for kvp in &page.kvs {
-                    known.insert(String::from_utf8_lossy(&kvp.key).into_owned(), kvp.mod_revision);
-                }
-                match (page.more, page.kvs.last()) {
-                    (true, Some(last)) => from = Bytes::from([&last.key[..], b"\0"].concat()),
-                    _ => break,
-                }
-            }
-            row.list.push(started.elapsed());
-            let (tx, rx) = mpsc::channel(16);
-            let create = WatchCreateRequest { key: b(&prefix(p, r)), range_end: end, start_revision: rev + 1, prev_kv: true, progress_notify: true, ..Default::default() };
-            tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await?;
-            let mut client = WatchClient::new(chan(p));
-            let (delivery, created, progress) = (delivery.clone(), created.clone(), progress.clone());
-            // The call is not awaited before the create is queued: etcd sends the
-            // response headers with its first answer.
-            let task = tokio::spawn(async move {
-                let Ok(resp) = client.watch(ReceiverStream::new(rx)).await else { return };
-                let mut s = resp.into_inner();
-                while let Ok(Some(w)) = s.message().await {
-                    if w.created {
-                        created.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if w.events.is_empty() && !w.created {
-                        progress.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let now = t0.elapsed();
-                    let mut d = delivery.lock().unwrap_or_else(|e| e.into_inner());
-                    for e in &w.events {
-                        let Some(kv) = &e.kv else { continue };
-                        d.revisions.entry((p, r)).or_default().push(kv.mod_revision);
-                        let sent = std::str::from_utf8(&kv.value)
-                            .ok()
-                            .and_then(|v| v.strip_prefix("t="))
-                            .and_then(|v| v.parse::<u64>().ok());
-                        if let Some(sent) = sent {
-                            d.latencies.push(now.saturating_sub(Duration::from_nanos(sent)));
-                        }
-                    }
-                }
-            });
-            streams.push((tx, task));
+    let pb = bar(projects, format!("{label} seed"));
+    let (resources, objects) = (args.resources, args.objects);
+    bounded(projects, args.setup_concurrency, &pb, |p| {
+        let ch = chan(p);
+        async move {
+            let ops = (0..resources)
+                .flat_map(|r| (0..objects).map(move |o| (r, o)))
+                .map(|(r, o)| RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest { key: b(&key(p, r, o)), value: b("seed"), ..Default::default() })),
+                })
+                .collect();
+            KvClient::new(ch).txn(TxnRequest { success: ops, ..Default::default() }).await?;
+            Ok(())
         }
-    }
-    let watches = projects * args.resources;
-    let wait_until = Instant::now() + Duration::from_secs(120);
-    while created.load(Ordering::Relaxed) < watches && Instant::now() < wait_until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await?;
+    pb.finish_and_clear();
+
+    // Lists, then watches from each list's revision + 1.
+    let shared = Arc::new(Shared { t0: Instant::now(), delivery: Mutex::default(), progress: AtomicU64::new(0) });
+    let watches = projects * resources;
+    let pb = bar(watches, format!("{label} list+watch"));
+    let setups = bounded(watches, args.setup_concurrency, &pb, |i| list_and_watch(chan(i / resources), i / resources, i % resources, shared.clone())).await?;
+    pb.finish_and_clear();
+    let mut known: HashMap<Bytes, i64> = HashMap::new();
+    let mut streams = Vec::with_capacity(watches);
+    for (watch, took, seen) in setups {
+        row.list.push(took);
+        known.extend(seen);
+        streams.push(watch);
     }
     row.setup = t_setup.elapsed();
 
     // The write load.
+    let t0 = shared.t0;
     let known = Arc::new(Mutex::new(known));
     let expected: Arc<Mutex<HashMap<(usize, usize), u64>>> = Arc::default();
     let results: Arc<Mutex<(Vec<Duration>, u64, u64, u64)>> = Arc::default();
@@ -219,12 +359,14 @@ async fn run_point(args: &Args, kind: &FrontKind, projects: usize) -> Result<Row
     let (front_cpu0, self_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()));
     let load_start = Instant::now();
     let total = args.write_rate * args.duration_secs;
+    let pb = bar(total as usize, format!("{label} writes"));
     let mut lease_id = 0i64;
     let mut next_lease = Instant::now();
     let mut compacted = false;
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / args.write_rate.max(1)));
     for i in 0..total {
         tick.tick().await;
+        pb.inc(1);
         if next_lease <= Instant::now() {
             if let Ok(l) = LeaseClient::new(chan(0)).lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await {
                 lease_id = l.into_inner().id;
@@ -237,14 +379,14 @@ async fn run_point(args: &Args, kind: &FrontKind, projects: usize) -> Result<Row
         }
         if i % 200 == 0 {
             // The apiserver's consistent reads ask for progress on its streams.
-            for (tx, _) in streams.iter().step_by((streams.len() / 10).max(1)) {
-                let _ = tx.try_send(WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) });
+            for w in streams.iter().step_by((streams.len() / 10).max(1)) {
+                let _ = w.tx.try_send(WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) });
             }
         }
         let p = (i as usize * 7919) % projects;
-        let r = (i as usize / projects) % args.resources;
-        let o = (i as usize) % (args.objects + 3);
-        let k = key(p, r, o);
+        let r = (i as usize / projects) % resources;
+        let o = (i as usize) % (objects + 3);
+        let k = b(&key(p, r, o));
         let permit = inflight.clone().acquire_owned().await?;
         let (known, expected, results, ch) = (known.clone(), expected.clone(), results.clone(), chan(p));
         let lease = if r == 0 { lease_id } else { 0 };
@@ -255,12 +397,12 @@ async fn run_point(args: &Args, kind: &FrontKind, projects: usize) -> Result<Row
                 compare: vec![Compare {
                     result: compare::CompareResult::Equal as i32,
                     target: compare::CompareTarget::Mod as i32,
-                    key: b(&k),
+                    key: k.clone(),
                     target_union: Some(compare::TargetUnion::ModRevision(rev)),
                     ..Default::default()
                 }],
-                success: vec![RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: b(&k), value, lease, ..Default::default() })) }],
-                failure: vec![RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: b(&k), ..Default::default() })) }],
+                success: vec![RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: k.clone(), value, lease, ..Default::default() })) }],
+                failure: vec![RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: k.clone(), ..Default::default() })) }],
             };
             let started = Instant::now();
             let out = KvClient::new(ch).txn(txn).await;
@@ -289,23 +431,24 @@ async fn run_point(args: &Args, kind: &FrontKind, projects: usize) -> Result<Row
         });
     }
     let _ = inflight.acquire_many(64).await?;
+    pb.finish_and_clear();
     let load_time = load_start.elapsed();
+    row.write_throughput = total as f64 / load_time.as_secs_f64();
     row.front_cpu = cpu_time(front_pid).saturating_sub(front_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
     row.loadgen_cpu = cpu_time(std::process::id()).saturating_sub(self_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
+
     // Every event delivered, exactly once.
     let expected = expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
     row.expected = expected.values().sum();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let d = delivery.lock().unwrap_or_else(|e| e.into_inner());
-        let got: u64 = d.revisions.values().map(|v| v.len() as u64).sum();
+        let got: u64 = shared.delivery.lock().unwrap_or_else(|e| e.into_inner()).revisions.values().map(|v| v.len() as u64).sum();
         if got >= row.expected || Instant::now() > deadline {
             break;
         }
-        drop(d);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let d = delivery.lock().unwrap_or_else(|e| e.into_inner());
+    let d = shared.delivery.lock().unwrap_or_else(|e| e.into_inner());
     for revs in d.revisions.values() {
         let mut sorted = revs.clone();
         sorted.sort();
@@ -315,19 +458,79 @@ async fn run_point(args: &Args, kind: &FrontKind, projects: usize) -> Result<Row
     }
     row.delivery = d.latencies.clone();
     drop(d);
+    row.progress_replies = shared.progress.load(Ordering::Relaxed);
     let res = results.lock().unwrap_or_else(|e| e.into_inner());
     row.write = res.0.clone();
-    row.writes_ok = res.1;
-    row.conflicts = res.2;
-    row.errors = res.3;
+    (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3);
     drop(res);
     row.etcd_watchers = metric(&etcd.metrics, "etcd_debugging_mvcc_watcher_total").await;
-    row.etcd_rss_mib = rss_kib(etcd.proc.pid()) as f64 / 1024.0;
-    row.front_rss_mib = front.proc.as_ref().map_or(0.0, |p| rss_kib(p.pid()) as f64 / 1024.0);
-    for (_, task) in streams {
-        task.abort();
-    }
+    row.etcd_streams = metric(&etcd.metrics, "etcd_debugging_mvcc_watch_stream_total").await;
+    row.etcd_conns = established_conns(etcd.port());
     Ok(row)
+}
+
+/// Samples RSS every half second; returns why the point must stop when the machine
+/// is about to run out of memory.
+async fn watchdog(etcd: u32, front: Option<u32>, peaks: &Peaks, min_available_mib: u64) -> String {
+    loop {
+        peaks.sample(etcd, front);
+        let available = mem_available_mib();
+        if available < min_available_mib {
+            return format!(
+                "out of memory: {available} MiB left on the machine (etcd {:.0} MiB, proxy {:.0} MiB, load generator {:.0} MiB)",
+                Peaks::mib(&peaks.etcd),
+                Peaks::mib(&peaks.front),
+                Peaks::mib(&peaks.loadgen)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One target at one scale point, on a fresh etcd.
+async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize) -> Outcome {
+    let peaks = Peaks::default();
+    let label = format!("{} {projects}p", kind.name());
+    let result = async {
+        let dir = tempfile::tempdir()?;
+        let etcd = start_etcd().await?;
+        let front = start_front(&etcd, kind, dir.path(), "[watch]\nstream_buffer = 100000\n").await?;
+        let front_pid = front.proc.as_ref().map(|p| p.pid());
+        tokio::select! {
+            row = load(args, &etcd, &front, model, projects, &label) => row,
+            reason = watchdog(etcd.proc.pid(), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
+        }
+    }
+    .await
+    .map_err(|e: Error| e.to_string());
+    let mut degraded = Vec::new();
+    match &result {
+        Err(e) => degraded.push(e.clone()),
+        Ok(r) => {
+            let bound = Duration::from_millis(args.p99_bound_ms);
+            for (what, v) in [("write", &r.write), ("delivery", &r.delivery)] {
+                if percentile(v, 0.99) > bound {
+                    degraded.push(format!("{what} p99 {} ms > {} ms", ms(percentile(v, 0.99)), args.p99_bound_ms));
+                }
+            }
+            let lost = r.expected.saturating_sub(r.delivered);
+            for (n, what) in [(r.errors, "errors"), (lost, "events lost"), (r.duplicates, "events duplicated")] {
+                if n > 0 {
+                    degraded.push(format!("{n} {what}"));
+                }
+            }
+        }
+    }
+    Outcome {
+        model,
+        projects,
+        target: kind.name(),
+        result,
+        degraded,
+        etcd_mib: Peaks::mib(&peaks.etcd),
+        front_mib: Peaks::mib(&peaks.front),
+        loadgen_mib: Peaks::mib(&peaks.loadgen),
+    }
 }
 
 /// The apiserver compactor: bump `compact_rev_key` in a txn, then compact.
@@ -353,9 +556,137 @@ async fn compact(ch: &Channel) {
     }
 }
 
+fn table_row(o: &Outcome) -> String {
+    let status = if o.degraded.is_empty() { "ok".to_string() } else { format!("**degraded**: {}", o.degraded.join("; ")) };
+    let mem = format!("{:.0} | {:.0} | {:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+    match &o.result {
+        Err(_) => format!("| {} | {status} | | | | | | | | | {mem} | | |", o.target),
+        Ok(r) => format!(
+            "| {} | {status} | {:.1?} | {} | {}/{}/{} ({:.0}/s) | {}/{} | {}/{} | {} / {} / {} | {} | {mem} | {:.0} | {:.0} |",
+            o.target,
+            r.setup,
+            ms(percentile(&r.list, 0.99)),
+            ms(percentile(&r.write, 0.5)),
+            ms(percentile(&r.write, 0.99)),
+            ms(percentile(&r.write, 0.999)),
+            r.write_throughput,
+            ms(percentile(&r.delivery, 0.5)),
+            ms(percentile(&r.delivery, 0.99)),
+            r.delivered,
+            r.expected,
+            r.etcd_watchers,
+            r.etcd_streams,
+            r.etcd_conns,
+            r.progress_replies,
+            r.front_cpu,
+            r.loadgen_cpu,
+        ),
+    }
+}
+
+/// Per (model, target): the largest scale point that held and the first that did not.
+fn ceilings(outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) -> String {
+    let mut s = String::new();
+    for &model in models {
+        for &target in targets {
+            let mut points: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.target == target).collect();
+            points.sort_by_key(|o| o.projects);
+            let first_bad = points.iter().find(|o| !o.degraded.is_empty());
+            let last_ok = points.iter().take_while(|o| o.degraded.is_empty()).last();
+            let line = match (last_ok, first_bad) {
+                (_, None) => format!("held at every point measured, up to {} projects", points.last().map_or(0, |o| o.projects)),
+                (Some(ok), Some(bad)) => format!("held up to {} projects; degraded at {}: {}", ok.projects, bad.projects, bad.degraded.join("; ")),
+                (None, Some(bad)) => format!("degraded already at {} projects: {}", bad.projects, bad.degraded.join("; ")),
+            };
+            let _ = writeln!(s, "- {target}, {}: {line}", model.name());
+        }
+    }
+    s
+}
+
+fn color(target: &str) -> RGBColor {
+    match target {
+        "etcd direct" => RGBColor(200, 40, 40),
+        "etcd grpc-proxy" => RGBColor(40, 80, 200),
+        _ => RGBColor(20, 150, 60),
+    }
+}
+
+/// The four charts: one line per (target, model), failed points left out except
+/// from the memory chart, where the peak before the failure is what it shows.
+fn plots(name: &str, outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) -> Result<Vec<(String, PathBuf)>, Error> {
+    type Value = fn(&Outcome) -> Option<f64>;
+    let charts: [(&str, &str, &str, Value); 4] = [
+        ("rss", "Memory: etcd + proxy peak RSS", "MiB", |o| Some(o.etcd_mib + o.front_mib)),
+        ("watchers", "Watchers in etcd", "etcd_debugging_mvcc_watcher_total", |o| o.result.as_ref().ok().map(|r| r.etcd_watchers)),
+        ("write-p99", "Write (optimistic txn) p99", "ms", |o| o.result.as_ref().ok().map(|r| percentile(&r.write, 0.99).as_secs_f64() * 1000.0)),
+        ("delivery-p99", "Watch event delivery p99", "ms", |o| o.result.as_ref().ok().map(|r| percentile(&r.delivery, 0.99).as_secs_f64() * 1000.0)),
+    ];
+    let mut written = Vec::new();
+    for (file, title, y_label, value) in charts {
+        let mut series = Vec::new();
+        for &model in models {
+            for &target in targets {
+                let mut points: Vec<(f64, f64)> = outcomes
+                    .iter()
+                    .filter(|o| o.model == model && o.target == target)
+                    .filter_map(|o| Some((o.projects as f64, value(o)?)))
+                    .collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let label = if models.len() > 1 { format!("{target} ({})", model.name()) } else { target.to_string() };
+                series.push(Series { label, color: color(target), dashed: model == Model::PerProject, points });
+            }
+        }
+        let stem = Path::new("loadtest/results").join(format!("{name}-{file}"));
+        let chart = Chart { title, x_label: "projects", y_label, series };
+        for path in plot::write(&stem, &chart)? {
+            written.push((title.to_string(), path));
+        }
+    }
+    Ok(written)
+}
+
+fn csv(outcomes: &[Outcome]) -> String {
+    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,etcd_watchers,etcd_watch_streams,etcd_conns,etcd_peak_rss_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct\n");
+    for o in outcomes {
+        let status = if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ").replace(',', " ") };
+        let head = format!("{:?},{},{},{status}", o.model, o.projects, o.target);
+        let mem = format!("{:.0},{:.0},{:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+        let _ = match &o.result {
+            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,{mem},,"),
+            Ok(r) => {
+                let p = |v: &[Duration], q| percentile(v, q).as_secs_f64() * 1000.0;
+                writeln!(
+                    s,
+                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{mem},{:.0},{:.0}",
+                    r.setup.as_secs_f64(),
+                    p(&r.list, 0.99),
+                    p(&r.write, 0.5),
+                    p(&r.write, 0.99),
+                    p(&r.write, 0.999),
+                    p(&r.delivery, 0.5),
+                    p(&r.delivery, 0.99),
+                    r.delivered,
+                    r.expected,
+                    r.duplicates,
+                    r.errors,
+                    r.etcd_watchers,
+                    r.etcd_streams,
+                    r.etcd_conns,
+                    r.front_cpu,
+                    r.loadgen_cpu
+                )
+            }
+        };
+    }
+    s
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
+    let max_projects = args.projects.iter().copied().max().unwrap_or(0) as u64;
+    let fd_limit = raise_fd_limit((max_projects * 2 + 10_000).max(65_536));
     let targets: Vec<FrontKind> = [FrontKind::Direct, FrontKind::GrpcProxy, FrontKind::Etcdmux(args.etcdmux.clone())]
         .into_iter()
         .filter(|k| {
@@ -367,60 +698,60 @@ async fn main() -> Result<(), Error> {
             args.targets.iter().any(|t| t == short)
         })
         .collect();
-    let mut report = String::new();
-    writeln!(report, "# Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux\n")?;
-    writeln!(report, "Machine: {}. Load generator on the same cores (its CPU is in the table).\n", machine())?;
-    writeln!(
-        report,
-        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, the compactor half way; connection model: {:?}. A target **degrades** when a write p99 exceeds {} ms, an error occurs, or an event is lost or duplicated.\n",
-        args.resources, args.objects, args.write_rate, args.duration_secs, args.model, args.p99_bound_ms
-    )?;
-    for &projects in &args.projects {
-        writeln!(report, "## {projects} projects ({} watches)\n", projects * args.resources)?;
-        writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | etcd watchers | etcd RSS MiB | proxy RSS MiB | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-        for kind in &targets {
-            eprintln!("apiload: {projects} projects, {}", kind.name());
-            match run_point(&args, kind, projects).await {
-                Ok(mut r) => {
+    let target_names: Vec<&'static str> = targets.iter().map(|k| k.name()).collect();
+    let mut outcomes = Vec::new();
+    for &model in &args.models {
+        for &projects in &args.projects {
+            for kind in &targets {
+                eprintln!("apiload: {} projects, {}, {}", projects, model.name(), kind.name());
+                let mut o = run_point(&args, kind, model, projects).await;
+                if let Ok(r) = &mut o.result {
                     for v in [&mut r.list, &mut r.write, &mut r.delivery] {
                         v.sort();
                     }
-                    let lost = r.expected.saturating_sub(r.delivered);
-                    let degraded = percentile(&r.write, 0.99) > Duration::from_millis(args.p99_bound_ms)
-                        || r.errors > 0
-                        || lost > 0
-                        || r.duplicates > 0;
-                    let status = if degraded {
-                        format!("degraded ({} errors, {lost} lost, {} duplicated)", r.errors, r.duplicates)
-                    } else {
-                        "ok".to_string()
-                    };
-                    writeln!(
-                        report,
-                        "| {} | {status} | {:.1?} | {} | {}/{}/{} | {}/{} | {}/{} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
-                        kind.name(),
-                        r.setup,
-                        ms(percentile(&r.list, 0.99)),
-                        ms(percentile(&r.write, 0.5)),
-                        ms(percentile(&r.write, 0.99)),
-                        ms(percentile(&r.write, 0.999)),
-                        ms(percentile(&r.delivery, 0.5)),
-                        ms(percentile(&r.delivery, 0.99)),
-                        r.delivered,
-                        r.expected,
-                        r.etcd_watchers,
-                        r.etcd_rss_mib,
-                        r.front_rss_mib,
-                        r.front_cpu,
-                        r.loadgen_cpu,
-                    )?;
                 }
-                Err(e) => writeln!(report, "| {} | failed: {e} | | | | | | | | | | |", kind.name())?,
+                eprintln!("apiload:   {}", if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ") });
+                outcomes.push(o);
             }
         }
-        writeln!(report)?;
+    }
+
+    let mut report = String::new();
+    writeln!(report, "# Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux\n")?;
+    writeln!(report, "Machine: {}. Open-file limit {fd_limit}. The load generator runs on the same cores (its CPU and RSS are in the tables).\n", machine())?;
+    writeln!(
+        report,
+        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, progress requests on a tenth of the streams every 200 writes, the compactor half way. Each target runs on a fresh etcd. A target **degrades** at a point when its write or delivery p99 exceeds {} ms, a request fails, an event is lost or duplicated, or the machine runs out of memory (less than {} MiB available).\n",
+        args.resources, args.objects, args.write_rate, args.duration_secs, args.p99_bound_ms, args.min_available_mib
+    )?;
+    writeln!(report, "## Where each target degrades\n\n{}", ceilings(&outcomes, &args.models, &target_names))?;
+    match plots(&args.name, &outcomes, &args.models, &target_names) {
+        Ok(paths) => {
+            writeln!(report, "## Plots\n\nSolid lines: one shared connection; dashed: one connection per project.\n")?;
+            for (title, path) in paths.iter().filter(|(_, p)| p.extension().is_some_and(|e| e == "svg")) {
+                let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                writeln!(report, "![{title}]({file})")?;
+            }
+            writeln!(report)?;
+        }
+        Err(e) => {
+            eprintln!("apiload: plots not written: {e}");
+            writeln!(report, "Plots were not written: {e}\n")?;
+        }
+    }
+    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak RSS of etcd, of the proxy and of the load generator; proxy CPU (etcd's for the direct target) and load generator CPU during the write load, in % of one core.\n")?;
+    for &model in &args.models {
+        for &projects in &args.projects {
+            writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
+            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | etcd watchers / streams / conns | progress replies | etcd MiB | proxy MiB | loadgen MiB | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            for o in outcomes.iter().filter(|o| o.model == model && o.projects == projects) {
+                writeln!(report, "{}", table_row(o))?;
+            }
+            writeln!(report)?;
+        }
     }
     let path = write_report(&args.name, &report)?;
+    std::fs::write(path.with_extension("csv"), csv(&outcomes))?;
     println!("{report}");
     eprintln!("apiload: report written to {}", path.display());
     Ok(())

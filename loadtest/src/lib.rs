@@ -9,6 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod plot;
+
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 pub fn free_port() -> u16 {
@@ -45,6 +47,12 @@ pub struct Etcd {
     pub url: String,
     pub metrics: String,
     _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
+    }
 }
 
 /// What sits between the load and etcd.
@@ -98,6 +106,57 @@ pub fn rss_kib(pid: u32) -> u64 {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
+}
+
+/// The machine's `MemAvailable`, in MiB.
+pub fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(u64::MAX, |kib| kib / 1024)
+}
+
+/// Established TCP connections whose local end is `port` on this machine: for an
+/// etcd on loopback, the connections into it.
+pub fn established_conns(port: u16) -> usize {
+    let local = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|s| {
+            s.lines()
+                .skip(1)
+                .filter(|l| {
+                    let mut f = l.split_whitespace().skip(1);
+                    let (local_addr, state) = (f.next().unwrap_or(""), f.nth(1).unwrap_or(""));
+                    format!("{local_addr} ").ends_with(&local) && state == "01"
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// Raises this process's open-file limit to `want` (or as far as allowed); children
+/// (etcd, the proxies) inherit it. One connection per project needs one descriptor
+/// per project on both ends.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        let raised = libc::rlimit { rlim_cur: want.max(lim.rlim_cur), rlim_max: want.max(lim.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return raised.rlim_cur;
+        }
+        // Not privileged: go as far as the hard limit.
+        let capped = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &capped) == 0 {
+            return capped.rlim_cur;
+        }
+        lim.rlim_cur
+    }
 }
 
 /// CPU time (user + system) a process has used so far.
