@@ -78,7 +78,7 @@ clean-run:
 	rm -rf .run
 
 ## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv)
-BENCH_PROJECTS ?= 100,1000,10000,30000
+BENCH_PROJECTS ?= 100,1000,10000,20000,30000
 BENCH_MODELS ?= shared,per-project
 bench: build
 	$(CARGO) build --release --locked -p etcdmux-loadtest

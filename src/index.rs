@@ -36,8 +36,9 @@ impl RootIndex {
     /// Records index keys that etcd now holds (after a committed write or a read).
     pub fn learn(&self, index_key: Bytes) {
         self.known.insert(index_key, ());
-        // Learning is rare (a slot's first write): settle the count so the gauge is exact.
-        self.known.run_pending_tasks();
+        // moka settles its count in the background; the gauge may lag by a few
+        // entries. Settling here (run_pending_tasks) would put eviction work on the
+        // request path, for every write once the cache is full.
         metrics::gauge!("etcdmux_root_index_cached").set(self.known.entry_count() as f64);
     }
 

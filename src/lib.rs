@@ -3,6 +3,7 @@
 //! rewrites keys into one shared tenant-embedded layout, and keeps a few upstream
 //! connections whatever the tenant count. See README.md for the map of modules.
 
+pub mod accept;
 pub mod codec;
 pub mod config;
 pub mod error;

@@ -5,7 +5,7 @@
 //! `grpc_request_duration_seconds{method}` (for streams: time to the response
 //! headers), `grpc_inflight{method}`, `request_errors_total{code}` (errors etcdmux
 //! raised itself), `upstream_errors_total{code}`, `upstream_retries_total`,
-//! `upstream_failovers_total`, `upstream_connections`, `root_index_cached`,
+//! `upstream_failovers_total`, `upstream_connections`, `root_index_cached`, `accept_errors_total`,
 //! `cross_root_ranges_total`, `cross_root_deletes_total`, `leases_granted_total`.
 //! No metric has a tenant label: with tens of thousands of tenants that would be a
 //! cardinality problem of its own.

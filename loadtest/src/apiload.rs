@@ -160,6 +160,15 @@ struct Outcome {
     loadgen_mib: f64,
 }
 
+impl Outcome {
+    /// The harness could not run this point on this machine (not the target's fault).
+    fn not_run(&self) -> bool {
+        self.result.as_ref().is_err_and(|e| e.starts_with(NOT_RUN))
+    }
+}
+
+const NOT_RUN: &str = "not run";
+
 fn key(p: usize, r: usize, o: usize) -> String {
     format!("/projects/p{p}/res{r}/default/obj{o}")
 }
@@ -363,19 +372,24 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     let mut lease_id = 0i64;
     let mut next_lease = Instant::now();
     let mut compacted = false;
+    // Lease grants and the compactor: their failures count as errors too.
+    let mut other_errors = 0;
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / args.write_rate.max(1)));
     for i in 0..total {
         tick.tick().await;
         pb.inc(1);
         if next_lease <= Instant::now() {
-            if let Ok(l) = LeaseClient::new(chan(0)).lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await {
-                lease_id = l.into_inner().id;
+            match LeaseClient::new(chan(0)).lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await {
+                Ok(l) => lease_id = l.into_inner().id,
+                Err(_) => other_errors += 1,
             }
             next_lease = Instant::now() + Duration::from_secs(5);
         }
         if !compacted && i >= total / 2 {
             compacted = true;
-            compact(&chan(0)).await;
+            if compact(&chan(0)).await.is_err() {
+                other_errors += 1;
+            }
         }
         if i % 200 == 0 {
             // The apiserver's consistent reads ask for progress on its streams.
@@ -461,12 +475,26 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     row.progress_replies = shared.progress.load(Ordering::Relaxed);
     let res = results.lock().unwrap_or_else(|e| e.into_inner());
     row.write = res.0.clone();
-    (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3);
+    (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
     drop(res);
     row.etcd_watchers = metric(&etcd.metrics, "etcd_debugging_mvcc_watcher_total").await;
     row.etcd_streams = metric(&etcd.metrics, "etcd_debugging_mvcc_watch_stream_total").await;
     row.etcd_conns = established_conns(etcd.port());
     Ok(row)
+}
+
+/// Open files a process needs besides one per project connection.
+const FD_MARGIN: u64 = 1000;
+
+/// An error with its sources: tonic's "transport error" alone says little.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let _ = write!(s, ": {inner}");
+        src = inner.source();
+    }
+    s
 }
 
 /// Samples RSS every half second; returns why the point must stop when the machine
@@ -488,13 +516,26 @@ async fn watchdog(etcd: u32, front: Option<u32>, peaks: &Peaks, min_available_mi
 }
 
 /// One target at one scale point, on a fresh etcd.
-async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize) -> Outcome {
+async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize, fd_limit: u64) -> Outcome {
+    // Give the previous point's memory back, so this point's peak is its own.
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe { libc::malloc_trim(0) };
     let peaks = Peaks::default();
     let label = format!("{} {projects}p", kind.name());
     let result = async {
+        let needed = match model {
+            Model::Shared => 0,
+            Model::PerProject => projects as u64 + FD_MARGIN,
+        };
+        if needed > fd_limit {
+            return Err(format!(
+                "{NOT_RUN}: {projects} connections need about {needed} open files in the load generator and in the server, and this machine's per-process limit is {fd_limit} (it could not be raised)"
+            )
+            .into());
+        }
         let dir = tempfile::tempdir()?;
         let etcd = start_etcd().await?;
-        let front = start_front(&etcd, kind, dir.path(), "[watch]\nstream_buffer = 100000\n").await?;
+        let front = start_front(&etcd, kind, dir.path(), "").await?;
         let front_pid = front.proc.as_ref().map(|p| p.pid());
         tokio::select! {
             row = load(args, &etcd, &front, model, projects, &label) => row,
@@ -502,7 +543,13 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize)
         }
     }
     .await
-    .map_err(|e: Error| e.to_string());
+    .map(|mut r: Row| {
+        for v in [&mut r.list, &mut r.write, &mut r.delivery] {
+            v.sort();
+        }
+        r
+    })
+    .map_err(|e: Error| chain(&*e));
     let mut degraded = Vec::new();
     match &result {
         Err(e) => degraded.push(e.clone()),
@@ -534,10 +581,9 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize)
 }
 
 /// The apiserver compactor: bump `compact_rev_key` in a txn, then compact.
-async fn compact(ch: &Channel) {
+async fn compact(ch: &Channel) -> Result<(), tonic::Status> {
     let mut kv = KvClient::new(ch.clone());
-    let Ok(cur) = kv.range(RangeRequest { key: b("compact_rev_key"), ..Default::default() }).await else { return };
-    let cur = cur.into_inner();
+    let cur = kv.range(RangeRequest { key: b("compact_rev_key"), ..Default::default() }).await?.into_inner();
     let version = cur.kvs.first().map_or(0, |kv| kv.version);
     let rev = cur.header.map_or(0, |h| h.revision);
     let txn = TxnRequest {
@@ -551,13 +597,19 @@ async fn compact(ch: &Channel) {
         success: vec![RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: b("compact_rev_key"), value: b(&rev.to_string()), ..Default::default() })) }],
         failure: vec![RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: b("compact_rev_key"), ..Default::default() })) }],
     };
-    if kv.txn(txn).await.is_ok() && rev > 1 {
-        let _ = kv.compact(CompactionRequest { revision: rev - 1, physical: false }).await;
+    // Another compactor winning the txn is not an error: it compacts instead.
+    if kv.txn(txn).await?.into_inner().succeeded && rev > 1 {
+        kv.compact(CompactionRequest { revision: rev - 1, physical: false }).await?;
     }
+    Ok(())
 }
 
 fn table_row(o: &Outcome) -> String {
-    let status = if o.degraded.is_empty() { "ok".to_string() } else { format!("**degraded**: {}", o.degraded.join("; ")) };
+    let status = match (o.degraded.is_empty(), o.not_run()) {
+        (true, _) => "ok".to_string(),
+        (false, true) => o.degraded.join("; "),
+        (false, false) => format!("**degraded**: {}", o.degraded.join("; ")),
+    };
     let mem = format!("{:.0} | {:.0} | {:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
     match &o.result {
         Err(_) => format!("| {} | {status} | | | | | | | | | {mem} | | |", o.target),
@@ -589,7 +641,8 @@ fn ceilings(outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) ->
     let mut s = String::new();
     for &model in models {
         for &target in targets {
-            let mut points: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.target == target).collect();
+            let (mut points, skipped): (Vec<&Outcome>, Vec<&Outcome>) =
+                outcomes.iter().filter(|o| o.model == model && o.target == target).partition(|o| !o.not_run());
             points.sort_by_key(|o| o.projects);
             let first_bad = points.iter().find(|o| !o.degraded.is_empty());
             let last_ok = points.iter().take_while(|o| o.degraded.is_empty()).last();
@@ -598,7 +651,9 @@ fn ceilings(outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) ->
                 (Some(ok), Some(bad)) => format!("held up to {} projects; degraded at {}: {}", ok.projects, bad.projects, bad.degraded.join("; ")),
                 (None, Some(bad)) => format!("degraded already at {} projects: {}", bad.projects, bad.degraded.join("; ")),
             };
-            let _ = writeln!(s, "- {target}, {}: {line}", model.name());
+            let skipped: Vec<String> = skipped.iter().map(|o| o.projects.to_string()).collect();
+            let skipped = if skipped.is_empty() { String::new() } else { format!(" (not measurable here at {} projects: see the table)", skipped.join(", ")) };
+            let _ = writeln!(s, "- {target}, {}: {line}{skipped}", model.name());
         }
     }
     s
@@ -686,7 +741,7 @@ fn csv(outcomes: &[Outcome]) -> String {
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
     let max_projects = args.projects.iter().copied().max().unwrap_or(0) as u64;
-    let fd_limit = raise_fd_limit((max_projects * 2 + 10_000).max(65_536));
+    let fd_limit = raise_fd_limit((max_projects + FD_MARGIN).max(65_536));
     let targets: Vec<FrontKind> = [FrontKind::Direct, FrontKind::GrpcProxy, FrontKind::Etcdmux(args.etcdmux.clone())]
         .into_iter()
         .filter(|k| {
@@ -704,12 +759,7 @@ async fn main() -> Result<(), Error> {
         for &projects in &args.projects {
             for kind in &targets {
                 eprintln!("apiload: {} projects, {}, {}", projects, model.name(), kind.name());
-                let mut o = run_point(&args, kind, model, projects).await;
-                if let Ok(r) = &mut o.result {
-                    for v in [&mut r.list, &mut r.write, &mut r.delivery] {
-                        v.sort();
-                    }
-                }
+                let o = run_point(&args, kind, model, projects, fd_limit).await;
                 eprintln!("apiload:   {}", if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ") });
                 outcomes.push(o);
             }

@@ -208,7 +208,11 @@ pub async fn start_etcd() -> Result<Etcd, Error> {
     Err("etcd did not become healthy".into())
 }
 
-/// Starts `kind` in front of `etcd`; `extra_toml` is appended to etcdmux's config.
+/// The config etcdmux runs with in the benchmarks.
+pub const MILO_CONFIG: &str = "config/milo.toml";
+
+/// Starts `kind` in front of `etcd`; `extra_toml` is appended to etcdmux's config
+/// ([`MILO_CONFIG`]).
 pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: &str) -> Result<Front, Error> {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -221,27 +225,16 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
             .spawn()
             .map_err(|e| format!("starting etcd grpc-proxy: {e}"))?,
         FrontKind::Etcdmux(bin) => {
+            // Milo's example config as shipped, with this run's addresses.
+            let base = std::fs::read_to_string(MILO_CONFIG)
+                .map_err(|e| format!("reading {MILO_CONFIG} (run from the repository root): {e}"))?;
             let config = dir.join(format!("etcdmux-{port}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    r#"
-[[listener]]
-addr = "127.0.0.1:{port}"
-[server]
-max_concurrent_streams = 1000000
-[upstream]
-endpoints = ["{}"]
-[tenancy]
-rule = [ {{ prefix = "/projects/{{tenant}}/" }}, {{ prefix = "/datum-core/", tenant = "root" }} ]
-{extra_toml}
-"#,
-                    etcd.url
-                ),
-            )?;
+            std::fs::write(&config, format!("{base}\n{extra_toml}\n"))?;
             Command::new(bin)
                 .arg("--config")
                 .arg(&config)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &etcd.url])
+                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

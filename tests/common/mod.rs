@@ -34,7 +34,7 @@ pub struct Etcd {
     running: bool,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
     l.local_addr().expect("local_addr").port()
 }
@@ -93,6 +93,12 @@ fn sum_metric(text: &str, name: &str) -> Option<f64> {
         }
     }
     found.then_some(sum)
+}
+
+/// Sum of the samples of metric `name` at `url`'s `/metrics` (etcd or etcdmux).
+pub fn scrape_metric(url: &str, name: &str) -> Option<f64> {
+    let (status, body) = http_get(&format!("{url}/metrics"), Duration::from_secs(5)).ok()?;
+    (status == 200).then(|| sum_metric(&body, name))?
 }
 
 impl Etcd {
