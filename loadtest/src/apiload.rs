@@ -39,7 +39,7 @@ use etcdmux::pb::etcdserverpb::{
 use etcdmux_loadtest::plot::{self, Chart, Series};
 use etcdmux_loadtest::{
     b, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile, prefix_end, raise_fd_limit,
-    rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind,
+    rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, MILO_CONFIG,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::style::RGBColor;
@@ -70,6 +70,9 @@ impl Model {
 struct Args {
     #[arg(long, default_value = "target/release/etcdmux")]
     etcdmux: PathBuf,
+    /// etcdmux's config; listener, upstream and metrics addresses are set per run.
+    #[arg(long, default_value = MILO_CONFIG)]
+    etcdmux_config: PathBuf,
     /// Project counts (scale points), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     projects: Vec<usize>,
@@ -123,6 +126,8 @@ struct Row {
     loadgen_cpu: f64,
     setup: Duration,
     write_throughput: f64,
+    /// The slowest writes and when they started, relative to the compactor.
+    slowest: String,
 }
 
 /// Highest RSS seen, in KiB, sampled by the watchdog.
@@ -362,7 +367,9 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     let t0 = shared.t0;
     let known = Arc::new(Mutex::new(known));
     let expected: Arc<Mutex<HashMap<(usize, usize), u64>>> = Arc::default();
-    let results: Arc<Mutex<(Vec<Duration>, u64, u64, u64)>> = Arc::default();
+    // Latencies, successes, conflicts, errors, (start offset, latency) per write.
+    type Results = (Vec<Duration>, u64, u64, u64, Vec<(Duration, Duration)>);
+    let results: Arc<Mutex<Results>> = Arc::default();
     let inflight = Arc::new(Semaphore::new(64));
     let front_pid = front.proc.as_ref().map_or(etcd.proc.pid(), |p| p.pid());
     let (front_cpu0, self_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()));
@@ -372,6 +379,7 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     let mut lease_id = 0i64;
     let mut next_lease = Instant::now();
     let mut compacted = false;
+    let mut compact_at = Duration::ZERO;
     // Lease grants and the compactor: their failures count as errors too.
     let mut other_errors = 0;
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / args.write_rate.max(1)));
@@ -387,6 +395,7 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
         }
         if !compacted && i >= total / 2 {
             compacted = true;
+            compact_at = load_start.elapsed();
             if compact(&chan(0)).await.is_err() {
                 other_errors += 1;
             }
@@ -426,6 +435,7 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
                 Ok(t) => {
                     let t = t.into_inner();
                     res.0.push(took);
+                    res.4.push((started - load_start, took));
                     if t.succeeded {
                         res.1 += 1;
                         *expected.lock().unwrap_or_else(|e| e.into_inner()).entry((p, r)).or_default() += 1;
@@ -475,6 +485,11 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     row.progress_replies = shared.progress.load(Ordering::Relaxed);
     let res = results.lock().unwrap_or_else(|e| e.into_inner());
     row.write = res.0.clone();
+    // When the slowest writes happened: a stall shows as several at one moment.
+    let mut slow = res.4.clone();
+    slow.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
+    let slow: Vec<String> = slow.iter().take(5).map(|(at, took)| format!("{} ms at {:.2} s", ms(*took), at.as_secs_f64())).collect();
+    row.slowest = format!("{} (compactor at {:.2} s)", slow.join(", "), compact_at.as_secs_f64());
     (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
     drop(res);
     row.etcd_watchers = metric(&etcd.metrics, "etcd_debugging_mvcc_watcher_total").await;
@@ -742,13 +757,13 @@ async fn main() -> Result<(), Error> {
     let args = Args::parse();
     let max_projects = args.projects.iter().copied().max().unwrap_or(0) as u64;
     let fd_limit = raise_fd_limit((max_projects + FD_MARGIN).max(65_536));
-    let targets: Vec<FrontKind> = [FrontKind::Direct, FrontKind::GrpcProxy, FrontKind::Etcdmux(args.etcdmux.clone())]
+    let targets: Vec<FrontKind> = [FrontKind::Direct, FrontKind::GrpcProxy, FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() }]
         .into_iter()
         .filter(|k| {
             let short = match k {
                 FrontKind::Direct => "direct",
                 FrontKind::GrpcProxy => "grpc-proxy",
-                FrontKind::Etcdmux(_) => "etcdmux",
+                FrontKind::Etcdmux { .. } => "etcdmux",
             };
             args.targets.iter().any(|t| t == short)
         })
@@ -794,8 +809,15 @@ async fn main() -> Result<(), Error> {
         for &projects in &args.projects {
             writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
             writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | etcd watchers / streams / conns | progress replies | etcd MiB | proxy MiB | loadgen MiB | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-            for o in outcomes.iter().filter(|o| o.model == model && o.projects == projects) {
+            let point: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.projects == projects).collect();
+            for o in &point {
                 writeln!(report, "{}", table_row(o))?;
+            }
+            writeln!(report, "\nSlowest writes (start time into the write load):\n")?;
+            for o in &point {
+                if let Ok(r) = &o.result {
+                    writeln!(report, "- {}: {}", o.target, r.slowest)?;
+                }
             }
             writeln!(report)?;
         }

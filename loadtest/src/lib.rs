@@ -62,8 +62,8 @@ pub enum FrontKind {
     Direct,
     /// etcd's own `grpc-proxy start`.
     GrpcProxy,
-    /// The etcdmux binary with Milo's rules.
-    Etcdmux(PathBuf),
+    /// The etcdmux binary (`bin`) with a config file (Milo's: [`MILO_CONFIG`]).
+    Etcdmux { bin: PathBuf, config: PathBuf },
 }
 
 impl FrontKind {
@@ -71,7 +71,7 @@ impl FrontKind {
         match self {
             FrontKind::Direct => "etcd direct",
             FrontKind::GrpcProxy => "etcd grpc-proxy",
-            FrontKind::Etcdmux(_) => "etcdmux",
+            FrontKind::Etcdmux { .. } => "etcdmux",
         }
     }
 }
@@ -211,8 +211,7 @@ pub async fn start_etcd() -> Result<Etcd, Error> {
 /// The config etcdmux runs with in the benchmarks.
 pub const MILO_CONFIG: &str = "config/milo.toml";
 
-/// Starts `kind` in front of `etcd`; `extra_toml` is appended to etcdmux's config
-/// ([`MILO_CONFIG`]).
+/// Starts `kind` in front of `etcd`; `extra_toml` is appended to etcdmux's config.
 pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: &str) -> Result<Front, Error> {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -224,10 +223,10 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting etcd grpc-proxy: {e}"))?,
-        FrontKind::Etcdmux(bin) => {
-            // Milo's example config as shipped, with this run's addresses.
-            let base = std::fs::read_to_string(MILO_CONFIG)
-                .map_err(|e| format!("reading {MILO_CONFIG} (run from the repository root): {e}"))?;
+        FrontKind::Etcdmux { bin, config } => {
+            // The config as shipped, with this run's addresses.
+            let base = std::fs::read_to_string(config)
+                .map_err(|e| format!("reading {} (run from the repository root): {e}", config.display()))?;
             let config = dir.join(format!("etcdmux-{port}.toml"));
             std::fs::write(&config, format!("{base}\n{extra_toml}\n"))?;
             Command::new(bin)

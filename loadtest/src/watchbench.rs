@@ -25,7 +25,7 @@ use bytes::Bytes;
 use clap::Parser;
 use etcdmux_loadtest::{
     b, machine, metric, ms, percentile, prefix_end, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front,
-    FrontKind,
+    FrontKind, MILO_CONFIG,
 };
 use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest, WatchCreateRequest,
@@ -114,7 +114,7 @@ impl Procs {
     async fn start(args: &Args) -> Result<Procs, Error> {
         let dir = tempfile::tempdir()?;
         let etcd = start_etcd().await?;
-        let mux = start_front(&etcd, &FrontKind::Etcdmux(args.etcdmux.clone()), dir.path(), "[watch]\nstream_buffer = 100000\n").await?;
+        let mux = start_front(&etcd, &FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: MILO_CONFIG.into() }, dir.path(), "[watch]\nstream_buffer = 100000\n").await?;
         let proxy = start_front(&etcd, &FrontKind::GrpcProxy, dir.path(), "").await?;
         Ok(Procs { etcd, mux, proxy, _dir: dir })
     }
