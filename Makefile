@@ -54,7 +54,7 @@ run: build
 
 ## test: unit and integration tests (each integration test starts its own etcd), then the benchmark in short mode
 test: deps
-	RUST_BACKTRACE=1 $(CARGO) test --locked --all-targets
+	RUST_BACKTRACE=1 $(CARGO) test --locked --workspace --all-targets
 	$(MAKE) bench-smoke
 
 ## check-config: validate the example configs
@@ -92,7 +92,7 @@ bench-smoke: deps
 	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
 	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
-	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --name api-smoke
+	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --check --name api-smoke
 
 ## soak: the differential and watch checkers with many more seeds
 soak: deps

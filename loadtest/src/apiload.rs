@@ -101,6 +101,10 @@ struct Args {
     min_available_mib: u64,
     #[arg(long, default_value = "api")]
     name: String,
+    /// Exit non-zero when a request failed or an event was lost or duplicated (CI's
+    /// smoke run; latency and memory limits are reported, not checked).
+    #[arg(long)]
+    check: bool,
     /// Targets to run, comma-separated: direct, grpc-proxy, etcdmux.
     #[arg(long, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
     targets: Vec<String>,
@@ -565,24 +569,10 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         r
     })
     .map_err(|e: Error| chain(&*e));
-    let mut degraded = Vec::new();
-    match &result {
-        Err(e) => degraded.push(e.clone()),
-        Ok(r) => {
-            let bound = Duration::from_millis(args.p99_bound_ms);
-            for (what, v) in [("write", &r.write), ("delivery", &r.delivery)] {
-                if percentile(v, 0.99) > bound {
-                    degraded.push(format!("{what} p99 {} ms > {} ms", ms(percentile(v, 0.99)), args.p99_bound_ms));
-                }
-            }
-            let lost = r.expected.saturating_sub(r.delivered);
-            for (n, what) in [(r.errors, "errors"), (lost, "events lost"), (r.duplicates, "events duplicated")] {
-                if n > 0 {
-                    degraded.push(format!("{n} {what}"));
-                }
-            }
-        }
-    }
+    let degraded = match &result {
+        Err(e) => vec![e.clone()],
+        Ok(r) => degraded(r, Duration::from_millis(args.p99_bound_ms)),
+    };
     Outcome {
         model,
         projects,
@@ -593,6 +583,36 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         front_mib: Peaks::mib(&peaks.front),
         loadgen_mib: Peaks::mib(&peaks.loadgen),
     }
+}
+
+/// Why a measured point counts as degraded (empty: it held).
+fn degraded(r: &Row, bound: Duration) -> Vec<String> {
+    let mut why = Vec::new();
+    for (what, v) in [("write", &r.write), ("delivery", &r.delivery)] {
+        // On a sorted copy: the first run of this benchmark judged unsorted samples
+        // and called a 102 ms p99 "ok".
+        let mut sorted = v.clone();
+        sorted.sort();
+        let p99 = percentile(&sorted, 0.99);
+        if p99 > bound {
+            why.push(format!("{what} p99 {} ms > {} ms", ms(p99), bound.as_millis()));
+        }
+    }
+    for (n, what) in [(r.errors, "errors"), (r.expected.saturating_sub(r.delivered), "events lost"), (r.duplicates, "events duplicated")] {
+        if n > 0 {
+            why.push(format!("{n} {what}"));
+        }
+    }
+    why
+}
+
+/// Failures that are bugs, not load: what `--check` turns into a non-zero exit.
+fn correctness_failures(o: &Outcome) -> Option<String> {
+    let r = o.result.as_ref().ok()?;
+    let lost = r.expected.saturating_sub(r.delivered);
+    (r.errors > 0 || lost > 0 || r.duplicates > 0).then(|| {
+        format!("{} at {} projects ({}): {} errors, {lost} events lost, {} duplicated", o.target, o.projects, o.model.name(), r.errors, r.duplicates)
+    })
 }
 
 /// The apiserver compactor: bump `compact_rev_key` in a txn, then compact.
@@ -826,5 +846,72 @@ async fn main() -> Result<(), Error> {
     std::fs::write(path.with_extension("csv"), csv(&outcomes))?;
     println!("{report}");
     eprintln!("apiload: report written to {}", path.display());
+    let failures: Vec<String> = outcomes.iter().filter_map(correctness_failures).collect();
+    if args.check && !failures.is_empty() {
+        return Err(format!("apiload --check: {}", failures.join("; ")).into());
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms_list(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    fn row(write: &[u64], expected: u64, delivered: u64, duplicates: u64) -> Row {
+        Row { write: ms_list(write), delivery: ms_list(&[1, 1, 1]), expected, delivered, duplicates, ..Default::default() }
+    }
+
+    fn outcome(target: &'static str, projects: usize, result: Result<Row, String>) -> Outcome {
+        let degraded = match &result {
+            Ok(r) => degraded(r, Duration::from_millis(100)),
+            Err(e) => vec![e.clone()],
+        };
+        Outcome { model: Model::Shared, projects, target, result, degraded, etcd_mib: 0.0, front_mib: 0.0, loadgen_mib: 0.0 }
+    }
+
+    #[test]
+    fn a_point_degrades_on_tail_latency_loss_and_duplicates() {
+        assert!(degraded(&row(&[1, 2, 3], 5, 5, 0), Duration::from_millis(100)).is_empty());
+        let slow = degraded(&row(&[1, 2, 300], 5, 5, 0), Duration::from_millis(100));
+        assert_eq!(slow, vec!["write p99 300.00 ms > 100 ms".to_string()]);
+        assert_eq!(degraded(&row(&[1], 5, 4, 0), Duration::from_millis(100)), vec!["1 events lost".to_string()]);
+        assert_eq!(degraded(&row(&[1], 5, 5, 2), Duration::from_millis(100)), vec!["2 events duplicated".to_string()]);
+    }
+
+    #[test]
+    fn the_p99_is_judged_on_sorted_samples() {
+        assert!(!degraded(&row(&[300, 1, 2], 1, 1, 0), Duration::from_millis(100)).is_empty());
+    }
+
+    #[test]
+    fn ceilings_name_the_first_failing_point_and_skip_what_could_not_run() {
+        let outcomes = vec![
+            outcome("etcdmux", 100, Ok(row(&[1], 1, 1, 0))),
+            outcome("etcdmux", 1000, Ok(row(&[1], 1, 1, 0))),
+            outcome("etcd direct", 100, Ok(row(&[1], 1, 1, 0))),
+            outcome("etcd direct", 1000, Err("out of memory: 900 MiB left".into())),
+            outcome("etcdmux", 30000, Err(format!("{NOT_RUN}: open files"))),
+        ];
+        let text = ceilings(&outcomes, &[Model::Shared], &["etcd direct", "etcdmux"]);
+        assert!(text.contains("- etcd direct, shared connection: held up to 100 projects; degraded at 1000: out of memory: 900 MiB left"), "{text}");
+        assert!(text.contains("- etcdmux, shared connection: held at every point measured, up to 1000 projects (not measurable here at 30000 projects"), "{text}");
+    }
+
+    #[test]
+    fn check_fails_only_on_correctness() {
+        assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[500], 3, 3, 0)))).is_none(), "slow is not a bug");
+        assert!(correctness_failures(&outcome("etcdmux", 10, Err("out of memory".into()))).is_none());
+        assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[1], 3, 2, 0)))).is_some());
+    }
+
+    #[test]
+    fn error_chains_keep_the_cause() {
+        let io = std::io::Error::other("Too many open files");
+        let e: Error = Box::new(tonic::Status::from_error(Box::new(io)));
+        assert!(chain(&*e).contains("Too many open files"), "{}", chain(&*e));
+    }
 }

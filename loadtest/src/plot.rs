@@ -116,3 +116,29 @@ where
     root.present().map_err(|e| e.to_string())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_svg_and_png_with_log_axes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chart = Chart {
+            title: "test",
+            x_label: "projects",
+            y_label: "MiB",
+            series: vec![
+                Series { label: "a".into(), color: RGBColor(200, 0, 0), dashed: false, points: vec![(100.0, 50.0), (30000.0, 3000.0)] },
+                // A zero cannot sit on a log axis: it is left out, not a panic.
+                Series { label: "b".into(), color: RGBColor(0, 0, 200), dashed: true, points: vec![(100.0, 0.0), (1000.0, 7.0)] },
+            ],
+        };
+        let paths = write(&dir.path().join("chart"), &chart).expect("chart written (needs fonts-dejavu-core)");
+        assert_eq!(paths.len(), 2);
+        let svg = std::fs::read_to_string(&paths[0]).expect("svg");
+        assert!(svg.contains("<svg") && svg.contains("projects"));
+        let png = std::fs::read(&paths[1]).expect("png");
+        assert_eq!(&png[1..4], b"PNG");
+    }
+}
