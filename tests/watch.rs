@@ -44,6 +44,18 @@ fn mux_toml(ring_events: usize, stream_buffer: usize) -> String {
     )
 }
 
+/// An in-process etcdmux whose upstream is `relay` (so tests can cut it), with the
+/// watch settings of [`mux_toml`]; returns it and its client URL.
+async fn start_mux_via(relay: &Relay, ring_events: usize, stream_buffer: usize) -> (etcdmux::server::Running, String) {
+    let mut cfg = etcdmux::config::Config::parse(&mux_toml(ring_events, stream_buffer), "watch test").unwrap();
+    cfg.upstream.endpoints = vec![relay.url.clone()];
+    cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
+    cfg.validate().unwrap();
+    let running = etcdmux::server::start(cfg).await.unwrap();
+    let url = format!("http://{}", running.addrs[0]);
+    (running, url)
+}
+
 fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
@@ -370,12 +382,7 @@ async fn run_checker(seed: u64, fault: Fault) {
     common::init_tracing();
     let mut etcd = common::Etcd::start();
     let relay = Relay::start(&etcd.client_url).await;
-    let mut cfg = etcdmux::config::Config::parse(&mux_toml(12, 4096), "watch test").unwrap();
-    cfg.upstream.endpoints = vec![relay.url.clone()];
-    cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
-    cfg.validate().unwrap();
-    let running = etcdmux::server::start(cfg).await.unwrap();
-    let mux_url = format!("http://{}", running.addrs[0]);
+    let (running, mux_url) = start_mux_via(&relay, 12, 4096).await;
 
     let truth = Arc::new(Mutex::new(Truth::default()));
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
@@ -876,12 +883,7 @@ async fn require_leader_streams_end_when_etcd_has_no_leader() {
 async fn hub_resume_at_a_compacted_revision_cancels_only_affected_watchers() {
     let etcd = common::Etcd::start();
     let relay = Relay::start(&etcd.client_url).await;
-    let mut cfg = etcdmux::config::Config::parse(&mux_toml(100, 64), "compaction test").unwrap();
-    cfg.upstream.endpoints = vec![relay.url.clone()];
-    cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
-    cfg.validate().unwrap();
-    let running = etcdmux::server::start(cfg).await.unwrap();
-    let url = format!("http://{}", running.addrs[0]);
+    let (running, url) = start_mux_via(&relay, 100, 64).await;
     let mut direct = KvClient::connect(etcd.client_url.clone()).await.unwrap();
     let mut s = TestStream::open(&url).await;
     let now = current_rev(&mut direct).await;
