@@ -8,8 +8,8 @@
 //! `net/http` server (and so etcd), counts `etcdmux_accept_errors_total` and warns
 //! once per streak of errors.
 
-use std::pin::Pin;
 use std::future::Future;
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -80,7 +80,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pauses_after_errors_and_resets_after_success() {
-        let items: Vec<Result<u32, String>> = vec![Err("emfile".into()), Err("emfile".into()), Err("emfile".into()), Ok(7), Err("emfile".into()), Ok(8)];
+        let items: Vec<Result<u32, String>> =
+            vec![Err("emfile".into()), Err("emfile".into()), Err("emfile".into()), Ok(7), Err("emfile".into()), Ok(8)];
         let mut s = Backoff::new(futures::stream::iter(items));
         let start = tokio::time::Instant::now();
         assert_eq!(s.next().await, Some(Ok(7)));

@@ -293,7 +293,11 @@ impl Config {
         if self.upstream.connections == 0 {
             return bad("upstream.connections must be at least 1".into());
         }
-        if self.watch.ring_events == 0 || self.watch.stream_buffer == 0 || self.watch.replay_batch == 0 || self.watch.max_catchups == 0 {
+        if self.watch.ring_events == 0
+            || self.watch.stream_buffer == 0
+            || self.watch.replay_batch == 0
+            || self.watch.max_catchups == 0
+        {
             return bad("watch.ring_events, stream_buffer, replay_batch and max_catchups must be at least 1".into());
         }
         if self.upstream.max_txn_ops < 2 {
@@ -311,9 +315,7 @@ impl Config {
         }
         for g in &self.tenancy.global_keys {
             if g.is_empty() || g.starts_with(p.as_str()) || g.starts_with(m.as_str()) {
-                return bad(format!(
-                    "global key {g:?} is empty or lies inside etcdmux's own key space ({p:?}, {m:?})"
-                ));
+                return bad(format!("global key {g:?} is empty or lies inside etcdmux's own key space ({p:?}, {m:?})"));
             }
         }
         crate::tenant::Resolver::new(self).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
@@ -344,8 +346,7 @@ mod tests {
         assert!(Config::parse("bogus = 1", "x").is_err(), "unknown fields are refused");
         let overlap = Config::parse("[layout]\nprefix = \"/a\"\nmeta_prefix = \"/a/meta\"", "x").unwrap();
         assert!(overlap.validate().is_err());
-        let global_inside =
-            Config::parse("[tenancy]\nglobal_keys = [\"/registry/x\"]", "x").unwrap();
+        let global_inside = Config::parse("[tenancy]\nglobal_keys = [\"/registry/x\"]", "x").unwrap();
         assert!(global_inside.validate().is_err());
     }
 }

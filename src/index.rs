@@ -62,7 +62,13 @@ impl Proxy {
     /// Reads tenant `t`'s index at `revision` (0 = now).
     pub async fn read_index(&self, ctx: &CallCtx, t: &TenantName, revision: i64) -> Result<IndexSnapshot> {
         let range = self.layout.index_range(t);
-        let req = RangeRequest { key: range.key, range_end: range.range_end, keys_only: true, revision, ..Default::default() };
+        let req = RangeRequest {
+            key: range.key,
+            range_end: range.range_end,
+            keys_only: true,
+            revision,
+            ..Default::default()
+        };
         let resp = self
             .upstream
             .call(ctx, Retry::Safe, |ch| {

@@ -173,7 +173,8 @@ impl KeyLayout {
     pub fn decode(&self, up: &Bytes) -> Option<(TenantName, Bytes)> {
         if let Some(x) = up.strip_prefix(&self.prefix[..]).and_then(|x| x.strip_prefix(b"/")) {
             let (root_len, tenant_start) = self.parse_slash(x)?;
-            let rel_tenant_end = x[tenant_start..].iter().position(|&b| b == b'/').map_or(x.len(), |i| tenant_start + i);
+            let rel_tenant_end =
+                x[tenant_start..].iter().position(|&b| b == b'/').map_or(x.len(), |i| tenant_start + i);
             let tenant = tenant_from(&x[tenant_start..rel_tenant_end])?;
             let mut key = BytesMut::with_capacity(1 + root_len + (x.len() - rel_tenant_end));
             key.put_u8(b'/');
@@ -290,8 +291,7 @@ impl KeyLayout {
             Root::Slash { name, single: false } => {
                 let lo = cat(&[b"/", &name, b"/"]);
                 let hi = prefix_end(&lo);
-                let inside = start.as_ref() >= lo.as_ref()
-                    && matches!(end, End::Key(e) if e.as_ref() <= hi.as_ref());
+                let inside = start.as_ref() >= lo.as_ref() && matches!(end, End::Key(e) if e.as_ref() <= hi.as_ref());
                 if inside {
                     return self.slash_interval(t, &name, start, end);
                 }
@@ -309,7 +309,13 @@ impl KeyLayout {
     /// that may hold the tenant's keys (an over-approximation is fine). Pieces are
     /// disjoint; their union holds exactly the tenant's keys in the range. Results
     /// must be merged in tenant-key order, as roots interleave (`/a` < `/a!x` < `/a/x`).
-    pub fn plan<'s>(&self, t: &TenantName, start: &Bytes, end: &End, slots: impl IntoIterator<Item = &'s Slot>) -> Vec<Piece> {
+    pub fn plan<'s>(
+        &self,
+        t: &TenantName,
+        start: &Bytes,
+        end: &End,
+        slots: impl IntoIterator<Item = &'s Slot>,
+    ) -> Vec<Piece> {
         if let Some(p) = self.plan_fast(t, start, end) {
             return vec![p];
         }
@@ -451,8 +457,15 @@ mod tests {
     // roots, dots, slashes, prefix ends and 0xff collide often.
     fn key_strategy() -> impl Strategy<Value = Vec<u8>> {
         let byte = prop_oneof![
-            Just(b'/'), Just(b'.'), Just(b'a'), Just(b'b'), Just(b'0'), Just(b'!'),
-            Just(0u8), Just(0xffu8), any::<u8>()
+            Just(b'/'),
+            Just(b'.'),
+            Just(b'a'),
+            Just(b'b'),
+            Just(b'0'),
+            Just(b'!'),
+            Just(0u8),
+            Just(0xffu8),
+            any::<u8>()
         ];
         prop::collection::vec(byte, 1..12)
     }

@@ -19,8 +19,8 @@ use crate::index::RootIndex;
 use crate::keylayout::{slot_of, Piece};
 use crate::pb::etcdserverpb::{
     compare, kv_server::Kv, range_request::SortOrder, range_request::SortTarget, request_op, response_op,
-    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
 use crate::pb::mvccpb::KeyValue;
 use crate::proxy::Proxy;
@@ -247,10 +247,8 @@ impl Proxy {
         } else {
             // The slot's first key (as far as this process knows): record the slot
             // in the same transaction, so no replica can miss it.
-            let txn = TxnRequest {
-                success: vec![RootIndex::put_op(index_key.clone()), put_op(req)],
-                ..Default::default()
-            };
+            let txn =
+                TxnRequest { success: vec![RootIndex::put_op(index_key.clone()), put_op(req)], ..Default::default() };
             let resp = self.up_txn(ctx, &txn, Retry::OnlyUnsent).await?;
             self.index.learn(index_key);
             match resp.responses.into_iter().nth(1).and_then(|r| r.response) {
@@ -275,7 +273,12 @@ impl Proxy {
         Ok(self.upstream.kv_call(ctx, retry, req, |mut c, r| async move { c.txn(r).await }).await?)
     }
 
-    pub async fn delete_range(&self, scope: &Scope, ctx: &CallCtx, mut req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+    pub async fn delete_range(
+        &self,
+        scope: &Scope,
+        ctx: &CallCtx,
+        mut req: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse> {
         let (tenant, start, end) = match self.resolver.resolve_range(scope, &req.key, &req.range_end)? {
             RangeRef::Raw { key, range_end, global } => {
                 if global {
@@ -340,7 +343,10 @@ impl Proxy {
     }
 
     async fn up_delete(&self, ctx: &CallCtx, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
-        Ok(self.upstream.kv_call(ctx, Retry::OnlyUnsent, req, |mut c, r| async move { c.delete_range(r).await }).await?)
+        Ok(self
+            .upstream
+            .kv_call(ctx, Retry::OnlyUnsent, req, |mut c, r| async move { c.delete_range(r).await })
+            .await?)
     }
 
     pub async fn compact(&self, scope: &Scope, ctx: &CallCtx, req: CompactionRequest) -> Result<CompactionResponse> {

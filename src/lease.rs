@@ -76,10 +76,17 @@ impl Proxy {
         }
     }
 
-    pub async fn lease_grant(&self, scope: &Scope, ctx: &CallCtx, req: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+    pub async fn lease_grant(
+        &self,
+        scope: &Scope,
+        ctx: &CallCtx,
+        req: LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse> {
         tracing::Span::current().record("tenant", scope.principal.as_str());
-        let resp =
-            self.upstream.lease_call(ctx, Retry::OnlyUnsent, &req, |mut c, r| async move { c.lease_grant(r).await }).await?;
+        let resp = self
+            .upstream
+            .lease_call(ctx, Retry::OnlyUnsent, &req, |mut c, r| async move { c.lease_grant(r).await })
+            .await?;
         if !resp.error.is_empty() {
             return Ok(resp);
         }
@@ -89,11 +96,15 @@ impl Proxy {
             lease: resp.id,
             ..Default::default()
         };
-        let written = self.upstream.kv_call(ctx, Retry::OnlyUnsent, &record, |mut c, r| async move { c.put(r).await }).await;
+        let written =
+            self.upstream.kv_call(ctx, Retry::OnlyUnsent, &record, |mut c, r| async move { c.put(r).await }).await;
         if let Err(e) = written {
             // A lease nobody owns would only be usable by the admin: take it back.
             let revoke = LeaseRevokeRequest { id: resp.id };
-            let _ = self.upstream.lease_call(ctx, Retry::Safe, &revoke, |mut c, r| async move { c.lease_revoke(r).await }).await;
+            let _ = self
+                .upstream
+                .lease_call(ctx, Retry::Safe, &revoke, |mut c, r| async move { c.lease_revoke(r).await })
+                .await;
             return Err(e.into());
         }
         self.leases.cache.insert(resp.id, scope.principal.clone()).await;
@@ -101,7 +112,12 @@ impl Proxy {
         Ok(resp)
     }
 
-    pub async fn lease_revoke(&self, scope: &Scope, ctx: &CallCtx, req: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+    pub async fn lease_revoke(
+        &self,
+        scope: &Scope,
+        ctx: &CallCtx,
+        req: LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse> {
         self.check_lease(scope, ctx, req.id).await?;
         let resp =
             self.upstream.lease_call(ctx, Retry::Safe, &req, |mut c, r| async move { c.lease_revoke(r).await }).await?;
@@ -138,7 +154,12 @@ impl Proxy {
         Ok(resp)
     }
 
-    pub async fn lease_leases(&self, scope: &Scope, ctx: &CallCtx, req: LeaseLeasesRequest) -> Result<LeaseLeasesResponse> {
+    pub async fn lease_leases(
+        &self,
+        scope: &Scope,
+        ctx: &CallCtx,
+        req: LeaseLeasesRequest,
+    ) -> Result<LeaseLeasesResponse> {
         let mut resp =
             self.upstream.lease_call(ctx, Retry::Safe, &req, |mut c, r| async move { c.lease_leases(r).await }).await?;
         if self.resolver.is_admin(scope) {
@@ -146,7 +167,8 @@ impl Proxy {
         }
         let range = self.layout.lease_owner_range();
         let owners = RangeRequest { key: range.key, range_end: range.range_end, ..Default::default() };
-        let owners = self.upstream.kv_call(ctx, Retry::Safe, &owners, |mut c, r| async move { c.range(r).await }).await?;
+        let owners =
+            self.upstream.kv_call(ctx, Retry::Safe, &owners, |mut c, r| async move { c.range(r).await }).await?;
         let mine: std::collections::HashSet<i64> = owners
             .kvs
             .iter()

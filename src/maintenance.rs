@@ -16,12 +16,12 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Result;
 use crate::pb::etcdserverpb::{
-    alarm_request::AlarmAction, cluster_server::Cluster, maintenance_server::Maintenance, AlarmRequest,
-    AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
-    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
-    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
-    MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    alarm_request::AlarmAction, cluster_server::Cluster, maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
+    DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
+    HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
+    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
+    MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use crate::proxy::Proxy;
 use crate::tenant::Scope;
@@ -46,7 +46,8 @@ macro_rules! admin_forward {
         let fut = async {
             $self.proxy.resolver.require_admin(&$self.scope, $what)?;
             let msg = $req.into_inner();
-            let resp = $self.proxy.upstream.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
+            let resp =
+                $self.proxy.upstream.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
             Ok::<_, crate::error::Error>(resp)
         };
         crate::kv::answer($service, stringify!($method), fut).await
@@ -63,16 +64,22 @@ impl Maintenance for MaintenanceService {
         if AlarmAction::try_from(msg.action) != Ok(AlarmAction::Get) {
             self.proxy.resolver.require_admin(&self.scope, "changing alarms")?;
         }
-        let resp =
-            self.proxy.upstream.maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.alarm(r).await }).await?;
+        let resp = self
+            .proxy
+            .upstream
+            .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.alarm(r).await })
+            .await?;
         Ok(Response::new(resp))
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let msg = req.into_inner();
-        let mut resp =
-            self.proxy.upstream.maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.status(r).await }).await?;
+        let mut resp = self
+            .proxy
+            .upstream
+            .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.status(r).await })
+            .await?;
         resp.version = self.proxy.cfg.server.advertised_version.clone();
         Ok(Response::new(resp))
     }
@@ -131,7 +138,10 @@ impl Cluster for ClusterService {
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
         admin_forward!(self, req, "cluster", cluster_call, member_update, "MemberUpdate", Retry::OnlyUnsent)
     }
-    async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+    async fn member_promote(
+        &self,
+        req: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
         admin_forward!(self, req, "cluster", cluster_call, member_promote, "MemberPromote", Retry::OnlyUnsent)
     }
 

@@ -45,14 +45,30 @@ pub struct GrpcMetrics<S> {
 /// client cannot grow the label set.
 fn method_label(path: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "/etcdserverpb.KV/Range", "/etcdserverpb.KV/Put", "/etcdserverpb.KV/DeleteRange", "/etcdserverpb.KV/Txn",
-        "/etcdserverpb.KV/Compact", "/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseGrant",
-        "/etcdserverpb.Lease/LeaseRevoke", "/etcdserverpb.Lease/LeaseKeepAlive", "/etcdserverpb.Lease/LeaseTimeToLive",
-        "/etcdserverpb.Lease/LeaseLeases", "/etcdserverpb.Maintenance/Status", "/etcdserverpb.Maintenance/Alarm",
-        "/etcdserverpb.Maintenance/Defragment", "/etcdserverpb.Maintenance/Hash", "/etcdserverpb.Maintenance/HashKV",
-        "/etcdserverpb.Maintenance/Snapshot", "/etcdserverpb.Maintenance/MoveLeader", "/etcdserverpb.Maintenance/Downgrade",
-        "/etcdserverpb.Cluster/MemberList", "/etcdserverpb.Cluster/MemberAdd", "/etcdserverpb.Cluster/MemberRemove",
-        "/etcdserverpb.Cluster/MemberUpdate", "/etcdserverpb.Cluster/MemberPromote",
+        "/etcdserverpb.KV/Range",
+        "/etcdserverpb.KV/Put",
+        "/etcdserverpb.KV/DeleteRange",
+        "/etcdserverpb.KV/Txn",
+        "/etcdserverpb.KV/Compact",
+        "/etcdserverpb.Watch/Watch",
+        "/etcdserverpb.Lease/LeaseGrant",
+        "/etcdserverpb.Lease/LeaseRevoke",
+        "/etcdserverpb.Lease/LeaseKeepAlive",
+        "/etcdserverpb.Lease/LeaseTimeToLive",
+        "/etcdserverpb.Lease/LeaseLeases",
+        "/etcdserverpb.Maintenance/Status",
+        "/etcdserverpb.Maintenance/Alarm",
+        "/etcdserverpb.Maintenance/Defragment",
+        "/etcdserverpb.Maintenance/Hash",
+        "/etcdserverpb.Maintenance/HashKV",
+        "/etcdserverpb.Maintenance/Snapshot",
+        "/etcdserverpb.Maintenance/MoveLeader",
+        "/etcdserverpb.Maintenance/Downgrade",
+        "/etcdserverpb.Cluster/MemberList",
+        "/etcdserverpb.Cluster/MemberAdd",
+        "/etcdserverpb.Cluster/MemberRemove",
+        "/etcdserverpb.Cluster/MemberUpdate",
+        "/etcdserverpb.Cluster/MemberPromote",
     ];
     KNOWN.iter().find(|k| **k == path).copied().unwrap_or("other")
 }

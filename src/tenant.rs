@@ -176,9 +176,7 @@ impl Resolver {
                 }
                 (None, Some(i)) => {
                     if &p[i..] != "{tenant}/" || !p[..i].ends_with('/') {
-                        return invalid(format!(
-                            "tenant rule {p:?}: {{tenant}} must be the last path segment"
-                        ));
+                        return invalid(format!("tenant rule {p:?}: {{tenant}} must be the last path segment"));
                     }
                     patterns += 1;
                     rules.push(Rule::Pattern { literal: Bytes::copy_from_slice(&p.as_bytes()[..i]) });
@@ -258,10 +256,7 @@ impl Resolver {
         if &scope.principal == tenant || self.is_admin(scope) {
             Ok(())
         } else {
-            Err(Error::PermissionDenied(format!(
-                "identity {} may not access keys of tenant {tenant}",
-                scope.principal
-            )))
+            Err(Error::PermissionDenied(format!("identity {} may not access keys of tenant {tenant}", scope.principal)))
         }
     }
 
@@ -358,10 +353,9 @@ impl Resolver {
             Some(KeyRef::Tenant { tenant: t2, key: end }) if t2 == tenant => {
                 Ok(RangeRef::Tenant { tenant, start, end: End::Key(end) })
             }
-            Some(KeyRef::Tenant { tenant: t2, .. }) => Err(Error::CrossTenant {
-                from: tenant.to_string(),
-                to: t2.to_string(),
-            }),
+            Some(KeyRef::Tenant { tenant: t2, .. }) => {
+                Err(Error::CrossTenant { from: tenant.to_string(), to: t2.to_string() })
+            }
             _ => Err(Error::CrossTenant {
                 from: tenant.to_string(),
                 to: format!("unmatched key {}", String::from_utf8_lossy(range_end)),
@@ -491,7 +485,10 @@ mod tests {
             r.resolve_key(&s, &b("/datum-core/pods/x")).unwrap(),
             KeyRef::Tenant { tenant: t("root"), key: b("/pods/x") }
         );
-        assert_eq!(r.resolve_key(&s, &b("compact_rev_key")).unwrap(), KeyRef::Raw { key: b("compact_rev_key"), global: true });
+        assert_eq!(
+            r.resolve_key(&s, &b("compact_rev_key")).unwrap(),
+            KeyRef::Raw { key: b("compact_rev_key"), global: true }
+        );
         assert!(matches!(r.resolve_key(&s, &b("/other/x")), Err(Error::Unmatched(_))));
         assert!(matches!(r.resolve_key(&s, &b("/projects/p1")), Err(Error::Unmatched(_))));
         assert!(matches!(r.resolve_key(&s, &b("/projects//x")), Err(Error::InvalidTenant { .. })));
@@ -526,7 +523,10 @@ mod tests {
         let (r, _) = milo();
         let s = r.scope(Some("tenant-a")).unwrap();
         assert_eq!(r.resolve_key(&s, &b("foo")).unwrap(), KeyRef::Tenant { tenant: t("tenant-a"), key: b("foo") });
-        assert_eq!(r.resolve_key(&s, &b("compact_rev_key")).unwrap(), KeyRef::Raw { key: b("compact_rev_key"), global: true });
+        assert_eq!(
+            r.resolve_key(&s, &b("compact_rev_key")).unwrap(),
+            KeyRef::Raw { key: b("compact_rev_key"), global: true }
+        );
         assert_eq!(
             r.resolve_range(&s, &b("\0"), &b("\0")).unwrap(),
             RangeRef::Tenant { tenant: t("tenant-a"), start: b("\0"), end: End::Unbounded }
@@ -539,7 +539,11 @@ mod tests {
 
     #[test]
     fn passthrough_cannot_reach_owned_space() {
-        let cfg = Config::parse("[tenancy]\nunmatched = \"passthrough\"\nrule = [ { prefix = \"/projects/{tenant}/\" } ]", "t").unwrap();
+        let cfg = Config::parse(
+            "[tenancy]\nunmatched = \"passthrough\"\nrule = [ { prefix = \"/projects/{tenant}/\" } ]",
+            "t",
+        )
+        .unwrap();
         let r = Resolver::new(&cfg).unwrap();
         let s = r.scope(None).unwrap();
         assert!(r.resolve_key(&s, &b("/free/key")).is_ok());
@@ -555,9 +559,7 @@ mod tests {
             assert!(TenantName::new(bad).is_err(), "{bad:?}");
         }
         assert!(TenantName::new("project-1.example").is_ok());
-        let rule = |p: &str| {
-            Config::parse(&format!("[tenancy]\nrule = [ {{ prefix = {p:?} }} ]"), "t").unwrap()
-        };
+        let rule = |p: &str| Config::parse(&format!("[tenancy]\nrule = [ {{ prefix = {p:?} }} ]"), "t").unwrap();
         assert!(Resolver::new(&rule("/projects/{tenant}/x/")).is_err());
         assert!(Resolver::new(&rule("projects/{tenant}/")).is_err());
         assert!(Resolver::new(&rule("/projects/")).is_err());

@@ -25,8 +25,8 @@ use crate::keylayout::{slot_of, Slot};
 use crate::kv::{index_unchanged_since, sort_kvs};
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::{
-    request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, RangeRequest,
-    RangeResponse, RequestOp, ResponseOp, TxnRequest, TxnResponse,
+    request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, RangeRequest, RangeResponse,
+    RequestOp, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proxy::Proxy;
 use crate::tenant::{ClientPrefix, KeyRef, RangeRef, Scope, TenantName};
@@ -35,11 +35,23 @@ use crate::upstream::{CallCtx, Retry};
 /// One client op and the upstream ops it became.
 enum OpPlan {
     /// Upstream ranges whose answers merge into the client's one.
-    Range { pieces: Vec<RangeRequest>, orig: RangeRequest },
+    Range {
+        pieces: Vec<RangeRequest>,
+        orig: RangeRequest,
+    },
     /// `index_key` is the slot's index key when this process does not know it exists.
-    Put { req: PutRequest, index_key: Option<Bytes> },
-    Delete { pieces: Vec<DeleteRangeRequest> },
-    Txn { compare: Vec<Compare>, success: Branch, failure: Branch },
+    Put {
+        req: PutRequest,
+        index_key: Option<Bytes>,
+    },
+    Delete {
+        pieces: Vec<DeleteRangeRequest>,
+    },
+    Txn {
+        compare: Vec<Compare>,
+        success: Branch,
+        failure: Branch,
+    },
 }
 
 #[derive(Default)]
@@ -374,15 +386,8 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(BTreeSet<Bytes>, Intervals)> {
     let dup = || Error::Upstream(tonic::Status::invalid_argument("etcdserver: duplicate key given in txn request"));
     // etcd's interval: [key, range_end), or the point [key, key+"\0") when range_end
     // is empty; an empty end elsewhere means "no end" in its affine comparison.
-    let hits = |dels: &Intervals, k: &Bytes| {
-        dels.iter().any(|(b, e)| {
-            if e.is_empty() {
-                b == k
-            } else {
-                b <= k && k < e
-            }
-        })
-    };
+    let hits =
+        |dels: &Intervals, k: &Bytes| dels.iter().any(|(b, e)| if e.is_empty() { b == k } else { b <= k && k < e });
     let mut dels: Intervals = reqs
         .iter()
         .filter_map(|r| match &r.request {

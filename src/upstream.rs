@@ -169,7 +169,9 @@ impl Upstream {
     }
 
     pub fn maintenance(&self, ch: Channel) -> MaintenanceClient<Channel> {
-        MaintenanceClient::new(ch).max_decoding_message_size(self.max_message).max_encoding_message_size(self.max_message)
+        MaintenanceClient::new(ch)
+            .max_decoding_message_size(self.max_message)
+            .max_encoding_message_size(self.max_message)
     }
 
     pub fn cluster(&self, ch: Channel) -> ClusterClient<Channel> {
@@ -208,7 +210,9 @@ impl Upstream {
             let status = match res {
                 Ok(resp) => return Ok(resp.into_inner()),
                 // tonic's own timer (from the propagated grpc-timeout) can fire first.
-                Err(s) if s.code() == Code::Cancelled && Instant::now() >= ctx.deadline => return Err(deadline_exceeded()),
+                Err(s) if s.code() == Code::Cancelled && Instant::now() >= ctx.deadline => {
+                    return Err(deadline_exceeded())
+                }
                 Err(s) => s,
             };
             let unsent = is_connect_error(&status);
@@ -239,10 +243,7 @@ impl Upstream {
     fn fail_over(&self, failed: usize) {
         let n = self.endpoints.len();
         if n > 1
-            && self
-                .current
-                .compare_exchange(failed, (failed + 1) % n, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+            && self.current.compare_exchange(failed, (failed + 1) % n, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
             tracing::warn!(from = %self.urls[failed], to = %self.urls[(failed + 1) % n], "upstream endpoint unreachable, failing over");
             metrics::counter!("etcdmux_upstream_failovers_total").increment(1);

@@ -31,14 +31,22 @@ async fn errors_match_etcd_and_write_nothing() {
     let etcd = common::Etcd::start();
     let direct_etcd = common::Etcd::start();
     let mux = common::start_mux(&etcd, common::MILO_TOML).await;
-    let mut m = KvClient::connect(mux.url.clone()).await.unwrap().max_decoding_message_size(8 << 20).max_encoding_message_size(8 << 20);
+    let mut m = KvClient::connect(mux.url.clone())
+        .await
+        .unwrap()
+        .max_decoding_message_size(8 << 20)
+        .max_encoding_message_size(8 << 20);
     let mut d = KvClient::connect(direct_etcd.client_url.clone()).await.unwrap().max_encoding_message_size(8 << 20);
     let mut raw = KvClient::connect(etcd.client_url.clone()).await.unwrap();
 
     // Some history, then a compaction, on both sides.
     for i in 0..5 {
-        m.put(PutRequest { key: b("/projects/p/pods/ns/a"), value: b(&i.to_string()), ..Default::default() }).await.unwrap();
-        d.put(PutRequest { key: b("/projects/p/pods/ns/a"), value: b(&i.to_string()), ..Default::default() }).await.unwrap();
+        m.put(PutRequest { key: b("/projects/p/pods/ns/a"), value: b(&i.to_string()), ..Default::default() })
+            .await
+            .unwrap();
+        d.put(PutRequest { key: b("/projects/p/pods/ns/a"), value: b(&i.to_string()), ..Default::default() })
+            .await
+            .unwrap();
     }
     m.compact(CompactionRequest { revision: 4, physical: true }).await.unwrap();
     d.compact(CompactionRequest { revision: 4, physical: true }).await.unwrap();
@@ -47,9 +55,22 @@ async fn errors_match_etcd_and_write_nothing() {
     // Same request, same error as etcd.
     let same: Vec<(&str, PutRequest)> = vec![
         ("empty key", PutRequest { key: Bytes::new(), value: b("v"), ..Default::default() }),
-        ("value over etcd's request limit", PutRequest { key: b("/projects/p/pods/ns/big"), value: Bytes::from(vec![b'x'; 1_600_000]), ..Default::default() }),
-        ("unknown lease", PutRequest { key: b("/projects/p/pods/ns/l"), value: b("v"), lease: 0x1234, ..Default::default() }),
-        ("ignore_value on a missing key", PutRequest { key: b("/projects/p/pods/ns/none"), ignore_value: true, ..Default::default() }),
+        (
+            "value over etcd's request limit",
+            PutRequest {
+                key: b("/projects/p/pods/ns/big"),
+                value: Bytes::from(vec![b'x'; 1_600_000]),
+                ..Default::default()
+            },
+        ),
+        (
+            "unknown lease",
+            PutRequest { key: b("/projects/p/pods/ns/l"), value: b("v"), lease: 0x1234, ..Default::default() },
+        ),
+        (
+            "ignore_value on a missing key",
+            PutRequest { key: b("/projects/p/pods/ns/none"), ignore_value: true, ..Default::default() },
+        ),
     ];
     for (what, req) in same {
         let via_mux = err(m.put(req.clone()).await);
@@ -59,31 +80,80 @@ async fn errors_match_etcd_and_write_nothing() {
     let ranges: Vec<(&str, RangeRequest)> = vec![
         ("empty key", RangeRequest { key: Bytes::new(), range_end: b("\0"), ..Default::default() }),
         ("compacted revision", RangeRequest { key: b("/projects/p/pods/ns/a"), revision: 2, ..Default::default() }),
-        ("future revision", RangeRequest { key: b("/projects/p/pods/ns/a"), revision: 1_000_000, ..Default::default() }),
-        ("compacted revision across roots", RangeRequest { key: b("/projects/p/"), range_end: b("/projects/p0"), revision: 2, ..Default::default() }),
-        ("future revision across roots", RangeRequest { key: b("/projects/p/"), range_end: b("/projects/p0"), revision: 1_000_000, ..Default::default() }),
+        (
+            "future revision",
+            RangeRequest { key: b("/projects/p/pods/ns/a"), revision: 1_000_000, ..Default::default() },
+        ),
+        (
+            "compacted revision across roots",
+            RangeRequest { key: b("/projects/p/"), range_end: b("/projects/p0"), revision: 2, ..Default::default() },
+        ),
+        (
+            "future revision across roots",
+            RangeRequest {
+                key: b("/projects/p/"),
+                range_end: b("/projects/p0"),
+                revision: 1_000_000,
+                ..Default::default()
+            },
+        ),
     ];
     for (what, req) in ranges {
         let via_mux = err(m.range(req.clone()).await);
         let direct = err(d.range(req).await);
         assert_eq!(via_mux, direct, "{what}");
     }
-    let (code, msg) = err(m.range(RangeRequest { key: b("/projects/p/pods/ns/a"), revision: 2, ..Default::default() }).await);
+    let (code, msg) =
+        err(m.range(RangeRequest { key: b("/projects/p/pods/ns/a"), revision: 2, ..Default::default() }).await);
     assert_eq!((code, msg.as_str()), (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"));
 
     // A value too large for any gRPC server is refused by etcdmux before etcd.
-    let huge = PutRequest { key: b("/projects/p/pods/ns/huge"), value: Bytes::from(vec![b'x'; 4 << 20]), ..Default::default() };
+    let huge = PutRequest {
+        key: b("/projects/p/pods/ns/huge"),
+        value: Bytes::from(vec![b'x'; 4 << 20]),
+        ..Default::default()
+    };
     let (code, _) = err(m.put(huge).await);
     assert!(matches!(code, Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{code:?}");
 
     // etcdmux's own refusals: clear codes and messages naming the problem.
     let own: Vec<(&str, RangeRequest, Code, &str)> = vec![
-        ("unmatched key", RangeRequest { key: b("/elsewhere/x"), ..Default::default() }, Code::InvalidArgument, "matches no tenant rule"),
-        ("cross-tenant range", RangeRequest { key: b("/projects/p/a"), range_end: b("/projects/q/a"), ..Default::default() }, Code::InvalidArgument, "may not span tenants"),
-        ("empty tenant", RangeRequest { key: b("/projects//pods/x"), ..Default::default() }, Code::InvalidArgument, "invalid tenant name"),
-        ("reserved tenant", RangeRequest { key: b("/projects/root/pods/x"), ..Default::default() }, Code::InvalidArgument, "reserved"),
-        ("non-UTF-8 tenant", RangeRequest { key: Bytes::from_static(b"/projects/\xff/pods/x"), ..Default::default() }, Code::InvalidArgument, "UTF-8"),
-        ("control character", RangeRequest { key: b("/projects/a\nb/pods/x"), ..Default::default() }, Code::InvalidArgument, "control character"),
+        (
+            "unmatched key",
+            RangeRequest { key: b("/elsewhere/x"), ..Default::default() },
+            Code::InvalidArgument,
+            "matches no tenant rule",
+        ),
+        (
+            "cross-tenant range",
+            RangeRequest { key: b("/projects/p/a"), range_end: b("/projects/q/a"), ..Default::default() },
+            Code::InvalidArgument,
+            "may not span tenants",
+        ),
+        (
+            "empty tenant",
+            RangeRequest { key: b("/projects//pods/x"), ..Default::default() },
+            Code::InvalidArgument,
+            "invalid tenant name",
+        ),
+        (
+            "reserved tenant",
+            RangeRequest { key: b("/projects/root/pods/x"), ..Default::default() },
+            Code::InvalidArgument,
+            "reserved",
+        ),
+        (
+            "non-UTF-8 tenant",
+            RangeRequest { key: Bytes::from_static(b"/projects/\xff/pods/x"), ..Default::default() },
+            Code::InvalidArgument,
+            "UTF-8",
+        ),
+        (
+            "control character",
+            RangeRequest { key: b("/projects/a\nb/pods/x"), ..Default::default() },
+            Code::InvalidArgument,
+            "control character",
+        ),
     ];
     for (what, req, code, text) in own {
         let (c, msg) = err(m.range(req.clone()).await);
@@ -97,7 +167,8 @@ async fn errors_match_etcd_and_write_nothing() {
 
     // Nothing above was written; the server still serves.
     assert_eq!(revision(&mut raw).await, before, "a refused request wrote something");
-    let ok = m.range(RangeRequest { key: b("/projects/p/pods/ns/a"), ..Default::default() }).await.unwrap().into_inner();
+    let ok =
+        m.range(RangeRequest { key: b("/projects/p/pods/ns/a"), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(ok.kvs[0].value, b("4"));
 }
 

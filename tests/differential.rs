@@ -14,8 +14,8 @@ mod common;
 
 use bytes::Bytes;
 use etcdmux::pb::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, response_op, CompactionRequest, Compare,
-    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
+    compare, kv_client::KvClient, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest,
+    RangeRequest, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -275,7 +275,12 @@ async fn run(mux_toml: &str, prefix: &[u8], keys: &'static [&'static [u8]], seed
     // Tenant-closed upstream: etcd A holds only layout and index keys.
     let mut raw = KvClient::connect(etcd_a.client_url.clone()).await.expect("connect etcd A");
     let all = raw
-        .range(RangeRequest { key: Bytes::from_static(b"\0"), range_end: Bytes::from_static(b"\0"), keys_only: true, ..Default::default() })
+        .range(RangeRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
+            keys_only: true,
+            ..Default::default()
+        })
         .await
         .expect("raw range")
         .into_inner();

@@ -164,7 +164,8 @@ impl JsonParser<'_> {
             }
             _ => {
                 let start = self.i;
-                while self.i < self.s.len() && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                while self.i < self.s.len() && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
                     self.i += 1;
                 }
                 assert!(self.i > start, "unexpected byte {:?} at {}", self.s[start] as char, start);
@@ -302,11 +303,7 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> Option<Output
 /// The `Error: ...` line etcdctl ends with on failure.
 fn error_line(stderr: &[u8]) -> String {
     let s = text(stderr);
-    s.lines()
-        .rev()
-        .find(|l| l.starts_with("Error:"))
-        .unwrap_or_else(|| panic!("no Error: line in {s:?}"))
-        .to_string()
+    s.lines().rev().find(|l| l.starts_with("Error:")).unwrap_or_else(|| panic!("no Error: line in {s:?}")).to_string()
 }
 
 fn text(o: &[u8]) -> String {
@@ -371,7 +368,9 @@ impl Pair {
 }
 
 fn kv_keys(j: &Json) -> Vec<String> {
-    j.get("kvs").map(|k| k.arr().iter().map(|kv| kv.get("key").unwrap().str().to_string()).collect()).unwrap_or_default()
+    j.get("kvs")
+        .map(|k| k.arr().iter().map(|kv| kv.get("key").unwrap().str().to_string()).collect())
+        .unwrap_or_default()
 }
 
 fn revision(j: &Json) -> i128 {
@@ -399,10 +398,7 @@ async fn kv_commands_match_direct_etcd() {
 
         assert_eq!(p.same(&["get", WEB]), format!("{WEB}\nv2\n"));
         p.same(&["get", "/projects/demo/pods/default/missing"]);
-        assert_eq!(
-            p.same(&["get", "--prefix", DEMO]),
-            format!("{CM}\nc1\n{WEB}\nv2\n{WEB2}\nw1\n")
-        );
+        assert_eq!(p.same(&["get", "--prefix", DEMO]), format!("{CM}\nc1\n{WEB}\nv2\n{WEB2}\nw1\n"));
         assert_eq!(p.same(&["get", "--prefix", "--keys-only", DEMO]), format!("{CM}\n\n{WEB}\n\n{WEB2}\n\n"));
         p.same(&["get", "--prefix", "--print-value-only", DEMO]);
         p.same(&["get", "--from-key", "/projects/demo/pods"]);
@@ -508,8 +504,13 @@ async fn lease_commands_match_direct_etcd() {
 
             let j = Json::parse(&etcdctl_ok(ep, &["lease", "timetolive", "--keys", &id, "-w", "json"]));
             assert_eq!(j.get("granted-ttl").map(Json::num), Some(60), "{ep}: {j:?}");
-            let mut keys: Vec<String> =
-                j.get("keys").unwrap().arr().iter().map(|k| String::from_utf8(base64_decode(k.str())).unwrap()).collect();
+            let mut keys: Vec<String> = j
+                .get("keys")
+                .unwrap()
+                .arr()
+                .iter()
+                .map(|k| String::from_utf8(base64_decode(k.str())).unwrap())
+                .collect();
             keys.sort();
             assert_eq!(keys, vec![NS.to_string(), WEB.to_string()], "{ep}");
 
@@ -708,7 +709,11 @@ impl WatchProc {
         let deadline = Instant::now() + limit;
         while !self.stdout().contains(needle) {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("etcdctl watch exited ({status}) before {needle:?}: {}{}", self.stdout(), text(&self.err.lock().unwrap()));
+                panic!(
+                    "etcdctl watch exited ({status}) before {needle:?}: {}{}",
+                    self.stdout(),
+                    text(&self.err.lock().unwrap())
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -754,8 +759,7 @@ async fn watch_live_events_match_direct_etcd() {
             p.same(&["put", WEB, &format!("s{round}")]);
             std::thread::sleep(Duration::from_millis(200));
             let seen = |w: &WatchProc| w.stdout().contains("sentinel") || w.stdout().contains(WEB);
-            if live.iter().all(|(a, b)| seen(a) && seen(b))
-            {
+            if live.iter().all(|(a, b)| seen(a) && seen(b)) {
                 break;
             }
             assert!(Instant::now() < deadline, "watchers never started");
@@ -822,7 +826,9 @@ fn history_mismatches(ep: &str) -> Vec<String> {
     let other_expected =
         "PUT\n/projects/other/pods/default/web\nother-secret\nPUT\n/projects/other/configmaps/default/cm\nother-cm\n";
     let mut failures = Vec::new();
-    for (prefix, expected, last) in [(DEMO, demo_expected.as_str(), "demo-2"), ("/projects/other/", other_expected, "other-cm")] {
+    for (prefix, expected, last) in
+        [(DEMO, demo_expected.as_str(), "demo-2"), ("/projects/other/", other_expected, "other-cm")]
+    {
         let w = WatchProc::start(ep, &["--prefix", "--rev", "2", prefix]);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !w.stdout().contains(last) && Instant::now() < deadline {

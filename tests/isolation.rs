@@ -178,10 +178,7 @@ async fn leases_belong_to_their_tenant() {
     }
 
     // a sees its lease with its keys in its own form, and can keep it alive.
-    let ttl = a
-        .lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()))
-        .await
-        .unwrap();
+    let ttl = a.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.unwrap();
     let ks: Vec<String> = ttl.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
     assert_eq!(ks, vec!["/pods/ns/leased"]);
     let (mut keeper, mut stream) = a.lease_keep_alive(lease).await.unwrap();

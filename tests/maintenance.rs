@@ -157,7 +157,8 @@ async fn admin_runs_maintenance_on_milo_listener() {
 
     let rev = c.status().await.unwrap().header().unwrap().revision();
     c.compact(rev, None).await.expect("admin compacts");
-    let (code, msg) = status_of(direct.get("/registry/", Some(GetOptions::new().with_revision(rev - 1))).await, "old rev");
+    let (code, msg) =
+        status_of(direct.get("/registry/", Some(GetOptions::new().with_revision(rev - 1))).await, "old rev");
     assert_eq!(code, Code::OutOfRange, "compaction reached etcd: {msg}");
     c.defragment().await.expect("admin defragments");
 
@@ -186,7 +187,8 @@ async fn admin_runs_maintenance_on_milo_listener() {
 async fn member_list_names_etcdmux() {
     common::init_tracing();
     let etcd = Etcd::start();
-    let mux = common::start_mux(&etcd, &with_server_section(&format!("advertise_client_urls = [\"{ADVERTISED}\"]"))).await;
+    let mux =
+        common::start_mux(&etcd, &with_server_section(&format!("advertise_client_urls = [\"{ADVERTISED}\"]"))).await;
     let mut c = common::client(&mux.url).await;
     let mut direct = common::client(&etcd.client_url).await;
     let ml = c.member_list().await.unwrap();

@@ -48,7 +48,12 @@ async fn out_of_file_descriptors_backs_off_and_recovers() {
         env!("CARGO_BIN_EXE_etcdmux"),
         etcd.client_url
     );
-    let mux = Mux(Command::new("sh").args(["-c", &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting etcdmux"));
+    let mux = Mux(Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting etcdmux"));
     wait_for_port(port);
     let url = format!("http://127.0.0.1:{port}");
     let metrics = format!("http://127.0.0.1:{metrics_port}");

@@ -81,7 +81,11 @@ fn with_timeout<T>(msg: T, t: Duration) -> Request<T> {
 }
 
 fn put_req(k: &str, v: &str) -> PutRequest {
-    PutRequest { key: Bytes::copy_from_slice(k.as_bytes()), value: Bytes::copy_from_slice(v.as_bytes()), ..Default::default() }
+    PutRequest {
+        key: Bytes::copy_from_slice(k.as_bytes()),
+        value: Bytes::copy_from_slice(v.as_bytes()),
+        ..Default::default()
+    }
 }
 
 fn get_req(k: &str) -> RangeRequest {
@@ -104,7 +108,10 @@ async fn fails_over_from_a_dead_first_endpoint() {
         let put = c.put(with_timeout(put_req(&key, &format!("v{i}")), Duration::from_secs(5)));
         bounded(Duration::from_secs(10), "put", put).await.unwrap_or_else(|s| panic!("put {i}: {s:?}"));
         let get = c.range(with_timeout(get_req(&key), Duration::from_secs(5)));
-        let r = bounded(Duration::from_secs(10), "get", get).await.unwrap_or_else(|s| panic!("get {i}: {s:?}")).into_inner();
+        let r = bounded(Duration::from_secs(10), "get", get)
+            .await
+            .unwrap_or_else(|s| panic!("get {i}: {s:?}"))
+            .into_inner();
         assert_eq!(r.kvs.len(), 1, "get {i}");
         assert_eq!(r.kvs[0].value, format!("v{i}").as_bytes());
         assert_eq!(r.kvs[0].key, key.as_bytes());
@@ -186,13 +193,15 @@ async fn all_endpoints_dead_fails_quickly() {
         }),
     ] {
         let start = Instant::now();
-        let err = bounded(Duration::from_secs(15), "get without deadline", c.range(req)).await.expect_err("no etcd answered");
+        let err =
+            bounded(Duration::from_secs(15), "get without deadline", c.range(req)).await.expect_err("no etcd answered");
         assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
         assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
     }
     // Writes too.
     let start = Instant::now();
-    let err = bounded(Duration::from_secs(15), "put", c.put(put_req("/projects/p/pods/ns/a", "v"))).await.expect_err("put");
+    let err =
+        bounded(Duration::from_secs(15), "put", c.put(put_req("/projects/p/pods/ns/a", "v"))).await.expect_err("put");
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
 }
@@ -375,7 +384,12 @@ async fn default_deadline_ends_calls_to_a_silent_upstream() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     holder.join().unwrap();
     let wrong: Vec<&String> = answers.iter().filter(|a| *a != "DeadlineExceeded: context deadline exceeded").collect();
-    assert!(wrong.is_empty(), "{} of {} calls did not end with DEADLINE_EXCEEDED: {wrong:?}", wrong.len(), answers.len());
+    assert!(
+        wrong.is_empty(),
+        "{} of {} calls did not end with DEADLINE_EXCEEDED: {wrong:?}",
+        wrong.len(),
+        answers.len()
+    );
 }
 
 /// A TCP relay in front of `target` that can cut every connection at once and stop
@@ -436,9 +450,10 @@ async fn read_in_flight_when_etcd_dies_is_retried() {
     let (_mux, url) = start_with(MILO_TOML, vec![x.url.clone(), y.client_url.clone()]).await;
     let mut c = kv(&url).await;
 
-    let get = tokio::spawn(async move {
-        c.range(with_timeout(get_req("/projects/p/pods/ns/a"), Duration::from_secs(8))).await
-    });
+    let get =
+        tokio::spawn(
+            async move { c.range(with_timeout(get_req("/projects/p/pods/ns/a"), Duration::from_secs(8))).await },
+        );
     // Wait until the read is stuck in X, then X dies.
     let deadline = Instant::now() + Duration::from_secs(5);
     while fake.timeouts_for(b"/registry/pods/clusters/p/ns/a").is_empty() {

@@ -112,7 +112,9 @@ async fn record_truth(url: String, truth: Arc<Mutex<Truth>>, stop: tokio_watch::
             progress_notify: true,
             ..Default::default()
         };
-        tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await.unwrap();
+        tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) })
+            .await
+            .unwrap();
         let Ok(resp) = client.watch(ReceiverStream::new(rx)).await else { continue };
         let mut stream = resp.into_inner();
         let mut stop = stop.clone();
@@ -150,11 +152,8 @@ struct Spec {
 
 impl Spec {
     fn wants(&self, e: &Ev) -> bool {
-        let in_range = if self.range_end.is_empty() {
-            e.key == self.key
-        } else {
-            e.key >= self.key && e.key < self.range_end
-        };
+        let in_range =
+            if self.range_end.is_empty() { e.key == self.key } else { e.key >= self.key && e.key < self.range_end };
         in_range && e.rev >= self.start && !(if e.delete { self.no_delete } else { self.no_put })
     }
 
@@ -208,7 +207,10 @@ impl TestStream {
             watch_id: spec.id,
             ..Default::default()
         };
-        self.tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await.unwrap();
+        self.tx
+            .send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) })
+            .await
+            .unwrap();
         self.specs.push(spec);
     }
 
@@ -216,7 +218,8 @@ impl TestStream {
     async fn progress(&mut self, etcd_rev: i64) -> i64 {
         let pos = self.log.lock().unwrap().len();
         self.progress_asks.push((pos, etcd_rev));
-        let p = WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) };
+        let p =
+            WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) };
         self.tx.send(p).await.unwrap();
         for _ in 0..600 {
             {
@@ -255,7 +258,8 @@ fn check_stream(s: &TestStream, truth: &[Ev], final_rev: i64) {
         last_header = last_header.max(h);
     }
     for spec in &s.specs {
-        let expected: Vec<Ev> = truth.iter().filter(|e| e.rev <= final_rev && spec.wants(e)).map(|e| spec.shape(e)).collect();
+        let expected: Vec<Ev> =
+            truth.iter().filter(|e| e.rev <= final_rev && spec.wants(e)).map(|e| spec.shape(e)).collect();
         let mut got: Vec<Ev> = Vec::new();
         let mut seen_revs: BTreeMap<i64, usize> = BTreeMap::new();
         let mut created = false;
@@ -288,16 +292,27 @@ fn check_stream(s: &TestStream, truth: &[Ev], final_rev: i64) {
         }
         assert!(created, "watcher {} never created", spec.id);
         match cancel {
-            None => assert_eq!(
-                got, expected,
-                "watcher {} ({:?}): stream differs from etcd's history",
-                spec.id, spec
-            ),
+            None => assert_eq!(got, expected, "watcher {} ({:?}): stream differs from etcd's history", spec.id, spec),
             Some(c) => {
-                assert!(c.compact_revision > 0, "watcher {} cancelled without compaction: {:?}", spec.id, c.cancel_reason);
-                assert!(got.len() <= expected.len() && got[..] == expected[..got.len()], "watcher {}: not a prefix before its compacted cancel", spec.id);
+                assert!(
+                    c.compact_revision > 0,
+                    "watcher {} cancelled without compaction: {:?}",
+                    spec.id,
+                    c.cancel_reason
+                );
+                assert!(
+                    got.len() <= expected.len() && got[..] == expected[..got.len()],
+                    "watcher {}: not a prefix before its compacted cancel",
+                    spec.id
+                );
                 let next = got.last().map_or(spec.start, |e| e.rev + 1);
-                assert!(next <= c.compact_revision, "watcher {}: compacted at {} but had reached {}", spec.id, c.compact_revision, next);
+                assert!(
+                    next <= c.compact_revision,
+                    "watcher {}: compacted at {} but had reached {}",
+                    spec.id,
+                    c.compact_revision,
+                    next
+                );
             }
         }
     }
@@ -312,7 +327,8 @@ fn check_stream(s: &TestStream, truth: &[Ev], final_rev: i64) {
             if log[..i].iter().any(|x| x.watch_id == spec.id && x.canceled) {
                 continue;
             }
-            let before: usize = log[created_at..i].iter().filter(|x| x.watch_id == spec.id).map(|x| x.events.len()).sum();
+            let before: usize =
+                log[created_at..i].iter().filter(|x| x.watch_id == spec.id).map(|x| x.events.len()).sum();
             let due = truth.iter().filter(|e| e.rev <= rev && spec.wants(e)).count();
             assert_eq!(before, due, "watcher {}: progress {rev} sent before all its events up to {rev}", spec.id);
         }
@@ -418,8 +434,13 @@ async fn run_checker(seed: u64, fault: Fault) {
         let op = rng.random_range(0..100);
         // Writes may fail while etcd restarts; the history is whatever etcd applied.
         let _ = match op {
-            0..=49 => kv.put(PutRequest { key: b(&key(&mut rng)), value: b(&format!("v{step}")), ..Default::default() }).await.map(|_| ()),
-            50..=64 => kv.delete_range(DeleteRangeRequest { key: b(&key(&mut rng)), ..Default::default() }).await.map(|_| ()),
+            0..=49 => kv
+                .put(PutRequest { key: b(&key(&mut rng)), value: b(&format!("v{step}")), ..Default::default() })
+                .await
+                .map(|_| ()),
+            50..=64 => {
+                kv.delete_range(DeleteRangeRequest { key: b(&key(&mut rng)), ..Default::default() }).await.map(|_| ())
+            }
             65..=79 => {
                 // A multi-key txn inside one tenant: one revision, several events.
                 let t = rng.random_range(0..TENANTS);
@@ -427,7 +448,11 @@ async fn run_checker(seed: u64, fault: Fault) {
                 for (i, r) in RESOURCES.iter().enumerate().take(rng.random_range(2..=3)) {
                     let k = format!("/projects/t{t}/{r}/ns/txn{i}");
                     let req = if rng.random_bool(0.7) {
-                        request_op::Request::RequestPut(PutRequest { key: b(&k), value: b(&format!("x{step}")), ..Default::default() })
+                        request_op::Request::RequestPut(PutRequest {
+                            key: b(&k),
+                            value: b(&format!("x{step}")),
+                            ..Default::default()
+                        })
                     } else {
                         request_op::Request::RequestDeleteRange(DeleteRangeRequest { key: b(&k), ..Default::default() })
                     };
@@ -440,7 +465,14 @@ async fn run_checker(seed: u64, fault: Fault) {
                 match lease.lease_grant(LeaseGrantRequest { ttl: 1, id: 0 }).await {
                     Ok(l) => {
                         let id = l.into_inner().id;
-                        kv.put(PutRequest { key: b(&key(&mut rng)), value: b("leased"), lease: id, ..Default::default() }).await.map(|_| ())
+                        kv.put(PutRequest {
+                            key: b(&key(&mut rng)),
+                            value: b("leased"),
+                            lease: id,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ())
                     }
                     Err(e) => Err(e),
                 }
@@ -565,9 +597,13 @@ async fn slow_watcher_is_cancelled_alone() {
     let n = 300;
     for i in 0..n {
         // Values big enough that HTTP/2 flow control fills up and the queue backs up.
-        kv.put(PutRequest { key: b(&format!("/projects/p/pods/ns/k{}", i % 10)), value: Bytes::from(vec![b'x'; 16 * 1024]), ..Default::default() })
-            .await
-            .unwrap();
+        kv.put(PutRequest {
+            key: b(&format!("/projects/p/pods/ns/k{}", i % 10)),
+            value: Bytes::from(vec![b'x'; 16 * 1024]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     for _ in 0..500 {
         let got: usize = healthy.log.lock().unwrap().iter().map(|r| r.events.len()).sum();
@@ -603,11 +639,15 @@ async fn compacted_start_matches_etcd() {
     let mux = common::start_mux(&etcd, &mux_toml(100, 64)).await;
     let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
     for i in 0..10 {
-        kv.put(PutRequest { key: b("/projects/p/pods/ns/a"), value: b(&i.to_string()), ..Default::default() }).await.unwrap();
+        kv.put(PutRequest { key: b("/projects/p/pods/ns/a"), value: b(&i.to_string()), ..Default::default() })
+            .await
+            .unwrap();
     }
     kv.compact(CompactionRequest { revision: 8, physical: true }).await.unwrap();
     let mut answers = Vec::new();
-    for (url, key) in [(mux.url.clone(), "/projects/p/pods/ns/a"), (etcd.client_url.clone(), "/registry/pods/clusters/p/ns/a")] {
+    for (url, key) in
+        [(mux.url.clone(), "/projects/p/pods/ns/a"), (etcd.client_url.clone(), "/registry/pods/clusters/p/ns/a")]
+    {
         let mut client = WatchClient::connect(url).await.unwrap();
         let (tx, rx) = mpsc::channel(4);
         let c = WatchCreateRequest { key: b(key), start_revision: 3, ..Default::default() };
@@ -652,14 +692,27 @@ async fn thousand_tenants_share_one_upstream_watch() {
             let prefix = format!("/projects/p{t}/res{r}/");
             // The cacher's list, then its watch from the list's revision + 1.
             let list = kv
-                .range(RangeRequest { key: b(&prefix), range_end: prefix_end(prefix.as_bytes()), limit: 500, ..Default::default() })
+                .range(RangeRequest {
+                    key: b(&prefix),
+                    range_end: prefix_end(prefix.as_bytes()),
+                    limit: 500,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner();
             let from = list.header.map_or(rev, |h| h.revision) + 1;
             let s = id as usize % streams.len();
             streams[s]
-                .create(Spec { id, key: b(&prefix), range_end: prefix_end(prefix.as_bytes()), start: from, prev_kv: true, no_put: false, no_delete: false })
+                .create(Spec {
+                    id,
+                    key: b(&prefix),
+                    range_end: prefix_end(prefix.as_bytes()),
+                    start: from,
+                    prev_kv: true,
+                    no_put: false,
+                    no_delete: false,
+                })
                 .await;
             owner.insert((t, r), (s, id));
             id += 1;
@@ -670,14 +723,20 @@ async fn thousand_tenants_share_one_upstream_watch() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let upstream_watchers = etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap_or(f64::NAN);
-    assert!(upstream_watchers <= 3.0, "etcd holds {upstream_watchers} watchers for {} client watches", tenants * resources);
+    assert!(
+        upstream_watchers <= 3.0,
+        "etcd holds {upstream_watchers} watchers for {} client watches",
+        tenants * resources
+    );
 
     // One write per tenant, into a random resource.
     let mut rng = StdRng::seed_from_u64(7);
     let mut expected: HashMap<i64, usize> = HashMap::new();
     for t in 0..tenants {
         let r = rng.random_range(0..resources);
-        kv.put(PutRequest { key: b(&format!("/projects/p{t}/res{r}/ns/obj")), value: b("v"), ..Default::default() }).await.unwrap();
+        kv.put(PutRequest { key: b(&format!("/projects/p{t}/res{r}/ns/obj")), value: b("v"), ..Default::default() })
+            .await
+            .unwrap();
         *expected.entry(owner[&(t, r)].1).or_default() += 1;
     }
     let mut got: HashMap<i64, usize> = HashMap::new();
@@ -707,13 +766,22 @@ async fn large_responses_are_fragmented_like_etcd() {
     let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
     for i in 0..8 {
         let value = Bytes::from(vec![b'a' + i as u8; 500 * 1024]);
-        kv.put(PutRequest { key: b(&format!("/projects/p/pods/ns/big{i}")), value, ..Default::default() }).await.unwrap();
+        kv.put(PutRequest { key: b(&format!("/projects/p/pods/ns/big{i}")), value, ..Default::default() })
+            .await
+            .unwrap();
     }
     let mut results = Vec::new();
-    for (url, key) in [(mux.url.clone(), "/projects/p/pods/"), (etcd.client_url.clone(), "/registry/pods/clusters/p/")] {
+    for (url, key) in [(mux.url.clone(), "/projects/p/pods/"), (etcd.client_url.clone(), "/registry/pods/clusters/p/")]
+    {
         let mut client = WatchClient::connect(url).await.unwrap().max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(4);
-        let c = WatchCreateRequest { key: b(key), range_end: prefix_end(key.as_bytes()), start_revision: 1, fragment: true, ..Default::default() };
+        let c = WatchCreateRequest {
+            key: b(key),
+            range_end: prefix_end(key.as_bytes()),
+            start_revision: 1,
+            fragment: true,
+            ..Default::default()
+        };
         tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await.unwrap();
         let mut s = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
         let (mut values, mut fragments, mut largest) = (Vec::new(), 0, 0);
@@ -748,7 +816,15 @@ async fn global_keys_can_be_watched() {
     }
     let mut got = Vec::new();
     for _ in 0..100 {
-        got = s.log.lock().unwrap().iter().filter(|r| r.watch_id == 7).flat_map(|r| r.events.clone()).map(|e| ev_of(&e)).collect();
+        got = s
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.watch_id == 7)
+            .flat_map(|r| r.events.clone())
+            .map(|e| ev_of(&e))
+            .collect();
         if got.len() == 2 {
             break;
         }
@@ -782,7 +858,16 @@ impl Cluster {
                     .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
                     .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
                     .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
-                    .args(["--heartbeat-interval", "50", "--election-timeout", "500", "--logger", "zap", "--log-level", "error"])
+                    .args([
+                        "--heartbeat-interval",
+                        "50",
+                        "--election-timeout",
+                        "500",
+                        "--logger",
+                        "zap",
+                        "--log-level",
+                        "error",
+                    ])
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
                     .spawn()
@@ -832,7 +917,11 @@ async fn require_leader_streams_end_when_etcd_has_no_leader() {
         async move {
             let mut client = WatchClient::connect(url).await.unwrap();
             let (tx, rx) = mpsc::channel(4);
-            let c = WatchCreateRequest { key: b("/projects/p/pods/"), range_end: prefix_end(b"/projects/p/pods/"), ..Default::default() };
+            let c = WatchCreateRequest {
+                key: b("/projects/p/pods/"),
+                range_end: prefix_end(b"/projects/p/pods/"),
+                ..Default::default()
+            };
             tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await.unwrap();
             let mut req = tonic::Request::new(ReceiverStream::new(rx));
             if require_leader {
@@ -872,7 +961,10 @@ async fn require_leader_streams_end_when_etcd_has_no_leader() {
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(status.message(), "etcdserver: no leader");
     // The stream that did not ask is still open.
-    assert!(tokio::time::timeout(Duration::from_millis(300), relaxed.message()).await.is_err(), "the other stream stays open");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), relaxed.message()).await.is_err(),
+        "the other stream stays open"
+    );
     running.shutdown().await;
 }
 
@@ -904,7 +996,14 @@ async fn hub_resume_at_a_compacted_revision_cancels_only_affected_watchers() {
     relay.pause();
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..5 {
-        direct.put(PutRequest { key: b("/registry/pods/clusters/p/ns/a"), value: b(&i.to_string()), ..Default::default() }).await.unwrap();
+        direct
+            .put(PutRequest {
+                key: b("/registry/pods/clusters/p/ns/a"),
+                value: b(&i.to_string()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
     }
     let compact_to = current_rev(&mut direct).await;
     direct.compact(CompactionRequest { revision: compact_to, physical: true }).await.unwrap();

@@ -248,14 +248,28 @@ struct Shared {
 
 /// Lists (p, r) page by page, then opens its watch from the list revision + 1 and
 /// waits for `created`. Returns the watch, the list time and the keys it saw.
-async fn list_and_watch(ch: Channel, p: usize, r: usize, shared: Arc<Shared>) -> Result<(Watch, Duration, Vec<(Bytes, i64)>), Error> {
+async fn list_and_watch(
+    ch: Channel,
+    p: usize,
+    r: usize,
+    shared: Arc<Shared>,
+) -> Result<(Watch, Duration, Vec<(Bytes, i64)>), Error> {
     let mut kv = KvClient::new(ch.clone());
     let (mut from, end) = (b(&prefix(p, r)), prefix_end(&prefix(p, r)));
     let started = Instant::now();
     let mut rev = 0;
     let mut seen = Vec::new();
     loop {
-        let page = kv.range(RangeRequest { key: from.clone(), range_end: end.clone(), limit: 500, revision: rev, ..Default::default() }).await?.into_inner();
+        let page = kv
+            .range(RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: 500,
+                revision: rev,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
         if rev == 0 {
             rev = page.header.map_or(0, |h| h.revision);
         }
@@ -267,7 +281,14 @@ async fn list_and_watch(ch: Channel, p: usize, r: usize, shared: Arc<Shared>) ->
     }
     let list_time = started.elapsed();
     let (tx, rx) = mpsc::channel(16);
-    let create = WatchCreateRequest { key: b(&prefix(p, r)), range_end: end, start_revision: rev + 1, prev_kv: true, progress_notify: true, ..Default::default() };
+    let create = WatchCreateRequest {
+        key: b(&prefix(p, r)),
+        range_end: end,
+        start_revision: rev + 1,
+        prev_kv: true,
+        progress_notify: true,
+        ..Default::default()
+    };
     tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await?;
     let (created_tx, created_rx) = oneshot::channel();
     // The call is not awaited before the create is queued: etcd sends the response
@@ -292,7 +313,10 @@ async fn list_and_watch(ch: Channel, p: usize, r: usize, shared: Arc<Shared>) ->
             for e in &w.events {
                 let Some(kv) = &e.kv else { continue };
                 d.revisions.entry((p, r)).or_default().push(kv.mod_revision);
-                let sent = std::str::from_utf8(&kv.value).ok().and_then(|v| v.strip_prefix("t=")).and_then(|v| v.parse::<u64>().ok());
+                let sent = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|v| v.strip_prefix("t="))
+                    .and_then(|v| v.parse::<u64>().ok());
                 if let Some(sent) = sent {
                     d.latencies.push(now.saturating_sub(Duration::from_nanos(sent)));
                 }
@@ -312,7 +336,14 @@ async fn connect(url: &str, source: Option<IpAddr>) -> Result<Channel, Error> {
 }
 
 /// The load itself, against `front` (which is etcd itself for the direct target).
-async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: usize, label: &str) -> Result<Row, Error> {
+async fn load(
+    args: &Args,
+    etcd: &Etcd,
+    front: &Front,
+    model: Model,
+    projects: usize,
+    label: &str,
+) -> Result<Row, Error> {
     let mut row = Row::default();
     let t_setup = Instant::now();
     let conns = match model {
@@ -342,7 +373,11 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
             let ops = (0..resources)
                 .flat_map(|r| (0..objects).map(move |o| (r, o)))
                 .map(|(r, o)| RequestOp {
-                    request: Some(request_op::Request::RequestPut(PutRequest { key: b(&key(p, r, o)), value: b("seed"), ..Default::default() })),
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: b(&key(p, r, o)),
+                        value: b("seed"),
+                        ..Default::default()
+                    })),
                 })
                 .collect();
             KvClient::new(ch).txn(TxnRequest { success: ops, ..Default::default() }).await?;
@@ -356,7 +391,10 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     let shared = Arc::new(Shared { t0: Instant::now(), delivery: Mutex::default(), progress: AtomicU64::new(0) });
     let watches = projects * resources;
     let pb = bar(watches, format!("{label} list+watch"));
-    let setups = bounded(watches, args.setup_concurrency, &pb, |i| list_and_watch(chan(i / resources), i / resources, i % resources, shared.clone())).await?;
+    let setups = bounded(watches, args.setup_concurrency, &pb, |i| {
+        list_and_watch(chan(i / resources), i / resources, i % resources, shared.clone())
+    })
+    .await?;
     pb.finish_and_clear();
     let mut known: HashMap<Bytes, i64> = HashMap::new();
     let mut streams = Vec::with_capacity(watches);
@@ -407,7 +445,9 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
         if i % 200 == 0 {
             // The apiserver's consistent reads ask for progress on its streams.
             for w in streams.iter().step_by((streams.len() / 10).max(1)) {
-                let _ = w.tx.try_send(WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) });
+                let _ = w.tx.try_send(WatchRequest {
+                    request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                });
             }
         }
         let p = (i as usize * 7919) % projects;
@@ -428,8 +468,20 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
                     target_union: Some(compare::TargetUnion::ModRevision(rev)),
                     ..Default::default()
                 }],
-                success: vec![RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: k.clone(), value, lease, ..Default::default() })) }],
-                failure: vec![RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: k.clone(), ..Default::default() })) }],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: k.clone(),
+                        value,
+                        lease,
+                        ..Default::default()
+                    })),
+                }],
+                failure: vec![RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: k.clone(),
+                        ..Default::default()
+                    })),
+                }],
             };
             let started = Instant::now();
             let out = KvClient::new(ch).txn(txn).await;
@@ -463,14 +515,16 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     let load_time = load_start.elapsed();
     row.write_throughput = total as f64 / load_time.as_secs_f64();
     row.front_cpu = cpu_time(front_pid).saturating_sub(front_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
-    row.loadgen_cpu = cpu_time(std::process::id()).saturating_sub(self_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
+    row.loadgen_cpu =
+        cpu_time(std::process::id()).saturating_sub(self_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
 
     // Every event delivered, exactly once.
     let expected = expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
     row.expected = expected.values().sum();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let got: u64 = shared.delivery.lock().unwrap_or_else(|e| e.into_inner()).revisions.values().map(|v| v.len() as u64).sum();
+        let got: u64 =
+            shared.delivery.lock().unwrap_or_else(|e| e.into_inner()).revisions.values().map(|v| v.len() as u64).sum();
         if got >= row.expected || Instant::now() > deadline {
             break;
         }
@@ -492,7 +546,8 @@ async fn load(args: &Args, etcd: &Etcd, front: &Front, model: Model, projects: u
     // When the slowest writes happened: a stall shows as several at one moment.
     let mut slow = res.4.clone();
     slow.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
-    let slow: Vec<String> = slow.iter().take(5).map(|(at, took)| format!("{} ms at {:.2} s", ms(*took), at.as_secs_f64())).collect();
+    let slow: Vec<String> =
+        slow.iter().take(5).map(|(at, took)| format!("{} ms at {:.2} s", ms(*took), at.as_secs_f64())).collect();
     row.slowest = format!("{} (compactor at {:.2} s)", slow.join(", "), compact_at.as_secs_f64());
     (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
     drop(res);
@@ -598,7 +653,11 @@ fn degraded(r: &Row, bound: Duration) -> Vec<String> {
             why.push(format!("{what} p99 {} ms > {} ms", ms(p99), bound.as_millis()));
         }
     }
-    for (n, what) in [(r.errors, "errors"), (r.expected.saturating_sub(r.delivered), "events lost"), (r.duplicates, "events duplicated")] {
+    for (n, what) in [
+        (r.errors, "errors"),
+        (r.expected.saturating_sub(r.delivered), "events lost"),
+        (r.duplicates, "events duplicated"),
+    ] {
         if n > 0 {
             why.push(format!("{n} {what}"));
         }
@@ -611,7 +670,14 @@ fn correctness_failures(o: &Outcome) -> Option<String> {
     let r = o.result.as_ref().ok()?;
     let lost = r.expected.saturating_sub(r.delivered);
     (r.errors > 0 || lost > 0 || r.duplicates > 0).then(|| {
-        format!("{} at {} projects ({}): {} errors, {lost} events lost, {} duplicated", o.target, o.projects, o.model.name(), r.errors, r.duplicates)
+        format!(
+            "{} at {} projects ({}): {} errors, {lost} events lost, {} duplicated",
+            o.target,
+            o.projects,
+            o.model.name(),
+            r.errors,
+            r.duplicates
+        )
     })
 }
 
@@ -629,8 +695,19 @@ async fn compact(ch: &Channel) -> Result<(), tonic::Status> {
             target_union: Some(compare::TargetUnion::Version(version)),
             ..Default::default()
         }],
-        success: vec![RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: b("compact_rev_key"), value: b(&rev.to_string()), ..Default::default() })) }],
-        failure: vec![RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: b("compact_rev_key"), ..Default::default() })) }],
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: b("compact_rev_key"),
+                value: b(&rev.to_string()),
+                ..Default::default()
+            })),
+        }],
+        failure: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: b("compact_rev_key"),
+                ..Default::default()
+            })),
+        }],
     };
     // Another compactor winning the txn is not an error: it compacts instead.
     if kv.txn(txn).await?.into_inner().succeeded && rev > 1 {
@@ -682,12 +759,25 @@ fn ceilings(outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) ->
             let first_bad = points.iter().find(|o| !o.degraded.is_empty());
             let last_ok = points.iter().take_while(|o| o.degraded.is_empty()).last();
             let line = match (last_ok, first_bad) {
-                (_, None) => format!("held at every point measured, up to {} projects", points.last().map_or(0, |o| o.projects)),
-                (Some(ok), Some(bad)) => format!("held up to {} projects; degraded at {}: {}", ok.projects, bad.projects, bad.degraded.join("; ")),
-                (None, Some(bad)) => format!("degraded already at {} projects: {}", bad.projects, bad.degraded.join("; ")),
+                (_, None) => {
+                    format!("held at every point measured, up to {} projects", points.last().map_or(0, |o| o.projects))
+                }
+                (Some(ok), Some(bad)) => format!(
+                    "held up to {} projects; degraded at {}: {}",
+                    ok.projects,
+                    bad.projects,
+                    bad.degraded.join("; ")
+                ),
+                (None, Some(bad)) => {
+                    format!("degraded already at {} projects: {}", bad.projects, bad.degraded.join("; "))
+                }
             };
             let skipped: Vec<String> = skipped.iter().map(|o| o.projects.to_string()).collect();
-            let skipped = if skipped.is_empty() { String::new() } else { format!(" (not measurable here at {} projects: see the table)", skipped.join(", ")) };
+            let skipped = if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" (not measurable here at {} projects: see the table)", skipped.join(", "))
+            };
             let _ = writeln!(s, "- {target}, {}: {line}{skipped}", model.name());
         }
     }
@@ -704,13 +794,24 @@ fn color(target: &str) -> RGBColor {
 
 /// The four charts: one line per (target, model), failed points left out except
 /// from the memory chart, where the peak before the failure is what it shows.
-fn plots(name: &str, outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) -> Result<Vec<(String, PathBuf)>, Error> {
+fn plots(
+    name: &str,
+    outcomes: &[Outcome],
+    models: &[Model],
+    targets: &[&'static str],
+) -> Result<Vec<(String, PathBuf)>, Error> {
     type Value = fn(&Outcome) -> Option<f64>;
     let charts: [(&str, &str, &str, Value); 4] = [
         ("rss", "Memory: etcd + proxy peak RSS", "MiB", |o| Some(o.etcd_mib + o.front_mib)),
-        ("watchers", "Watchers in etcd", "etcd_debugging_mvcc_watcher_total", |o| o.result.as_ref().ok().map(|r| r.etcd_watchers)),
-        ("write-p99", "Write (optimistic txn) p99", "ms", |o| o.result.as_ref().ok().map(|r| percentile(&r.write, 0.99).as_secs_f64() * 1000.0)),
-        ("delivery-p99", "Watch event delivery p99", "ms", |o| o.result.as_ref().ok().map(|r| percentile(&r.delivery, 0.99).as_secs_f64() * 1000.0)),
+        ("watchers", "Watchers in etcd", "etcd_debugging_mvcc_watcher_total", |o| {
+            o.result.as_ref().ok().map(|r| r.etcd_watchers)
+        }),
+        ("write-p99", "Write (optimistic txn) p99", "ms", |o| {
+            o.result.as_ref().ok().map(|r| percentile(&r.write, 0.99).as_secs_f64() * 1000.0)
+        }),
+        ("delivery-p99", "Watch event delivery p99", "ms", |o| {
+            o.result.as_ref().ok().map(|r| percentile(&r.delivery, 0.99).as_secs_f64() * 1000.0)
+        }),
     ];
     let mut written = Vec::new();
     for (file, title, y_label, value) in charts {
@@ -777,17 +878,21 @@ async fn main() -> Result<(), Error> {
     let args = Args::parse();
     let max_projects = args.projects.iter().copied().max().unwrap_or(0) as u64;
     let fd_limit = raise_fd_limit((max_projects + FD_MARGIN).max(65_536));
-    let targets: Vec<FrontKind> = [FrontKind::Direct, FrontKind::GrpcProxy, FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() }]
-        .into_iter()
-        .filter(|k| {
-            let short = match k {
-                FrontKind::Direct => "direct",
-                FrontKind::GrpcProxy => "grpc-proxy",
-                FrontKind::Etcdmux { .. } => "etcdmux",
-            };
-            args.targets.iter().any(|t| t == short)
-        })
-        .collect();
+    let targets: Vec<FrontKind> = [
+        FrontKind::Direct,
+        FrontKind::GrpcProxy,
+        FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() },
+    ]
+    .into_iter()
+    .filter(|k| {
+        let short = match k {
+            FrontKind::Direct => "direct",
+            FrontKind::GrpcProxy => "grpc-proxy",
+            FrontKind::Etcdmux { .. } => "etcdmux",
+        };
+        args.targets.iter().any(|t| t == short)
+    })
+    .collect();
     let target_names: Vec<&'static str> = targets.iter().map(|k| k.name()).collect();
     let mut outcomes = Vec::new();
     for &model in &args.models {
@@ -795,7 +900,10 @@ async fn main() -> Result<(), Error> {
             for kind in &targets {
                 eprintln!("apiload: {} projects, {}, {}", projects, model.name(), kind.name());
                 let o = run_point(&args, kind, model, projects, fd_limit).await;
-                eprintln!("apiload:   {}", if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ") });
+                eprintln!(
+                    "apiload:   {}",
+                    if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ") }
+                );
                 outcomes.push(o);
             }
         }
@@ -862,7 +970,14 @@ mod tests {
     }
 
     fn row(write: &[u64], expected: u64, delivered: u64, duplicates: u64) -> Row {
-        Row { write: ms_list(write), delivery: ms_list(&[1, 1, 1]), expected, delivered, duplicates, ..Default::default() }
+        Row {
+            write: ms_list(write),
+            delivery: ms_list(&[1, 1, 1]),
+            expected,
+            delivered,
+            duplicates,
+            ..Default::default()
+        }
     }
 
     fn outcome(target: &'static str, projects: usize, result: Result<Row, String>) -> Outcome {
@@ -870,7 +985,16 @@ mod tests {
             Ok(r) => degraded(r, Duration::from_millis(100)),
             Err(e) => vec![e.clone()],
         };
-        Outcome { model: Model::Shared, projects, target, result, degraded, etcd_mib: 0.0, front_mib: 0.0, loadgen_mib: 0.0 }
+        Outcome {
+            model: Model::Shared,
+            projects,
+            target,
+            result,
+            degraded,
+            etcd_mib: 0.0,
+            front_mib: 0.0,
+            loadgen_mib: 0.0,
+        }
     }
 
     #[test]

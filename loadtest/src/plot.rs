@@ -42,7 +42,8 @@ fn register_font() -> Result<(), Error> {
             .ok_or_else(|| format!("no font at {FONT_PATHS:?} (apt-get install fonts-dejavu-core)"))?;
         // plotters keeps registered fonts for the life of the process.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "invalid font file".to_string())
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| "invalid font file".to_string())
     })
     .clone()
     .map_err(Error::from)
@@ -103,7 +104,9 @@ where
         let (style, gap) = (s.color.stroke_width(2), if s.dashed { 5 } else { 0 });
         // A dashed series gets a dashed legend sample: two strokes with a gap.
         anno.label(s.label.as_str()).legend(move |(x, y)| {
-            EmptyElement::at((x, y)) + PathElement::new(vec![(0, 0), (8, 0)], style) + PathElement::new(vec![(8 + gap, 0), (21, 0)], style)
+            EmptyElement::at((x, y))
+                + PathElement::new(vec![(0, 0), (8, 0)], style)
+                + PathElement::new(vec![(8 + gap, 0), (21, 0)], style)
         });
         ctx.draw_series(pts.iter().map(|&p| Circle::new(p, 4, s.color.filled()))).map_err(|e| e.to_string())?;
     }
@@ -129,9 +132,19 @@ mod tests {
             x_label: "projects",
             y_label: "MiB",
             series: vec![
-                Series { label: "a".into(), color: RGBColor(200, 0, 0), dashed: false, points: vec![(100.0, 50.0), (30000.0, 3000.0)] },
+                Series {
+                    label: "a".into(),
+                    color: RGBColor(200, 0, 0),
+                    dashed: false,
+                    points: vec![(100.0, 50.0), (30000.0, 3000.0)],
+                },
                 // A zero cannot sit on a log axis: it is left out, not a panic.
-                Series { label: "b".into(), color: RGBColor(0, 0, 200), dashed: true, points: vec![(100.0, 0.0), (1000.0, 7.0)] },
+                Series {
+                    label: "b".into(),
+                    color: RGBColor(0, 0, 200),
+                    dashed: true,
+                    points: vec![(100.0, 0.0), (1000.0, 7.0)],
+                },
             ],
         };
         let paths = write(&dir.path().join("chart"), &chart).expect("chart written (needs fonts-dejavu-core)");

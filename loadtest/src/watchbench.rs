@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use etcdmux_loadtest::{
-    b, machine, metric, ms, percentile, prefix_end, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front,
-    FrontKind, MILO_CONFIG,
-};
 use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest, WatchCreateRequest,
     WatchRequest, WatchResponse,
+};
+use etcdmux_loadtest::{
+    b, machine, metric, ms, percentile, prefix_end, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front,
+    FrontKind, MILO_CONFIG,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -92,7 +92,8 @@ async fn open_stream(url: &str, out: mpsc::UnboundedSender<(Instant, WatchRespon
 }
 
 async fn create(s: &Stream, key: &str, end: Bytes, start: i64, id: i64) -> Result<(), Error> {
-    let c = WatchCreateRequest { key: b(key), range_end: end, start_revision: start, watch_id: id, ..Default::default() };
+    let c =
+        WatchCreateRequest { key: b(key), range_end: end, start_revision: start, watch_id: id, ..Default::default() };
     s.tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) }).await?;
     Ok(())
 }
@@ -114,7 +115,13 @@ impl Procs {
     async fn start(args: &Args) -> Result<Procs, Error> {
         let dir = tempfile::tempdir()?;
         let etcd = start_etcd().await?;
-        let mux = start_front(&etcd, &FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: MILO_CONFIG.into() }, dir.path(), "[watch]\nstream_buffer = 100000\n").await?;
+        let mux = start_front(
+            &etcd,
+            &FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: MILO_CONFIG.into() },
+            dir.path(),
+            "[watch]\nstream_buffer = 100000\n",
+        )
+        .await?;
         let proxy = start_front(&etcd, &FrontKind::GrpcProxy, dir.path(), "").await?;
         Ok(Procs { etcd, mux, proxy, _dir: dir })
     }
@@ -170,7 +177,14 @@ async fn latency(p: &Procs, events: usize, report: &mut String) -> Result<(), Er
     writeln!(report, "{events} puts at ~1,000/s over {elapsed:.1?}, each event timed through etcdmux, through etcd's grpc-proxy and straight from etcd.\n")?;
     writeln!(report, "| path | events received | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")?;
     for (name, l) in [("etcd direct", &etcd_lat), ("etcd grpc-proxy", &proxy_lat), ("etcdmux", &mux_lat)] {
-        writeln!(report, "| {name} | {} | {} | {} | {} |", l.len(), ms(percentile(l, 0.5)), ms(percentile(l, 0.99)), ms(l.last().copied().unwrap_or_default()))?;
+        writeln!(
+            report,
+            "| {name} | {} | {} | {} | {} |",
+            l.len(),
+            ms(percentile(l, 0.5)),
+            ms(percentile(l, 0.99)),
+            ms(l.last().copied().unwrap_or_default())
+        )?;
     }
     writeln!(report)?;
     Ok(())
@@ -186,7 +200,14 @@ struct Target<'a> {
 }
 
 /// Phase 2: watchers at one tenant count, through one proxy.
-async fn scale(p: &Procs, target: &Target<'_>, tenants: usize, resources: usize, streams: usize, report: &mut String) -> Result<(), Error> {
+async fn scale(
+    p: &Procs,
+    target: &Target<'_>,
+    tenants: usize,
+    resources: usize,
+    streams: usize,
+    report: &mut String,
+) -> Result<(), Error> {
     let mut kv = KvClient::connect(target.url.to_string()).await?;
     let mut direct = KvClient::connect(p.etcd.url.clone()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -249,7 +270,12 @@ async fn idle(p: &Procs, n: usize, report: &mut String) -> Result<(), Error> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(pid(&p.mux));
     for t in 0..n {
-        kv.put(PutRequest { key: b(&format!("/projects/idle-{t}/configmaps/ns/c")), value: b("v"), ..Default::default() }).await?;
+        kv.put(PutRequest {
+            key: b(&format!("/projects/idle-{t}/configmaps/ns/c")),
+            value: b("v"),
+            ..Default::default()
+        })
+        .await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid(&p.mux));
@@ -281,9 +307,19 @@ async fn main() -> Result<(), Error> {
     writeln!(report, "etcdmux holds one shared upstream watch in all (opened at start), so the watchers it adds in etcd are 0; grpc-proxy coalesces only identical ranges.\n")?;
     writeln!(report, "| proxy | tenants | client watchers | client streams | etcd watchers added | created | proxy RSS MiB | proxy RSS per watcher | one write per tenant delivered |\n|---|---|---|---|---|---|---|---|---|")?;
     let targets = [
-        Target { name: "etcdmux", url: &procs.mux.url, pid: pid(&procs.mux), key: |n, t, r| format!("/projects/m{n}-{t}/res{r}/") },
+        Target {
+            name: "etcdmux",
+            url: &procs.mux.url,
+            pid: pid(&procs.mux),
+            key: |n, t, r| format!("/projects/m{n}-{t}/res{r}/"),
+        },
         // grpc-proxy has no tenants: clients use Milo's raw key paths.
-        Target { name: "etcd grpc-proxy", url: &procs.proxy.url, pid: pid(&procs.proxy), key: |n, t, r| format!("/projects/g{n}-{t}/res{r}/") },
+        Target {
+            name: "etcd grpc-proxy",
+            url: &procs.proxy.url,
+            pid: pid(&procs.proxy),
+            key: |n, t, r| format!("/projects/g{n}-{t}/res{r}/"),
+        },
     ];
     for &t in &args.tenants {
         for target in &targets {

@@ -680,7 +680,11 @@ impl Hub {
         let mut backoff = Duration::from_millis(self.cfg.reconnect_backoff_ms.max(1));
         loop {
             let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
-            match proxy.upstream.kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await }).await {
+            match proxy
+                .upstream
+                .kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await })
+                .await
+            {
                 Ok(resp) => {
                     let rev = resp.header.map_or(0, |h| h.revision);
                     let mut st = self.lock();
@@ -753,12 +757,8 @@ impl Hub {
         metrics::counter!("etcdmux_watch_events_in_total").increment(resp.events.len() as u64);
         // Every event counts for the revision reached, keys of no tenant included.
         let raw_max = resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0);
-        let events: Vec<Arc<HubEvent>> = resp
-            .events
-            .into_iter()
-            .filter_map(|e| HubEvent::from_upstream(&self.layout, e))
-            .map(Arc::new)
-            .collect();
+        let events: Vec<Arc<HubEvent>> =
+            resp.events.into_iter().filter_map(|e| HubEvent::from_upstream(&self.layout, e)).map(Arc::new).collect();
         st.last_rev = st.last_rev.max(raw_max);
         self.dispatch(&mut st, &events);
         for e in events {
@@ -828,10 +828,13 @@ impl Hub {
         }
         parts.push(current);
         let n = parts.len();
-        let fragments = parts
-            .into_iter()
-            .enumerate()
-            .map(|(i, events)| WatchResponse { header, watch_id: w.id, events, fragment: i + 1 < n, ..Default::default() });
+        let fragments = parts.into_iter().enumerate().map(|(i, events)| WatchResponse {
+            header,
+            watch_id: w.id,
+            events,
+            fragment: i + 1 < n,
+            ..Default::default()
+        });
         w.sink.send_all(fragments)
     }
 

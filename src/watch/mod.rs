@@ -243,7 +243,9 @@ impl Watch for WatchService {
                             }
                         }
                         Some(watch_request::RequestUnion::CancelRequest(c)) => state.cancel(c.watch_id),
-                        Some(watch_request::RequestUnion::ProgressRequest(_)) => state.hub.request_progress(&state.sink),
+                        Some(watch_request::RequestUnion::ProgressRequest(_)) => {
+                            state.hub.request_progress(&state.sink)
+                        }
                         None => {}
                     }
                 }
@@ -268,7 +270,8 @@ async fn passthrough(proxy: Arc<Proxy>, sink: Arc<StreamSink>, id: i64, mut crea
         let _ = tx.send(req).await;
         let mut call = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if sink.require_leader {
-            call.metadata_mut().insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
+            call.metadata_mut()
+                .insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
         }
         let (ep, ch) = proxy.upstream.stream_channel();
         let mut stream = match proxy.upstream.watch(ch).watch(call).await {
@@ -314,8 +317,9 @@ async fn passthrough(proxy: Arc<Proxy>, sink: Arc<StreamSink>, id: i64, mut crea
                 sink.send_reliable(WatchResponse {
                     watch_id: id,
                     canceled: true,
-                    cancel_reason: "etcdmux: watcher fell behind; re-watch from the revision after the last event received"
-                        .to_string(),
+                    cancel_reason:
+                        "etcdmux: watcher fell behind; re-watch from the revision after the last event received"
+                            .to_string(),
                     ..Default::default()
                 });
                 return;

@@ -51,9 +51,8 @@ fn split_url(url: &str) -> (&str, &str) {
 /// One blocking HTTP/1.0 GET; returns (status code, body).
 fn http_get(url: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
     let (hp, path) = split_url(url);
-    let addr: SocketAddr = hp
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{hp}: {e}")))?;
+    let addr: SocketAddr =
+        hp.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{hp}: {e}")))?;
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
