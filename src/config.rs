@@ -10,16 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// What to do with a key that matches no tenant rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum UnmatchedPolicy {
-    /// Refuse the request with `INVALID_ARGUMENT`, naming the key.
-    #[default]
-    Reject,
-    /// Send the key upstream unchanged (it may not touch etcdmux's own key space).
-    Passthrough,
-}
+use crate::keyspace::{Resolver, TenantName};
+pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,43 +129,6 @@ impl Default for LayoutConfig {
             prefix: "/registry".to_string(),
             meta_prefix: "/etcdmux".to_string(),
             root_cache_capacity: 100_000,
-        }
-    }
-}
-
-/// A key-path rule: `prefix = "/projects/{tenant}/"` takes the tenant from the
-/// path; `prefix = "/datum-core/", tenant = "root"` maps a fixed prefix to a tenant.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    pub prefix: String,
-    #[serde(default)]
-    pub tenant: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TenancyConfig {
-    #[serde(rename = "rule")]
-    pub rules: Vec<RuleConfig>,
-    /// Keys passed upstream unchanged (reads for everyone, writes for the admin).
-    pub global_keys: Vec<String>,
-    pub unmatched: UnmatchedPolicy,
-    /// Identity of requests that carry no key (Compact, LeaseGrant, Maintenance)
-    /// on a listener without a static tenant.
-    pub connection_identity: String,
-    /// The identity allowed to compact, write global keys and run maintenance.
-    pub admin_identity: String,
-}
-
-impl Default for TenancyConfig {
-    fn default() -> Self {
-        TenancyConfig {
-            rules: Vec::new(),
-            global_keys: vec!["compact_rev_key".to_string()],
-            unmatched: UnmatchedPolicy::Reject,
-            connection_identity: "root".to_string(),
-            admin_identity: "root".to_string(),
         }
     }
 }
@@ -318,7 +273,12 @@ impl Config {
                 return bad(format!("global key {g:?} is empty or lies inside etcdmux's own key space ({p:?}, {m:?})"));
             }
         }
-        crate::tenant::Resolver::new(self).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
+        for l in &self.listeners {
+            if let Some(t) = &l.static_tenant {
+                TenantName::new(t).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            }
+        }
+        Resolver::new(&self.tenancy, &[p, m]).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 }
 

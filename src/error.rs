@@ -2,23 +2,21 @@
 //!
 //! Where etcd has an error for the same condition, the status carries etcd's code
 //! and text (`etcdserver: key is not provided`), so clients that match on etcd's
-//! messages keep working. Errors from etcd itself are passed back unchanged.
+//! messages keep working; those are variants of their own here, never forged
+//! upstream errors. Errors from etcd itself are passed back unchanged.
 
-use bytes::Bytes;
 use tonic::{Code, Status};
+
+use crate::keyspace::KeyError;
+use crate::metrics::names;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("etcdserver: key is not provided")]
-    EmptyKey,
+    /// A key, range or tenant the key space refuses.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
-    #[error("etcdmux: key {:?} matches no tenant rule and the config rejects unmatched keys", String::from_utf8_lossy(.0))]
-    Unmatched(Bytes),
-    #[error("etcdmux: invalid tenant name {name:?}: {why}")]
-    InvalidTenant { name: String, why: String },
-    #[error("etcdmux: a request may not span tenants: range from tenant {from} reaches {to}")]
-    CrossTenant { from: String, to: String },
     #[error("etcdmux: a txn may not span tenants: it touches {first} and {second}")]
     CrossTenantTxn { first: String, second: String },
     #[error("etcdmux: permission denied: {0}")]
@@ -37,36 +35,69 @@ pub enum Error {
     /// etcd's limit on operations per transaction (`--max-txn-ops`).
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
-    /// etcd answered with an error: passed on as it came.
-    #[error("{}", .0.message())]
-    Upstream(Status),
+    /// etcd's refusal of a txn that writes one key twice on a path.
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    /// A put with `ignore_value` that carries a value.
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// A put with `ignore_lease` that carries a lease.
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// etcd answered with an error, or the call failed on the way: passed on as it came.
+    #[error("{}", .0.status().message())]
+    Upstream(#[from] crate::upstream::classify::UpstreamError),
 }
 
-impl From<Status> for Error {
-    fn from(s: Status) -> Self {
-        Error::Upstream(s)
-    }
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        let code = match &e {
-            Error::Upstream(s) => return s.clone(),
-            Error::EmptyKey
-            | Error::Unmatched(_)
-            | Error::InvalidTenant { .. }
-            | Error::CrossTenant { .. }
-            | Error::CrossTenantTxn { .. }
+impl Error {
+    /// The gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Upstream(u) => u.status().code(),
+            Error::Key(k) => match k {
+                KeyError::PermissionDenied(_) => Code::PermissionDenied,
+                KeyError::EmptyKey
+                | KeyError::Unmatched(_)
+                | KeyError::InvalidTenant { .. }
+                | KeyError::CrossTenant { .. }
+                | KeyError::NoClientForm(_)
+                | KeyError::InvalidRule(_) => Code::InvalidArgument,
+            },
+            Error::CrossTenantTxn { .. }
             | Error::InvalidArgument(_)
-            | Error::TooManyOps => Code::InvalidArgument,
+            | Error::TooManyOps
+            | Error::DuplicateKey
+            | Error::ValueProvided
+            | Error::LeaseProvided => Code::InvalidArgument,
             Error::Internal(_) => Code::Internal,
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
-        };
-        metrics::counter!("etcdmux_request_errors_total", "code" => format!("{code:?}")).increment(1);
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        if let Error::Upstream(u) = e {
+            return u.into_status();
+        }
+        let code = e.code();
+        metrics::counter!(names::REQUEST_ERRORS, "code" => format!("{code:?}")).increment(1);
         Status::new(code, e.to_string())
+    }
+}
+
+impl From<KeyError> for Status {
+    fn from(e: KeyError) -> Status {
+        Error::Key(e).into()
+    }
+}
+
+impl From<crate::upstream::classify::UpstreamError> for Status {
+    fn from(e: crate::upstream::classify::UpstreamError) -> Status {
+        e.into_status()
     }
 }
 

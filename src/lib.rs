@@ -1,22 +1,57 @@
 //! etcdmux: a multi-tenant etcd v3 gRPC proxy. Unmodified Kubernetes-style
 //! apiservers point `--etcd-servers` at it; it resolves each request's tenant,
-//! rewrites keys into one shared tenant-embedded layout, and keeps a few upstream
-//! connections whatever the tenant count. See README.md for the map of modules.
+//! rewrites keys into one shared tenant-embedded layout, serves every tenant's
+//! watches from one upstream watch, and keeps a few upstream connections whatever
+//! the tenant count.
+//!
+//! # Layout
+//!
+//! ```text
+//! main.rs      the `etcdmux` command (clap): serve, check-config
+//! config.rs    the one serde config, validated once
+//! error.rs     the error enum and its one mapping to a gRPC status
+//! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
+//! metrics.rs   metric names (one place), descriptions, the Prometheus exporter
+//! pb.rs        generated etcd protos;  codec.rs  the gRPC codec (small buffers)
+//! keyspace/    tenant names, resolution rules, the layout, range planning (pure)
+//! ops/         the Proxy and what it does: range, merge, write, txn, index, lease
+//! upstream/    the etcd connection pool, call context and deadlines, classify
+//! grpc/        server, accept, the metrics layer, one file per etcd service
+//! watch/       the hub: session, sink, event, watcher, fan-out, ring, upstream,
+//!              progress, catch-up, passthrough
+//! ```
+//!
+//! Dependencies between top-level modules point one way (checked by a test in
+//! `tests/architecture.rs`): `grpc → watch → ops → upstream, keyspace`; `config →
+//! keyspace`; `error → upstream, keyspace`; `keyspace` depends on nothing.
+//!
+//! # A request
+//!
+//! `grpc::kv` takes a `Range` with the listener's [`keyspace::Scope`] and the
+//! client's deadline ([`upstream::CallCtx`]) → [`ops::Proxy::range`] resolves the
+//! tenant ([`keyspace::Resolver`]), plans upstream ranges ([`keyspace::KeyLayout`]),
+//! reads them through [`upstream::Upstream`] (retries and failover decided by
+//! [`upstream::classify`]), merges ([`ops::merge`]) and renders keys back into the
+//! client's form → `grpc::answer` turns the result or [`error::Error`] into the gRPC
+//! answer.
+//!
+//! # An event
+//!
+//! [`watch::upstream`] reads the one upstream watch → each event is decoded once
+//! into tenant form ([`watch::event`]), kept in the ring and dispatched by the
+//! [`watch::Hub`] to the watchers the fan-out index finds by (tenant, root) → each
+//! watcher's stream has one bounded [`watch::sink`]; a full one cancels that watcher
+//! alone → [`watch::session`] hands the responses to tonic.
+//!
+//! `docs/architecture.md` states the invariants each module keeps.
 
-pub mod accept;
 pub mod codec;
 pub mod config;
 pub mod error;
-pub mod index;
-pub mod keylayout;
-pub mod kv;
-pub mod lease;
-pub mod maintenance;
+pub mod grpc;
+pub mod keyspace;
 pub mod metrics;
+pub mod ops;
 pub mod pb;
-pub mod proxy;
-pub mod server;
-pub mod tenant;
-pub mod txn;
 pub mod upstream;
 pub mod watch;

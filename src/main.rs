@@ -104,11 +104,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: Config) -> Result<(), etcdmux::server::BoxError> {
+async fn serve(cfg: Config) -> Result<(), etcdmux::grpc::server::BoxError> {
     if let Some(addr) = cfg.server.metrics_listen {
         etcdmux::metrics::install(addr).map_err(|e| format!("metrics listener {addr}: {e}"))?;
     }
-    let mut running = etcdmux::server::start(cfg).await?;
+    let mut running = etcdmux::grpc::server::start(cfg).await?;
     let stop = running.shutdown_handle();
     tokio::spawn(async move {
         shutdown_signal().await;

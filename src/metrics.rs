@@ -1,130 +1,140 @@
-//! Metrics: the Prometheus exporter and a tower layer that counts and times every
-//! gRPC call, so handlers need no metrics code of their own.
+//! Metrics: every name in one place ([`names`]) with its description, and the
+//! Prometheus exporter. The per-call gRPC metrics come from `grpc::layer`.
 //!
-//! Names (all prefixed `etcdmux_`): `grpc_requests_total{method,code}`,
-//! `grpc_request_duration_seconds{method}` (for streams: time to the response
-//! headers), `grpc_inflight{method}`, `request_errors_total{code}` (errors etcdmux
-//! raised itself), `upstream_errors_total{code}`, `upstream_retries_total`,
-//! `upstream_failovers_total`, `upstream_connections`, `root_index_cached`, `accept_errors_total`,
-//! `cross_root_ranges_total`, `cross_root_deletes_total`, `leases_granted_total`.
 //! No metric has a tenant label: with tens of thousands of tenants that would be a
 //! cardinality problem of its own.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Instant;
 
+use metrics::Unit;
 use metrics_exporter_prometheus::PrometheusBuilder;
-use pin_project_lite::pin_project;
-use tower::{Layer, Service};
 
-/// Starts the `/metrics` HTTP listener.
+/// Metric names.
+pub mod names {
+    pub const GRPC_REQUESTS: &str = "etcdmux_grpc_requests_total";
+    pub const GRPC_REQUEST_DURATION: &str = "etcdmux_grpc_request_duration_seconds";
+    pub const GRPC_INFLIGHT: &str = "etcdmux_grpc_inflight";
+    pub const REQUEST_ERRORS: &str = "etcdmux_request_errors_total";
+    pub const UPSTREAM_ERRORS: &str = "etcdmux_upstream_errors_total";
+    pub const UPSTREAM_RETRIES: &str = "etcdmux_upstream_retries_total";
+    pub const UPSTREAM_FAILOVERS: &str = "etcdmux_upstream_failovers_total";
+    pub const UPSTREAM_CONNECTIONS: &str = "etcdmux_upstream_connections";
+    pub const ROOT_INDEX_CACHED: &str = "etcdmux_root_index_cached";
+    pub const ACCEPT_ERRORS: &str = "etcdmux_accept_errors_total";
+    pub const CROSS_ROOT_RANGES: &str = "etcdmux_cross_root_ranges_total";
+    pub const CROSS_ROOT_DELETES: &str = "etcdmux_cross_root_deletes_total";
+    pub const LEASES_GRANTED: &str = "etcdmux_leases_granted_total";
+    pub const WATCH_STREAMS: &str = "etcdmux_watch_streams";
+    pub const WATCH_WATCHERS: &str = "etcdmux_watch_watchers";
+    pub const WATCH_UPSTREAM_WATCHES: &str = "etcdmux_watch_upstream_watches";
+    pub const WATCH_RING_EVENTS: &str = "etcdmux_watch_ring_events";
+    pub const WATCH_RING_BYTES: &str = "etcdmux_watch_ring_bytes";
+    pub const WATCH_EVENTS_IN: &str = "etcdmux_watch_events_in_total";
+    pub const WATCH_EVENTS_OUT: &str = "etcdmux_watch_events_out_total";
+    pub const WATCH_CREATED: &str = "etcdmux_watch_created_total";
+    pub const WATCH_CANCELLED: &str = "etcdmux_watch_cancelled_total";
+    pub const WATCH_SLOW_CANCELS: &str = "etcdmux_watch_slow_cancels_total";
+    pub const WATCH_CATCHUPS: &str = "etcdmux_watch_catchups_total";
+    pub const WATCH_UPSTREAM_RESTARTS: &str = "etcdmux_watch_upstream_restarts_total";
+    pub const WATCH_PROGRESS_FENCES: &str = "etcdmux_watch_progress_fences_total";
+}
+
+/// What each metric is: (name, kind, unit, description).
+const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
+    (names::GRPC_REQUESTS, Kind::Counter, Unit::Count, "gRPC calls answered, by method and grpc-status code"),
+    (
+        names::GRPC_REQUEST_DURATION,
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time to a call's answer (for streams: to the response headers), by method",
+    ),
+    (names::GRPC_INFLIGHT, Kind::Gauge, Unit::Count, "gRPC calls in progress, by method"),
+    (
+        names::REQUEST_ERRORS,
+        Kind::Counter,
+        Unit::Count,
+        "Errors etcdmux raised itself (not passed on from etcd), by gRPC code",
+    ),
+    (names::UPSTREAM_ERRORS, Kind::Counter, Unit::Count, "Upstream calls that failed after retries, by gRPC code"),
+    (names::UPSTREAM_RETRIES, Kind::Counter, Unit::Count, "Upstream calls sent again after a failure that allowed it"),
+    (names::UPSTREAM_FAILOVERS, Kind::Counter, Unit::Count, "Moves of the upstream pool to the next etcd endpoint"),
+    (names::UPSTREAM_CONNECTIONS, Kind::Gauge, Unit::Count, "HTTP/2 connections kept to the current etcd endpoint"),
+    (names::ROOT_INDEX_CACHED, Kind::Gauge, Unit::Count, "Root-index keys this process knows exist in etcd"),
+    (
+        names::ACCEPT_ERRORS,
+        Kind::Counter,
+        Unit::Count,
+        "Failed accepts of client connections (e.g. out of file descriptors)",
+    ),
+    (
+        names::CROSS_ROOT_RANGES,
+        Kind::Counter,
+        Unit::Count,
+        "Ranges that spanned resource roots (read through the root index)",
+    ),
+    (
+        names::CROSS_ROOT_DELETES,
+        Kind::Counter,
+        Unit::Count,
+        "Deletes that spanned resource roots (one guarded upstream txn)",
+    ),
+    (names::LEASES_GRANTED, Kind::Counter, Unit::Count, "Leases granted through etcdmux"),
+    (names::WATCH_STREAMS, Kind::Gauge, Unit::Count, "Open client watch streams"),
+    (names::WATCH_WATCHERS, Kind::Gauge, Unit::Count, "Client watchers registered in the hub"),
+    (
+        names::WATCH_UPSTREAM_WATCHES,
+        Kind::Gauge,
+        Unit::Count,
+        "Upstream watches the hub holds open (its own, not catch-ups)",
+    ),
+    (names::WATCH_RING_EVENTS, Kind::Gauge, Unit::Count, "Events kept in the shared ring"),
+    (names::WATCH_RING_BYTES, Kind::Gauge, Unit::Bytes, "Bytes of keys and values kept in the shared ring"),
+    (names::WATCH_EVENTS_IN, Kind::Counter, Unit::Count, "Events received from the upstream watch"),
+    (names::WATCH_EVENTS_OUT, Kind::Counter, Unit::Count, "Events queued to client watchers"),
+    (names::WATCH_CREATED, Kind::Counter, Unit::Count, "Client watchers created"),
+    (names::WATCH_CANCELLED, Kind::Counter, Unit::Count, "Client watchers cancelled by their client"),
+    (names::WATCH_SLOW_CANCELS, Kind::Counter, Unit::Count, "Watchers cancelled because their stream was full"),
+    (
+        names::WATCH_CATCHUPS,
+        Kind::Counter,
+        Unit::Count,
+        "Watchers that caught up from etcd (start older than the ring)",
+    ),
+    (
+        names::WATCH_UPSTREAM_RESTARTS,
+        Kind::Counter,
+        Unit::Count,
+        "Re-openings of the hub's upstream watch after it broke",
+    ),
+    (
+        names::WATCH_PROGRESS_FENCES,
+        Kind::Counter,
+        Unit::Count,
+        "Fence writes made to prove watch progress on etcd without reliable progress answers",
+    ),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Starts the `/metrics` HTTP listener and describes every metric.
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new().with_http_listener(addr).install()
+    PrometheusBuilder::new().with_http_listener(addr).install()?;
+    describe();
+    Ok(())
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
-
-impl<S> Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetrics<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct GrpcMetrics<S> {
-    inner: S,
-}
-
-/// The method label: known etcd methods as they are, anything else as `other`, so a
-/// client cannot grow the label set.
-fn method_label(path: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "/etcdserverpb.KV/Range",
-        "/etcdserverpb.KV/Put",
-        "/etcdserverpb.KV/DeleteRange",
-        "/etcdserverpb.KV/Txn",
-        "/etcdserverpb.KV/Compact",
-        "/etcdserverpb.Watch/Watch",
-        "/etcdserverpb.Lease/LeaseGrant",
-        "/etcdserverpb.Lease/LeaseRevoke",
-        "/etcdserverpb.Lease/LeaseKeepAlive",
-        "/etcdserverpb.Lease/LeaseTimeToLive",
-        "/etcdserverpb.Lease/LeaseLeases",
-        "/etcdserverpb.Maintenance/Status",
-        "/etcdserverpb.Maintenance/Alarm",
-        "/etcdserverpb.Maintenance/Defragment",
-        "/etcdserverpb.Maintenance/Hash",
-        "/etcdserverpb.Maintenance/HashKV",
-        "/etcdserverpb.Maintenance/Snapshot",
-        "/etcdserverpb.Maintenance/MoveLeader",
-        "/etcdserverpb.Maintenance/Downgrade",
-        "/etcdserverpb.Cluster/MemberList",
-        "/etcdserverpb.Cluster/MemberAdd",
-        "/etcdserverpb.Cluster/MemberRemove",
-        "/etcdserverpb.Cluster/MemberUpdate",
-        "/etcdserverpb.Cluster/MemberPromote",
-    ];
-    KNOWN.iter().find(|k| **k == path).copied().unwrap_or("other")
-}
-
-impl<S, B, RB> Service<http::Request<B>> for GrpcMetrics<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<RB>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = MetricsFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_label(req.uri().path());
-        metrics::gauge!("etcdmux_grpc_inflight", "method" => method).increment(1.0);
-        MetricsFuture { inner: self.inner.call(req), method, start: Instant::now() }
-    }
-}
-
-pin_project! {
-    pub struct MetricsFuture<F> {
-        #[pin]
-        inner: F,
-        method: &'static str,
-        start: Instant,
-    }
-}
-
-impl<F, RB, E> Future for MetricsFuture<F>
-where
-    F: Future<Output = Result<http::Response<RB>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
-        let method = *this.method;
-        metrics::gauge!("etcdmux_grpc_inflight", "method" => method).decrement(1.0);
-        metrics::histogram!("etcdmux_grpc_request_duration_seconds", "method" => method)
-            .record(this.start.elapsed().as_secs_f64());
-        // An error answer is "trailers only": its grpc-status is in the headers.
-        let code = match &out {
-            Ok(resp) => resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "0".to_string()),
-            Err(_) => "transport".to_string(),
-        };
-        metrics::counter!("etcdmux_grpc_requests_total", "method" => method, "code" => code).increment(1);
-        Poll::Ready(out)
+/// Registers each metric's description with the installed recorder.
+pub fn describe() {
+    for &(name, kind, unit, text) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, unit, text),
+            Kind::Gauge => metrics::describe_gauge!(name, unit, text),
+            Kind::Histogram => metrics::describe_histogram!(name, unit, text),
+        }
     }
 }

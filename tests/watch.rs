@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcdmux::keylayout::KeyLayout;
+use etcdmux::keyspace::KeyLayout;
 use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, lease_client::LeaseClient, request_op, watch_client::WatchClient,
     watch_create_request::FilterType, watch_request, CompactionRequest, DeleteRangeRequest, LeaseGrantRequest,
@@ -46,12 +46,16 @@ fn mux_toml(ring_events: usize, stream_buffer: usize) -> String {
 
 /// An in-process etcdmux whose upstream is `relay` (so tests can cut it), with the
 /// watch settings of [`mux_toml`]; returns it and its client URL.
-async fn start_mux_via(relay: &Relay, ring_events: usize, stream_buffer: usize) -> (etcdmux::server::Running, String) {
+async fn start_mux_via(
+    relay: &Relay,
+    ring_events: usize,
+    stream_buffer: usize,
+) -> (etcdmux::grpc::server::Running, String) {
     let mut cfg = etcdmux::config::Config::parse(&mux_toml(ring_events, stream_buffer), "watch test").unwrap();
     cfg.upstream.endpoints = vec![relay.url.clone()];
     cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
     cfg.validate().unwrap();
-    let running = etcdmux::server::start(cfg).await.unwrap();
+    let running = etcdmux::grpc::server::start(cfg).await.unwrap();
     let url = format!("http://{}", running.addrs[0]);
     (running, url)
 }
@@ -61,7 +65,7 @@ fn b(s: &str) -> Bytes {
 }
 
 fn prefix_end(p: &[u8]) -> Bytes {
-    etcdmux::keylayout::prefix_end(p)
+    etcdmux::keyspace::prefix_end(p)
 }
 
 /// An event as the checker compares it.
@@ -909,7 +913,7 @@ async fn require_leader_streams_end_when_etcd_has_no_leader() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let running = etcdmux::server::start(cfg).await.unwrap();
+    let running = etcdmux::grpc::server::start(cfg).await.unwrap();
     let url = format!("http://{}", running.addrs[0]);
 
     let open = |require_leader: bool| {

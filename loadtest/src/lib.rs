@@ -22,7 +22,7 @@ pub fn b(s: &str) -> Bytes {
 }
 
 pub fn prefix_end(p: &str) -> Bytes {
-    etcdmux::keylayout::prefix_end(p.as_bytes())
+    etcdmux::keyspace::prefix_end(p.as_bytes())
 }
 
 /// A child process killed (and reaped) on drop.

@@ -267,7 +267,7 @@ fn spawn_etcd(dir: &std::path::Path, client_url: &str, peer_url: &str, metrics_u
 /// An in-process etcdmux serving one upstream etcd.
 pub struct Mux {
     /// `None` once shut down (`take()` it to call `Running::shutdown`).
-    pub running: Option<etcdmux::server::Running>,
+    pub running: Option<etcdmux::grpc::server::Running>,
     /// Bound address of the first listener.
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT` of the first listener.
@@ -326,7 +326,7 @@ pub async fn start_mux(etcd: &Etcd, toml: &str) -> Mux {
     }
     cfg.server.metrics_listen = None;
     cfg.validate().unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    let running = etcdmux::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
+    let running = etcdmux::grpc::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
     let addr = running.addrs[0];
     Mux { running: Some(running), addr, url: format!("http://127.0.0.1:{}", addr.port()) }
 }

@@ -3,10 +3,10 @@
 //!
 //! Keys arrive in *client form*, the form the apiserver uses (`/projects/p/pods/x`).
 //! Resolution splits a client key into a tenant and a *tenant key* (`/pods/x`), which
-//! `keylayout` then places upstream. Responses go the other way: a tenant key is
+//! the [layout](super::layout) then places upstream. Responses go the other way: a tenant key is
 //! rendered back into client form with the tenant's [`ClientPrefix`].
 //!
-//! Three sources, in the order DESIGN.md gives:
+//! Three sources:
 //! 1. key-path rules from the config (`/projects/{tenant}/`, `/datum-core/` → `root`);
 //! 2. a static tenant per listener (sidecar mode: every key belongs to it);
 //! 3. (mTLS identities are not built yet.)
@@ -20,110 +20,60 @@
 //! connection). A principal may touch tenant T's keys when it is T or the admin.
 
 use std::collections::HashSet;
-use std::fmt;
-use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
 
-use crate::config::{Config, UnmatchedPolicy};
-use crate::error::Error;
-use crate::keylayout::prefix_end;
+use super::layout::prefix_end;
+use super::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName};
+use super::KeyError;
 
-/// A validated tenant name: non-empty, valid UTF-8, at most 253 bytes, no `/` and no
-/// control characters (so it can never split or escape a path segment upstream).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TenantName(Arc<str>);
+/// What to do with a key that matches no tenant rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnmatchedPolicy {
+    /// Refuse the request with `INVALID_ARGUMENT`, naming the key.
+    #[default]
+    Reject,
+    /// Send the key upstream unchanged (it may not touch etcdmux's own key space).
+    Passthrough,
+}
 
-impl TenantName {
-    pub fn new(name: &str) -> Result<TenantName, Error> {
-        let why = if name.is_empty() {
-            Some("it is empty")
-        } else if name.len() > 253 {
-            Some("it is longer than 253 bytes")
-        } else if name.contains('/') {
-            Some("it contains '/'")
-        } else if name.chars().any(|c| c.is_control()) {
-            Some("it contains a control character")
-        } else {
-            None
-        };
-        match why {
-            Some(why) => Err(Error::InvalidTenant { name: name.to_string(), why: why.to_string() }),
-            None => Ok(TenantName(name.into())),
+/// A key-path rule: `prefix = "/projects/{tenant}/"` takes the tenant from the
+/// path; `prefix = "/datum-core/", tenant = "root"` maps a fixed prefix to a tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub prefix: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// The `[tenancy]` section of the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenancyConfig {
+    #[serde(rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+    /// Keys passed upstream unchanged (reads for everyone, writes for the admin).
+    pub global_keys: Vec<String>,
+    pub unmatched: UnmatchedPolicy,
+    /// Identity of requests that carry no key (Compact, LeaseGrant, Maintenance)
+    /// on a listener without a static tenant.
+    pub connection_identity: String,
+    /// The identity allowed to compact, write global keys and run maintenance.
+    pub admin_identity: String,
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        TenancyConfig {
+            rules: Vec::new(),
+            global_keys: vec!["compact_rev_key".to_string()],
+            unmatched: UnmatchedPolicy::Reject,
+            connection_identity: "root".to_string(),
+            admin_identity: "root".to_string(),
         }
-    }
-
-    fn from_bytes(raw: &[u8]) -> Result<TenantName, Error> {
-        match std::str::from_utf8(raw) {
-            Ok(s) => TenantName::new(s),
-            Err(_) => Err(Error::InvalidTenant {
-                name: String::from_utf8_lossy(raw).into_owned(),
-                why: "it is not valid UTF-8".to_string(),
-            }),
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for TenantName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for TenantName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", &*self.0)
-    }
-}
-
-/// Where a single key goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyRef {
-    /// A tenant's key, in tenant form.
-    Tenant { tenant: TenantName, key: Bytes },
-    /// A key passed upstream unchanged: a configured global key, or an unmatched key
-    /// under the `passthrough` policy.
-    Raw { key: Bytes, global: bool },
-}
-
-/// The end of a tenant range, in tenant form.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// `range_end` was empty: the start key alone.
-    Single,
-    /// Exclusive end key.
-    Key(Bytes),
-    /// To the end of the tenant's key space (`"\x00"`, or the prefix end of the
-    /// tenant's client prefix).
-    Unbounded,
-}
-
-/// Where a `(key, range_end)` pair goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RangeRef {
-    Tenant { tenant: TenantName, start: Bytes, end: End },
-    Raw { key: Bytes, range_end: Bytes, global: bool },
-}
-
-/// The bytes a tenant key is prefixed with in client form: `/projects/p` for a
-/// key-path tenant, empty on a static listener.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ClientPrefix(Bytes);
-
-impl ClientPrefix {
-    /// Client form of a tenant key.
-    pub fn render(&self, tenant_key: &Bytes) -> Bytes {
-        if self.0.is_empty() {
-            return tenant_key.clone();
-        }
-        let mut out = BytesMut::with_capacity(self.0.len() + tenant_key.len());
-        out.put_slice(&self.0);
-        out.put_slice(tenant_key);
-        out.freeze()
     }
 }
 
@@ -133,13 +83,6 @@ enum Rule {
     Fixed { prefix: Bytes, tenant: TenantName },
     /// `/projects/{tenant}/`: `literal` is `/projects/`.
     Pattern { literal: Bytes },
-}
-
-/// The identity a listener gives its requests.
-#[derive(Debug, Clone)]
-pub struct Scope {
-    pub static_tenant: Option<TenantName>,
-    pub principal: TenantName,
 }
 
 /// Compiled tenant rules; shared by every listener.
@@ -158,12 +101,12 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(cfg: &Config) -> Result<Resolver, Error> {
-        let invalid = |m: String| Err(Error::InvalidArgument(m));
+    pub fn new(cfg: &TenancyConfig, owned_prefixes: &[&str]) -> Result<Resolver, KeyError> {
+        let invalid = |m: String| Err(KeyError::InvalidRule(m));
         let mut rules = Vec::new();
         let mut reserved = HashSet::new();
         let mut patterns = 0;
-        for r in &cfg.tenancy.rules {
+        for r in &cfg.rules {
             let p = r.prefix.as_str();
             if !p.starts_with('/') || !p.ends_with('/') {
                 return invalid(format!("tenant rule prefix {p:?} must start and end with '/'"));
@@ -212,28 +155,20 @@ impl Resolver {
                 }
             }
         }
-        let globals = cfg.tenancy.global_keys.iter().map(|g| Bytes::copy_from_slice(g.as_bytes())).collect();
-        for l in &cfg.listeners {
-            if let Some(t) = &l.static_tenant {
-                TenantName::new(t)?;
-            }
-        }
+        let globals = cfg.global_keys.iter().map(|g| Bytes::copy_from_slice(g.as_bytes())).collect();
         Ok(Resolver {
             rules,
             globals,
-            unmatched: cfg.tenancy.unmatched,
+            unmatched: cfg.unmatched,
             reserved,
-            admin: TenantName::new(&cfg.tenancy.admin_identity)?,
-            connection_identity: TenantName::new(&cfg.tenancy.connection_identity)?,
-            owned_prefixes: vec![
-                Bytes::copy_from_slice(cfg.layout.prefix.as_bytes()),
-                Bytes::copy_from_slice(cfg.layout.meta_prefix.as_bytes()),
-            ],
+            admin: TenantName::new(&cfg.admin_identity)?,
+            connection_identity: TenantName::new(&cfg.connection_identity)?,
+            owned_prefixes: owned_prefixes.iter().map(|p| Bytes::copy_from_slice(p.as_bytes())).collect(),
         })
     }
 
     /// The scope of a listener with an optional static tenant.
-    pub fn scope(&self, static_tenant: Option<&str>) -> Result<Scope, Error> {
+    pub fn scope(&self, static_tenant: Option<&str>) -> Result<Scope, KeyError> {
         match static_tenant {
             Some(t) => {
                 let t = TenantName::new(t)?;
@@ -252,20 +187,23 @@ impl Resolver {
     }
 
     /// Refuses a principal that is neither `tenant` nor the admin.
-    pub fn authorize(&self, scope: &Scope, tenant: &TenantName) -> Result<(), Error> {
+    pub fn authorize(&self, scope: &Scope, tenant: &TenantName) -> Result<(), KeyError> {
         if &scope.principal == tenant || self.is_admin(scope) {
             Ok(())
         } else {
-            Err(Error::PermissionDenied(format!("identity {} may not access keys of tenant {tenant}", scope.principal)))
+            Err(KeyError::PermissionDenied(format!(
+                "identity {} may not access keys of tenant {tenant}",
+                scope.principal
+            )))
         }
     }
 
     /// Refuses a principal that is not the admin, saying what was attempted.
-    pub fn require_admin(&self, scope: &Scope, what: &str) -> Result<(), Error> {
+    pub fn require_admin(&self, scope: &Scope, what: &str) -> Result<(), KeyError> {
         if self.is_admin(scope) {
             Ok(())
         } else {
-            Err(Error::PermissionDenied(format!(
+            Err(KeyError::PermissionDenied(format!(
                 "{what} is reserved for the admin identity {}; identity {} may not",
                 self.admin, scope.principal
             )))
@@ -273,9 +211,9 @@ impl Resolver {
     }
 
     /// Resolves one key (Put, single-key Range/Delete, compare without range_end).
-    pub fn resolve_key(&self, scope: &Scope, key: &Bytes) -> Result<KeyRef, Error> {
+    pub fn resolve_key(&self, scope: &Scope, key: &Bytes) -> Result<KeyRef, KeyError> {
         if key.is_empty() {
-            return Err(Error::EmptyKey);
+            return Err(KeyError::EmptyKey);
         }
         if self.globals.contains(key) {
             return Ok(KeyRef::Raw { key: key.clone(), global: true });
@@ -289,7 +227,7 @@ impl Resolver {
         }
     }
 
-    fn match_rules(&self, key: &Bytes) -> Result<Option<KeyRef>, Error> {
+    fn match_rules(&self, key: &Bytes) -> Result<Option<KeyRef>, KeyError> {
         for rule in &self.rules {
             match rule {
                 Rule::Fixed { prefix, tenant } if key.starts_with(prefix) => {
@@ -300,7 +238,7 @@ impl Resolver {
                     let Some(slash) = rest.iter().position(|&b| b == b'/') else { continue };
                     let tenant = TenantName::from_bytes(&rest[..slash])?;
                     if self.reserved.contains(&tenant) {
-                        return Err(Error::InvalidTenant {
+                        return Err(KeyError::InvalidTenant {
                             name: tenant.to_string(),
                             why: "the name is reserved by another tenant rule".to_string(),
                         });
@@ -313,9 +251,9 @@ impl Resolver {
         Ok(None)
     }
 
-    fn unmatched(&self, key: &Bytes) -> Result<KeyRef, Error> {
+    fn unmatched(&self, key: &Bytes) -> Result<KeyRef, KeyError> {
         match self.unmatched {
-            UnmatchedPolicy::Reject => Err(Error::Unmatched(key.clone())),
+            UnmatchedPolicy::Reject => Err(KeyError::Unmatched(key.clone())),
             UnmatchedPolicy::Passthrough => {
                 self.check_raw(key, &Bytes::new())?;
                 Ok(KeyRef::Raw { key: key.clone(), global: false })
@@ -325,10 +263,10 @@ impl Resolver {
 
     /// Resolves a `(key, range_end)` pair with etcd's conventions: empty `range_end`
     /// is one key, `"\x00"` is "from key on" (here: to the end of the tenant's space).
-    pub fn resolve_range(&self, scope: &Scope, key: &Bytes, range_end: &Bytes) -> Result<RangeRef, Error> {
+    pub fn resolve_range(&self, scope: &Scope, key: &Bytes, range_end: &Bytes) -> Result<RangeRef, KeyError> {
         // etcd refuses an empty key for ranges too, whatever the range_end.
         if key.is_empty() {
-            return Err(Error::EmptyKey);
+            return Err(KeyError::EmptyKey);
         }
         if range_end.is_empty() {
             return Ok(match self.resolve_key(scope, key)? {
@@ -354,22 +292,22 @@ impl Resolver {
                 Ok(RangeRef::Tenant { tenant, start, end: End::Key(end) })
             }
             Some(KeyRef::Tenant { tenant: t2, .. }) => {
-                Err(Error::CrossTenant { from: tenant.to_string(), to: t2.to_string() })
+                Err(KeyError::CrossTenant { from: tenant.to_string(), to: t2.to_string() })
             }
-            _ => Err(Error::CrossTenant {
+            _ => Err(KeyError::CrossTenant {
                 from: tenant.to_string(),
                 to: format!("unmatched key {}", String::from_utf8_lossy(range_end)),
             }),
         }
     }
 
-    fn resolve_raw_range(&self, _scope: &Scope, key: &Bytes, range_end: &Bytes) -> Result<RangeRef, Error> {
+    fn resolve_raw_range(&self, _scope: &Scope, key: &Bytes, range_end: &Bytes) -> Result<RangeRef, KeyError> {
         if self.unmatched == UnmatchedPolicy::Reject {
-            return Err(Error::Unmatched(key.clone()));
+            return Err(KeyError::Unmatched(key.clone()));
         }
         if range_end.as_ref() != b"\0" {
             if let Some(KeyRef::Tenant { tenant, .. }) = self.match_rules(range_end)? {
-                return Err(Error::CrossTenant {
+                return Err(KeyError::CrossTenant {
                     from: format!("unmatched key {}", String::from_utf8_lossy(key)),
                     to: tenant.to_string(),
                 });
@@ -381,7 +319,7 @@ impl Resolver {
 
     /// A passthrough range may not reach into the layout or meta prefixes: those hold
     /// every tenant's data.
-    fn check_raw(&self, key: &Bytes, range_end: &Bytes) -> Result<(), Error> {
+    fn check_raw(&self, key: &Bytes, range_end: &Bytes) -> Result<(), KeyError> {
         for owned in &self.owned_prefixes {
             let owned_end = prefix_end(owned);
             let overlaps = if range_end.is_empty() {
@@ -391,7 +329,7 @@ impl Resolver {
                 key.as_ref() < owned_end.as_ref() && end_after_owned
             };
             if overlaps {
-                return Err(Error::PermissionDenied(format!(
+                return Err(KeyError::PermissionDenied(format!(
                     "passthrough key range starting at {:?} reaches into etcdmux's own key space {:?}",
                     String::from_utf8_lossy(key),
                     String::from_utf8_lossy(owned)
@@ -403,14 +341,14 @@ impl Resolver {
 
     /// The client prefix of `tenant` as seen on `scope`: empty on a static listener,
     /// the rule's prefix otherwise.
-    pub fn client_prefix(&self, scope: &Scope, tenant: &TenantName) -> Result<ClientPrefix, Error> {
+    pub fn client_prefix(&self, scope: &Scope, tenant: &TenantName) -> Result<ClientPrefix, KeyError> {
         if scope.static_tenant.is_some() {
             return Ok(ClientPrefix::default());
         }
         self.client_prefix_bytes(tenant).map(ClientPrefix)
     }
 
-    fn client_prefix_bytes(&self, tenant: &TenantName) -> Result<Bytes, Error> {
+    fn client_prefix_bytes(&self, tenant: &TenantName) -> Result<Bytes, KeyError> {
         let mut pattern = None;
         for rule in &self.rules {
             match rule {
@@ -428,9 +366,7 @@ impl Resolver {
                 out.put_slice(tenant.as_str().as_bytes());
                 Ok(out.freeze())
             }
-            _ => Err(Error::InvalidArgument(format!(
-                "tenant {tenant} has no client key form under the configured rules"
-            ))),
+            _ => Err(KeyError::NoClientForm(tenant.clone())),
         }
     }
 }
@@ -453,17 +389,17 @@ mod tests {
     use super::*;
 
     fn milo() -> (Resolver, Scope) {
-        let cfg = Config::parse(
-            r#"
-            [tenancy]
-            rule = [ { prefix = "/projects/{tenant}/" }, { prefix = "/datum-core/", tenant = "root" } ]
-            "#,
-            "test",
-        )
-        .unwrap();
-        let r = Resolver::new(&cfg).unwrap();
+        let cfg =
+            tenancy(r#"rule = [ { prefix = "/projects/{tenant}/" }, { prefix = "/datum-core/", tenant = "root" } ]"#);
+        let r = Resolver::new(&cfg, OWNED).unwrap();
         let s = r.scope(None).unwrap();
         (r, s)
+    }
+
+    const OWNED: &[&str] = &["/registry", "/etcdmux"];
+
+    fn tenancy(toml_text: &str) -> TenancyConfig {
+        toml::from_str(toml_text).unwrap()
     }
 
     fn b(s: &str) -> Bytes {
@@ -489,11 +425,11 @@ mod tests {
             r.resolve_key(&s, &b("compact_rev_key")).unwrap(),
             KeyRef::Raw { key: b("compact_rev_key"), global: true }
         );
-        assert!(matches!(r.resolve_key(&s, &b("/other/x")), Err(Error::Unmatched(_))));
-        assert!(matches!(r.resolve_key(&s, &b("/projects/p1")), Err(Error::Unmatched(_))));
-        assert!(matches!(r.resolve_key(&s, &b("/projects//x")), Err(Error::InvalidTenant { .. })));
-        assert!(matches!(r.resolve_key(&s, &b("/projects/root/x")), Err(Error::InvalidTenant { .. })));
-        assert!(matches!(r.resolve_key(&s, &Bytes::new()), Err(Error::EmptyKey)));
+        assert!(matches!(r.resolve_key(&s, &b("/other/x")), Err(KeyError::Unmatched(_))));
+        assert!(matches!(r.resolve_key(&s, &b("/projects/p1")), Err(KeyError::Unmatched(_))));
+        assert!(matches!(r.resolve_key(&s, &b("/projects//x")), Err(KeyError::InvalidTenant { .. })));
+        assert!(matches!(r.resolve_key(&s, &b("/projects/root/x")), Err(KeyError::InvalidTenant { .. })));
+        assert!(matches!(r.resolve_key(&s, &Bytes::new()), Err(KeyError::EmptyKey)));
     }
 
     #[test]
@@ -513,9 +449,9 @@ mod tests {
             rr("/projects/p/a", b"\0").unwrap(),
             RangeRef::Tenant { tenant: t("p"), start: b("/a"), end: End::Unbounded }
         );
-        assert!(matches!(rr("/projects/p/a", b"/projects/q/a"), Err(Error::CrossTenant { .. })));
-        assert!(matches!(rr("/projects/p/a", b"/zzz"), Err(Error::CrossTenant { .. })));
-        assert!(matches!(rr("/projects/", b"/projects0"), Err(Error::Unmatched(_))));
+        assert!(matches!(rr("/projects/p/a", b"/projects/q/a"), Err(KeyError::CrossTenant { .. })));
+        assert!(matches!(rr("/projects/p/a", b"/zzz"), Err(KeyError::CrossTenant { .. })));
+        assert!(matches!(rr("/projects/", b"/projects0"), Err(KeyError::Unmatched(_))));
     }
 
     #[test]
@@ -531,7 +467,7 @@ mod tests {
             r.resolve_range(&s, &b("\0"), &b("\0")).unwrap(),
             RangeRef::Tenant { tenant: t("tenant-a"), start: b("\0"), end: End::Unbounded }
         );
-        assert!(matches!(r.resolve_range(&s, &Bytes::new(), &b("\0")), Err(Error::EmptyKey)));
+        assert!(matches!(r.resolve_range(&s, &Bytes::new(), &b("\0")), Err(KeyError::EmptyKey)));
         assert!(r.authorize(&s, &t("tenant-a")).is_ok());
         assert!(r.authorize(&s, &t("tenant-b")).is_err());
         assert!(r.require_admin(&s, "Compact").is_err());
@@ -539,12 +475,8 @@ mod tests {
 
     #[test]
     fn passthrough_cannot_reach_owned_space() {
-        let cfg = Config::parse(
-            "[tenancy]\nunmatched = \"passthrough\"\nrule = [ { prefix = \"/projects/{tenant}/\" } ]",
-            "t",
-        )
-        .unwrap();
-        let r = Resolver::new(&cfg).unwrap();
+        let cfg = tenancy("unmatched = \"passthrough\"\nrule = [ { prefix = \"/projects/{tenant}/\" } ]");
+        let r = Resolver::new(&cfg, OWNED).unwrap();
         let s = r.scope(None).unwrap();
         assert!(r.resolve_key(&s, &b("/free/key")).is_ok());
         assert!(r.resolve_key(&s, &b("/registry/pods/clusters/p/x")).is_err());
@@ -559,10 +491,10 @@ mod tests {
             assert!(TenantName::new(bad).is_err(), "{bad:?}");
         }
         assert!(TenantName::new("project-1.example").is_ok());
-        let rule = |p: &str| Config::parse(&format!("[tenancy]\nrule = [ {{ prefix = {p:?} }} ]"), "t").unwrap();
-        assert!(Resolver::new(&rule("/projects/{tenant}/x/")).is_err());
-        assert!(Resolver::new(&rule("projects/{tenant}/")).is_err());
-        assert!(Resolver::new(&rule("/projects/")).is_err());
+        let rule = |p: &str| tenancy(&format!("rule = [ {{ prefix = {p:?} }} ]"));
+        assert!(Resolver::new(&rule("/projects/{tenant}/x/"), OWNED).is_err());
+        assert!(Resolver::new(&rule("projects/{tenant}/"), OWNED).is_err());
+        assert!(Resolver::new(&rule("/projects/"), OWNED).is_err());
     }
 
     #[test]

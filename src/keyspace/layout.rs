@@ -33,7 +33,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::tenant::{End, TenantName};
+use super::tenant::TenantName;
 
 /// Where a key sits in the layout.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -88,7 +88,7 @@ pub fn slot_of(key: &[u8]) -> Slot {
 }
 
 /// For a slash key: the length of `/<root>` and whether it is a single-key root.
-fn split_slash_key(key: &[u8]) -> Option<(usize, bool)> {
+pub(super) fn split_slash_key(key: &[u8]) -> Option<(usize, bool)> {
     if key.first() != Some(&b'/') {
         return None;
     }
@@ -128,7 +128,7 @@ pub struct KeyLayout {
 
 const CLUSTERS: &[u8] = b"/clusters/";
 
-fn cat(parts: &[&[u8]]) -> Bytes {
+pub(super) fn cat(parts: &[&[u8]]) -> Bytes {
     let mut out = BytesMut::with_capacity(parts.iter().map(|p| p.len()).sum());
     for p in parts {
         out.put_slice(p);
@@ -149,12 +149,12 @@ impl KeyLayout {
     }
 
     /// Upstream prefix of tenant `t`'s keys in slash root `name`: `/registry/<name>/clusters/<t>`.
-    fn slash_prefix(&self, name: &[u8], t: &TenantName) -> Bytes {
+    pub(super) fn slash_prefix(&self, name: &[u8], t: &TenantName) -> Bytes {
         cat(&[&self.prefix, b"/", name, CLUSTERS, t.as_str().as_bytes()])
     }
 
     /// Upstream prefix of tenant `t`'s bare keys: `/etcdmux/bare/<t>/`.
-    fn bare_prefix(&self, t: &TenantName) -> Bytes {
+    pub(super) fn bare_prefix(&self, t: &TenantName) -> Bytes {
         cat(&[&self.bare, t.as_str().as_bytes(), b"/"])
     }
 
@@ -279,110 +279,6 @@ impl KeyLayout {
         let hex = std::str::from_utf8(k.strip_prefix(&self.leases[..])?).ok()?;
         u64::from_str_radix(hex, 16).ok().map(|v| v as i64)
     }
-
-    /// The single upstream piece for a tenant range that stays inside one root (the
-    /// common case: `/pods/` with its prefix end), or `None` when the range may span
-    /// roots and needs [`KeyLayout::plan`] with the root index.
-    pub fn plan_fast(&self, t: &TenantName, start: &Bytes, end: &End) -> Option<Piece> {
-        if let End::Single = end {
-            return Some(Piece { key: self.encode(t, start), range_end: Bytes::new() });
-        }
-        match root_of(start) {
-            Root::Slash { name, single: false } => {
-                let lo = cat(&[b"/", &name, b"/"]);
-                let hi = prefix_end(&lo);
-                let inside = start.as_ref() >= lo.as_ref() && matches!(end, End::Key(e) if e.as_ref() <= hi.as_ref());
-                if inside {
-                    return self.slash_interval(t, &name, start, end);
-                }
-                None
-            }
-            Root::Bare if start.as_ref() >= b"0".as_ref() => self.bare_pieces(t, start, end).pop(),
-            Root::Bare if matches!(end, End::Key(e) if e.as_ref() <= b"/".as_ref()) => {
-                self.bare_pieces(t, start, end).pop()
-            }
-            _ => None,
-        }
-    }
-
-    /// Every upstream piece of tenant `t`'s range `[start, end)`, given every slot
-    /// that may hold the tenant's keys (an over-approximation is fine). Pieces are
-    /// disjoint; their union holds exactly the tenant's keys in the range. Results
-    /// must be merged in tenant-key order, as roots interleave (`/a` < `/a!x` < `/a/x`).
-    pub fn plan<'s>(
-        &self,
-        t: &TenantName,
-        start: &Bytes,
-        end: &End,
-        slots: impl IntoIterator<Item = &'s Slot>,
-    ) -> Vec<Piece> {
-        if let Some(p) = self.plan_fast(t, start, end) {
-            return vec![p];
-        }
-        let mut pieces = Vec::new();
-        for slot in slots {
-            match slot {
-                Slot::Bare => pieces.extend(self.bare_pieces(t, start, end)),
-                Slot::Key(name) => {
-                    let key = cat(&[b"/", name]);
-                    let below_end = match end {
-                        End::Key(e) => key.as_ref() < e.as_ref(),
-                        _ => true,
-                    };
-                    if start.as_ref() <= key.as_ref() && below_end {
-                        pieces.push(Piece { key: self.slash_prefix(name, t), range_end: Bytes::new() });
-                    }
-                }
-                Slot::Under(name) => pieces.extend(self.slash_interval(t, name, start, end)),
-            }
-        }
-        pieces
-    }
-
-    /// `[start, end)` ∩ `[/<name>/, /<name>0)` as one upstream range.
-    fn slash_interval(&self, t: &TenantName, name: &[u8], start: &Bytes, end: &End) -> Option<Piece> {
-        let lo = cat(&[b"/", name, b"/"]);
-        let hi = prefix_end(&lo);
-        let from = if start.as_ref() > lo.as_ref() { start.clone() } else { lo };
-        let to = match end {
-            End::Key(e) if e.as_ref() < hi.as_ref() => e.clone(),
-            _ => hi.clone(),
-        };
-        if from >= to {
-            return None;
-        }
-        let base = self.slash_prefix(name, t);
-        let rest = |k: &Bytes| k.slice(1 + name.len()..);
-        let range_end = if to == hi { cat(&[&base, b"0"]) } else { cat(&[&base, &rest(&to)]) };
-        Some(Piece { key: cat(&[&base, &rest(&from)]), range_end })
-    }
-
-    /// `[start, end)` ∩ the bare keys (`< "/"` or `>= "0"`), as up to two pieces.
-    fn bare_pieces(&self, t: &TenantName, start: &Bytes, end: &End) -> Vec<Piece> {
-        let base = self.bare_prefix(t);
-        let mut out = Vec::new();
-        let end_key = |e: &End| match e {
-            End::Key(k) => Some(k.clone()),
-            _ => None,
-        };
-        // Keys below "/".
-        let below = match end_key(end) {
-            Some(e) if e.as_ref() < b"/".as_ref() => e,
-            _ => Bytes::from_static(b"/"),
-        };
-        if start.as_ref() < below.as_ref() {
-            out.push(Piece { key: cat(&[&base, start]), range_end: cat(&[&base, &below]) });
-        }
-        // Keys from "0" on.
-        let from = if start.as_ref() > b"0".as_ref() { start.clone() } else { Bytes::from_static(b"0") };
-        let range_end = match end_key(end) {
-            Some(e) if e.as_ref() <= from.as_ref() => return out,
-            Some(e) => cat(&[&base, &e]),
-            None => prefix_end(&base),
-        };
-        out.push(Piece { key: cat(&[&base, &from]), range_end });
-        out
-    }
 }
 
 fn tenant_from(raw: &[u8]) -> Option<TenantName> {
@@ -392,6 +288,7 @@ fn tenant_from(raw: &[u8]) -> Option<TenantName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyspace::End;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 

@@ -8,6 +8,7 @@
 //! `net/http` server (and so etcd), counts `etcdmux_accept_errors_total` and warns
 //! once per streak of errors.
 
+use crate::metrics::names;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -50,7 +51,7 @@ where
             match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 // Not passed on: tonic only logs accept errors at trace level.
                 Some(Err(e)) => {
-                    metrics::counter!("etcdmux_accept_errors_total").increment(1);
+                    metrics::counter!(names::ACCEPT_ERRORS).increment(1);
                     let delay = match self.delay {
                         None => {
                             tracing::warn!(error = %e, "accepting a connection failed; retrying with backoff");

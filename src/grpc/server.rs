@@ -13,18 +13,20 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use crate::accept::Backoff;
+use super::accept::Backoff;
+use super::cluster::ClusterService;
+use super::kv::KvService;
+use super::layer::GrpcMetricsLayer;
+use super::lease::LeaseService;
+use super::maintenance::MaintenanceService;
+use super::watch::WatchService;
 use crate::config::Config;
-use crate::kv::KvService;
-use crate::lease::LeaseService;
-use crate::maintenance::{ClusterService, MaintenanceService};
-use crate::metrics::GrpcMetricsLayer;
+use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
-use crate::proxy::Proxy;
-use crate::watch::{hub::Hub, WatchService};
+use crate::watch::Hub;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

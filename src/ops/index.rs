@@ -9,15 +9,16 @@
 //! This process only remembers which index keys it knows exist (a bounded cache);
 //! forgetting one costs one idempotent index put on the slot's next write.
 
+use crate::metrics::names;
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
 
 use crate::error::Result;
-use crate::keylayout::Slot;
+use crate::keyspace::Slot;
+use crate::keyspace::TenantName;
+use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, ResponseHeader};
-use crate::proxy::Proxy;
-use crate::tenant::TenantName;
 use crate::upstream::{CallCtx, Retry};
 
 pub struct RootIndex {
@@ -39,7 +40,7 @@ impl RootIndex {
         // moka settles its count in the background; the gauge may lag by a few
         // entries. Settling here (run_pending_tasks) would put eviction work on the
         // request path, for every write once the cache is full.
-        metrics::gauge!("etcdmux_root_index_cached").set(self.known.entry_count() as f64);
+        metrics::gauge!(names::ROOT_INDEX_CACHED).set(self.known.entry_count() as f64);
     }
 
     /// The op that records `index_key` (an empty value: only its existence counts).

@@ -8,14 +8,23 @@
 //! only when the connection was never made, since etcd may have applied a write
 //! whose answer was lost.
 
+pub mod call;
+pub mod classify;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
+
+use crate::metrics::names;
+pub use call::{parse_grpc_timeout, CallCtx, Retry, REQUIRE_LEADER};
+use classify::{Failure, UpstreamError};
+
+/// Attempts of one call per configured endpoint (plus two), when its failures may be retried.
+const MAX_ATTEMPTS_PER_ENDPOINT: u32 = 2;
 
 use crate::config::Config;
 use crate::pb::etcdserverpb::{
@@ -23,78 +32,12 @@ use crate::pb::etcdserverpb::{
     maintenance_client::MaintenanceClient, watch_client::WatchClient,
 };
 
-/// etcd's metadata key asking that a request fail when the cluster has no leader.
-pub const REQUIRE_LEADER: &str = "hasleader";
-
-/// Whether a call may be sent again after an ambiguous failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// Reads, status, keepalive-free calls: repeat on any `UNAVAILABLE`.
-    Safe,
-    /// Writes: repeat only when the connection was never established.
-    OnlyUnsent,
-}
-
-/// What travels with one client request to etcd: its deadline and the metadata
-/// etcd acts on.
-#[derive(Debug, Clone)]
-pub struct CallCtx {
-    pub deadline: Instant,
-    pub require_leader: bool,
-}
-
-impl CallCtx {
-    /// Takes the client's `grpc-timeout` (or the configured default) and
-    /// `hasleader` from an incoming request.
-    pub fn from_request<T>(req: &Request<T>, default_timeout: Duration) -> CallCtx {
-        Self::from_metadata(req.metadata(), default_timeout)
-    }
-
-    pub fn from_metadata(md: &tonic::metadata::MetadataMap, default_timeout: Duration) -> CallCtx {
-        let timeout = md
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .unwrap_or(default_timeout);
-        let require_leader = md.get(REQUIRE_LEADER).is_some();
-        CallCtx { deadline: Instant::now() + timeout, require_leader }
-    }
-
-    /// An outgoing request carrying the remaining deadline and `hasleader`.
-    pub fn request<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        req.set_timeout(self.deadline.saturating_duration_since(Instant::now()));
-        if self.require_leader {
-            req.metadata_mut().insert(REQUIRE_LEADER, MetadataValue::from_static("true"));
-        }
-        req
-    }
-}
-
-/// Parses gRPC's `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 /// Defines `$name(ctx, retry, req, f)`: one call on a `$client` with retries, where
 /// `f` gets the client and the outgoing request (deadline and metadata set).
 macro_rules! unary_calls {
     ($($(#[$doc:meta])* $name:ident => $make:ident, $client:ident;)*) => {$(
         $(#[$doc])*
-        pub async fn $name<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, Status>
+        pub async fn $name<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, UpstreamError>
         where
             Req: Clone,
             F: Fn($client<Channel>, Request<Req>) -> Fut,
@@ -130,7 +73,7 @@ impl Upstream {
             // Separate Endpoint::connect_lazy calls give separate HTTP/2 connections.
             endpoints.push((0..cfg.upstream.connections).map(|_| ep.connect_lazy()).collect());
         }
-        metrics::gauge!("etcdmux_upstream_connections").set((cfg.upstream.connections) as f64);
+        metrics::gauge!(names::UPSTREAM_CONNECTIONS).set((cfg.upstream.connections) as f64);
         Ok(Upstream {
             endpoints,
             urls: cfg.upstream.endpoints.clone(),
@@ -148,7 +91,7 @@ impl Upstream {
 
     /// Tells the pool that a call on endpoint `ep` failed with `status`.
     pub fn report(&self, ep: usize, status: &Status) {
-        if is_connect_error(status) || is_transport_error(status) {
+        if Failure::of(status).fails_over() {
             self.fail_over(ep);
         }
     }
@@ -195,7 +138,7 @@ impl Upstream {
 
     /// Runs `f` against a channel, with the deadline of `ctx`, retrying as `retry`
     /// allows and failing over to the next endpoint when one is unreachable.
-    pub async fn call<T, F, Fut>(&self, ctx: &CallCtx, retry: Retry, mut f: F) -> Result<T, Status>
+    pub async fn call<T, F, Fut>(&self, ctx: &CallCtx, retry: Retry, mut f: F) -> Result<T, UpstreamError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -205,35 +148,29 @@ impl Upstream {
             let (ep, ch) = self.channel_at(self.current.load(Ordering::Relaxed));
             let res = match tokio::time::timeout_at(ctx.deadline, f(ch)).await {
                 Ok(r) => r,
-                Err(_) => return Err(deadline_exceeded()),
+                Err(_) => return Err(UpstreamError::deadline()),
             };
-            let status = match res {
+            let err = match res {
                 Ok(resp) => return Ok(resp.into_inner()),
                 // tonic's own timer (from the propagated grpc-timeout) can fire first.
                 Err(s) if s.code() == Code::Cancelled && Instant::now() >= ctx.deadline => {
-                    return Err(deadline_exceeded())
+                    return Err(UpstreamError::deadline())
                 }
-                Err(s) => s,
+                Err(s) => UpstreamError::new(s),
             };
-            let unsent = is_connect_error(&status);
-            let dropped = is_transport_error(&status);
-            if unsent || dropped {
+            let failure = err.failure();
+            if failure.fails_over() {
                 self.fail_over(ep);
             }
-            let retryable = match retry {
-                Retry::Safe => status.code() == Code::Unavailable || dropped,
-                Retry::OnlyUnsent => unsent,
-            };
             attempt += 1;
-            if !retryable || attempt > 2 * self.endpoints.len() as u32 + 2 {
-                metrics::counter!("etcdmux_upstream_errors_total", "code" => format!("{:?}", status.code()))
-                    .increment(1);
-                return Err(status);
+            if !failure.may_retry(retry) || attempt >= MAX_ATTEMPTS_PER_ENDPOINT * self.endpoints.len() as u32 + 2 {
+                metrics::counter!(names::UPSTREAM_ERRORS, "code" => format!("{:?}", err.status().code())).increment(1);
+                return Err(err);
             }
-            metrics::counter!("etcdmux_upstream_retries_total").increment(1);
+            metrics::counter!(names::UPSTREAM_RETRIES).increment(1);
             let backoff = Duration::from_millis(25u64 << attempt.min(5));
             if Instant::now() + backoff >= ctx.deadline {
-                return Err(status);
+                return Err(err);
             }
             tokio::time::sleep(backoff).await;
         }
@@ -246,53 +183,7 @@ impl Upstream {
             && self.current.compare_exchange(failed, (failed + 1) % n, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
             tracing::warn!(from = %self.urls[failed], to = %self.urls[(failed + 1) % n], "upstream endpoint unreachable, failing over");
-            metrics::counter!("etcdmux_upstream_failovers_total").increment(1);
+            metrics::counter!(names::UPSTREAM_FAILOVERS).increment(1);
         }
-    }
-}
-
-/// etcd's answer to a missed deadline, as its clients see it.
-fn deadline_exceeded() -> Status {
-    Status::deadline_exceeded("context deadline exceeded")
-}
-
-/// A connection that broke under a call (tonic reports UNKNOWN or CANCELLED): the
-/// request may or may not have reached etcd.
-fn is_transport_error(s: &Status) -> bool {
-    match s.code() {
-        Code::Unknown | Code::Unavailable => s.message().contains("transport error"),
-        // hyper cancels calls in flight on a connection that closed.
-        Code::Cancelled => s.message().contains("operation was canceled"),
-        _ => false,
-    }
-}
-
-/// A transport failure before the request reached etcd (refused, unreachable).
-fn is_connect_error(s: &Status) -> bool {
-    if s.code() != Code::Unavailable {
-        return false;
-    }
-    let mut text = s.message().to_ascii_lowercase();
-    let mut src = std::error::Error::source(s);
-    while let Some(e) = src {
-        text.push(' ');
-        text.push_str(&e.to_string().to_ascii_lowercase());
-        src = e.source();
-    }
-    text.contains("connect") || text.contains("connection refused")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts() {
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("S"), None);
-        assert_eq!(parse_grpc_timeout("123456789S"), None);
-        assert_eq!(parse_grpc_timeout("5x"), None);
     }
 }

@@ -1,0 +1,53 @@
+//! The KV service: Range, Put, DeleteRange, Txn and Compact, each handed to the
+//! [`Proxy`] in the caller's scope.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::answer;
+use crate::keyspace::Scope;
+use crate::ops::Proxy;
+use crate::pb::etcdserverpb::{
+    kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+
+pub struct KvService {
+    proxy: Arc<Proxy>,
+    scope: Scope,
+}
+
+impl KvService {
+    pub fn new(proxy: Arc<Proxy>, scope: Scope) -> KvService {
+        KvService { proxy, scope }
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let ctx = self.proxy.ctx(&req);
+        answer("kv", "range", self.proxy.range(&self.scope, &ctx, req.into_inner())).await
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let ctx = self.proxy.ctx(&req);
+        answer("kv", "put", self.proxy.put(&self.scope, &ctx, req.into_inner())).await
+    }
+
+    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let ctx = self.proxy.ctx(&req);
+        answer("kv", "delete_range", self.proxy.delete_range(&self.scope, &ctx, req.into_inner())).await
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let ctx = self.proxy.ctx(&req);
+        answer("kv", "txn", self.proxy.txn(&self.scope, &ctx, req.into_inner())).await
+    }
+
+    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let ctx = self.proxy.ctx(&req);
+        answer("kv", "compact", self.proxy.compact(&self.scope, &ctx, req.into_inner())).await
+    }
+}

@@ -1,0 +1,95 @@
+//! The Maintenance service.
+//!
+//! `Status` is open to everyone (the apiserver reads db size and version from it)
+//! and reports the configured etcd version, since the apiserver gates features such
+//! as consistent reads from cache on it. Operations on the shared cluster (defrag,
+//! hash, snapshot, leader moves, alarms) are the admin's.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::error::Result;
+use crate::keyspace::Scope;
+use crate::ops::Proxy;
+use crate::pb::etcdserverpb::{
+    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse, DefragmentRequest,
+    DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+};
+use crate::upstream::Retry;
+
+pub struct MaintenanceService {
+    proxy: Arc<Proxy>,
+    scope: Scope,
+}
+
+impl MaintenanceService {
+    pub fn new(proxy: Arc<Proxy>, scope: Scope) -> MaintenanceService {
+        MaintenanceService { proxy, scope }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let ctx = self.proxy.ctx(&req);
+        let msg = req.into_inner();
+        if AlarmAction::try_from(msg.action) != Ok(AlarmAction::Get) {
+            self.proxy.resolver.require_admin(&self.scope, "changing alarms")?;
+        }
+        let resp = self
+            .proxy
+            .upstream
+            .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.alarm(r).await })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let ctx = self.proxy.ctx(&req);
+        let msg = req.into_inner();
+        let mut resp = self
+            .proxy
+            .upstream
+            .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.status(r).await })
+            .await?;
+        resp.version = self.proxy.cfg.server.advertised_version.clone();
+        Ok(Response::new(resp))
+    }
+
+    async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        admin_forward!(self, req, "maintenance", maintenance_call, defragment, "Defragment", Retry::OnlyUnsent)
+    }
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        admin_forward!(self, req, "maintenance", maintenance_call, hash, "Hash", Retry::Safe)
+    }
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        admin_forward!(self, req, "maintenance", maintenance_call, hash_kv, "HashKV", Retry::Safe)
+    }
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        admin_forward!(self, req, "maintenance", maintenance_call, move_leader, "MoveLeader", Retry::OnlyUnsent)
+    }
+    async fn downgrade(&self, req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        admin_forward!(self, req, "maintenance", maintenance_call, downgrade, "Downgrade", Retry::OnlyUnsent)
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.proxy.resolver.require_admin(&self.scope, "Snapshot")?;
+        let ctx = self.proxy.ctx(&req);
+        let (ep, ch) = self.proxy.upstream.stream_channel();
+        let mut client = self.proxy.upstream.maintenance(ch);
+        let stream = client
+            .snapshot(ctx.request(req.into_inner()))
+            .await
+            .inspect_err(|s| self.proxy.upstream.report(ep, s))?
+            .into_inner();
+        Ok(Response::new(Box::pin(stream.map(|r| r))))
+    }
+}

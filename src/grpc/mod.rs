@@ -1,0 +1,54 @@
+//! The gRPC edge: one tonic server per listener and one file per etcd service.
+//! Services are thin: they take the caller's [`Scope`](crate::keyspace::Scope) and
+//! deadline, hand the request to [`ops`](crate::ops) or [`watch`](crate::watch), and
+//! turn the result into an answer in one place ([`answer`]).
+//!
+//! - [`server`]: listeners, the tower stack, shutdown and drain;
+//! - [`accept`]: accept-error backoff (out of file descriptors);
+//! - [`layer`]: per-call metrics;
+//! - [`kv`], [`lease`], [`watch`], [`maintenance`], [`cluster`]: the etcd services.
+
+use tonic::{Response, Status};
+use tracing::Instrument;
+
+use crate::error::Result;
+
+/// The body of an admin-only call, forwarded unchanged: `$call` is the upstream
+/// helper (`maintenance_call`, `cluster_call`) and `$method` the client method.
+macro_rules! admin_forward {
+    ($self:ident, $req:ident, $service:literal, $call:ident, $method:ident, $what:literal, $retry:expr) => {{
+        let ctx = $self.proxy.ctx(&$req);
+        let fut = async {
+            $self.proxy.resolver.require_admin(&$self.scope, $what)?;
+            let msg = $req.into_inner();
+            let resp =
+                $self.proxy.upstream.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
+            Ok::<_, $crate::error::Error>(resp)
+        };
+        $crate::grpc::answer($service, stringify!($method), fut).await
+    }};
+}
+
+pub mod accept;
+pub mod cluster;
+pub mod kv;
+pub mod layer;
+pub mod lease;
+pub mod maintenance;
+pub mod server;
+pub mod watch;
+
+/// The tracing span of one request; `tenant` is filled in once resolved.
+pub fn request_span(service: &'static str, op: &'static str) -> tracing::Span {
+    tracing::debug_span!("request", service, op, tenant = tracing::field::Empty)
+}
+
+/// Runs one unary call's work in its span and turns the result into the gRPC answer:
+/// the one place where etcdmux's errors become statuses.
+pub async fn answer<T>(
+    service: &'static str,
+    op: &'static str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> std::result::Result<Response<T>, Status> {
+    Ok(Response::new(work.instrument(request_span(service, op)).await?))
+}

@@ -1,0 +1,40 @@
+//! The Watch service: each client stream is served by a [`session`] over the shared
+//! [`Hub`].
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::request_span;
+use crate::keyspace::Scope;
+use crate::ops::Proxy;
+use crate::pb::etcdserverpb::{watch_server::Watch, WatchRequest};
+use crate::upstream::REQUIRE_LEADER;
+use crate::watch::session::{self, ResponseStream};
+use crate::watch::Hub;
+
+pub struct WatchService {
+    proxy: Arc<Proxy>,
+    scope: Scope,
+    hub: Arc<Hub>,
+}
+
+impl WatchService {
+    pub fn new(proxy: Arc<Proxy>, scope: Scope, hub: Arc<Hub>) -> WatchService {
+        WatchService { proxy, scope, hub }
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ResponseStream;
+
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let require_leader = req.metadata().get(REQUIRE_LEADER).is_some();
+        let (reader, responses) =
+            session::start(self.proxy.clone(), self.scope.clone(), self.hub.clone(), require_leader, req.into_inner());
+        tokio::spawn(reader.instrument(request_span("watch", "watch")));
+        Ok(Response::new(responses))
+    }
+}

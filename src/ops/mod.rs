@@ -1,0 +1,111 @@
+//! What etcdmux does with a request, independent of gRPC: the [`Proxy`] (config,
+//! tenant resolver, key layout, upstream pool, root index, lease owners; one per
+//! process, behind an `Arc`) and its operations, one concern per file:
+//!
+//! - [`range`]: Range, single-root and cross-root;
+//! - [`merge`]: answers of several upstream pieces merged into etcd's one answer;
+//! - [`write`]: Put, DeleteRange, Compact;
+//! - [`txn`]: Txn — etcd's checks, translation into one upstream txn, the answer;
+//! - [`index`]: the per-tenant root index that cross-root operations read;
+//! - [`lease`]: lease ownership and the Lease operations.
+//!
+//! Per-listener identity travels with each call as a [`Scope`].
+
+pub mod index;
+pub mod lease;
+pub mod merge;
+pub mod range;
+pub mod txn;
+pub mod write;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tonic::Request;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::keyspace::{ClientPrefix, KeyLayout, Piece, Resolver, Scope, TenantName};
+use crate::pb::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
+use crate::pb::mvccpb::KeyValue;
+use crate::upstream::{CallCtx, Upstream};
+use index::RootIndex;
+use lease::LeaseOwners;
+
+/// Attempts of a cross-root operation whose root index changed (or whose pinned
+/// revision was compacted) under it.
+pub const INDEX_RETRIES: usize = 5;
+
+pub struct Proxy {
+    pub cfg: Config,
+    pub resolver: Resolver,
+    pub layout: KeyLayout,
+    pub upstream: Upstream,
+    pub index: RootIndex,
+    pub leases: LeaseOwners,
+}
+
+impl Proxy {
+    pub fn new(cfg: Config) -> std::result::Result<Arc<Proxy>, Box<dyn std::error::Error + Send + Sync>> {
+        cfg.validate()?;
+        let resolver = Resolver::new(&cfg.tenancy, &[&cfg.layout.prefix, &cfg.layout.meta_prefix])?;
+        let layout = KeyLayout::new(&cfg.layout.prefix, &cfg.layout.meta_prefix);
+        let upstream = Upstream::new(&cfg)?;
+        let index = RootIndex::new(cfg.layout.root_cache_capacity);
+        let leases = LeaseOwners::new(&cfg.leases);
+        Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases }))
+    }
+
+    /// The upstream call context (deadline, `hasleader`) of an incoming request.
+    pub fn ctx<T>(&self, req: &Request<T>) -> CallCtx {
+        CallCtx::from_request(req, self.cfg.default_timeout())
+    }
+
+    /// Rewrites an upstream key-value of tenant `t` into client form. A key of any
+    /// other tenant here would be a layout bug: it is refused, never shown.
+    pub fn render_kv(&self, t: &TenantName, cp: &ClientPrefix, kv: &mut KeyValue) -> Result<()> {
+        kv.key = self.render_key(t, cp, &kv.key)?;
+        Ok(())
+    }
+
+    pub fn render_key(&self, t: &TenantName, cp: &ClientPrefix, up: &Bytes) -> Result<Bytes> {
+        match self.layout.decode(up) {
+            Some((owner, key)) if &owner == t => Ok(cp.render(&key)),
+            _ => {
+                tracing::error!(tenant = %t, key = ?up, "upstream returned a key outside the tenant's space");
+                Err(Error::Internal("upstream key outside the tenant's space".to_string()))
+            }
+        }
+    }
+
+    /// The tenant of a request, authorized for the scope, with its client prefix.
+    pub fn tenant_view(&self, scope: &Scope, t: &TenantName) -> Result<ClientPrefix> {
+        self.resolver.authorize(scope, t)?;
+        tracing::Span::current().record("tenant", t.as_str());
+        Ok(self.resolver.client_prefix(scope, t)?)
+    }
+}
+
+pub(crate) fn range_op(r: RangeRequest) -> RequestOp {
+    RequestOp { request: Some(request_op::Request::RequestRange(r)) }
+}
+
+pub(crate) fn delete_op(r: DeleteRangeRequest) -> RequestOp {
+    RequestOp { request: Some(request_op::Request::RequestDeleteRange(r)) }
+}
+
+pub(crate) fn put_op(r: PutRequest) -> RequestOp {
+    RequestOp { request: Some(request_op::Request::RequestPut(r)) }
+}
+
+/// A compare that holds while no index key of the tenant was created after `rev`:
+/// the guard that makes a cross-root write see every slot.
+pub fn index_unchanged_since(range: Piece, rev: i64) -> Compare {
+    Compare {
+        result: compare::CompareResult::Less as i32,
+        target: compare::CompareTarget::Create as i32,
+        key: range.key,
+        range_end: range.range_end,
+        target_union: Some(compare::TargetUnion::CreateRevision(rev + 1)),
+    }
+}

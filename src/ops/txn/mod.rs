@@ -1,0 +1,111 @@
+//! Txn: etcd transactions with any compare, nested txns and range/put/delete ops,
+//! translated into one upstream transaction.
+//!
+//! Translation builds a [`Branch`] tree mirroring the request: every key resolved
+//! to the txn's single tenant (or to raw keys, never both), compares and ops placed
+//! with the key layout. A range or delete that spans resource roots becomes several
+//! upstream ops whose answers are merged back into one; that needs the tenant's root
+//! index, so such a txn is sent nested inside a guard transaction that commits only
+//! if the index did not grow since it was read (etcd evaluates every compare of a
+//! nested txn before applying any op, so the nesting changes nothing else).
+//!
+//! Puts into a slot this process has not seen carry the slot's index put in the same
+//! branch. etcd refuses a txn that puts one key twice on a path (a branch and its
+//! nested txns, or two sibling nested txns), so an index key is placed once: in the
+//! branch whose own put needs it, or in the nearest branch above two nested txns that
+//! both need it.
+
+mod answer;
+mod check;
+mod translate;
+
+use std::collections::BTreeSet;
+
+use answer::Answer;
+use check::{check_intervals, check_txn_request};
+use translate::{Owner, Translate};
+
+use crate::error::{Error, Result};
+use crate::keyspace::Scope;
+use crate::ops::index::IndexSnapshot;
+use crate::ops::{index_unchanged_since, Proxy};
+use crate::pb::etcdserverpb::{request_op, response_op, Compare, RequestOp, TxnRequest, TxnResponse};
+use crate::upstream::{CallCtx, Retry};
+
+impl Proxy {
+    pub async fn txn(&self, scope: &Scope, ctx: &CallCtx, req: TxnRequest) -> Result<TxnResponse> {
+        check_txn_request(&req, self.cfg.upstream.max_txn_ops)?;
+        check_intervals(&req.success)?;
+        check_intervals(&req.failure)?;
+        let mut index: Option<IndexSnapshot> = None;
+        for _ in 0..5 {
+            let mut tr = Translate {
+                proxy: self,
+                scope,
+                owner: None,
+                writes_global: false,
+                leases: BTreeSet::new(),
+                index: index.as_ref(),
+                needs_index: false,
+                put_slots: BTreeSet::new(),
+            };
+            let compare: Vec<Compare> = req.compare.iter().cloned().map(|c| tr.compare(c)).collect::<Result<_>>()?;
+            let mut success = tr.branch(req.success.clone())?;
+            let mut failure = tr.branch(req.failure.clone())?;
+            if tr.needs_index {
+                let Some(Owner::Tenant(t)) = &tr.owner else {
+                    return Err(Error::Internal("cross-root op without a tenant".to_string()));
+                };
+                let mut snap = self.read_index(ctx, t, 0).await?;
+                snap.slots.extend(tr.put_slots);
+                index = Some(snap);
+                continue;
+            }
+            if tr.writes_global {
+                // The compactor's txn on compact_rev_key, or any global write.
+                self.resolver.require_admin(scope, "writing a global key")?;
+            }
+            for lease in &tr.leases {
+                self.check_lease(scope, ctx, *lease).await?;
+            }
+            let view = match &tr.owner {
+                Some(Owner::Tenant(t)) => Some((t.clone(), self.resolver.client_prefix(scope, t)?)),
+                _ => None,
+            };
+            let none = BTreeSet::new();
+            success.place(&none);
+            failure.place(&none);
+            let user = TxnRequest { compare, success: success.build(), failure: failure.build() };
+            let resp = match (&index, &view) {
+                (Some(snap), Some((t, _))) => {
+                    let guard = TxnRequest {
+                        compare: vec![index_unchanged_since(self.layout.index_range(t), snap.revision)],
+                        success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
+                        failure: vec![],
+                    };
+                    let outer = self.up_txn(ctx, &guard, Retry::OnlyUnsent).await?;
+                    if !outer.succeeded {
+                        index = None; // the tenant wrote a new slot meanwhile: plan again
+                        continue;
+                    }
+                    match outer.responses.into_iter().next().and_then(|r| r.response) {
+                        Some(response_op::Response::ResponseTxn(mut inner)) => {
+                            inner.header = outer.header;
+                            inner
+                        }
+                        other => return Err(Error::Internal(format!("guard txn answered {other:?}"))),
+                    }
+                }
+                _ => self.up_txn(ctx, &user, Retry::OnlyUnsent).await?,
+            };
+            let mut answer = Answer { proxy: self, view, learned: Vec::new() };
+            let taken = if resp.succeeded { &success } else { &failure };
+            let responses = answer.branch(taken, resp.responses)?;
+            for k in answer.learned {
+                self.index.learn(k);
+            }
+            return Ok(TxnResponse { header: resp.header, succeeded: resp.succeeded, responses });
+        }
+        Err(Error::Unavailable("the tenant's root index kept changing during a txn; retry".to_string()))
+    }
+}

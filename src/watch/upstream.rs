@@ -1,0 +1,276 @@
+//! The hub's one upstream watch: opened at the revision after the last one
+//! dispatched, re-opened after any break, its responses applied in order.
+
+use crate::metrics::names;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+use super::event::HubEvent;
+use super::hub::{Hub, HubState};
+use super::progress::{progress_is_reliable, PROGRESS_WATCH_ID};
+use super::sink::StreamSink;
+use super::watcher::Watcher;
+use crate::ops::Proxy;
+use crate::pb::etcdserverpb::{
+    watch_request, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+};
+use crate::upstream::classify::{EtcdError, Failure, UpstreamError};
+use crate::upstream::{CallCtx, Retry};
+
+/// What the upstream task does after one response.
+pub(super) enum Next {
+    Continue,
+    Reopen,
+}
+
+impl Hub {
+    pub(super) async fn etcd_version(proxy: &Proxy) -> Option<String> {
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        let req = crate::pb::etcdserverpb::StatusRequest {};
+        let resp =
+            proxy.upstream.maintenance_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.status(r).await }).await;
+        resp.ok().map(|r| r.version)
+    }
+
+    pub(super) async fn current_header(proxy: &Proxy) -> Result<ResponseHeader, UpstreamError> {
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        let req = RangeRequest { key: proxy.layout.void_key(), ..Default::default() };
+        let resp = proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
+        Ok(resp.header.unwrap_or_default())
+    }
+
+    /// Whether etcd has compacted history at `rev`: the ring may still hold those
+    /// events, but etcd refuses a watch from there, and so must the hub. A range at
+    /// that revision fails exactly when a watch from it would.
+    pub async fn is_compacted(&self, proxy: &Proxy, rev: i64) -> Result<bool, UpstreamError> {
+        if rev > self.lock().last_rev {
+            return Ok(false);
+        }
+        let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
+        let req = RangeRequest { key: proxy.layout.void_key(), revision: rev, ..Default::default() };
+        match proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await {
+            Ok(_) => Ok(false),
+            Err(e) if e.etcd() == Some(EtcdError::Compacted) => Ok(true),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// The revision a watch with start_revision 0 starts at: etcd's current + 1.
+    pub async fn now(&self, proxy: &Proxy) -> Result<i64, UpstreamError> {
+        Ok(Self::current_header(proxy).await?.revision + 1)
+    }
+
+    pub(super) async fn run_upstream(self: Arc<Self>, proxy: Arc<Proxy>) {
+        let base = Duration::from_millis(self.cfg.reconnect_backoff_ms.max(1));
+        let mut backoff = base;
+        loop {
+            if !self.lock().ready {
+                let reliable = Self::etcd_version(&proxy).await.is_some_and(|v| progress_is_reliable(&v));
+                self.upstream_progress.store(reliable, Ordering::Relaxed);
+                match Self::current_header(&proxy).await {
+                    Ok(h) => {
+                        let rev = h.revision;
+                        let mut st = self.lock();
+                        st.header = ResponseHeader { revision: 0, ..h };
+                        st.last_rev = rev;
+                        st.covers_from = rev + 1;
+                        st.ready = true;
+                        drop(st);
+                        self.ready.notify_waiters();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watch hub: cannot read etcd's revision");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+            let start = self.lock().last_rev + 1;
+            match self.watch_upstream(&proxy, start, &mut backoff, base).await {
+                Ok(()) => {}
+                Err(s) => {
+                    let no_leader = Failure::of(&s) == Failure::Etcd(EtcdError::NoLeader);
+                    tracing::warn!(error = %s, "watch hub: upstream watch broke; resuming");
+                    metrics::counter!(names::WATCH_UPSTREAM_RESTARTS).increment(1);
+                    if no_leader {
+                        self.no_leader();
+                    }
+                }
+            }
+            metrics::gauge!(names::WATCH_UPSTREAM_WATCHES).set(0.0);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Runs one upstream watch from `start` until it ends.
+    pub(super) async fn watch_upstream(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        start: i64,
+        backoff: &mut Duration,
+        base: Duration,
+    ) -> Result<(), Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let create = WatchCreateRequest {
+            key: self.range.key.clone(),
+            range_end: self.range.range_end.clone(),
+            start_revision: start,
+            progress_notify: true,
+            prev_kv: true,
+            ..Default::default()
+        };
+        let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        req.metadata_mut().insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
+        let (ep, ch) = proxy.upstream.stream_channel();
+        let mut client = proxy.upstream.watch(ch);
+        let mut stream = match client.watch(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                proxy.upstream.report(ep, &s);
+                return Err(s);
+            }
+        };
+        metrics::gauge!(names::WATCH_UPSTREAM_WATCHES).set(1.0);
+        {
+            // Requests sent on the previous stream died with it; ask again.
+            let mut st = self.lock();
+            st.inflight_requests.clear();
+            if !st.progress_waiters.is_empty() || st.tick_due {
+                self.progress_kick.notify_one();
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = self.progress_kick.notified() => {
+                    if self.upstream_progress.load(Ordering::Relaxed) {
+                        let progress = WatchRequest {
+                            request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                        };
+                        // Never wait here: this task also reads the upstream watch.
+                        let mut st = self.lock();
+                        if tx.try_send(progress).is_ok() {
+                            st.probes_issued += 1;
+                            let seq = st.probes_issued;
+                            st.inflight_requests.push_back(seq);
+                        } else {
+                            self.progress_kick.notify_one();
+                        }
+                    } else {
+                        tokio::spawn(self.clone().write_fence(proxy.clone()));
+                    }
+                }
+                msg = stream.message() => match msg.inspect_err(|s| proxy.upstream.report(ep, s))? {
+                    Some(resp) => {
+                        *backoff = base;
+                        if let Next::Reopen = self.on_upstream(resp) {
+                            return Ok(());
+                        }
+                    }
+                    None => return Err(Status::unavailable("upstream watch stream ended")),
+                },
+            }
+        }
+    }
+
+    /// Applies one upstream response.
+    pub(super) fn on_upstream(&self, resp: WatchResponse) -> Next {
+        let mut st = self.lock();
+        if let Some(h) = &resp.header {
+            st.header = ResponseHeader { revision: 0, ..*h };
+        }
+        if resp.compact_revision > 0 {
+            self.compacted(&mut st, resp.compact_revision);
+            return Next::Reopen;
+        }
+        if resp.canceled {
+            tracing::warn!(reason = %resp.cancel_reason, "watch hub: upstream cancelled the watch");
+            return Next::Reopen;
+        }
+        if resp.created {
+            return Next::Continue;
+        }
+        if resp.events.is_empty() {
+            // A progress notification. Periodic ones come only for a synced watch;
+            // answers to requests are trusted only where etcd waits for sync first.
+            let rev = resp.header.map_or(0, |h| h.revision);
+            if resp.watch_id != PROGRESS_WATCH_ID {
+                st.last_rev = st.last_rev.max(rev);
+                self.check_fences(&mut st);
+            } else if self.upstream_progress.load(Ordering::Relaxed) {
+                st.last_rev = st.last_rev.max(rev);
+                if let Some(seq) = st.inflight_requests.pop_front() {
+                    st.probes_done = st.probes_done.max(seq);
+                }
+                self.check_fences(&mut st);
+                self.answer_progress(&mut st);
+            }
+            return Next::Continue;
+        }
+        metrics::counter!(names::WATCH_EVENTS_IN).increment(resp.events.len() as u64);
+        // Every event counts for the revision reached, keys of no tenant included.
+        let raw_max = resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0);
+        let events: Vec<Arc<HubEvent>> =
+            resp.events.into_iter().filter_map(|e| HubEvent::from_upstream(&self.layout, e)).map(Arc::new).collect();
+        st.last_rev = st.last_rev.max(raw_max);
+        self.dispatch(&mut st, &events);
+        for e in events {
+            st.ring_bytes += e.size;
+            st.ring.push_back(e);
+        }
+        self.evict(&mut st);
+        self.check_fences(&mut st);
+        Next::Continue
+    }
+
+    /// The upstream history the hub needs was compacted while it was away: watchers
+    /// that needed those revisions get etcd's compacted cancel; watchers starting at
+    /// or after the compact revision lost nothing and stay.
+    pub(super) fn compacted(&self, st: &mut HubState, compact_rev: i64) {
+        tracing::warn!(compact_rev, last_rev = st.last_rev, "watch hub: resume revision compacted");
+        let header = self.header(st, compact_rev);
+        let lost: Vec<Arc<Watcher>> =
+            st.watchers.values().flat_map(|ws| ws.all()).filter(|w| w.from_rev < compact_rev).cloned().collect();
+        for w in &lost {
+            if w.cancel() {
+                w.sink.send_reliable(WatchResponse {
+                    header,
+                    watch_id: w.id,
+                    canceled: true,
+                    compact_revision: compact_rev,
+                    ..Default::default()
+                });
+            }
+            Self::unregister(st, w);
+        }
+        st.ring.clear();
+        st.ring_bytes = 0;
+        st.last_rev = compact_rev - 1;
+        st.covers_from = compact_rev;
+    }
+
+    /// etcd lost its leader: streams that asked to require one end, as etcd ends them.
+    pub(super) fn no_leader(&self) {
+        let mut st = self.lock();
+        let ended: Vec<Arc<Watcher>> =
+            st.watchers.values().flat_map(|ws| ws.all()).filter(|w| w.sink.require_leader).cloned().collect();
+        let mut sinks: Vec<&Arc<StreamSink>> = Vec::new();
+        for w in &ended {
+            if !sinks.iter().any(|s| Arc::ptr_eq(s, &w.sink)) {
+                sinks.push(&w.sink);
+                w.sink.end(Status::new(Code::Unavailable, "etcdserver: no leader"));
+            }
+        }
+        for w in &ended {
+            w.cancel();
+            Self::unregister(&mut st, w);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! One client watcher: its range, start, filters and how its events are rendered.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::event::HubEvent;
+use super::sink::StreamSink;
+use crate::keyspace::{prefix_end, root_of, ClientPrefix, End, Root, TenantName};
+use crate::pb::etcdserverpb::WatchCreateRequest;
+use crate::pb::mvccpb::Event;
+
+/// How a watcher's events are shown to its client.
+pub enum Render {
+    /// Tenant keys as they are (static listeners).
+    Tenant,
+    /// Tenant keys under the tenant's key-path prefix.
+    Prefixed(ClientPrefix),
+}
+
+/// One client watcher.
+pub struct Watcher {
+    pub id: i64,
+    pub sink: Arc<StreamSink>,
+    pub tenant: TenantName,
+    pub start: Bytes,
+    pub end: End,
+    /// Events before this revision are not for this watcher.
+    pub from_rev: i64,
+    pub prev_kv: bool,
+    pub no_put: bool,
+    pub no_delete: bool,
+    pub progress_notify: bool,
+    /// Split responses larger than etcd's request limit into fragments.
+    pub fragment: bool,
+    pub render: Render,
+    pub(super) canceled: AtomicBool,
+    /// Whether events reached this watcher since the last progress tick.
+    pub(super) active: AtomicBool,
+    /// Its start was compacted in etcd: only etcd can answer it, through a catch-up.
+    pub compacted: bool,
+    /// The one resource root its range lies in, if it lies in one.
+    pub(super) root: Option<Root>,
+}
+
+impl Watcher {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: i64,
+        sink: Arc<StreamSink>,
+        tenant: TenantName,
+        start: Bytes,
+        end: End,
+        from_rev: i64,
+        create: &WatchCreateRequest,
+        render: Render,
+    ) -> Watcher {
+        use crate::pb::etcdserverpb::watch_create_request::FilterType;
+        Watcher {
+            id,
+            sink,
+            tenant,
+            start,
+            end,
+            from_rev,
+            prev_kv: create.prev_kv,
+            no_put: create.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
+            progress_notify: create.progress_notify,
+            fragment: create.fragment,
+            render,
+            canceled: AtomicBool::new(false),
+            active: AtomicBool::new(false),
+            compacted: false,
+            root: None,
+        }
+        .with_root()
+    }
+
+    pub(super) fn with_root(mut self) -> Watcher {
+        let root = root_of(&self.start);
+        self.root = match (&self.end, &root) {
+            (End::Single, _) => Some(root),
+            (End::Key(e), Root::Slash { name, single: false }) => {
+                let lo = [b"/", &name[..], b"/"].concat();
+                let hi = prefix_end(&lo);
+                (self.start.as_ref() >= lo.as_slice() && e.as_ref() <= hi.as_ref()).then_some(root)
+            }
+            _ => None,
+        };
+        self
+    }
+
+    pub(super) fn matches(&self, ev: &HubEvent) -> bool {
+        // The tenant check is what keeps replay and catch-up tenant-closed: they walk
+        // every event, not the tenant index that live dispatch uses.
+        if ev.tenant != self.tenant || ev.rev < self.from_rev || self.canceled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let in_range = match &self.end {
+            End::Single => ev.key == self.start,
+            End::Key(e) => ev.key >= self.start && ev.key < *e,
+            End::Unbounded => ev.key >= self.start,
+        };
+        in_range && !(if ev.is_put() { self.no_put } else { self.no_delete })
+    }
+
+    pub(super) fn render(&self, ev: &HubEvent) -> Event {
+        let mut e = match &self.render {
+            Render::Tenant => ev.event.clone(),
+            Render::Prefixed(cp) => ev
+                .prefixed
+                .get_or_init(|| {
+                    let mut e = ev.event.clone();
+                    let key = cp.render(&ev.key);
+                    if let Some(kv) = e.kv.as_mut() {
+                        kv.key = key.clone();
+                    }
+                    if let Some(p) = e.prev_kv.as_mut() {
+                        p.key = key;
+                    }
+                    e
+                })
+                .clone(),
+        };
+        if !self.prev_kv {
+            e.prev_kv = None;
+        }
+        e
+    }
+
+    pub fn cancel(&self) -> bool {
+        !self.canceled.swap(true, Ordering::Relaxed)
+    }
+
+    pub fn is_canceled(&self) -> bool {
+        self.canceled.load(Ordering::Relaxed)
+    }
+}
