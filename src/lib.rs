@@ -53,5 +53,6 @@ pub mod keyspace;
 pub mod metrics;
 pub mod ops;
 pub mod pb;
+pub mod shutdown;
 pub mod upstream;
 pub mod watch;

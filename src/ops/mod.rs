@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::keyspace::{ClientPrefix, KeyLayout, Piece, Resolver, Scope, TenantName};
 use crate::pb::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
 use crate::pb::mvccpb::KeyValue;
+use crate::shutdown::Tasks;
 use crate::upstream::{CallCtx, Upstream};
 use index::RootIndex;
 use lease::LeaseOwners;
@@ -43,6 +44,9 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub index: RootIndex,
     pub leases: LeaseOwners,
+    /// The shutdown signal; every task spawned on behalf of a request or the hub
+    /// is spawned through it.
+    pub tasks: Tasks,
 }
 
 impl Proxy {
@@ -53,7 +57,7 @@ impl Proxy {
         let upstream = Upstream::new(&cfg)?;
         let index = RootIndex::new(cfg.layout.root_cache_capacity);
         let leases = LeaseOwners::new(&cfg.leases);
-        Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases }))
+        Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases, tasks: Tasks::new() }))
     }
 
     /// The upstream call context (deadline, `hasleader`) of an incoming request.
