@@ -63,6 +63,10 @@ pub struct ServerConfig {
     pub max_response_bytes: usize,
     /// HTTP/2 streams one client connection may have open at once.
     pub max_concurrent_streams: u32,
+    /// How long a graceful shutdown (SIGTERM) may take, for all listeners together:
+    /// unary calls in flight finish, watch streams end with `UNAVAILABLE`, the watch
+    /// hub stops last. What is still running then is closed.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +78,7 @@ impl Default for ServerConfig {
             max_request_bytes: 2 * 1024 * 1024 + 512 * 1024,
             max_response_bytes: 256 * 1024 * 1024,
             max_concurrent_streams: 10_000,
+            shutdown_grace_ms: 10_000,
         }
     }
 }

@@ -109,13 +109,19 @@ async fn serve(cfg: Config) -> Result<(), etcdmux::grpc::server::BoxError> {
         etcdmux::metrics::install(addr).map_err(|e| format!("metrics listener {addr}: {e}"))?;
     }
     let mut running = etcdmux::grpc::server::start(cfg).await?;
-    let stop = running.shutdown_handle();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        let _ = stop.send(());
-    });
-    running.wait().await
+    tokio::select! {
+        // A listener stopped on its own: a fatal error.
+        r = running.wait() => return r,
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down (a second SIGTERM or SIGINT exits at once)");
+    tokio::select! {
+        _ = running.shutdown() => Ok(()),
+        _ = shutdown_signal() => {
+            eprintln!("etcdmux: second signal: exiting now");
+            std::process::exit(1);
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,15 +1,24 @@
 //! Builds the gRPC servers, one per listener, and runs them until shutdown.
 //!
-//! Shutdown follows mini-redis: one broadcast signal that every listener task
-//! watches; [`Running::shutdown`] sends it and waits, and dropping [`Running`] sends
-//! it too, so a test that panics still stops its server.
+//! Shutdown, in this order and within one grace period (`server.shutdown_grace_ms`)
+//! for all listeners together:
+//! 1. every listener stops accepting and sends GOAWAY; unary calls in flight finish;
+//! 2. the shutdown signal ([`Tasks`](crate::shutdown::Tasks)) ends watch and
+//!    keepalive streams with `UNAVAILABLE`, so clients reconnect and resume;
+//! 3. the watch hub stops last, once no stream reads from it;
+//! 4. every owned task has ended (or the grace period is over: what is left is
+//!    aborted and logged).
+//!
+//! Dropping [`Running`] signals too, so a test that panics still stops its server.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
@@ -30,52 +39,59 @@ use crate::watch::Hub;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long shutdown waits for open streams before closing them.
-const DRAIN: Duration = Duration::from_secs(5);
+type Listener = JoinHandle<Result<(), tonic::transport::Error>>;
 
 /// A running etcdmux.
 pub struct Running {
     /// Bound address of each configured listener, in order.
     pub addrs: Vec<SocketAddr>,
-    shutdown: broadcast::Sender<()>,
-    tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
-    /// The watch hub's tasks: stopped with the server.
-    background: Vec<JoinHandle<()>>,
+    proxy: Arc<Proxy>,
+    /// Tells every listener to stop accepting and drain.
+    stop_accepting: CancellationToken,
+    listeners: Vec<Listener>,
+    /// The watch hub's own tasks: stopped after the listeners.
+    hub: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, lets open calls finish (up to a few seconds), and waits.
+    /// Shuts down gracefully (see the module docs); returns once every listener and
+    /// task has ended, or the grace period is over.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(());
-        for t in &self.background {
-            t.abort();
-        }
-        for task in self.tasks.drain(..) {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(DRAIN, task).await.is_err() {
+        let grace = Duration::from_millis(self.proxy.cfg.server.shutdown_grace_ms);
+        let deadline = Instant::now() + grace;
+        self.stop_accepting.cancel();
+        self.proxy.tasks.shut_down();
+        for listener in self.listeners.drain(..) {
+            let abort = listener.abort_handle();
+            if tokio::time::timeout_at(deadline, listener).await.is_err() {
+                tracing::warn!(?grace, "a listener did not drain within the grace period; closing it");
                 abort.abort();
             }
         }
-    }
-
-    /// Waits until every listener stops (after a shutdown, or on a fatal error).
-    pub async fn wait(&mut self) -> Result<(), BoxError> {
-        for task in self.tasks.drain(..) {
-            task.await??;
+        for t in self.hub.drain(..) {
+            t.abort();
+            let _ = t.await;
         }
-        Ok(())
+        if tokio::time::timeout_at(deadline, self.proxy.tasks.wait()).await.is_err() {
+            tracing::warn!(left = self.proxy.tasks.len(), "tasks still running after the grace period");
+        }
+        tracing::info!("shut down");
     }
 
-    /// A handle that triggers shutdown from elsewhere (a signal handler).
-    pub fn shutdown_handle(&self) -> broadcast::Sender<()> {
-        self.shutdown.clone()
+    /// Waits until a listener stops on its own: a fatal error, or `Ok` after a
+    /// shutdown began elsewhere.
+    pub async fn wait(&mut self) -> Result<(), BoxError> {
+        let Some(first) = self.listeners.first_mut() else { return Ok(()) };
+        first.await??;
+        Ok(())
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(());
-        for t in &self.background {
+        self.stop_accepting.cancel();
+        self.proxy.tasks.shut_down();
+        for t in &self.hub {
             t.abort();
         }
     }
@@ -91,8 +107,8 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     }
     let proxy = Proxy::new(cfg)?;
     let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
-    let background = hub.start(proxy.clone());
-    let (shutdown, _) = broadcast::channel(1);
+    let hub_tasks = hub.start(proxy.clone());
+    let stop_accepting = CancellationToken::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     let max_in = proxy.cfg.server.max_request_bytes;
@@ -116,13 +132,11 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
             .add_service(svc!(WatchServer, WatchService::new(proxy.clone(), scope.clone(), hub.clone())))
             .add_service(svc!(MaintenanceServer, MaintenanceService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())));
-        let mut stop = shutdown.subscribe();
+        let stop = stop_accepting.clone();
         // Server::tcp_nodelay applies only to sockets tonic binds itself: without it
         // here, Nagle's algorithm adds ~40 ms to small responses (found by apiload).
         let incoming = Backoff::new(TcpIncoming::from(listener).with_nodelay(Some(true)));
-        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop.recv().await;
-        })));
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())));
     }
-    Ok(Running { addrs, shutdown, tasks, background })
+    Ok(Running { addrs, proxy, stop_accepting, listeners: tasks, hub: hub_tasks })
 }
