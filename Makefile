@@ -15,7 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core
 # The benchmark plots' labels are drawn with this font.
 PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: deps build run test check-config clean-run bench bench-smoke soak
+.PHONY: deps build run test lint check-config clean-run bench bench-smoke soak
 
 ## deps: install etcd, etcdctl, protoc and the plot font (Debian/Ubuntu) if missing; check for cargo
 deps:
@@ -52,10 +52,17 @@ build: deps
 run: build
 	./scripts/run.sh
 
-## test: unit and integration tests (each integration test starts its own etcd), then the benchmark in short mode
-test: deps
+## test: formatting and lints, unit and integration tests (each integration test starts its own etcd), then the benchmarks in short mode
+test: deps lint
 	RUST_BACKTRACE=1 $(CARGO) test --locked --workspace --all-targets
 	$(MAKE) bench-smoke
+
+## lint: rustfmt and clippy, warnings as errors
+lint:
+	@$(CARGO) fmt --version >/dev/null 2>&1 || { echo "lint: rustfmt missing (rustup component add rustfmt)" >&2; exit 1; }
+	@$(CARGO) clippy --version >/dev/null 2>&1 || { echo "lint: clippy missing (rustup component add clippy)" >&2; exit 1; }
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 ## check-config: validate the example configs
 check-config:
