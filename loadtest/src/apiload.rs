@@ -530,27 +530,29 @@ async fn load(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let d = shared.delivery.lock().unwrap_or_else(|e| e.into_inner());
-    for revs in d.revisions.values() {
-        let mut sorted = revs.clone();
-        sorted.sort();
-        sorted.dedup();
-        row.duplicates += (revs.len() - sorted.len()) as u64;
-        row.delivered += sorted.len() as u64;
+    {
+        let d = shared.delivery.lock().unwrap_or_else(|e| e.into_inner());
+        for revs in d.revisions.values() {
+            let mut sorted = revs.clone();
+            sorted.sort();
+            sorted.dedup();
+            row.duplicates += (revs.len() - sorted.len()) as u64;
+            row.delivered += sorted.len() as u64;
+        }
+        row.delivery = d.latencies.clone();
     }
-    row.delivery = d.latencies.clone();
-    drop(d);
     row.progress_replies = shared.progress.load(Ordering::Relaxed);
-    let res = results.lock().unwrap_or_else(|e| e.into_inner());
-    row.write = res.0.clone();
-    // When the slowest writes happened: a stall shows as several at one moment.
-    let mut slow = res.4.clone();
-    slow.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
-    let slow: Vec<String> =
-        slow.iter().take(5).map(|(at, took)| format!("{} ms at {:.2} s", ms(*took), at.as_secs_f64())).collect();
-    row.slowest = format!("{} (compactor at {:.2} s)", slow.join(", "), compact_at.as_secs_f64());
-    (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
-    drop(res);
+    {
+        let res = results.lock().unwrap_or_else(|e| e.into_inner());
+        row.write = res.0.clone();
+        // When the slowest writes happened: a stall shows as several at one moment.
+        let mut slow = res.4.clone();
+        slow.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
+        let slow: Vec<String> =
+            slow.iter().take(5).map(|(at, took)| format!("{} ms at {:.2} s", ms(*took), at.as_secs_f64())).collect();
+        row.slowest = format!("{} (compactor at {:.2} s)", slow.join(", "), compact_at.as_secs_f64());
+        (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
+    }
     row.etcd_watchers = metric(&etcd.metrics, "etcd_debugging_mvcc_watcher_total").await;
     row.etcd_streams = metric(&etcd.metrics, "etcd_debugging_mvcc_watch_stream_total").await;
     row.etcd_conns = established_conns(etcd.port());
