@@ -499,21 +499,32 @@ async fn run_checker(seed: u64, fault: Fault) {
     }
 }
 
+/// Seeds to run: `ETCDMUX_WATCH_SEEDS=N` runs N seeds from `base` (for `make soak`);
+/// CI runs `default`.
+fn seeds(base: u64, default: u64) -> impl Iterator<Item = u64> {
+    let n = std::env::var("ETCDMUX_WATCH_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    base..base + n
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_guarantees_hold() {
-    for seed in [1, 2] {
+    for seed in seeds(1, 2) {
         run_checker(seed, Fault::None).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_guarantees_hold_when_the_upstream_connection_drops() {
-    run_checker(3, Fault::CutUpstream).await;
+    for seed in seeds(3, 1) {
+        run_checker(seed, Fault::CutUpstream).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_guarantees_hold_across_an_etcd_restart() {
-    run_checker(4, Fault::RestartEtcd).await;
+    for seed in seeds(4, 1) {
+        run_checker(seed, Fault::RestartEtcd).await;
+    }
 }
 
 /// A stalled client is cancelled alone; the others keep receiving, and nothing
