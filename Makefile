@@ -102,5 +102,8 @@ bench-smoke: deps
 	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --check --name api-smoke
 
 ## soak: the differential and watch checkers with many more seeds
+SOAK_DIFF_SEEDS ?= 200
+SOAK_WATCH_SEEDS ?= 50
 soak: deps
-	ETCDMUX_DIFF_SEEDS=200 RUST_BACKTRACE=1 $(CARGO) test --locked --release --test differential
+	ETCDMUX_DIFF_SEEDS=$(SOAK_DIFF_SEEDS) RUST_BACKTRACE=1 $(CARGO) test --locked --release --test differential
+	ETCDMUX_WATCH_SEEDS=$(SOAK_WATCH_SEEDS) RUST_BACKTRACE=1 $(CARGO) test --locked --release --test watch watch_guarantees_hold

@@ -7,28 +7,10 @@
 mod common;
 
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, scrape_metric, Etcd};
-
-/// The child process, killed on drop.
-struct Mux(Child);
-
-impl Drop for Mux {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// User + system CPU time of `pid`, from /proc (USER_HZ = 100).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
-    Duration::from_millis(f.iter().sum::<u64>() * 10)
-}
+use common::{cpu_time, free_port, scrape_metric, Etcd, Proc};
 
 fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -48,12 +30,14 @@ async fn out_of_file_descriptors_backs_off_and_recovers() {
         env!("CARGO_BIN_EXE_etcdmux"),
         etcd.client_url
     );
-    let mux = Mux(Command::new("sh")
-        .args(["-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting etcdmux"));
+    let mux = Proc(
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcdmux"),
+    );
     wait_for_port(port);
     let url = format!("http://127.0.0.1:{port}");
     let metrics = format!("http://127.0.0.1:{metrics_port}");
@@ -63,9 +47,9 @@ async fn out_of_file_descriptors_backs_off_and_recovers() {
     let held: Vec<TcpStream> = (0..150).filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok()).collect();
     assert!(held.len() > 64, "only {} connections opened", held.len());
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_time(mux.0.id());
+    let before = cpu_time(mux.pid());
     std::thread::sleep(Duration::from_secs(3));
-    let used = cpu_time(mux.0.id()) - before;
+    let used = cpu_time(mux.pid()) - before;
     // Spinning on accept burns the whole 3 s; backing off uses almost nothing.
     assert!(used < Duration::from_millis(1500), "etcdmux used {used:?} of CPU in 3 s while out of descriptors");
 

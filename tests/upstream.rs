@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 type Seen = Arc<Mutex<Vec<(Bytes, Option<String>)>>>;
 
 use bytes::Bytes;
-use common::{Etcd, MILO_TOML};
+use common::{Etcd, Relay, MILO_TOML};
 use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, kv_server, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
     PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
@@ -392,38 +392,6 @@ async fn default_deadline_ends_calls_to_a_silent_upstream() {
     );
 }
 
-/// A TCP relay in front of `target` that can cut every connection at once and stop
-/// listening (an etcd that dies with requests in flight).
-struct Relay {
-    url: String,
-    kill: tokio::sync::watch::Sender<bool>,
-}
-
-async fn relay(target: SocketAddr) -> Relay {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (kill, mut killed) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = killed.changed() => return, // drops the listener: connections are refused
-                acc = listener.accept() => {
-                    let Ok((mut a, _)) = acc else { return };
-                    let mut k = killed.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut b) = tokio::net::TcpStream::connect(target).await else { return };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                            _ = k.changed() => {} // both sockets dropped here
-                        }
-                    });
-                }
-            }
-        }
-    });
-    Relay { url, kill }
-}
-
 /// A read that is in flight when its etcd dies is safe to repeat: etcdmux must retry
 /// it on the next endpoint, as it does for a refused connection.
 ///
@@ -445,7 +413,7 @@ async fn read_in_flight_when_etcd_dies_is_retried() {
             .add_service(kv_server::KvServer::new(fake.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let x = relay(fake_addr).await;
+    let x = Relay::start(&fake_addr.to_string()).await;
     let y = Etcd::start();
     let (_mux, url) = start_with(MILO_TOML, vec![x.url.clone(), y.client_url.clone()]).await;
     let mut c = kv(&url).await;
@@ -460,7 +428,7 @@ async fn read_in_flight_when_etcd_dies_is_retried() {
         assert!(Instant::now() < deadline, "the read never reached X");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    x.kill.send(true).unwrap();
+    x.stop();
     let r = bounded(Duration::from_secs(10), "read in flight when X died", get).await.unwrap();
     let r = r.unwrap_or_else(|s| panic!("the read was not retried on Y: {:?}: {}", s.code(), s.message()));
     assert!(r.into_inner().kvs.is_empty());

@@ -29,10 +29,11 @@ use etcdmux::pb::etcdserverpb::{
 use etcdmux::pb::mvccpb::{event::EventType, Event};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+use common::{Cluster, Relay};
 
 const TENANTS: usize = 4;
 const RESOURCES: &[&str] = &["pods", "configmaps", "apps.k8s.io/deployments"];
@@ -339,59 +340,6 @@ fn check_stream(s: &TestStream, truth: &[Ev], final_rev: i64) {
     }
 }
 
-/// A loopback TCP relay in front of etcd whose connections can be cut.
-struct Relay {
-    url: String,
-    cut: tokio_watch::Sender<u64>,
-    /// While set, new connections are refused (closed at once).
-    paused: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Relay {
-    async fn start(target: &str) -> Relay {
-        let target = target.trim_start_matches("http://").to_string();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (cut, cut_rx) = tokio_watch::channel(0u64);
-        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let is_paused = paused.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if is_paused.load(std::sync::atomic::Ordering::Relaxed) {
-                    continue;
-                }
-                let target = target.clone();
-                let mut cut_rx = cut_rx.clone();
-                // Only cuts after this connection was accepted apply to it.
-                cut_rx.mark_unchanged();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.changed() => {}
-                    }
-                });
-            }
-        });
-        Relay { url, cut, paused }
-    }
-
-    /// Cuts every connection and refuses new ones until `resume`.
-    fn pause(&self) {
-        self.paused.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.cut();
-    }
-
-    fn resume(&self) {
-        self.paused.store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Drops every connection through the relay (new ones are accepted again).
-    fn cut(&self) {
-        self.cut.send_modify(|n| *n += 1);
-    }
-}
-
 enum Fault {
     None,
     CutUpstream,
@@ -555,21 +503,32 @@ async fn run_checker(seed: u64, fault: Fault) {
     }
 }
 
+/// Seeds to run: `ETCDMUX_WATCH_SEEDS=N` runs N seeds from `base` (for `make soak`);
+/// CI runs `default`.
+fn seeds(base: u64, default: u64) -> impl Iterator<Item = u64> {
+    let n = std::env::var("ETCDMUX_WATCH_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    base..base + n
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_guarantees_hold() {
-    for seed in [1, 2] {
+    for seed in seeds(1, 2) {
         run_checker(seed, Fault::None).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_guarantees_hold_when_the_upstream_connection_drops() {
-    run_checker(3, Fault::CutUpstream).await;
+    for seed in seeds(3, 1) {
+        run_checker(seed, Fault::CutUpstream).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_guarantees_hold_across_an_etcd_restart() {
-    run_checker(4, Fault::RestartEtcd).await;
+    for seed in seeds(4, 1) {
+        run_checker(seed, Fault::RestartEtcd).await;
+    }
 }
 
 /// A stalled client is cancelled alone; the others keep receiving, and nothing
@@ -840,73 +799,18 @@ async fn global_keys_can_be_watched() {
     assert!(s.log.lock().unwrap().iter().any(|r| r.watch_id == 7 && r.created && !r.canceled));
 }
 
-/// A three-member etcd for leader-loss tests; members are killed on drop.
-struct Cluster {
-    members: Vec<std::process::Child>,
-    client_urls: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let peers: Vec<String> = (0..3).map(|_| format!("http://127.0.0.1:{}", port())).collect();
-        let clients: Vec<String> = (0..3).map(|_| format!("http://127.0.0.1:{}", port())).collect();
-        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
-        let members = (0..3)
-            .map(|i| {
-                std::process::Command::new("etcd")
-                    .args(["--name", &format!("m{i}"), "--data-dir"])
-                    .arg(dir.path().join(format!("m{i}")))
-                    .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
-                    .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
-                    .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
-                    .args([
-                        "--heartbeat-interval",
-                        "50",
-                        "--election-timeout",
-                        "500",
-                        "--logger",
-                        "zap",
-                        "--log-level",
-                        "error",
-                    ])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("etcd (make deps installs it)")
-            })
-            .collect();
-        Cluster { members, client_urls: clients, _dir: dir }
-    }
-
-    fn kill(&mut self, i: usize) {
-        let _ = self.members[i].kill();
-        let _ = self.members[i].wait();
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-    }
-}
-
 /// Streams opened with etcd's `hasleader` metadata end with etcd's "no leader"
 /// error when the upstream loses its leader; other streams stay open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_leader_streams_end_when_etcd_has_no_leader() {
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(3);
     let mut cfg = etcdmux::config::Config::parse(&mux_toml(100, 64), "leader test").unwrap();
-    cfg.upstream.endpoints = cluster.client_urls.clone();
+    cfg.upstream.endpoints = cluster.client_urls();
     cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
     cfg.validate().unwrap();
     // Wait for the cluster to elect a leader.
     let mut kv = loop {
-        if let Ok(mut c) = KvClient::connect(cluster.client_urls[0].clone()).await {
+        if let Ok(mut c) = KvClient::connect(cluster.member(0).client_url.clone()).await {
             if c.put(PutRequest { key: b("/ready"), value: b("1"), ..Default::default() }).await.is_ok() {
                 break c;
             }

@@ -413,7 +413,7 @@ async fn load(
     type Results = (Vec<Duration>, u64, u64, u64, Vec<(Duration, Duration)>);
     let results: Arc<Mutex<Results>> = Arc::default();
     let inflight = Arc::new(Semaphore::new(64));
-    let front_pid = front.proc.as_ref().map_or(etcd.proc.pid(), |p| p.pid());
+    let front_pid = front.proc.as_ref().map_or(etcd.pid(), |p| p.pid());
     let (front_cpu0, self_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()));
     let load_start = Instant::now();
     let total = args.write_rate * args.duration_secs;
@@ -553,9 +553,9 @@ async fn load(
         row.slowest = format!("{} (compactor at {:.2} s)", slow.join(", "), compact_at.as_secs_f64());
         (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
     }
-    row.etcd_watchers = metric(&etcd.metrics, "etcd_debugging_mvcc_watcher_total").await;
-    row.etcd_streams = metric(&etcd.metrics, "etcd_debugging_mvcc_watch_stream_total").await;
-    row.etcd_conns = established_conns(etcd.port());
+    row.etcd_watchers = metric(&etcd.metrics_url, "etcd_debugging_mvcc_watcher_total").await;
+    row.etcd_streams = metric(&etcd.metrics_url, "etcd_debugging_mvcc_watch_stream_total").await;
+    row.etcd_conns = established_conns(etcd.client_port());
     Ok(row)
 }
 
@@ -615,7 +615,7 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         let front_pid = front.proc.as_ref().map(|p| p.pid());
         tokio::select! {
             row = load(args, &etcd, &front, model, projects, &label) => row,
-            reason = watchdog(etcd.proc.pid(), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
+            reason = watchdog(etcd.pid(), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
         }
     }
     .await

@@ -1,21 +1,17 @@
-//! What the benchmarks share: starting etcd and the proxies under test on loopback
-//! ports in a temp dir, reading etcd's `/metrics` and a process's RSS and CPU, and
-//! describing the machine for the report.
+//! What the benchmarks share: starting etcd (from `etcdmux-testkit`) and the proxies
+//! under test on loopback ports in a temp dir, reading `/metrics` and a process's RSS
+//! and CPU, and describing the machine for the report.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+pub use etcdmux_testkit::{cpu_time, free_port, Etcd, Proc};
 
 pub mod plot;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
-}
 
 pub fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
@@ -23,36 +19,6 @@ pub fn b(s: &str) -> Bytes {
 
 pub fn prefix_end(p: &str) -> Bytes {
     etcdmux::keyspace::prefix_end(p.as_bytes())
-}
-
-/// A child process killed (and reaped) on drop.
-pub struct Proc(pub Child);
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A single-member etcd on loopback ports.
-pub struct Etcd {
-    pub proc: Proc,
-    pub url: String,
-    pub metrics: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    pub fn port(&self) -> u16 {
-        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
-    }
 }
 
 /// What sits between the load and etcd.
@@ -82,23 +48,12 @@ pub struct Front {
     pub url: String,
 }
 
-pub async fn http_get(url: &str) -> Result<String, Error> {
-    let rest = url.trim_start_matches("http://");
-    let (hostport, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut s = tokio::net::TcpStream::connect(hostport).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes()).await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-/// The sum of a Prometheus metric's samples (all label sets).
+/// The sum of a Prometheus metric's samples (all label sets) at `url`'s `/metrics`;
+/// 0 when there are none.
 pub async fn metric(url: &str, name: &str) -> f64 {
-    let body = http_get(&format!("{url}/metrics")).await.unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let (url, name) = (url.to_string(), name.to_string());
+    let scrape = tokio::task::spawn_blocking(move || etcdmux_testkit::scrape_metric(&url, &name));
+    scrape.await.ok().flatten().unwrap_or(0.0)
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
@@ -165,18 +120,6 @@ pub fn raise_fd_limit(want: u64) -> u64 {
     }
 }
 
-/// CPU time (user + system) a process has used so far.
-pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after ") ".
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
-}
-
 async fn wait_port(port: u16) -> bool {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -187,32 +130,13 @@ async fn wait_port(port: u16) -> bool {
     false
 }
 
+/// A fresh single-member etcd, healthy, with room for the largest runs.
 pub async fn start_etcd() -> Result<Etcd, Error> {
-    let dir = tempfile::tempdir()?;
-    let (client, peer, metrics) = (free_port(), free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let metrics = format!("http://127.0.0.1:{metrics}");
-    let child = Command::new("etcd")
-        .args(["--name", "bench", "--data-dir"])
-        .arg(dir.path().join("etcd"))
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-cluster", &format!("bench=http://127.0.0.1:{peer}")])
-        .args(["--listen-metrics-urls", &metrics, "--logger", "zap", "--log-level", "error"])
-        .args(["--quota-backend-bytes", &(8u64 << 30).to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting etcd (make deps installs it): {e}"))?;
-    let etcd = Etcd { proc: Proc(child), url, metrics, _dir: dir };
-    for _ in 0..200 {
-        if http_get(&format!("{}/health", etcd.metrics)).await.is_ok_and(|b| b.contains("true")) {
-            return Ok(etcd);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err("etcd did not become healthy".into())
+    let quota = (8u64 << 30).to_string();
+    let start = tokio::task::spawn_blocking(move || {
+        Etcd::builder().args(["--quota-backend-bytes", &quota]).try_start().map_err(|e| format!("starting etcd: {e}"))
+    });
+    Ok(start.await??)
 }
 
 /// The config etcdmux runs with in the benchmarks.
@@ -223,9 +147,16 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let child = match kind {
-        FrontKind::Direct => return Ok(Front { proc: None, url: etcd.url.clone() }),
+        FrontKind::Direct => return Ok(Front { proc: None, url: etcd.client_url.clone() }),
         FrontKind::GrpcProxy => Command::new("etcd")
-            .args(["grpc-proxy", "start", "--endpoints", &etcd.url, "--listen-addr", &format!("127.0.0.1:{port}")])
+            .args([
+                "grpc-proxy",
+                "start",
+                "--endpoints",
+                &etcd.client_url,
+                "--listen-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -239,7 +170,7 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
             Command::new(bin)
                 .arg("--config")
                 .arg(&config)
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &etcd.url])
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &etcd.client_url])
                 .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())

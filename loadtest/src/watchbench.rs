@@ -133,10 +133,10 @@ fn pid(f: &Front) -> u32 {
 
 /// Phase 1: the same events timed through etcdmux and straight from etcd.
 async fn latency(p: &Procs, events: usize, report: &mut String) -> Result<(), Error> {
-    let mut direct = KvClient::connect(p.etcd.url.clone()).await?;
+    let mut direct = KvClient::connect(p.etcd.client_url.clone()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let via_mux = open_stream(&p.mux.url, tx.clone()).await?;
-    let via_etcd = open_stream(&p.etcd.url, tx.clone()).await?;
+    let via_etcd = open_stream(&p.etcd.client_url, tx.clone()).await?;
     let via_proxy = open_stream(&p.proxy.url, tx).await?;
     let start = revision(&mut direct).await? + 1;
     let raw = "/registry/pods/clusters/lat/";
@@ -209,10 +209,10 @@ async fn scale(
     report: &mut String,
 ) -> Result<(), Error> {
     let mut kv = KvClient::connect(target.url.to_string()).await?;
-    let mut direct = KvClient::connect(p.etcd.url.clone()).await?;
+    let mut direct = KvClient::connect(p.etcd.client_url.clone()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib(target.pid);
-    let etcd_before = metric(&p.etcd.metrics, "etcd_debugging_mvcc_watcher_total").await;
+    let etcd_before = metric(&p.etcd.metrics_url, "etcd_debugging_mvcc_watcher_total").await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut ss = Vec::new();
     for _ in 0..streams {
@@ -238,7 +238,7 @@ async fn scale(
     let create_time = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = rss_kib(target.pid);
-    let upstream = metric(&p.etcd.metrics, "etcd_debugging_mvcc_watcher_total").await - etcd_before;
+    let upstream = metric(&p.etcd.metrics_url, "etcd_debugging_mvcc_watcher_total").await - etcd_before;
     // One write per tenant must reach exactly its one watcher.
     let t1 = Instant::now();
     for t in 0..tenants {
