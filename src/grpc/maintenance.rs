@@ -2,8 +2,9 @@
 //!
 //! `Status` is open to everyone (the apiserver reads db size and version from it)
 //! and reports the configured etcd version, since the apiserver gates features such
-//! as consistent reads from cache on it. Operations on the shared cluster (defrag,
-//! hash, snapshot, leader moves, alarms) are the admin's.
+//! as consistent reads from cache on it. Its member id and leader are etcdmux's
+//! own member ([`member_id`]), the one `MemberList` shows. Operations on the shared
+//! cluster (defrag, hash, snapshot, leader moves, alarms) are the admin's.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::cluster::member_id;
 use crate::error::Result;
 use crate::keyspace::Scope;
 use crate::ops::Proxy;
@@ -59,6 +61,12 @@ impl Maintenance for MaintenanceService {
             .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.status(r).await })
             .await?;
         resp.version = self.proxy.cfg.server.advertised_version.clone();
+        // etcdmux is the one member clients see (MemberList), and so the leader.
+        let id = member_id(&self.proxy.cfg.advertise_urls());
+        resp.leader = id;
+        if let Some(h) = resp.header.as_mut() {
+            h.member_id = id;
+        }
         Ok(Response::new(resp))
     }
 
