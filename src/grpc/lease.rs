@@ -19,7 +19,7 @@ use crate::pb::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest,
     LeaseTimeToLiveResponse, ResponseHeader,
 };
-use crate::upstream::CallCtx;
+use crate::upstream::StreamCtx;
 
 pub struct LeaseService {
     proxy: Arc<Proxy>,
@@ -60,7 +60,8 @@ impl Lease for LeaseService {
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let proxy = self.proxy.clone();
         let scope = self.scope.clone();
-        let md = req.metadata().clone();
+        // A stream: no deadline unless the client sent one; lease checks get the default.
+        let sctx = StreamCtx::from_request(&req);
         let mut inbound = req.into_inner();
         let (out_tx, out_rx) = mpsc::channel(KEEPALIVE_BUFFER);
         tokio::spawn(
@@ -78,7 +79,7 @@ impl Lease for LeaseService {
                     tokio::select! {
                         msg = inbound.message() => {
                             let Ok(Some(ka)) = msg else { break };
-                            let ctx = CallCtx::from_metadata(&md, proxy.cfg.default_timeout());
+                            let ctx = sctx.unary(proxy.cfg.default_timeout());
                             match proxy.check_lease(&scope, &ctx, ka.id).await {
                                 Ok(()) => {}
                                 Err(Error::LeaseNotFound) => {
@@ -99,7 +100,7 @@ impl Lease for LeaseService {
                             up_tx = Some(tx);
                             let (ep, ch) = proxy.upstream.stream_channel();
                             let mut client = proxy.upstream.lease(ch);
-                            match client.lease_keep_alive(ctx.request(ReceiverStream::new(rx))).await {
+                            match client.lease_keep_alive(sctx.request(ReceiverStream::new(rx))).await {
                                 Ok(s) => upstream = Some(s.into_inner()),
                                 Err(s) => {
                                     proxy.upstream.report(ep, &s);

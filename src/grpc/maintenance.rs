@@ -21,7 +21,7 @@ use crate::pb::etcdserverpb::{
     DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
     MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
-use crate::upstream::Retry;
+use crate::upstream::{Retry, StreamCtx};
 
 pub struct MaintenanceService {
     proxy: Arc<Proxy>,
@@ -90,7 +90,8 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         self.proxy.resolver.require_admin(&self.scope, "Snapshot")?;
-        let ctx = self.proxy.ctx(&req);
+        // A stream: no deadline unless the client sent one (a large snapshot takes long).
+        let ctx = StreamCtx::from_request(&req);
         let (ep, ch) = self.proxy.upstream.stream_channel();
         let mut client = self.proxy.upstream.maintenance(ch);
         let stream = client

@@ -20,7 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::metrics::names;
-pub use call::{parse_grpc_timeout, CallCtx, Retry, REQUIRE_LEADER};
+pub use call::{parse_grpc_timeout, CallCtx, Retry, StreamCtx, REQUIRE_LEADER};
 use classify::{Failure, UpstreamError};
 
 /// Attempts of one call per configured endpoint (plus two), when its failures may be retried.
