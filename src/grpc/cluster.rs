@@ -1,8 +1,11 @@
 //! The Cluster service. `MemberList` answers with etcdmux's own advertised
 //! endpoints, so clients that sync their member list keep talking to etcdmux
 //! instead of bypassing it; membership changes are the admin's.
+//!
+//! etcdmux's member id ([`member_id`]) is a stable hash of the advertised URLs, so
+//! every etcdmux with the same config is the same member, and `Status` reports it
+//! as the leader: clients that look the leader up in the member list find it.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -12,7 +15,7 @@ use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
     cluster_server::Cluster, Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
     MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
-    MemberUpdateResponse,
+    MemberUpdateResponse, ResponseHeader,
 };
 use crate::upstream::Retry;
 
@@ -56,15 +59,46 @@ impl Cluster for ClusterService {
             .cluster_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.member_list(r).await })
             .await?;
         let urls = self.proxy.cfg.advertise_urls();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        urls.hash(&mut h);
-        let member = Member {
-            id: h.finish(),
-            name: "etcdmux".to_string(),
-            peer_ur_ls: Vec::new(),
-            client_ur_ls: urls,
-            is_learner: false,
-        };
-        Ok(Response::new(MemberListResponse { header: up.header, members: vec![member] }))
+        let id = member_id(&urls);
+        let member =
+            Member { id, name: "etcdmux".to_string(), peer_ur_ls: Vec::new(), client_ur_ls: urls, is_learner: false };
+        let header = up.header.map(|h| ResponseHeader { member_id: id, ..h });
+        Ok(Response::new(MemberListResponse { header, members: vec![member] }))
+    }
+}
+
+/// etcdmux's member id: 64-bit FNV-1a over the advertised client URLs, each
+/// followed by a NUL byte. Written out here so that it stays the same across
+/// processes, builds and Rust releases (std's hashers promise none of that); never
+/// 0, which etcd reads as "no member".
+pub fn member_id(urls: &[String]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET_BASIS;
+    for url in urls {
+        for &b in url.as_bytes().iter().chain(&[0u8]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    h.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::member_id;
+
+    #[test]
+    fn member_id_is_a_fixed_fnv1a_of_the_urls() {
+        // Empty input: FNV-1a's offset basis. The others computed independently
+        // (Python, the same definition); they must never change.
+        assert_eq!(member_id(&[]), 0xcbf2_9ce4_8422_2325);
+        let one = vec!["http://127.0.0.1:2379".to_string()];
+        assert_eq!(member_id(&one), 0x15d7_cbb4_082d_5e3b);
+        let two = vec!["http://10.0.0.1:2379".to_string(), "http://10.0.0.2:2379".to_string()];
+        assert_eq!(member_id(&two), 0x268d_00d7_7075_ef22);
+        // The NUL separator keeps URL boundaries apart.
+        let joined = vec!["http://10.0.0.1:2379http://10.0.0.2:2379".to_string()];
+        assert_ne!(member_id(&joined), member_id(&two));
     }
 }

@@ -71,9 +71,46 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_label(req.uri().path());
+        let call = Call::start(method_label(req.uri().path()));
+        MetricsFuture { inner: self.inner.call(req), call }
+    }
+}
+
+/// One call in flight: counted in the gauge from [`Call::start`] until it ends,
+/// exactly once: answered ([`Call::finish`]), or dropped unanswered (the client's
+/// deadline passed or it reset the stream), which counts as CANCELLED.
+struct Call {
+    method: &'static str,
+    start: Instant,
+    done: bool,
+}
+
+/// grpc-status of a call dropped before it was answered: CANCELLED.
+const CANCELLED: &str = "1";
+
+impl Call {
+    fn start(method: &'static str) -> Call {
         metrics::gauge!(names::GRPC_INFLIGHT, "method" => method).increment(1.0);
-        MetricsFuture { inner: self.inner.call(req), method, start: Instant::now() }
+        Call { method, start: Instant::now(), done: false }
+    }
+
+    fn finish(&mut self, code: String) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let method = self.method;
+        metrics::gauge!(names::GRPC_INFLIGHT, "method" => method).decrement(1.0);
+        metrics::histogram!(names::GRPC_REQUEST_DURATION, "method" => method)
+            .record(self.start.elapsed().as_secs_f64());
+        metrics::counter!(names::GRPC_REQUESTS, "method" => method, "code" => code).increment(1);
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(CANCELLED.to_string());
+        }
     }
 }
 
@@ -81,8 +118,7 @@ pin_project! {
     pub struct MetricsFuture<F> {
         #[pin]
         inner: F,
-        method: &'static str,
-        start: Instant,
+        call: Call,
     }
 }
 
@@ -95,10 +131,6 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
-        let method = *this.method;
-        metrics::gauge!(names::GRPC_INFLIGHT, "method" => method).decrement(1.0);
-        metrics::histogram!(names::GRPC_REQUEST_DURATION, "method" => method)
-            .record(this.start.elapsed().as_secs_f64());
         // An error answer is "trailers only": its grpc-status is in the headers.
         let code = match &out {
             Ok(resp) => resp
@@ -109,7 +141,67 @@ where
                 .unwrap_or_else(|| "0".to_string()),
             Err(_) => "transport".to_string(),
         };
-        metrics::counter!(names::GRPC_REQUESTS, "method" => method, "code" => code).increment(1);
+        this.call.finish(code);
         Poll::Ready(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use tower::service_fn;
+
+    const RANGE: &str = "/etcdserverpb.KV/Range";
+
+    /// The value of the sample of `name` whose labels include every one of `labels`.
+    fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+        text.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+            .find(|l| labels.iter().all(|lab| l.contains(lab)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    fn request() -> http::Request<()> {
+        let mut req = http::Request::new(());
+        *req.uri_mut() = http::Uri::from_static(RANGE);
+        req
+    }
+
+    /// Regression: a call whose future was dropped unanswered (client deadline or
+    /// reset) stayed in the in-flight gauge for ever and was never counted.
+    #[test]
+    fn a_call_dropped_unanswered_leaves_the_gauge_and_is_counted_once() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let method = format!("method=\"{RANGE}\"");
+        metrics::with_local_recorder(&recorder, || {
+            let never =
+                service_fn(|_: http::Request<()>| std::future::pending::<Result<http::Response<()>, Infallible>>());
+            let mut svc = GrpcMetricsLayer.layer(never);
+            let mut fut = Box::pin(svc.call(request()));
+            let waker = futures::task::noop_waker();
+            assert!(fut.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+            assert_eq!(sample(&handle.render(), names::GRPC_INFLIGHT, &[&method]), Some(1.0));
+            drop(fut);
+
+            // An answered call is counted with its grpc-status, once.
+            let answer = service_fn(|_: http::Request<()>| async {
+                let mut resp = http::Response::new(());
+                resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("5"));
+                Ok::<_, Infallible>(resp)
+            });
+            let mut svc = GrpcMetricsLayer.layer(answer);
+            futures::executor::block_on(svc.call(request())).expect("answered");
+        });
+        let text = handle.render();
+        assert_eq!(sample(&text, names::GRPC_INFLIGHT, &[&method]), Some(0.0), "{text}");
+        assert_eq!(sample(&text, names::GRPC_REQUESTS, &[&method, "code=\"1\""]), Some(1.0), "{text}");
+        assert_eq!(sample(&text, names::GRPC_REQUESTS, &[&method, "code=\"5\""]), Some(1.0), "{text}");
+        let count = format!("{}_count", names::GRPC_REQUEST_DURATION);
+        assert_eq!(sample(&text, &count, &[&method]), Some(2.0), "{text}");
     }
 }

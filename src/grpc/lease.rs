@@ -4,8 +4,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
-use tokio::sync::mpsc;
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -19,7 +19,7 @@ use crate::pb::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest,
     LeaseTimeToLiveResponse, ResponseHeader,
 };
-use crate::upstream::CallCtx;
+use crate::upstream::StreamCtx;
 
 pub struct LeaseService {
     proxy: Arc<Proxy>,
@@ -54,74 +54,43 @@ impl Lease for LeaseService {
     /// Each client stream gets one upstream stream, opened on its first owned lease.
     /// Keepalives for leases the principal does not own are answered here with
     /// TTL 0, which is etcd's answer for a lease that does not exist.
+    ///
+    /// The relay ends with the client: when the client goes away (reset, or stops
+    /// reading and drops the stream) both streams are dropped at once, and the
+    /// upstream one with them; when the relay fails (a message that does not decode,
+    /// an upstream error, shutdown) the client's stream ends with that status, after
+    /// the responses already queued.
     async fn lease_keep_alive(
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let proxy = self.proxy.clone();
-        let scope = self.scope.clone();
-        let md = req.metadata().clone();
-        let mut inbound = req.into_inner();
+        let relay = Relay { proxy: self.proxy.clone(), scope: self.scope.clone(), ctx: StreamCtx::from_request(&req) };
+        let inbound = req.into_inner();
         let (out_tx, out_rx) = mpsc::channel(KEEPALIVE_BUFFER);
-        tokio::spawn(
+        let (end_tx, end_rx) = oneshot::channel();
+        let tasks = self.proxy.tasks.clone();
+        self.proxy.tasks.spawn(
             async move {
-                let mut up_tx: Option<mpsc::Sender<LeaseKeepAliveRequest>> = None;
-                let mut upstream: Option<Streaming<LeaseKeepAliveResponse>> = None;
-                let mut last_header: Option<ResponseHeader> = None;
-                loop {
-                    let up_next = async {
-                        match upstream.as_mut() {
-                            Some(s) => s.message().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        msg = inbound.message() => {
-                            let Ok(Some(ka)) = msg else { break };
-                            let ctx = CallCtx::from_metadata(&md, proxy.cfg.default_timeout());
-                            match proxy.check_lease(&scope, &ctx, ka.id).await {
-                                Ok(()) => {}
-                                Err(Error::LeaseNotFound) => {
-                                    let resp = LeaseKeepAliveResponse { header: last_header, id: ka.id, ttl: 0 };
-                                    if out_tx.send(Ok(resp)).await.is_err() { break }
-                                    continue;
-                                }
-                                Err(e) => { let _ = out_tx.send(Err(e.into())).await; break }
-                            }
-                            if let Some(tx) = &up_tx {
-                                if tx.send(ka).await.is_err() { break }
-                                continue;
-                            }
-                            // First owned lease: open the upstream stream with it queued,
-                            // since etcd sends response headers only with its first answer.
-                            let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
-                            let _ = tx.send(ka).await;
-                            up_tx = Some(tx);
-                            let (ep, ch) = proxy.upstream.stream_channel();
-                            let mut client = proxy.upstream.lease(ch);
-                            match client.lease_keep_alive(ctx.request(ReceiverStream::new(rx))).await {
-                                Ok(s) => upstream = Some(s.into_inner()),
-                                Err(s) => {
-                                    proxy.upstream.report(ep, &s);
-                                    let _ = out_tx.send(Err(s)).await;
-                                    break
-                                }
-                            }
-                        }
-                        resp = up_next => match resp {
-                            Ok(Some(r)) => {
-                                last_header = r.header;
-                                if out_tx.send(Ok(r)).await.is_err() { break }
-                            }
-                            Ok(None) => { let _ = out_tx.send(Err(Status::unavailable("etcdmux: upstream keepalive stream ended"))).await; break }
-                            Err(s) => { let _ = out_tx.send(Err(s)).await; break }
-                        }
-                    }
-                }
+                let end = tokio::select! {
+                    end = relay.run(inbound, &out_tx) => end,
+                    // The client is gone: dropping the relay drops the upstream stream.
+                    () = out_tx.closed() => return,
+                    () = tasks.cancelled() => Err(Status::unavailable("etcdmux: shutting down")),
+                };
+                let _ = end_tx.send(end);
             }
             .instrument(request_span("lease", "keep_alive")),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        // The relay's end, after everything it queued: a oneshot never blocks, so the
+        // error reaches the client even when its queue is full.
+        let end = futures::stream::once(end_rx).filter_map(|end| async move {
+            match end {
+                Ok(Ok(())) => None,
+                Ok(Err(s)) => Some(Err(s)),
+                Err(_) => Some(Err(Status::unavailable("etcdmux: keepalive relay ended"))),
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx).chain(end))))
     }
 
     async fn lease_time_to_live(
@@ -136,4 +105,79 @@ impl Lease for LeaseService {
         let ctx = self.proxy.ctx(&req);
         answer("lease", "leases", self.proxy.lease_leases(&self.scope, &ctx, req.into_inner())).await
     }
+}
+
+/// One client KeepAlive stream's relay to etcd.
+struct Relay {
+    proxy: Arc<Proxy>,
+    scope: Scope,
+    ctx: StreamCtx,
+}
+
+impl Relay {
+    /// Relays until the client ends its stream (`Ok`) or something fails (the
+    /// status the client's stream ends with).
+    async fn run(
+        self,
+        mut inbound: Streaming<LeaseKeepAliveRequest>,
+        out: &mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
+    ) -> Result<(), Status> {
+        let proxy = &self.proxy;
+        let mut up_tx: Option<mpsc::Sender<LeaseKeepAliveRequest>> = None;
+        let mut upstream: Option<Streaming<LeaseKeepAliveResponse>> = None;
+        let mut last_header: Option<ResponseHeader> = None;
+        loop {
+            let up_next = async {
+                match upstream.as_mut() {
+                    Some(s) => s.message().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                msg = inbound.message() => {
+                    // A message that does not decode ends the stream with its error.
+                    let Some(ka) = msg? else { return Ok(()) };
+                    let ctx = self.ctx.unary(proxy.cfg.default_timeout());
+                    match proxy.check_lease(&self.scope, &ctx, ka.id).await {
+                        Ok(()) => {}
+                        Err(Error::LeaseNotFound) => {
+                            let resp = LeaseKeepAliveResponse { header: last_header, id: ka.id, ttl: 0 };
+                            if out.send(Ok(resp)).await.is_err() { return Ok(()) }
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    if let Some(tx) = &up_tx {
+                        if tx.send(ka).await.is_err() { return Err(upstream_ended()) }
+                        continue;
+                    }
+                    // First owned lease: open the upstream stream with it queued,
+                    // since etcd sends response headers only with its first answer.
+                    let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
+                    let _ = tx.send(ka).await;
+                    up_tx = Some(tx);
+                    let (ep, ch) = proxy.upstream.stream_channel();
+                    let mut client = proxy.upstream.lease(ch);
+                    match client.lease_keep_alive(self.ctx.request(ReceiverStream::new(rx))).await {
+                        Ok(s) => upstream = Some(s.into_inner()),
+                        Err(s) => {
+                            proxy.upstream.report(ep, &s);
+                            return Err(s);
+                        }
+                    }
+                }
+                resp = up_next => match resp? {
+                    Some(r) => {
+                        last_header = r.header;
+                        if out.send(Ok(r)).await.is_err() { return Ok(()) }
+                    }
+                    None => return Err(upstream_ended()),
+                }
+            }
+        }
+    }
+}
+
+fn upstream_ended() -> Status {
+    Status::unavailable("etcdmux: upstream keepalive stream ended")
 }

@@ -2,8 +2,9 @@
 //!
 //! `Status` is open to everyone (the apiserver reads db size and version from it)
 //! and reports the configured etcd version, since the apiserver gates features such
-//! as consistent reads from cache on it. Operations on the shared cluster (defrag,
-//! hash, snapshot, leader moves, alarms) are the admin's.
+//! as consistent reads from cache on it. Its member id and leader are etcdmux's
+//! own member ([`member_id`]), the one `MemberList` shows. Operations on the shared
+//! cluster (defrag, hash, snapshot, leader moves, alarms) are the admin's.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::cluster::member_id;
 use crate::error::Result;
 use crate::keyspace::Scope;
 use crate::ops::Proxy;
@@ -19,7 +21,7 @@ use crate::pb::etcdserverpb::{
     DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
     MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
-use crate::upstream::Retry;
+use crate::upstream::{Retry, StreamCtx};
 
 pub struct MaintenanceService {
     proxy: Arc<Proxy>,
@@ -59,6 +61,12 @@ impl Maintenance for MaintenanceService {
             .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.status(r).await })
             .await?;
         resp.version = self.proxy.cfg.server.advertised_version.clone();
+        // etcdmux is the one member clients see (MemberList), and so the leader.
+        let id = member_id(&self.proxy.cfg.advertise_urls());
+        resp.leader = id;
+        if let Some(h) = resp.header.as_mut() {
+            h.member_id = id;
+        }
         Ok(Response::new(resp))
     }
 
@@ -82,7 +90,8 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         self.proxy.resolver.require_admin(&self.scope, "Snapshot")?;
-        let ctx = self.proxy.ctx(&req);
+        // A stream: no deadline unless the client sent one (a large snapshot takes long).
+        let ctx = StreamCtx::from_request(&req);
         let (ep, ch) = self.proxy.upstream.stream_channel();
         let mut client = self.proxy.upstream.maintenance(ch);
         let stream = client

@@ -1,5 +1,9 @@
 //! What travels with one request to etcd: its deadline, etcd's `hasleader`
 //! metadata, and whether it may be sent twice.
+//!
+//! A unary call always has a deadline: the client's, or the configured default. A
+//! stream ([`StreamCtx`]) has one only when its client sent one: a keepalive or a
+//! snapshot may rightly last longer than any default.
 
 use std::time::Duration;
 
@@ -35,13 +39,8 @@ impl CallCtx {
     }
 
     pub fn from_metadata(md: &tonic::metadata::MetadataMap, default_timeout: Duration) -> CallCtx {
-        let timeout = md
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .unwrap_or(default_timeout);
-        let require_leader = md.get(REQUIRE_LEADER).is_some();
-        CallCtx { deadline: Instant::now() + timeout, require_leader }
+        let timeout = client_timeout(md).unwrap_or(default_timeout);
+        CallCtx { deadline: Instant::now() + timeout, require_leader: md.get(REQUIRE_LEADER).is_some() }
     }
 
     /// An outgoing request carrying the remaining deadline and `hasleader`.
@@ -52,6 +51,54 @@ impl CallCtx {
             req.metadata_mut().insert(REQUIRE_LEADER, MetadataValue::from_static("true"));
         }
         req
+    }
+}
+
+/// The `grpc-timeout` a client sent, if any (and if it parses).
+fn client_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    md.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout)
+}
+
+/// What travels with one client stream to etcd: the client's deadline, only if it
+/// sent one, and `hasleader`.
+#[derive(Debug, Clone)]
+pub struct StreamCtx {
+    pub deadline: Option<Instant>,
+    pub require_leader: bool,
+}
+
+impl StreamCtx {
+    /// Takes the client's `grpc-timeout` (no default) and `hasleader` from an
+    /// incoming stream.
+    pub fn from_request<T>(req: &Request<T>) -> StreamCtx {
+        Self::from_metadata(req.metadata())
+    }
+
+    pub fn from_metadata(md: &tonic::metadata::MetadataMap) -> StreamCtx {
+        StreamCtx {
+            deadline: client_timeout(md).map(|t| Instant::now() + t),
+            require_leader: md.get(REQUIRE_LEADER).is_some(),
+        }
+    }
+
+    /// The outgoing stream: the remaining deadline if the client set one, and
+    /// `hasleader`.
+    pub fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        if let Some(d) = self.deadline {
+            req.set_timeout(d.saturating_duration_since(Instant::now()));
+        }
+        if self.require_leader {
+            req.metadata_mut().insert(REQUIRE_LEADER, MetadataValue::from_static("true"));
+        }
+        req
+    }
+
+    /// The context of one unary call made on the stream's behalf (a lease check):
+    /// the default deadline from now, but never past the stream's own.
+    pub fn unary(&self, default_timeout: Duration) -> CallCtx {
+        let default = Instant::now() + default_timeout;
+        CallCtx { deadline: self.deadline.map_or(default, |d| d.min(default)), require_leader: self.require_leader }
     }
 }
 
@@ -85,5 +132,40 @@ mod tests {
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("5x"), None);
+    }
+
+    fn metadata(pairs: &[(&'static str, &'static str)]) -> tonic::metadata::MetadataMap {
+        let mut md = tonic::metadata::MetadataMap::new();
+        for (k, v) in pairs {
+            md.insert(*k, MetadataValue::from_static(v));
+        }
+        md
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_carry_a_deadline_only_when_the_client_sent_one() {
+        let default = Duration::from_secs(30);
+        // Regression: a keepalive stream without a client deadline went upstream with
+        // the unary default as grpc-timeout, and etcd ended it after 30 s.
+        let s = StreamCtx::from_metadata(&metadata(&[(REQUIRE_LEADER, "true")]));
+        assert_eq!(s.deadline, None);
+        let req = s.request(());
+        assert!(req.metadata().get("grpc-timeout").is_none());
+        assert!(req.metadata().get(REQUIRE_LEADER).is_some());
+        // Its unary calls keep the default.
+        let u = s.unary(default);
+        assert_eq!(u.deadline, Instant::now() + default);
+        assert!(u.require_leader);
+        assert!(u.request(()).metadata().get("grpc-timeout").is_some());
+
+        let s = StreamCtx::from_metadata(&metadata(&[("grpc-timeout", "5S")]));
+        assert_eq!(s.deadline, Some(Instant::now() + Duration::from_secs(5)));
+        assert!(s.request(()).metadata().get("grpc-timeout").is_some());
+        assert!(s.request(()).metadata().get(REQUIRE_LEADER).is_none());
+        assert_eq!(s.unary(default).deadline, Instant::now() + Duration::from_secs(5), "never past the stream's");
+        assert_eq!(s.unary(Duration::from_secs(1)).deadline, Instant::now() + Duration::from_secs(1));
+
+        // Unary calls: the client's deadline, else the default.
+        assert_eq!(CallCtx::from_metadata(&metadata(&[]), default).deadline, Instant::now() + default);
     }
 }

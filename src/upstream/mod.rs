@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 use crate::metrics::names;
-pub use call::{parse_grpc_timeout, CallCtx, Retry, REQUIRE_LEADER};
+pub use call::{parse_grpc_timeout, CallCtx, Retry, StreamCtx, REQUIRE_LEADER};
 use classify::{Failure, UpstreamError};
 
 /// Attempts of one call per configured endpoint (plus two), when its failures may be retried.
@@ -152,13 +152,14 @@ impl Upstream {
             };
             let err = match res {
                 Ok(resp) => return Ok(resp.into_inner()),
-                // tonic's own timer (from the propagated grpc-timeout) can fire first.
-                Err(s) if s.code() == Code::Cancelled && Instant::now() >= ctx.deadline => {
-                    return Err(UpstreamError::deadline())
-                }
                 Err(s) => UpstreamError::new(s),
             };
             let failure = err.failure();
+            // tonic's own timer (from the propagated grpc-timeout) can fire first: its
+            // CANCELLED "Timeout expired" is answered as etcd answers a missed deadline.
+            if failure == Failure::Deadline {
+                return Err(UpstreamError::deadline());
+            }
             if failure.fails_over() {
                 self.fail_over(ep);
             }
