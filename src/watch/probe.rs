@@ -53,6 +53,10 @@ impl Drop for Running {
     }
 }
 
+fn progress_request() -> WatchRequest {
+    WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) }
+}
+
 impl Hub {
     /// A client asked for progress on its stream (`WatchProgressRequest`). Its
     /// answer's place on the stream is taken now, so waiting requests count against
@@ -109,18 +113,28 @@ impl Hub {
             if !st.progress.wants_probe() {
                 return;
             }
-            let progress = WatchRequest {
-                request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
-            };
             // Never wait here: this task also reads the upstream watch. The channel
-            // holds at most the create and the one request in flight.
-            if tx.try_send(progress).is_ok() {
+            // holds the create and a request a second at most.
+            if tx.try_send(progress_request()).is_ok() {
                 st.progress.issue(ProbeKind::Request);
             }
         } else if let Some(seq) = st.progress.issue(ProbeKind::Fence) {
             drop(st);
             self.spawn(&proxy.tasks, self.clone().fence_probe(proxy.clone(), seq));
         }
+    }
+
+    /// Sends another upstream progress request if `oldest`, the oldest unanswered a
+    /// tick ago, still is (etcd may have dropped its answer) and something waits.
+    /// Returns the oldest unanswered request now.
+    pub(super) fn resend_request(&self, oldest: Option<u64>, tx: &mpsc::Sender<WatchRequest>) -> Option<u64> {
+        let mut st = self.lock();
+        if let Some(stalled) = oldest.filter(|_| self.upstream_progress.load(Ordering::Relaxed)) {
+            if st.progress.oldest_request() == Some(stalled) && tx.try_send(progress_request()).is_ok() {
+                st.progress.resend(stalled);
+            }
+        }
+        st.progress.oldest_request()
     }
 
     /// Runs fence probe `seq` to its end: proved, or given up after its bounded

@@ -12,6 +12,11 @@
 //! - At most one probe is in flight, for every stream together: requests that arrive
 //!   meanwhile wait for the next one. A flood of requests costs one probe per
 //!   probe's round trip, whatever the number of requests or streams.
+//! - etcd may drop a progress answer (its watch channel full): an upstream request
+//!   that stays unanswered may be sent again ([`Progress::resend`]). Answers then
+//!   complete the oldest request still outstanding, which was sent no later than
+//!   the one etcd answered, so a late or missing answer never completes a probe too
+//!   early.
 //! - A probe that gives up fails the requests that were waiting for it (the hub ends
 //!   their streams: a progress answer is never a guess); later requests get the next
 //!   probe.
@@ -19,6 +24,8 @@
 
 /// The progress response's watch id: etcd's "applies to every watcher of the stream".
 pub const PROGRESS_WATCH_ID: i64 = -1;
+
+use std::collections::VecDeque;
 
 /// Whether this etcd answers a `WatchProgressRequest` only once the watch has sent
 /// every event up to the answered revision. Older releases answer at once with the
@@ -44,12 +51,12 @@ pub(super) enum ProbeKind {
     Fence,
 }
 
+/// The fence write in flight.
 #[derive(Debug, Clone, Copy)]
-struct Probe {
+struct Fence {
     seq: u64,
-    kind: ProbeKind,
-    /// The fence's revision, once written.
-    fence_rev: Option<i64>,
+    /// Its revision, once written.
+    rev: Option<i64>,
 }
 
 /// One waiting request: answered once probe `after` (or a later one) completed.
@@ -66,14 +73,16 @@ pub(super) struct Progress<W> {
     issued: u64,
     /// The latest probe completed.
     done: u64,
-    inflight: Option<Probe>,
+    fence: Option<Fence>,
+    /// Upstream progress requests sent and not answered, oldest first.
+    requests: VecDeque<u64>,
     /// A periodic tick waits for this probe.
     tick_after: Option<u64>,
 }
 
 impl<W> Default for Progress<W> {
     fn default() -> Self {
-        Progress { waiters: Vec::new(), issued: 0, done: 0, inflight: None, tick_after: None }
+        Progress { waiters: Vec::new(), issued: 0, done: 0, fence: None, requests: VecDeque::new(), tick_after: None }
     }
 }
 
@@ -97,7 +106,13 @@ impl<W> Progress<W> {
     /// Whether a probe is in flight.
     #[cfg(test)]
     pub(super) fn in_flight(&self) -> Option<ProbeKind> {
-        self.inflight.map(|p| p.kind)
+        if self.fence.is_some() {
+            Some(ProbeKind::Fence)
+        } else if !self.requests.is_empty() {
+            Some(ProbeKind::Request)
+        } else {
+            None
+        }
     }
 
     /// Whether probe `seq` (or a later one) has completed.
@@ -105,12 +120,17 @@ impl<W> Progress<W> {
         self.done >= seq
     }
 
+    /// Whether something waits for a probe not yet completed.
+    fn needs_probe(&self) -> bool {
+        let waiting = self.waiters.last().is_some_and(|w| w.after > self.done);
+        let tick = self.tick_after.is_some_and(|t| t > self.done);
+        waiting || tick
+    }
+
     /// Whether a probe should be issued now: something waits for a probe not yet
     /// completed, and none is in flight.
     pub(super) fn wants_probe(&self) -> bool {
-        let waiting = self.waiters.last().is_some_and(|w| w.after > self.done);
-        let tick = self.tick_after.is_some_and(|t| t > self.done);
-        self.inflight.is_none() && (waiting || tick)
+        self.fence.is_none() && self.requests.is_empty() && self.needs_probe()
     }
 
     /// Issues a probe if one is wanted; its number.
@@ -118,60 +138,85 @@ impl<W> Progress<W> {
         if !self.wants_probe() {
             return None;
         }
+        Some(self.issue_now(kind))
+    }
+
+    fn issue_now(&mut self, kind: ProbeKind) -> u64 {
         self.issued += 1;
-        self.inflight = Some(Probe { seq: self.issued, kind, fence_rev: None });
-        Some(self.issued)
+        match kind {
+            ProbeKind::Fence => self.fence = Some(Fence { seq: self.issued, rev: None }),
+            ProbeKind::Request => self.requests.push_back(self.issued),
+        }
+        self.issued
+    }
+
+    /// The oldest upstream request still unanswered.
+    pub(super) fn oldest_request(&self) -> Option<u64> {
+        self.requests.front().copied()
+    }
+
+    /// Sends another upstream request while `stalled` (the oldest, seen unanswered
+    /// for a while) is still outstanding and something waits: etcd may have dropped
+    /// its answer. Its number.
+    pub(super) fn resend(&mut self, stalled: u64) -> Option<u64> {
+        if self.oldest_request() != Some(stalled) || !self.needs_probe() {
+            return None;
+        }
+        Some(self.issue_now(ProbeKind::Request))
     }
 
     /// The fence of probe `seq` was written at revision `rev`.
     pub(super) fn fence_written(&mut self, seq: u64, rev: i64) {
-        if let Some(p) = self.inflight.as_mut().filter(|p| p.seq == seq && p.kind == ProbeKind::Fence) {
-            p.fence_rev = Some(rev);
+        if let Some(f) = self.fence.as_mut().filter(|f| f.seq == seq) {
+            f.rev = Some(rev);
         }
     }
 
     /// The upstream watch has delivered every event through `last_rev`: completes
     /// the fence in flight if it is among them. True if a probe completed.
     pub(super) fn delivered_through(&mut self, last_rev: i64) -> bool {
-        match self.inflight {
-            Some(Probe { seq, fence_rev: Some(rev), .. }) if rev <= last_rev => self.complete(seq),
+        match self.fence {
+            Some(Fence { seq, rev: Some(rev) }) if rev <= last_rev => self.complete(seq),
             _ => false,
         }
     }
 
-    /// etcd answered the progress request in flight. True if a probe completed.
+    /// etcd answered a progress request: it completes the oldest outstanding one.
+    /// True if a probe completed.
     pub(super) fn answered(&mut self) -> bool {
-        match self.inflight {
-            Some(Probe { seq, kind: ProbeKind::Request, .. }) => self.complete(seq),
-            _ => false,
+        match self.requests.pop_front() {
+            Some(seq) => {
+                self.done = self.done.max(seq);
+                true
+            }
+            None => false,
         }
     }
 
-    /// Probe `seq` proved progress (by whatever means). True if it was in flight.
+    /// The fence probe `seq` proved progress (by whatever means). True if it was in
+    /// flight.
     pub(super) fn complete(&mut self, seq: u64) -> bool {
-        if self.inflight.is_none_or(|p| p.seq != seq) {
+        if self.fence.is_none_or(|f| f.seq != seq) {
             return false;
         }
-        self.inflight = None;
+        self.fence = None;
         self.done = self.done.max(seq);
         true
     }
 
-    /// The upstream watch was re-opened: a progress request in flight died with the
-    /// old one, and is issued again (its waiters lose nothing).
+    /// The upstream watch was re-opened: progress requests in flight died with the
+    /// old one, and are issued again (their waiters lose nothing).
     pub(super) fn upstream_reset(&mut self) {
-        if self.inflight.is_some_and(|p| p.kind == ProbeKind::Request) {
-            self.inflight = None;
-        }
+        self.requests.clear();
     }
 
     /// Probe `seq` gave up: the requests that were waiting for it fail (returned);
     /// later ones wait for the next probe.
     pub(super) fn gave_up(&mut self, seq: u64) -> Vec<W> {
-        if self.inflight.is_none_or(|p| p.seq != seq) {
+        if self.fence.is_none_or(|f| f.seq != seq) {
             return Vec::new();
         }
-        self.inflight = None;
+        self.fence = None;
         let done = self.done;
         if self.tick_after.is_some_and(|t| t <= seq) {
             // Notifications wait for the next tick.
@@ -271,7 +316,7 @@ mod tests {
         let mut p = Progress::default();
         p.request(1);
         p.request(2);
-        let seq = p.issue(ProbeKind::Request).unwrap();
+        let seq = p.issue(ProbeKind::Fence).unwrap();
         assert!(p.complete(seq));
         assert_eq!(p.take_answerable(|&s| s != 2), vec![1]);
         assert!(!p.wants_probe(), "request 2 has its probe; it waits for its stream only");
@@ -291,6 +336,34 @@ mod tests {
         assert_eq!(p.in_flight(), Some(ProbeKind::Fence));
         assert!(p.delivered_through(10));
         assert_eq!(p.take_answerable(|_| true), vec![1]);
+    }
+
+    #[test]
+    fn a_dropped_upstream_answer_is_asked_again_and_answers_complete_the_oldest() {
+        let mut p = Progress::default();
+        p.request("a");
+        let s1 = p.issue(ProbeKind::Request).unwrap();
+        p.request("b");
+        assert_eq!(p.issue(ProbeKind::Request), None, "one at a time");
+        assert_eq!(p.resend(s1 + 1), None, "only the oldest request can be stalled");
+        // No answer for a while: ask again.
+        let s2 = p.resend(s1).unwrap();
+        assert_eq!(p.oldest_request(), Some(s1));
+        // An answer (whichever request it was for) completes the oldest only: "b"
+        // came after s1 was sent, so it is not answered yet.
+        assert!(p.answered());
+        assert_eq!(p.take_answerable(|_| true), vec!["a"]);
+        assert_eq!(p.oldest_request(), Some(s2));
+        assert!(p.answered());
+        assert_eq!(p.take_answerable(|_| true), vec!["b"]);
+        assert!(!p.answered());
+        assert_eq!(p.resend(s2), None, "nothing outstanding");
+        p.request("c");
+        let s3 = p.issue(ProbeKind::Request).unwrap();
+        p.take_answerable(|_| true);
+        assert!(p.answered());
+        assert_eq!(p.take_answerable(|_| true), vec!["c"]);
+        assert_eq!(p.resend(s3), None);
     }
 
     #[test]
@@ -317,9 +390,9 @@ mod tests {
         p.tick();
         assert!(p.wants_probe());
         assert!(!p.take_tick(), "no probe since the tick");
-        let s = p.issue(ProbeKind::Request).unwrap();
+        p.issue(ProbeKind::Request).unwrap();
         p.tick(); // a second tick while the first waits: one notification
-        assert!(p.complete(s));
+        assert!(p.answered());
         assert!(p.take_tick());
         assert!(!p.take_tick());
         assert!(!p.wants_probe());
@@ -332,7 +405,7 @@ mod tests {
         p.request(2);
         p.retain(|&s| s == 2);
         assert_eq!(p.waiting(), 1);
-        let s = p.issue(ProbeKind::Request).unwrap();
+        let s = p.issue(ProbeKind::Fence).unwrap();
         p.complete(s);
         assert_eq!(p.take_answerable(|_| true), vec![2]);
     }

@@ -22,6 +22,10 @@ use crate::pb::etcdserverpb::{
 use crate::upstream::classify::{EtcdError, Failure, UpstreamError};
 use crate::upstream::{CallCtx, Retry};
 
+/// How long an upstream progress request may stay the oldest unanswered before
+/// another is sent.
+const REQUEST_RESEND: Duration = Duration::from_secs(1);
+
 /// What the upstream task does after one response.
 pub(super) enum Next {
     Continue,
@@ -145,9 +149,15 @@ impl Hub {
             st.progress.upstream_reset();
             self.progress_changed(&st);
         }
+        // etcd may drop a progress answer: a request still the oldest unanswered a
+        // tick later is sent again.
+        let mut resend = tokio::time::interval(REQUEST_RESEND);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut oldest = None;
         loop {
             tokio::select! {
                 _ = self.progress_kick.notified() => self.issue_probe(proxy, &tx),
+                _ = resend.tick() => oldest = self.resend_request(oldest, &tx),
                 msg = stream.message() => match msg.inspect_err(|s| proxy.upstream.report(ep, s))? {
                     Some(resp) => {
                         *backoff = base;
