@@ -162,9 +162,17 @@ pub struct WatchConfig {
     pub ring_events: usize,
     /// Bytes of keys and values kept in the ring.
     pub ring_bytes: usize,
-    /// Responses queued for one client stream; a watcher whose stream is that far
-    /// behind is cancelled (it can resume from its last revision).
+    /// Responses queued for one client stream (events, progress answers and the
+    /// progress requests still waiting for theirs, created and cancel responses
+    /// alike); a watcher whose events find the stream that far behind is cancelled
+    /// (it can resume from its last revision), and the stream's requests are not read
+    /// until its client reads.
     pub stream_buffer: usize,
+    /// Places above `stream_buffer` for responses that must not be lost (created,
+    /// cancels, progress answers). A stream that would need more ends with
+    /// `UNAVAILABLE` (its client reconnects and resumes), so one stream never holds
+    /// more than `stream_buffer + stream_control_reserve` responses.
+    pub stream_control_reserve: usize,
     /// Largest number of events in one response when replaying history.
     pub replay_batch: usize,
     /// Interval of progress notifications to watchers that asked for them
@@ -177,6 +185,15 @@ pub struct WatchConfig {
     /// Responses larger than this are split for watchers that asked for fragments
     /// (etcd uses its `--max-request-bytes`, 1.5 MiB by default).
     pub fragment_bytes: usize,
+    /// How long one progress probe may take against etcd without reliable progress
+    /// answers (before 3.4.31 / 3.5.13): its fence writes and seeing the fence's
+    /// event. A probe that cannot prove progress in time gives up, and the streams
+    /// whose progress requests waited for it end with `UNAVAILABLE` (their clients
+    /// reconnect, resume and ask again): a progress answer is never a guess.
+    pub progress_probe_timeout_ms: u64,
+    /// Fence writes one progress probe tries (backing off from
+    /// `reconnect_backoff_ms`) before it gives up. One probe runs at a time.
+    pub progress_fence_attempts: u32,
 }
 
 impl Default for WatchConfig {
@@ -185,11 +202,14 @@ impl Default for WatchConfig {
             ring_events: 100_000,
             ring_bytes: 64 * 1024 * 1024,
             stream_buffer: 1024,
+            stream_control_reserve: 64,
             replay_batch: 1000,
             progress_notify_interval_ms: 600_000,
             max_catchups: 64,
             reconnect_backoff_ms: 100,
             fragment_bytes: 1536 * 1024,
+            progress_probe_timeout_ms: 10_000,
+            progress_fence_attempts: 5,
         }
     }
 }
@@ -259,6 +279,15 @@ impl Config {
             || self.watch.max_catchups == 0
         {
             return bad("watch.ring_events, stream_buffer, replay_batch and max_catchups must be at least 1".into());
+        }
+        if self.watch.stream_control_reserve == 0
+            || self.watch.progress_probe_timeout_ms == 0
+            || self.watch.progress_fence_attempts == 0
+        {
+            return bad(
+                "watch.stream_control_reserve, progress_probe_timeout_ms and progress_fence_attempts must be at least 1"
+                    .into(),
+            );
         }
         if self.upstream.max_txn_ops < 2 {
             return bad("upstream.max_txn_ops must be at least 2".into());

@@ -37,6 +37,12 @@ pub mod names {
     pub const WATCH_CATCHUPS: &str = "etcdmux_watch_catchups_total";
     pub const WATCH_UPSTREAM_RESTARTS: &str = "etcdmux_watch_upstream_restarts_total";
     pub const WATCH_PROGRESS_FENCES: &str = "etcdmux_watch_progress_fences_total";
+    pub const WATCH_PROGRESS_FENCE_FAILURES: &str = "etcdmux_watch_progress_fence_failures_total";
+    pub const WATCH_PROGRESS_FENCE_WRITERS: &str = "etcdmux_watch_progress_fence_writers";
+    pub const WATCH_PROGRESS_PROBES_FAILED: &str = "etcdmux_watch_progress_probes_failed_total";
+    pub const WATCH_PROGRESS_WAITERS: &str = "etcdmux_watch_progress_waiters";
+    pub const WATCH_QUEUED_RESPONSES: &str = "etcdmux_watch_queued_responses";
+    pub const WATCH_STREAM_OVERFLOWS: &str = "etcdmux_watch_stream_overflows_total";
 }
 
 /// What each metric is: (name, kind, unit, description).
@@ -111,6 +117,37 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Fence writes made to prove watch progress on etcd without reliable progress answers",
+    ),
+    (
+        names::WATCH_PROGRESS_FENCE_FAILURES,
+        Kind::Counter,
+        Unit::Count,
+        "Progress fence writes that failed (etcd refused the write, or could not be reached)",
+    ),
+    (
+        names::WATCH_PROGRESS_FENCE_WRITERS,
+        Kind::Gauge,
+        Unit::Count,
+        "Progress fence writers running (at most one: probes are shared by every stream)",
+    ),
+    (
+        names::WATCH_PROGRESS_PROBES_FAILED,
+        Kind::Counter,
+        Unit::Count,
+        "Progress probes that gave up; the streams waiting for them ended with UNAVAILABLE",
+    ),
+    (names::WATCH_PROGRESS_WAITERS, Kind::Gauge, Unit::Count, "Progress requests waiting for their answer"),
+    (
+        names::WATCH_QUEUED_RESPONSES,
+        Kind::Gauge,
+        Unit::Count,
+        "Responses queued on client watch streams and not yet read, progress answers owed included",
+    ),
+    (
+        names::WATCH_STREAM_OVERFLOWS,
+        Kind::Counter,
+        Unit::Count,
+        "Watch streams ended because their client left more than stream_buffer + stream_control_reserve unread",
     ),
 ];
 

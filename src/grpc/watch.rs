@@ -34,7 +34,8 @@ impl Watch for WatchService {
         let require_leader = req.metadata().get(REQUIRE_LEADER).is_some();
         let (reader, responses) =
             session::start(self.proxy.clone(), self.scope.clone(), self.hub.clone(), require_leader, req.into_inner());
-        tokio::spawn(reader.instrument(request_span("watch", "watch")));
+        // Owned by the process's tasks; it ends when the hub stops (shutdown).
+        self.proxy.tasks.spawn(reader.instrument(request_span("watch", "watch")));
         Ok(Response::new(responses))
     }
 }

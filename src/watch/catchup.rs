@@ -117,8 +117,8 @@ impl Hub {
     pub(super) fn cancel_catching_up(&self, w: &Arc<Watcher>, compact_revision: i64, cancel_reason: String) {
         if w.cancel() {
             let st = self.lock();
-            w.sink.send_reliable(WatchResponse {
-                header: self.header(&st, st.last_rev),
+            w.sink.send_control(WatchResponse {
+                header: st.header_at(st.last_rev),
                 watch_id: w.id,
                 canceled: true,
                 compact_revision,
@@ -136,7 +136,7 @@ impl Hub {
         // event it sent, of any key in the range (the fence included).
         let known_to = resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0);
         let mut st = self.lock();
-        let cov = st.covers_from;
+        let cov = st.ring.covers_from();
         let mine: Vec<Event> =
             events.iter().filter(|e| e.rev >= *next && e.rev < cov && w.matches(e)).map(|e| w.render(e)).collect();
         if !mine.is_empty() {

@@ -42,3 +42,13 @@ impl HubEvent {
         self.event.r#type == EventType::Put as i32
     }
 }
+
+impl super::ring::Entry for std::sync::Arc<HubEvent> {
+    fn rev(&self) -> i64 {
+        self.rev
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+}

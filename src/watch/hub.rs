@@ -2,9 +2,9 @@
 //!
 //! ```text
 //!  etcd ──one watch (prev_kv, progress)──▶ upstream task ──▶ HubState (one lock)
-//!                                                          ├─ ring: recent events, bounded
-//!                                                          ├─ watchers by tenant
-//!                                                          └─ streams waiting for progress
+//!                                                          ├─ ring: recent events, bounded      (ring.rs)
+//!                                                          ├─ fan-out: watchers by tenant, root (fanout.rs)
+//!                                                          └─ progress: waiters and probes      (progress.rs)
 //!  client streams ◀── bounded queue per stream ◀── dispatch (one response per watcher per upstream response)
 //! ```
 //!
@@ -27,50 +27,62 @@
 //!   its own stream ends — both under the lock, so nothing is missed or repeated;
 //! - *slow watchers* cannot block anyone: queues are bounded and sends never wait; a
 //!   watcher whose stream is full is cancelled alone with a reason.
+//!
+//! Every task of the hub (upstream watch, ticker, catch-ups, fence writers) is
+//! spawned through the process's [`Tasks`] and ends when the hub stops: at the
+//! shutdown signal, or [`Hub::stop`]. Client streams end with `UNAVAILABLE` then.
 
 use crate::metrics::names;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::event::HubEvent;
-use super::fanout::TenantWatchers;
-use super::progress::Waiter;
-use super::sink::Sent;
+use super::fanout::Fanout;
+use super::progress::Progress;
+use super::ring::Ring;
+use super::sink::{Sent, Slot};
 use super::watcher::Watcher;
 use crate::config::WatchConfig;
-use crate::keyspace::{KeyLayout, Piece, TenantName};
+use crate::keyspace::{KeyLayout, Piece};
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{ResponseHeader, WatchResponse};
 use crate::pb::mvccpb::Event;
+use crate::shutdown::Tasks;
 
+/// What the hub's lock guards.
 pub(super) struct HubState {
-    pub(super) ring: VecDeque<Arc<HubEvent>>,
-    pub(super) ring_bytes: usize,
-    /// The ring holds every event with revision in `covers_from..=last_rev`.
-    pub(super) covers_from: i64,
+    /// Recent events; covers `covers_from()..=last_rev`.
+    pub(super) ring: Ring<Arc<HubEvent>>,
     /// Every event up to this revision has been dispatched.
     pub(super) last_rev: i64,
     /// cluster_id / member_id / raft_term of the latest upstream header.
     pub(super) header: ResponseHeader,
-    pub(super) watchers: HashMap<TenantName, TenantWatchers>,
-    pub(super) watcher_count: usize,
-    /// Progress requests waiting for a probe issued after them.
-    pub(super) progress_waiters: Vec<Waiter>,
-    /// Probes (upstream progress requests or fence writes) issued and completed, in
-    /// order: a request is answered by the first probe issued after it.
-    pub(super) probes_issued: u64,
-    pub(super) probes_done: u64,
-    /// Fence writes not seen yet: (revision, probe).
-    pub(super) pending_fences: Vec<(i64, u64)>,
-    /// Upstream progress requests sent and not answered: their probes, in order.
-    pub(super) inflight_requests: VecDeque<u64>,
-    pub(super) tick_due: bool,
+    pub(super) fanout: Fanout,
+    /// Progress requests (each holding its answer's place on its stream) and probes.
+    pub(super) progress: Progress<Slot>,
     pub(super) ready: bool,
+}
+
+impl HubState {
+    /// Tells the progress state machine that every event up to `last_rev` has been
+    /// dispatched; true if that completed a probe.
+    pub(super) fn delivered(&mut self) -> bool {
+        self.progress.delivered_through(self.last_rev)
+    }
+
+    /// A response header at `rev`.
+    pub(super) fn header_at(&self, rev: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader { revision: rev, ..self.header })
+    }
 }
 
 /// The hub. One per process.
@@ -80,11 +92,19 @@ pub struct Hub {
     pub(super) layout: KeyLayout,
     /// The upstream range the hub watches.
     pub(super) range: Piece,
+    /// Asks the upstream task to issue a progress probe, if one is wanted.
     pub(super) progress_kick: Notify,
+    /// Signalled when a progress probe completes.
+    pub(super) probe_done: Notify,
     pub(super) ready: Notify,
     pub(super) catchups: Semaphore,
     /// Whether etcd's own progress answers can be trusted (see `progress_is_reliable`).
     pub(super) upstream_progress: AtomicBool,
+    /// Fires at the shutdown signal or [`Hub::stop`]: every hub task and client
+    /// stream ends.
+    stop: CancellationToken,
+    /// The hub's own tasks, for [`Hub::stopped`].
+    tracker: TaskTracker,
 }
 
 impl Hub {
@@ -92,28 +112,23 @@ impl Hub {
         let range = layout.watch_range();
         Arc::new(Hub {
             state: Mutex::new(HubState {
-                ring: VecDeque::new(),
-                ring_bytes: 0,
-                covers_from: 1,
+                ring: Ring::new(cfg.ring_events, cfg.ring_bytes),
                 last_rev: 0,
                 header: ResponseHeader::default(),
-                watchers: HashMap::new(),
-                watcher_count: 0,
-                progress_waiters: Vec::new(),
-                probes_issued: 0,
-                probes_done: 0,
-                pending_fences: Vec::new(),
-                inflight_requests: VecDeque::new(),
-                tick_due: false,
+                fanout: Fanout::default(),
+                progress: Progress::default(),
                 ready: false,
             }),
             cfg: cfg.clone(),
             layout,
             range,
             progress_kick: Notify::new(),
+            probe_done: Notify::new(),
             ready: Notify::new(),
             catchups: Semaphore::new(cfg.max_catchups),
             upstream_progress: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
         })
     }
 
@@ -122,22 +137,63 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the upstream watch and the progress ticker; abort the handles to stop.
-    pub fn start(self: &Arc<Self>, proxy: Arc<Proxy>) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Starts the upstream watch and the progress ticker, as tasks of `proxy.tasks`
+    /// that end when the hub stops (at the shutdown signal, or [`Hub::stop`]).
+    pub fn start(self: &Arc<Self>, proxy: Arc<Proxy>) -> Vec<JoinHandle<()>> {
         metrics::gauge!(names::WATCH_UPSTREAM_WATCHES).set(0.0);
-        let upstream = tokio::spawn(self.clone().run_upstream(proxy));
+        let (hub, tasks) = (self.clone(), proxy.tasks.clone());
+        proxy.tasks.spawn(async move {
+            tokio::select! {
+                _ = tasks.cancelled() => hub.stop(),
+                _ = hub.stop.cancelled() => {}
+            }
+        });
+        let upstream = self.spawn(&proxy.tasks, self.clone().run_upstream(proxy.clone()));
         let hub = self.clone();
-        let ticker = tokio::spawn(async move {
+        let ticker = self.spawn(&proxy.tasks, async move {
             let every = Duration::from_millis(hub.cfg.progress_notify_interval_ms.max(10));
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                hub.lock().tick_due = true;
+                hub.lock().progress.tick();
                 hub.progress_kick.notify_one();
             }
         });
         vec![upstream, ticker]
+    }
+
+    /// Spawns one of the hub's tasks: owned by `tasks`, dropped when the hub stops.
+    pub(super) fn spawn<F>(&self, tasks: &Tasks, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        tasks.spawn(self.tracker.track_future(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = stop.cancelled() => {}
+            }
+        }))
+    }
+
+    /// Stops the hub: its tasks end, and every client watch stream ends with
+    /// `UNAVAILABLE` (clients reconnect and resume). The shutdown signal of
+    /// `proxy.tasks` does the same.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Resolves once the hub has stopped and every task it spawned has ended.
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// A token cancelled when the hub stops: for the tasks of client streams.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// Waits until the hub knows where etcd's history stands.
@@ -151,17 +207,12 @@ impl Hub {
         }
     }
 
-    pub(super) fn header(&self, st: &HubState, rev: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader { revision: rev, ..st.header })
-    }
-
     /// Sends a batch of events to every watcher they match: one response each.
     pub(super) fn dispatch(&self, st: &mut HubState, events: &[Arc<HubEvent>]) {
         let mut out: Vec<(Arc<Watcher>, Vec<Event>)> = Vec::new();
         let mut slot: HashMap<*const Watcher, usize> = HashMap::new();
         for ev in events {
-            let Some(ws) = st.watchers.get(&ev.tenant) else { continue };
-            for w in ws.candidates(&ev.root) {
+            for w in st.fanout.candidates(&ev.tenant, &ev.root) {
                 if w.matches(ev) {
                     let i = *slot.entry(Arc::as_ptr(w)).or_insert_with(|| {
                         out.push((w.clone(), Vec::new()));
@@ -171,7 +222,7 @@ impl Hub {
                 }
             }
         }
-        let header = self.header(st, st.last_rev);
+        let header = st.header_at(st.last_rev);
         let mut slow = Vec::new();
         for (w, evs) in out {
             let n = evs.len() as u64;
@@ -230,8 +281,8 @@ impl Hub {
         }
         Self::unregister(st, w);
         metrics::counter!(names::WATCH_SLOW_CANCELS).increment(1);
-        w.sink.send_reliable(WatchResponse {
-            header: self.header(st, st.last_rev),
+        w.sink.send_control(WatchResponse {
+            header: st.header_at(st.last_rev),
             watch_id: w.id,
             canceled: true,
             cancel_reason: format!(
@@ -243,49 +294,27 @@ impl Hub {
     }
 
     pub(super) fn unregister(st: &mut HubState, w: &Arc<Watcher>) {
-        if let Some(ws) = st.watchers.get_mut(&w.tenant) {
-            if ws.remove(w) {
-                st.watcher_count -= 1;
-            }
-            if ws.is_empty() {
-                // No per-tenant state is kept for a tenant without watchers.
-                st.watchers.remove(&w.tenant);
-            }
-        }
-        metrics::gauge!(names::WATCH_WATCHERS).set(st.watcher_count as f64);
-    }
-
-    pub(super) fn evict(&self, st: &mut HubState) {
-        while st.ring.len() > self.cfg.ring_events || st.ring_bytes > self.cfg.ring_bytes {
-            let Some(first) = st.ring.pop_front() else { break };
-            st.ring_bytes -= first.size;
-            // Whole revisions only: the ring covers from the next revision on.
-            while st.ring.front().is_some_and(|e| e.rev == first.rev) {
-                if let Some(e) = st.ring.pop_front() {
-                    st.ring_bytes -= e.size;
-                }
-            }
-            st.covers_from = first.rev + 1;
-        }
-        metrics::gauge!(names::WATCH_RING_EVENTS).set(st.ring.len() as f64);
-        metrics::gauge!(names::WATCH_RING_BYTES).set(st.ring_bytes as f64);
+        st.fanout.remove(w);
+        metrics::gauge!(names::WATCH_WATCHERS).set(st.fanout.len() as f64);
     }
 
     /// Registers a watcher: queues its `created` response, then serves it from the
     /// ring, or starts a catch-up when its start is older than the ring.
     pub fn add(self: &Arc<Self>, proxy: &Arc<Proxy>, w: Arc<Watcher>, mut created: WatchResponse) {
         let mut st = self.lock();
-        created.header = self.header(&st, st.last_rev);
-        w.sink.send_reliable(created);
+        created.header = st.header_at(st.last_rev);
+        if !w.sink.send_control(created) {
+            return;
+        }
         metrics::counter!(names::WATCH_CREATED).increment(1);
-        if w.from_rev >= st.covers_from && !w.compacted {
+        if w.from_rev >= st.ring.covers_from() && !w.compacted {
             self.hand_over(&mut st, &w, w.from_rev);
             return;
         }
         w.sink.catching_up.fetch_add(1, Ordering::Relaxed);
         drop(st);
         metrics::counter!(names::WATCH_CATCHUPS).increment(1);
-        tokio::spawn(self.clone().catch_up(proxy.clone(), w));
+        self.spawn(&proxy.tasks, self.clone().catch_up(proxy.clone(), w));
     }
 
     /// Replays the ring from `from` to a watcher and registers it for live events.
@@ -296,45 +325,54 @@ impl Hub {
         if w.is_canceled() {
             return;
         }
-        let from = from.max(st.covers_from);
-        let first = st.ring.partition_point(|e| e.rev < from);
+        match self.replay(st, w, from) {
+            Sent::Ok => {
+                st.fanout.insert(w.clone());
+                metrics::gauge!(names::WATCH_WATCHERS).set(st.fanout.len() as f64);
+            }
+            Sent::Full => self.cancel_slow(st, w),
+            Sent::Gone => {}
+        }
+    }
+
+    /// Sends `w` the ring's events from `from` on, in batches of whole revisions.
+    fn replay(&self, st: &HubState, w: &Arc<Watcher>, from: i64) -> Sent {
         let mut batch: Vec<Event> = Vec::new();
         let mut batch_rev = 0;
-        let mut ok = true;
-        let total = st.ring.len();
-        for i in first..total {
-            let ev = st.ring[i].clone();
-            if !w.matches(&ev) {
+        for ev in st.ring.replay_from(from) {
+            if !w.matches(ev) {
                 continue;
             }
             // Flush before a new revision once the batch is full: never split one.
             if batch.len() >= self.cfg.replay_batch && ev.rev != batch_rev {
-                ok = self.send_replay(st, w, std::mem::take(&mut batch), batch_rev);
-                if !ok {
-                    break;
+                let sent = self.send_batch(st, w, std::mem::take(&mut batch), batch_rev);
+                if sent != Sent::Ok {
+                    return sent;
                 }
             }
             batch_rev = ev.rev;
-            batch.push(w.render(&ev));
+            batch.push(w.render(ev));
         }
-        if ok && !batch.is_empty() {
-            ok = self.send_replay(st, w, batch, batch_rev);
+        if batch.is_empty() {
+            return Sent::Ok;
         }
-        if !ok {
-            return;
-        }
-        st.watchers.entry(w.tenant.clone()).or_default().insert(w.clone());
-        st.watcher_count += 1;
-        metrics::gauge!(names::WATCH_WATCHERS).set(st.watcher_count as f64);
+        self.send_batch(st, w, batch, batch_rev)
     }
 
-    pub(super) fn send_replay(&self, st: &mut HubState, w: &Arc<Watcher>, events: Vec<Event>, rev: i64) -> bool {
+    fn send_batch(&self, st: &HubState, w: &Arc<Watcher>, events: Vec<Event>, rev: i64) -> Sent {
         let n = events.len() as u64;
-        match self.deliver(w, self.header(st, rev), events) {
-            Sent::Ok => {
-                metrics::counter!(names::WATCH_EVENTS_OUT).increment(n);
-                true
-            }
+        let sent = self.deliver(w, st.header_at(rev), events);
+        if sent == Sent::Ok {
+            metrics::counter!(names::WATCH_EVENTS_OUT).increment(n);
+        }
+        sent
+    }
+
+    /// Sends `w` replayed events at `rev`; a watcher whose stream is full is
+    /// cancelled. False unless sent.
+    pub(super) fn send_replay(&self, st: &mut HubState, w: &Arc<Watcher>, events: Vec<Event>, rev: i64) -> bool {
+        match self.send_batch(st, w, events, rev) {
+            Sent::Ok => true,
             Sent::Full => {
                 self.cancel_slow(st, w);
                 false

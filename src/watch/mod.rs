@@ -5,23 +5,31 @@
 //!                                                    ├─ ring: recent events, bounded
 //!                                                    ├─ fan-out: watchers by tenant and root
 //!                                                    └─ progress: streams waiting for a proof
-//!  client streams ◀── sink (bounded queue per stream) ◀── dispatch
+//!  client streams ◀── sink (one budget per stream) ◀── dispatch
 //! ```
 //!
 //! - [`session`]: one client stream (its request reader and response stream);
-//! - [`sink`]: the per-stream ordered, bounded queue;
+//! - [`sink`]: the per-stream ordered queue and its one budget for every response;
 //! - [`event`], [`watcher`]: an upstream event in tenant form; a client watcher;
-//! - [`hub`]: the shared state and dispatch; [`fanout`]: the watcher index;
+//! - [`hub`]: the lock, dispatch and the hub's tasks, over owned parts: [`ring`]
+//!   (recent events), [`fanout`] (the watcher index), [`progress`] (the progress
+//!   state machine, pure);
 //! - [`upstream`]: the one upstream watch; [`catchup`]: starts older than the ring;
-//! - [`progress`]: progress answers and notifications; [`passthrough`]: watches of
-//!   global keys, relayed.
+//! - [`probe`]: progress probes (one at a time) and answers; [`passthrough`]:
+//!   watches of global keys, relayed.
+//!
+//! Every task of the watch path is a task of the process's
+//! [`Tasks`](crate::shutdown::Tasks) and ends when the hub stops (the shutdown
+//! signal, or [`Hub::stop`]); client streams then end with `UNAVAILABLE`.
 
 pub mod catchup;
 pub mod event;
 pub mod fanout;
 pub mod hub;
 pub mod passthrough;
+pub mod probe;
 pub mod progress;
+pub mod ring;
 pub mod session;
 pub mod sink;
 pub mod upstream;

@@ -64,10 +64,13 @@ pub(super) async fn passthrough(proxy: Arc<Proxy>, sink: Arc<StreamSink>, id: i6
                 create.start_revision = last + 1;
             }
             let ends = r.canceled;
-            if r.events.is_empty() {
-                sink.send_reliable(r);
+            if r.created || r.canceled {
+                sink.send_control(r);
+            } else if r.events.is_empty() {
+                // A progress notification: dropped when the stream is full, as etcd does.
+                let _ = sink.send_events(r);
             } else if !sink.send_events(r) {
-                sink.send_reliable(WatchResponse {
+                sink.send_control(WatchResponse {
                     watch_id: id,
                     canceled: true,
                     cancel_reason:

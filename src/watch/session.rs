@@ -8,12 +8,12 @@ use crate::metrics::names;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::Stream;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, Streaming};
 
 use super::hub::Hub;
@@ -25,8 +25,10 @@ use crate::keyspace::{End, RangeRef, Scope, TenantName};
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
 
-/// Starts one client stream: the future that reads its requests (spawn it) and the
-/// stream of its responses (hand it to tonic).
+/// Starts one client stream: the future that reads its requests (spawn it, as a
+/// task of `proxy.tasks`) and the stream of its responses (hand it to tonic). Both
+/// end when the hub stops (shutdown): the responses with `UNAVAILABLE`, so clients
+/// reconnect and resume.
 pub fn start(
     proxy: Arc<Proxy>,
     scope: Scope,
@@ -34,45 +36,62 @@ pub fn start(
     require_leader: bool,
     mut inbound: Streaming<WatchRequest>,
 ) -> (impl Future<Output = ()> + Send, ResponseStream) {
-    let (sink, rx) = StreamSink::new(proxy.cfg.watch.stream_buffer, require_leader);
+    let cfg = &proxy.cfg.watch;
+    let (sink, rx) = StreamSink::new(cfg.stream_buffer, cfg.stream_control_reserve, require_leader);
+    let stop = hub.stop_token();
+    let responses = ResponseStream { rx, last_rev: 0, done: false, stop: Box::pin(stop.clone().cancelled_owned()) };
     let mut state =
         StreamState { proxy, scope, hub, sink, watchers: HashMap::new(), passthrough: HashMap::new(), next_id: 0 };
     metrics::gauge!(names::WATCH_STREAMS).increment(1.0);
     let reader = async move {
         loop {
             // Like etcd, stop reading requests while the client is not reading
-            // responses: a client cannot queue creates without bound.
+            // responses: whatever a request costs (created, cancel, a progress answer
+            // owed) counts against the stream's budget, so a client cannot queue
+            // responses or waiting requests without bound.
             while state.sink.is_full() {
-                let room = state.sink.room.clone();
-                let notified = room.notified();
+                let sink = state.sink.clone();
+                let room = sink.room().notified();
                 if !state.sink.is_full() {
                     break;
                 }
                 tokio::select! {
-                    _ = notified => {}
-                    _ = state.sink_closed() => return state.close(),
+                    _ = room => {}
+                    _ = state.sink.closed() => return state.close(),
+                    _ = stop.cancelled() => return state.close(),
                 }
             }
             let msg = tokio::select! {
                 m = inbound.message() => m,
-                _ = state.sink_closed() => break,
+                _ = state.sink.closed() => break,
+                _ = stop.cancelled() => break,
             };
             let req = match msg {
                 Ok(Some(req)) => req,
                 // The client closed its side: its watches keep running until it
                 // goes away, as in etcd.
                 Ok(None) => {
-                    state.sink_closed().await;
+                    tokio::select! {
+                        _ = state.sink.closed() => {}
+                        _ = stop.cancelled() => {}
+                    }
                     break;
                 }
-                Err(_) => break,
+                // A request that does not decode (or a broken stream) ends the stream
+                // with that error, as etcd does; never with OK.
+                Err(status) => {
+                    let message = format!("etcdmux: reading the watch stream: {}", status.message());
+                    state.sink.end(Status::new(status.code(), message));
+                    break;
+                }
             };
             match req.request_union {
                 Some(watch_request::RequestUnion::CreateRequest(c)) => {
                     let sink = state.sink.clone();
                     tokio::select! {
                         _ = state.create(c) => {}
-                        _ = closed(&sink) => break,
+                        _ = sink.closed() => break,
+                        _ = stop.cancelled() => break,
                     }
                 }
                 Some(watch_request::RequestUnion::CancelRequest(c)) => state.cancel(c.watch_id),
@@ -82,7 +101,7 @@ pub fn start(
         }
         state.close();
     };
-    (reader, ResponseStream { rx, last_rev: 0, done: false })
+    (reader, responses)
 }
 
 /// The responses of one client stream, in the order they were queued.
@@ -90,6 +109,8 @@ pub struct ResponseStream {
     rx: SinkReceiver,
     last_rev: i64,
     done: bool,
+    /// The hub stopped: end with `UNAVAILABLE` at once.
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Stream for ResponseStream {
@@ -99,20 +120,21 @@ impl Stream for ResponseStream {
         if self.done {
             return Poll::Ready(None);
         }
-        let mut r = match self.rx.queue.poll_recv(cx) {
+        if self.stop.as_mut().poll(cx).is_ready() {
+            // What is still queued is dropped: the client resumes from the last
+            // revision it got.
+            self.done = true;
+            return Poll::Ready(Some(Err(Status::unavailable("etcdmux: shutting down"))));
+        }
+        let mut r = match self.rx.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Ready(Some(Outgoing::End(status))) => {
                 self.done = true;
                 return Poll::Ready(Some(Err(*status)));
             }
-            Poll::Ready(Some(Outgoing::Control(r))) => *r,
-            Poll::Ready(Some(Outgoing::Data(r))) => {
-                self.rx.queued.fetch_sub(1, Ordering::Relaxed);
-                *r
-            }
+            Poll::Ready(Some(Outgoing::Response(r))) => *r,
         };
-        self.rx.room.notify_waiters();
         // Header revisions never go backwards on a stream.
         if let Some(h) = r.header.as_mut() {
             h.revision = h.revision.max(self.last_rev);
@@ -159,7 +181,14 @@ impl StreamState {
             Ok(RangeRef::Tenant { tenant, start, end }) => (tenant, start, end),
             Ok(RangeRef::Raw { key, range_end, .. }) => {
                 let create = WatchCreateRequest { key, range_end, watch_id: 0, ..c };
-                let task = tokio::spawn(passthrough(self.proxy.clone(), self.sink.clone(), id, create));
+                let watch = passthrough(self.proxy.clone(), self.sink.clone(), id, create);
+                let stop = self.hub.stop_token();
+                let task = self.proxy.tasks.spawn(async move {
+                    tokio::select! {
+                        _ = watch => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
                 self.passthrough.insert(id, task);
                 return;
             }
@@ -196,7 +225,7 @@ impl StreamState {
     /// Answers a create that cannot be served: created and cancelled at once, with
     /// the reason, as etcd answers a watch it refuses.
     fn refuse(&self, id: i64, reason: String) {
-        self.sink.send_reliable(WatchResponse {
+        self.sink.send_control(WatchResponse {
             watch_id: id,
             created: true,
             canceled: true,
@@ -209,14 +238,14 @@ impl StreamState {
         if let Some(task) = self.passthrough.remove(&id) {
             if !task.is_finished() {
                 task.abort();
-                self.sink.send_reliable(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
+                self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
             }
             return;
         }
         // etcd answers nothing for a watch it no longer has.
         if let Some(w) = self.watchers.remove(&id).filter(|w| !w.is_canceled()) {
             self.hub.remove(&w);
-            self.sink.send_reliable(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
+            self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
             metrics::counter!(names::WATCH_CANCELLED).increment(1);
         }
     }
@@ -229,16 +258,5 @@ impl StreamState {
             t.abort();
         }
         metrics::gauge!(names::WATCH_STREAMS).decrement(1.0);
-    }
-}
-
-async fn closed(sink: &Arc<StreamSink>) {
-    sink.closed().await
-}
-
-impl StreamState {
-    /// Resolves when the client has gone (its response stream was dropped).
-    async fn sink_closed(&self) {
-        self.sink.closed().await
     }
 }

@@ -17,10 +17,14 @@ use super::sink::StreamSink;
 use super::watcher::Watcher;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
-    watch_request, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+    watch_request, RangeRequest, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use crate::upstream::classify::{EtcdError, Failure, UpstreamError};
 use crate::upstream::{CallCtx, Retry};
+
+/// How long an upstream progress request may stay the oldest unanswered before
+/// another is sent.
+const REQUEST_RESEND: Duration = Duration::from_secs(1);
 
 /// What the upstream task does after one response.
 pub(super) enum Next {
@@ -78,7 +82,7 @@ impl Hub {
                         let mut st = self.lock();
                         st.header = ResponseHeader { revision: 0, ..h };
                         st.last_rev = rev;
-                        st.covers_from = rev + 1;
+                        st.ring.reset(rev + 1);
                         st.ready = true;
                         drop(st);
                         self.ready.notify_waiters();
@@ -140,33 +144,20 @@ impl Hub {
         };
         metrics::gauge!(names::WATCH_UPSTREAM_WATCHES).set(1.0);
         {
-            // Requests sent on the previous stream died with it; ask again.
+            // A request sent on the previous stream died with it; ask again.
             let mut st = self.lock();
-            st.inflight_requests.clear();
-            if !st.progress_waiters.is_empty() || st.tick_due {
-                self.progress_kick.notify_one();
-            }
+            st.progress.upstream_reset();
+            self.progress_changed(&st);
         }
+        // etcd may drop a progress answer: a request still the oldest unanswered a
+        // tick later is sent again.
+        let mut resend = tokio::time::interval(REQUEST_RESEND);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut oldest = None;
         loop {
             tokio::select! {
-                _ = self.progress_kick.notified() => {
-                    if self.upstream_progress.load(Ordering::Relaxed) {
-                        let progress = WatchRequest {
-                            request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                        };
-                        // Never wait here: this task also reads the upstream watch.
-                        let mut st = self.lock();
-                        if tx.try_send(progress).is_ok() {
-                            st.probes_issued += 1;
-                            let seq = st.probes_issued;
-                            st.inflight_requests.push_back(seq);
-                        } else {
-                            self.progress_kick.notify_one();
-                        }
-                    } else {
-                        tokio::spawn(self.clone().write_fence(proxy.clone()));
-                    }
-                }
+                _ = self.progress_kick.notified() => self.issue_probe(proxy, &tx),
+                _ = resend.tick() => oldest = self.resend_request(oldest, &tx),
                 msg = stream.message() => match msg.inspect_err(|s| proxy.upstream.report(ep, s))? {
                     Some(resp) => {
                         *backoff = base;
@@ -203,14 +194,14 @@ impl Hub {
             let rev = resp.header.map_or(0, |h| h.revision);
             if resp.watch_id != PROGRESS_WATCH_ID {
                 st.last_rev = st.last_rev.max(rev);
-                self.check_fences(&mut st);
+                if st.delivered() {
+                    self.probe_completed(&mut st);
+                }
             } else if self.upstream_progress.load(Ordering::Relaxed) {
                 st.last_rev = st.last_rev.max(rev);
-                if let Some(seq) = st.inflight_requests.pop_front() {
-                    st.probes_done = st.probes_done.max(seq);
-                }
-                self.check_fences(&mut st);
-                self.answer_progress(&mut st);
+                st.progress.answered();
+                st.delivered();
+                self.probe_completed(&mut st);
             }
             return Next::Continue;
         }
@@ -221,12 +212,12 @@ impl Hub {
             resp.events.into_iter().filter_map(|e| HubEvent::from_upstream(&self.layout, e)).map(Arc::new).collect();
         st.last_rev = st.last_rev.max(raw_max);
         self.dispatch(&mut st, &events);
-        for e in events {
-            st.ring_bytes += e.size;
-            st.ring.push_back(e);
+        st.ring.extend(events);
+        metrics::gauge!(names::WATCH_RING_EVENTS).set(st.ring.len() as f64);
+        metrics::gauge!(names::WATCH_RING_BYTES).set(st.ring.bytes() as f64);
+        if st.delivered() {
+            self.probe_completed(&mut st);
         }
-        self.evict(&mut st);
-        self.check_fences(&mut st);
         Next::Continue
     }
 
@@ -235,12 +226,11 @@ impl Hub {
     /// or after the compact revision lost nothing and stay.
     pub(super) fn compacted(&self, st: &mut HubState, compact_rev: i64) {
         tracing::warn!(compact_rev, last_rev = st.last_rev, "watch hub: resume revision compacted");
-        let header = self.header(st, compact_rev);
-        let lost: Vec<Arc<Watcher>> =
-            st.watchers.values().flat_map(|ws| ws.all()).filter(|w| w.from_rev < compact_rev).cloned().collect();
+        let header = st.header_at(compact_rev);
+        let lost: Vec<Arc<Watcher>> = st.fanout.all().filter(|w| w.from_rev < compact_rev).cloned().collect();
         for w in &lost {
             if w.cancel() {
-                w.sink.send_reliable(WatchResponse {
+                w.sink.send_control(WatchResponse {
                     header,
                     watch_id: w.id,
                     canceled: true,
@@ -250,17 +240,14 @@ impl Hub {
             }
             Self::unregister(st, w);
         }
-        st.ring.clear();
-        st.ring_bytes = 0;
+        st.ring.reset(compact_rev);
         st.last_rev = compact_rev - 1;
-        st.covers_from = compact_rev;
     }
 
     /// etcd lost its leader: streams that asked to require one end, as etcd ends them.
     pub(super) fn no_leader(&self) {
         let mut st = self.lock();
-        let ended: Vec<Arc<Watcher>> =
-            st.watchers.values().flat_map(|ws| ws.all()).filter(|w| w.sink.require_leader).cloned().collect();
+        let ended: Vec<Arc<Watcher>> = st.fanout.all().filter(|w| w.sink.require_leader).cloned().collect();
         let mut sinks: Vec<&Arc<StreamSink>> = Vec::new();
         for w in &ended {
             if !sinks.iter().any(|s| Arc::ptr_eq(s, &w.sink)) {
