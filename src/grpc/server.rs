@@ -4,10 +4,11 @@
 //! for all listeners together:
 //! 1. every listener stops accepting and sends GOAWAY; unary calls in flight finish;
 //! 2. the shutdown signal ([`Tasks`](crate::shutdown::Tasks)) ends watch and
-//!    keepalive streams with `UNAVAILABLE`, so clients reconnect and resume;
-//! 3. the watch hub stops last, once no stream reads from it;
-//! 4. every owned task has ended (or the grace period is over: what is left is
-//!    aborted and logged).
+//!    keepalive streams with `UNAVAILABLE`, so clients reconnect and resume, and
+//!    tells the watch hub to stop;
+//! 3. once the listeners have drained, the hub's tasks are awaited, then every other
+//!    owned task (what is still running when the grace period is over is aborted
+//!    and logged).
 //!
 //! Dropping [`Running`] signals too, so a test that panics still stops its server.
 
@@ -49,8 +50,8 @@ pub struct Running {
     /// Tells every listener to stop accepting and drain.
     stop_accepting: CancellationToken,
     listeners: Vec<Listener>,
-    /// The watch hub's own tasks: stopped after the listeners.
-    hub: Vec<JoinHandle<()>>,
+    /// The watch hub: awaited after the listeners.
+    hub: Arc<Hub>,
 }
 
 impl Running {
@@ -68,9 +69,9 @@ impl Running {
                 abort.abort();
             }
         }
-        for t in self.hub.drain(..) {
-            t.abort();
-            let _ = t.await;
+        self.hub.stop();
+        if tokio::time::timeout_at(deadline, self.hub.stopped()).await.is_err() {
+            tracing::warn!("the watch hub did not stop within the grace period");
         }
         if tokio::time::timeout_at(deadline, self.proxy.tasks.wait()).await.is_err() {
             tracing::warn!(left = self.proxy.tasks.len(), "tasks still running after the grace period");
@@ -91,9 +92,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.stop_accepting.cancel();
         self.proxy.tasks.shut_down();
-        for t in &self.hub {
-            t.abort();
-        }
+        self.hub.stop();
     }
 }
 
@@ -107,7 +106,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     }
     let proxy = Proxy::new(cfg)?;
     let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
-    let hub_tasks = hub.start(proxy.clone());
+    hub.start(proxy.clone());
     let stop_accepting = CancellationToken::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
@@ -138,5 +137,5 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         let incoming = Backoff::new(TcpIncoming::from(listener).with_nodelay(Some(true)));
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())));
     }
-    Ok(Running { addrs, proxy, stop_accepting, listeners: tasks, hub: hub_tasks })
+    Ok(Running { addrs, proxy, stop_accepting, listeners: tasks, hub })
 }

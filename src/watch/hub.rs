@@ -196,6 +196,11 @@ impl Hub {
         self.stop.clone()
     }
 
+    /// The revision through which every event has been dispatched.
+    pub fn last_rev(&self) -> i64 {
+        self.lock().last_rev
+    }
+
     /// Waits until the hub knows where etcd's history stands.
     pub async fn ready(&self) {
         loop {

@@ -218,7 +218,20 @@ impl StreamState {
         self.hub.ready().await;
         let from = if c.start_revision > 0 { c.start_revision } else { self.hub.now(&self.proxy).await? };
         let mut w = Watcher::new(id, self.sink.clone(), tenant, start, end, from, c, render);
-        w.compacted = c.start_revision > 0 && self.hub.is_compacted(&self.proxy, from).await?;
+        if c.start_revision > 0 {
+            // etcd fills an event's prev_kv from a range at the revision before it: a
+            // watch from exactly the compact revision gets that revision's events
+            // without prev_kv. Asking about `from - 1` first costs one range in the
+            // usual case (not compacted, so neither is `from`), and none while the hub
+            // has not seen `from` (which, like `is_compacted`, it takes as not
+            // compacted yet).
+            let seen = from <= self.hub.last_rev();
+            let before = c.prev_kv && seen && self.hub.is_compacted(&self.proxy, from - 1).await?;
+            if before {
+                w.prev_kv_from = from + 1;
+            }
+            w.compacted = (before || !c.prev_kv) && self.hub.is_compacted(&self.proxy, from).await?;
+        }
         Ok(w)
     }
 

@@ -40,6 +40,10 @@ pub struct Watcher {
     pub(super) active: AtomicBool,
     /// Its start was compacted in etcd: only etcd can answer it, through a catch-up.
     pub compacted: bool,
+    /// Events before this revision are sent without prev_kv, as etcd sends them: it
+    /// reads an event's prev_kv at the revision before the event, which may be
+    /// compacted (a watch from exactly the compact revision).
+    pub prev_kv_from: i64,
     /// The one resource root its range lies in, if it lies in one.
     pub(super) root: Option<Root>,
 }
@@ -73,6 +77,7 @@ impl Watcher {
             canceled: AtomicBool::new(false),
             active: AtomicBool::new(false),
             compacted: false,
+            prev_kv_from: 0,
             root: None,
         }
         .with_root()
@@ -124,7 +129,7 @@ impl Watcher {
                 })
                 .clone(),
         };
-        if !self.prev_kv {
+        if !self.prev_kv || ev.rev < self.prev_kv_from {
             e.prev_kv = None;
         }
         e
