@@ -44,6 +44,13 @@ pub enum Error {
     /// A put with `ignore_lease` that carries a lease.
     #[error("etcdserver: lease is provided")]
     LeaseProvided,
+    /// A range whose sort order or sort target is no enum value (etcd 3.6's check;
+    /// etcd 3.4 panics on such a range).
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// A txn op without a request (etcd's `ErrGRPCKeyNotFound`).
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
     /// etcd answered with an error, or the call failed on the way: passed on as it came.
     #[error("{}", .0.status().message())]
     Upstream(#[from] crate::upstream::classify::UpstreamError),
@@ -68,7 +75,9 @@ impl Error {
             | Error::TooManyOps
             | Error::DuplicateKey
             | Error::ValueProvided
-            | Error::LeaseProvided => Code::InvalidArgument,
+            | Error::LeaseProvided
+            | Error::InvalidSortOption
+            | Error::KeyNotFound => Code::InvalidArgument,
             Error::Internal(_) => Code::Internal,
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,

@@ -7,7 +7,8 @@
 //! - [`write`]: Put, DeleteRange, Compact;
 //! - [`txn`]: Txn — etcd's checks, translation into one upstream txn, the answer;
 //! - [`index`]: the per-tenant root index that cross-root operations read;
-//! - [`lease`]: lease ownership and the Lease operations.
+//! - [`lease`]: lease ownership and the Lease operations;
+//! - [`validate`]: etcd's checks of every KV request, before anything goes upstream.
 //!
 //! Per-listener identity travels with each call as a [`Scope`].
 
@@ -16,6 +17,7 @@ pub mod lease;
 pub mod merge;
 pub mod range;
 pub mod txn;
+pub mod validate;
 pub mod write;
 
 use std::sync::Arc;

@@ -6,7 +6,7 @@ use crate::metrics::names;
 use bytes::Bytes;
 
 use super::merge::piece_request;
-use super::{range_op, Proxy, INDEX_RETRIES};
+use super::{range_op, validate, Proxy, INDEX_RETRIES};
 use crate::error::{Error, Result};
 use crate::keyspace::{ClientPrefix, End, RangeRef, Scope, TenantName};
 use crate::pb::etcdserverpb::{response_op, RangeRequest, RangeResponse, TxnRequest};
@@ -15,6 +15,7 @@ use crate::upstream::{CallCtx, Retry};
 
 impl Proxy {
     pub async fn range(&self, scope: &Scope, ctx: &CallCtx, mut req: RangeRequest) -> Result<RangeResponse> {
+        validate::range(&req)?;
         match self.resolver.resolve_range(scope, &req.key, &req.range_end)? {
             RangeRef::Raw { key, range_end, .. } => {
                 req.key = key;

@@ -4,7 +4,7 @@
 //! tenant's index did not grow meanwhile.
 
 use super::index::RootIndex;
-use super::{delete_op, index_unchanged_since, put_op, Proxy, INDEX_RETRIES};
+use super::{delete_op, index_unchanged_since, put_op, validate, Proxy, INDEX_RETRIES};
 use crate::error::{Error, Result};
 use crate::keyspace::{slot_of, KeyRef, RangeRef, Scope};
 use crate::metrics::names;
@@ -16,6 +16,7 @@ use crate::upstream::{CallCtx, Retry};
 
 impl Proxy {
     pub async fn put(&self, scope: &Scope, ctx: &CallCtx, mut req: PutRequest) -> Result<PutResponse> {
+        validate::put(&req)?;
         let (tenant, key) = match self.resolver.resolve_key(scope, &req.key)? {
             KeyRef::Raw { key, global } => {
                 if global {
@@ -69,6 +70,7 @@ impl Proxy {
         ctx: &CallCtx,
         mut req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse> {
+        validate::delete(&req)?;
         let (tenant, start, end) = match self.resolver.resolve_range(scope, &req.key, &req.range_end)? {
             RangeRef::Raw { key, range_end, global } => {
                 if global {

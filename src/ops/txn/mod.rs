@@ -22,19 +22,19 @@ mod translate;
 use std::collections::BTreeSet;
 
 use answer::Answer;
-use check::{check_intervals, check_txn_request};
+use check::check_intervals;
 use translate::{Owner, Translate};
 
 use crate::error::{Error, Result};
 use crate::keyspace::Scope;
 use crate::ops::index::IndexSnapshot;
-use crate::ops::{index_unchanged_since, Proxy};
+use crate::ops::{index_unchanged_since, validate, Proxy};
 use crate::pb::etcdserverpb::{request_op, response_op, Compare, RequestOp, TxnRequest, TxnResponse};
 use crate::upstream::{CallCtx, Retry};
 
 impl Proxy {
     pub async fn txn(&self, scope: &Scope, ctx: &CallCtx, req: TxnRequest) -> Result<TxnResponse> {
-        check_txn_request(&req, self.cfg.upstream.max_txn_ops)?;
+        validate::txn(&req, self.cfg.upstream.max_txn_ops)?;
         check_intervals(&req.success)?;
         check_intervals(&req.failure)?;
         let mut index: Option<IndexSnapshot> = None;

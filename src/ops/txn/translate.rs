@@ -161,9 +161,8 @@ impl<'a> Translate<'a> {
     pub(super) fn branch(&mut self, ops: Vec<RequestOp>) -> Result<Branch> {
         let mut b = Branch::default();
         for op in ops {
-            let Some(req) = op.request else {
-                return Err(Error::InvalidArgument("txn op without a request".to_string()));
-            };
+            // `validate::txn` refused ops without a request already.
+            let Some(req) = op.request else { return Err(Error::KeyNotFound) };
             b.ops.push(self.op(req)?);
         }
         Ok(b)
