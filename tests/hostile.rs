@@ -227,6 +227,23 @@ fn cases() -> Vec<(&'static str, Call, Want)> {
         // Numbers: negative, zero and extreme limits and revisions.
         ("negative limit, one root", Call::Range(with(one(), |r| r.limit = -3)), SameAsEtcd),
         ("negative limit, across roots", Call::Range(with(all(), |r| r.limit = -3)), SameAsEtcd),
+        ("limit i64::MAX, one root", Call::Range(with(one(), |r| r.limit = i64::MAX)), SameAsEtcd),
+        ("limit i64::MAX, across roots", Call::Range(with(all(), |r| r.limit = i64::MAX)), SameAsEtcd),
+        (
+            "limit i64::MAX, across roots, by mod descending",
+            Call::Range(sorted(with(all(), |r| r.limit = i64::MAX), 2, 3)),
+            SameAsEtcd,
+        ),
+        (
+            "limit i64::MAX, across roots, by value, keys only",
+            Call::Range(sorted(with(all(), |r| (r.limit, r.keys_only) = (i64::MAX, true)), 0, 4)),
+            SameAsEtcd,
+        ),
+        (
+            "limit i64::MAX across roots in a txn",
+            Call::Txn(txn(vec![R::RequestRange(with(all(), |r| r.limit = i64::MAX))])),
+            SameAsEtcd,
+        ),
         ("negative revision, one root", Call::Range(with(one(), |r| r.revision = -1)), SameAsEtcd),
         ("negative revision, across roots", Call::Range(with(all(), |r| r.revision = -5)), SameAsEtcd),
         (
