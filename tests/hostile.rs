@@ -302,3 +302,79 @@ async fn out_of_range_fields_get_etcds_answer() {
         assert_eq!(revision(&mut raw).await, before, "{what} wrote something (or etcd is down)");
     }
 }
+
+/// Tenant `a` on a static listener, principal `b` on a key-path listener with
+/// passthrough keys, and the admin on a static listener.
+const LEASE_TENANTS: &str = r#"
+[[listener]]
+addr = "127.0.0.1:0"
+static_tenant = "a"
+
+[[listener]]
+addr = "127.0.0.1:0"
+
+[[listener]]
+addr = "127.0.0.1:0"
+static_tenant = "root"
+
+[tenancy]
+rule = [ { prefix = "/projects/{tenant}/" } ]
+global_keys = ["compact_rev_key"]
+unmatched = "passthrough"
+connection_identity = "b"
+admin_identity = "root"
+"#;
+
+/// Another tenant's lease cannot be attached to a global or passthrough key, in a
+/// Put or in a txn, and answers like a lease that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_checked_on_every_put() {
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, LEASE_TENANTS).await;
+    let addrs = mux.running.as_ref().unwrap().addrs.clone();
+    let url = |i: usize| format!("http://{}", addrs[i]);
+    let a_lease = common::client(&url(0)).await.lease_grant(60, None).await.unwrap().id();
+    let b_lease = common::client(&url(1)).await.lease_grant(60, None).await.unwrap().id();
+    let mut bkv = kv(&url(1)).await;
+    let mut admin = kv(&url(2)).await;
+    let mut raw = kv(&etcd.client_url).await;
+    let put = |k: &str, lease: i64| PutRequest { key: b(k), value: b("v"), lease, ..Default::default() };
+    let not_found = (Code::NotFound, "etcdserver: requested lease not found".to_string());
+
+    let before = revision(&mut raw).await;
+    let missing = 0x7777_0000_0000_0001;
+    for lease in [a_lease, missing] {
+        let got = show(bkv.put(put("/free/x", lease)).await, |_| ());
+        assert_eq!(got, Err(not_found.clone()), "put with lease {lease:x}");
+        let t = txn(vec![R::RequestPut(put("/free/y", lease))]);
+        assert_eq!(show(bkv.txn(t).await, |_| ()), Err(not_found.clone()), "txn put with lease {lease:x}");
+        let got = show(bkv.put(put("compact_rev_key", lease)).await, |_| ());
+        assert_eq!(got.map_err(|e| e.0), Err(Code::PermissionDenied), "a global key is the admin's");
+    }
+    assert_eq!(revision(&mut raw).await, before, "nothing was written");
+
+    // b's own lease works; the admin may still use any lease.
+    bkv.put(put("/free/own", b_lease)).await.unwrap();
+    bkv.txn(txn(vec![R::RequestPut(put("/free/own2", b_lease))])).await.unwrap();
+    admin.put(put("compact_rev_key", a_lease)).await.unwrap();
+    let mut rc = common::client(&etcd.client_url).await;
+    let keys = |l: i64| {
+        let mut rc = rc.clone();
+        async move {
+            let opts = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+            let ttl = rc.lease_time_to_live(l, Some(opts)).await.unwrap();
+            let mut ks: Vec<String> = ttl.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+            ks.sort();
+            ks
+        }
+    };
+    assert_eq!(
+        keys(a_lease).await,
+        vec!["/etcdmux/leases/".to_string() + &format!("{a_lease:016x}"), "compact_rev_key".into()]
+    );
+    assert_eq!(
+        keys(b_lease).await,
+        vec!["/etcdmux/leases/".to_string() + &format!("{b_lease:016x}"), "/free/own".into(), "/free/own2".into()]
+    );
+    let _ = rc.lease_revoke(a_lease).await;
+}

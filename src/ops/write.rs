@@ -22,6 +22,11 @@ impl Proxy {
                 if global {
                     self.resolver.require_admin(scope, "writing a global key")?;
                 }
+                // Every put with a lease, global and passthrough keys too: another
+                // principal's lease answers like a lease that does not exist.
+                if req.lease != 0 {
+                    self.check_lease(scope, ctx, req.lease).await?;
+                }
                 req.key = key;
                 return self.up_put(ctx, &req).await;
             }

@@ -185,27 +185,31 @@ impl<'a> Translate<'a> {
                     .collect();
                 OpPlan::Delete { pieces }
             }
-            R::RequestPut(mut p) => match self.proxy.resolver.resolve_key(self.scope, &p.key)? {
-                KeyRef::Raw { key, global } => {
-                    self.claim(Owner::Raw)?;
-                    self.writes_global |= global;
-                    p.key = key;
-                    OpPlan::Put { req: p, index_key: None }
+            R::RequestPut(mut p) => {
+                // Every lease is checked, whatever the key (global, passthrough or a
+                // tenant's).
+                if p.lease != 0 {
+                    self.leases.insert(p.lease);
                 }
-                KeyRef::Tenant { tenant, key } => {
-                    self.claim(Owner::Tenant(tenant.clone()))?;
-                    if p.lease != 0 {
-                        self.leases.insert(p.lease);
+                match self.proxy.resolver.resolve_key(self.scope, &p.key)? {
+                    KeyRef::Raw { key, global } => {
+                        self.claim(Owner::Raw)?;
+                        self.writes_global |= global;
+                        p.key = key;
+                        OpPlan::Put { req: p, index_key: None }
                     }
-                    let layout = &self.proxy.layout;
-                    p.key = layout.encode(&tenant, &key);
-                    let slot = slot_of(&key);
-                    let ik = layout.index_key(&tenant, &slot);
-                    self.put_slots.insert(slot);
-                    let index_key = (!self.proxy.index.is_known(&ik)).then_some(ik);
-                    OpPlan::Put { req: p, index_key }
+                    KeyRef::Tenant { tenant, key } => {
+                        self.claim(Owner::Tenant(tenant.clone()))?;
+                        let layout = &self.proxy.layout;
+                        p.key = layout.encode(&tenant, &key);
+                        let slot = slot_of(&key);
+                        let ik = layout.index_key(&tenant, &slot);
+                        self.put_slots.insert(slot);
+                        let index_key = (!self.proxy.index.is_known(&ik)).then_some(ik);
+                        OpPlan::Put { req: p, index_key }
+                    }
                 }
-            },
+            }
             R::RequestTxn(t) => {
                 let compare = t.compare.into_iter().map(|c| self.compare(c)).collect::<Result<_>>()?;
                 OpPlan::Txn { compare, success: self.branch(t.success)?, failure: self.branch(t.failure)? }
