@@ -303,6 +303,91 @@ async fn out_of_range_fields_get_etcds_answer() {
     }
 }
 
+/// A static listener for tenant `a` and a key-path listener, on one etcdmux.
+const STATIC_AND_KEY_PATH: &str = r#"
+[[listener]]
+addr = "127.0.0.1:0"
+static_tenant = "a"
+
+[[listener]]
+addr = "127.0.0.1:0"
+
+[tenancy]
+rule = [ { prefix = "/projects/{tenant}/" } ]
+global_keys = ["compact_rev_key"]
+"#;
+
+fn key_strs(kvs: &[etcdmux::pb::mvccpb::KeyValue]) -> Vec<String> {
+    kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect()
+}
+
+/// A key without a leading `/`, written on a static listener, has no client form on
+/// a key-path listener (`/projects/a` + `b/pods/x` names tenant `ab`): key-path
+/// reads, deletes, watches and lease answers never show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_keys_never_alias_across_listener_kinds() {
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, STATIC_AND_KEY_PATH).await;
+    let addrs = mux.running.as_ref().unwrap().addrs.clone();
+    let (a_url, kp_url) = (format!("http://{}", addrs[0]), format!("http://{}", addrs[1]));
+    let mut a = kv(&a_url).await;
+    let mut kp = kv(&kp_url).await;
+    let put = |k: &str, v: &str| PutRequest { key: b(k), value: b(v), ..Default::default() };
+    a.put(put("b/pods/x", "a-bare")).await.unwrap();
+    a.put(put("/pods/y", "a-slash")).await.unwrap();
+    kp.put(put("/projects/ab/pods/x", "ab")).await.unwrap();
+
+    // Every key a key-path range returns is inside the range and names tenant a.
+    for (k, e) in [("/projects/a/", "/projects/a0"), ("/projects/a/", "\0"), ("/projects/a/pods/", "\0")] {
+        let got = kp.range(range(k, e)).await.unwrap().into_inner();
+        assert_eq!(key_strs(&got.kvs), vec!["/projects/a/pods/y"], "{k}..{e}");
+        assert_eq!(got.count, 1, "{k}..{e}");
+    }
+    let ab = kp.range(range("/projects/ab/", "/projects/ab0")).await.unwrap().into_inner();
+    assert_eq!(key_strs(&ab.kvs), vec!["/projects/ab/pods/x"]);
+    assert_eq!(ab.kvs[0].value, b("ab"));
+
+    // A watch over project a sees a's slash key, never the bare one.
+    let mut w = common::client(&kp_url).await;
+    let mut events = w.watch("/projects/a/", Some(etcd_client::WatchOptions::new().with_prefix())).await.unwrap();
+    assert!(events.message().await.unwrap().expect("created").created());
+    a.put(put("b/pods/w", "a-bare")).await.unwrap();
+    a.put(put("/pods/w", "a-slash")).await.unwrap();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let resp = events.message().await.unwrap().expect("watch stream open");
+            if let Some(ev) = resp.events().first() {
+                return ev.kv().expect("kv").key_str().unwrap().to_string();
+            }
+        }
+    })
+    .await
+    .expect("an event within 10 s");
+    assert_eq!(first, "/projects/a/pods/w");
+
+    // Lease answers on the key-path listener show only keys with a client form.
+    let mut ac = common::client(&a_url).await;
+    let lease = ac.lease_grant(60, None).await.unwrap().id();
+    a.put(PutRequest { key: b("b/pods/l"), lease, ..Default::default() }).await.unwrap();
+    a.put(PutRequest { key: b("/pods/l"), lease, ..Default::default() }).await.unwrap();
+    let mut kpc = common::client(&kp_url).await;
+    let ttl =
+        kpc.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.unwrap();
+    let ks: Vec<String> = ttl.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+    assert_eq!(ks, vec!["/projects/a/pods/l"]);
+
+    // Deleting project ab deletes ab's key only; deleting project a on the key-path
+    // listener deletes a's keys with a client form there.
+    let del = DeleteRangeRequest { key: b("/projects/ab/"), range_end: b("/projects/ab0"), prev_kv: true };
+    let del = kp.delete_range(del).await.unwrap().into_inner();
+    assert_eq!((del.deleted, key_strs(&del.prev_kvs)), (1, vec!["/projects/ab/pods/x".to_string()]));
+    let del = DeleteRangeRequest { key: b("/projects/a/"), range_end: b("/projects/a0"), prev_kv: true };
+    let del = kp.delete_range(del).await.unwrap().into_inner();
+    assert_eq!(key_strs(&del.prev_kvs), vec!["/projects/a/pods/l", "/projects/a/pods/w", "/projects/a/pods/y"]);
+    let left = a.range(range("\0", "\0")).await.unwrap().into_inner();
+    assert_eq!(key_strs(&left.kvs), vec!["b/pods/l", "b/pods/w", "b/pods/x"], "a's bare keys are a's alone");
+}
+
 /// Tenant `a` on a static listener, principal `b` on a key-path listener with
 /// passthrough keys, and the admin on a static listener.
 const LEASE_TENANTS: &str = r#"

@@ -68,7 +68,9 @@ impl Proxy {
     }
 
     /// Rewrites an upstream key-value of tenant `t` into client form. A key of any
-    /// other tenant here would be a layout bug: it is refused, never shown.
+    /// other tenant here, or one without a client form on this listener (a key
+    /// without a leading `/` behind a key-path prefix, which would read as another
+    /// tenant's), would be a planning bug: it is refused, never shown.
     pub fn render_kv(&self, t: &TenantName, cp: &ClientPrefix, kv: &mut KeyValue) -> Result<()> {
         kv.key = self.render_key(t, cp, &kv.key)?;
         Ok(())
@@ -76,7 +78,10 @@ impl Proxy {
 
     pub fn render_key(&self, t: &TenantName, cp: &ClientPrefix, up: &Bytes) -> Result<Bytes> {
         match self.layout.decode(up) {
-            Some((owner, key)) if &owner == t => Ok(cp.render(&key)),
+            Some((owner, key)) if &owner == t => cp.render_checked(&key).ok_or_else(|| {
+                tracing::error!(tenant = %t, key = ?up, "a key without a client form on this listener was read");
+                Error::Internal("upstream key without a client form on this listener".to_string())
+            }),
             _ => {
                 tracing::error!(tenant = %t, key = ?up, "upstream returned a key outside the tenant's space");
                 Err(Error::Internal("upstream key outside the tenant's space".to_string()))
