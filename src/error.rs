@@ -29,6 +29,10 @@ pub enum Error {
     Unsupported(String),
     #[error("etcdmux: {0}")]
     Unavailable(String),
+    /// A cross-root operation found the tenant's root index changed (or its pinned
+    /// revision compacted) on every attempt.
+    #[error("etcdmux: the tenant's root index kept changing during a {0}; retry")]
+    IndexKeptChanging(&'static str),
     /// A broken invariant inside etcdmux (never the client's fault).
     #[error("etcdmux: internal error: {0}")]
     Internal(String),
@@ -82,7 +86,7 @@ impl Error {
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unsupported(_) => Code::Unimplemented,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::IndexKeptChanging(_) => Code::Unavailable,
         }
     }
 }

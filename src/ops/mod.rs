@@ -35,10 +35,6 @@ use crate::upstream::{CallCtx, Upstream};
 use index::RootIndex;
 use lease::LeaseOwners;
 
-/// Attempts of a cross-root operation whose root index changed (or whose pinned
-/// revision was compacted) under it.
-pub const INDEX_RETRIES: usize = 5;
-
 pub struct Proxy {
     pub cfg: Config,
     pub resolver: Resolver,

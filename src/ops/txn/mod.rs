@@ -23,11 +23,11 @@ use std::collections::BTreeSet;
 
 use answer::Answer;
 use check::check_intervals;
-use translate::{Owner, Translate};
+use translate::{Branch, Owner, Translate};
 
 use crate::error::{Error, Result};
 use crate::keyspace::Scope;
-use crate::ops::index::IndexSnapshot;
+use crate::ops::index::{with_index_attempts, Attempt, IndexSnapshot};
 use crate::ops::{index_unchanged_since, validate, Proxy};
 use crate::pb::etcdserverpb::{request_op, response_op, Compare, RequestOp, TxnRequest, TxnResponse};
 use crate::upstream::{CallCtx, Retry};
@@ -37,75 +37,93 @@ impl Proxy {
         validate::txn(&req, self.cfg.upstream.max_txn_ops)?;
         check_intervals(&req.success)?;
         check_intervals(&req.failure)?;
-        let mut index: Option<IndexSnapshot> = None;
-        for _ in 0..5 {
-            let mut tr = Translate {
-                proxy: self,
-                scope,
-                owner: None,
-                writes_global: false,
-                leases: BTreeSet::new(),
-                index: index.as_ref(),
-                needs_index: false,
-                put_slots: BTreeSet::new(),
-            };
-            let compare: Vec<Compare> = req.compare.iter().cloned().map(|c| tr.compare(c)).collect::<Result<_>>()?;
-            let mut success = tr.branch(req.success.clone())?;
-            let mut failure = tr.branch(req.failure.clone())?;
-            if tr.needs_index {
-                let Some(Owner::Tenant(t)) = &tr.owner else {
-                    return Err(Error::Internal("cross-root op without a tenant".to_string()));
-                };
+        let req = &req;
+        with_index_attempts("txn", |_| self.txn_attempt(scope, ctx, req)).await
+    }
+
+    /// The client's txn as a tree of upstream ops, planned with the tenant's index
+    /// when one is given.
+    fn translate<'a>(
+        &'a self,
+        scope: &'a Scope,
+        req: &TxnRequest,
+        index: Option<&'a IndexSnapshot>,
+    ) -> Result<(Translate<'a>, Vec<Compare>, Branch, Branch)> {
+        let mut tr = Translate {
+            proxy: self,
+            scope,
+            owner: None,
+            writes_global: false,
+            leases: BTreeSet::new(),
+            index,
+            needs_index: false,
+            put_slots: BTreeSet::new(),
+        };
+        let compare: Vec<Compare> = req.compare.iter().cloned().map(|c| tr.compare(c)).collect::<Result<_>>()?;
+        let success = tr.branch(req.success.clone())?;
+        let failure = tr.branch(req.failure.clone())?;
+        Ok((tr, compare, success, failure))
+    }
+
+    /// One attempt: translate (after reading the tenant's index when a range or
+    /// delete spans roots), check, send, answer.
+    async fn txn_attempt(&self, scope: &Scope, ctx: &CallCtx, req: &TxnRequest) -> Result<Attempt<TxnResponse>> {
+        let (tr, ..) = self.translate(scope, req, None)?;
+        let index = match (&tr.owner, tr.needs_index) {
+            (_, false) => None,
+            (Some(Owner::Tenant(t)), true) => {
                 let mut snap = self.read_index(ctx, t, 0).await?;
                 snap.slots.extend(tr.put_slots);
-                index = Some(snap);
-                continue;
+                Some(snap)
             }
-            if tr.writes_global {
-                // The compactor's txn on compact_rev_key, or any global write.
-                self.resolver.require_admin(scope, "writing a global key")?;
-            }
-            for lease in &tr.leases {
-                self.check_lease(scope, ctx, *lease).await?;
-            }
-            let view = match &tr.owner {
-                Some(Owner::Tenant(t)) => Some((t.clone(), self.resolver.client_prefix(scope, t)?)),
-                _ => None,
-            };
-            let none = BTreeSet::new();
-            success.place(&none);
-            failure.place(&none);
-            let user = TxnRequest { compare, success: success.build(), failure: failure.build() };
-            let resp = match (&index, &view) {
-                (Some(snap), Some((t, _))) => {
-                    let guard = TxnRequest {
-                        compare: vec![index_unchanged_since(self.layout.index_range(t), snap.revision)],
-                        success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
-                        failure: vec![],
-                    };
-                    let outer = self.up_txn(ctx, &guard, Retry::OnlyUnsent).await?;
-                    if !outer.succeeded {
-                        index = None; // the tenant wrote a new slot meanwhile: plan again
-                        continue;
-                    }
-                    match outer.responses.into_iter().next().and_then(|r| r.response) {
-                        Some(response_op::Response::ResponseTxn(mut inner)) => {
-                            inner.header = outer.header;
-                            inner
-                        }
-                        other => return Err(Error::Internal(format!("guard txn answered {other:?}"))),
-                    }
-                }
-                _ => self.up_txn(ctx, &user, Retry::OnlyUnsent).await?,
-            };
-            let mut answer = Answer { proxy: self, view, learned: Vec::new() };
-            let taken = if resp.succeeded { &success } else { &failure };
-            let responses = answer.branch(taken, resp.responses)?;
-            for k in answer.learned {
-                self.index.learn(k);
-            }
-            return Ok(TxnResponse { header: resp.header, succeeded: resp.succeeded, responses });
+            (_, true) => return Err(Error::Internal("cross-root op without a tenant".to_string())),
+        };
+        let (tr, compare, mut success, mut failure) = self.translate(scope, req, index.as_ref())?;
+        if tr.needs_index {
+            return Err(Error::Internal("txn planned with the index still needs it".to_string()));
         }
-        Err(Error::Unavailable("the tenant's root index kept changing during a txn; retry".to_string()))
+        if tr.writes_global {
+            // The compactor's txn on compact_rev_key, or any global write.
+            self.resolver.require_admin(scope, "writing a global key")?;
+        }
+        for lease in &tr.leases {
+            self.check_lease(scope, ctx, *lease).await?;
+        }
+        let view = match &tr.owner {
+            Some(Owner::Tenant(t)) => Some((t.clone(), self.resolver.client_prefix(scope, t)?)),
+            _ => None,
+        };
+        let none = BTreeSet::new();
+        success.place(&none);
+        failure.place(&none);
+        let user = TxnRequest { compare, success: success.build(), failure: failure.build() };
+        let resp = match (&index, &view) {
+            (Some(snap), Some((t, _))) => {
+                let guard = TxnRequest {
+                    compare: vec![index_unchanged_since(self.layout.index_range(t), snap.revision)],
+                    success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
+                    failure: vec![],
+                };
+                let outer = self.up_txn(ctx, &guard, Retry::OnlyUnsent).await?;
+                if !outer.succeeded {
+                    return Ok(Attempt::Retry); // the tenant wrote a new slot meanwhile: plan again
+                }
+                match outer.responses.into_iter().next().and_then(|r| r.response) {
+                    Some(response_op::Response::ResponseTxn(mut inner)) => {
+                        inner.header = outer.header;
+                        inner
+                    }
+                    other => return Err(Error::Internal(format!("guard txn answered {other:?}"))),
+                }
+            }
+            _ => self.up_txn(ctx, &user, Retry::OnlyUnsent).await?,
+        };
+        let mut answer = Answer { proxy: self, view, learned: Vec::new() };
+        let taken = if resp.succeeded { &success } else { &failure };
+        let responses = answer.branch(taken, resp.responses)?;
+        for k in answer.learned {
+            self.index.learn(k);
+        }
+        Ok(Attempt::Done(TxnResponse { header: resp.header, succeeded: resp.succeeded, responses }))
     }
 }
