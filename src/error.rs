@@ -39,6 +39,14 @@ pub enum Error {
     /// etcd's limit on operations per transaction (`--max-txn-ops`).
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
+    /// A txn whose cross-root ranges and deletes need more upstream ops per level
+    /// than etcd's `--max-txn-ops` allows, even nested.
+    #[error(
+        "etcdmux: the txn's ranges and deletes across resource roots need more upstream operations per txn \
+         level than upstream.max_txn_ops ({max_ops}, etcd's --max-txn-ops) allows, even nested; use fewer or \
+         narrower ranges, or raise both limits together"
+    )]
+    TxnTooLarge { max_ops: usize },
     /// etcd's refusal of a txn that writes one key twice on a path.
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
@@ -81,7 +89,8 @@ impl Error {
             | Error::ValueProvided
             | Error::LeaseProvided
             | Error::InvalidSortOption
-            | Error::KeyNotFound => Code::InvalidArgument,
+            | Error::KeyNotFound
+            | Error::TxnTooLarge { .. } => Code::InvalidArgument,
             Error::Internal(_) => Code::Internal,
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,

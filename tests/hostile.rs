@@ -388,6 +388,103 @@ async fn bare_keys_never_alias_across_listener_kinds() {
     assert_eq!(key_strs(&left.kvs), vec!["b/pods/l", "b/pods/w", "b/pods/x"], "a's bare keys are a's alone");
 }
 
+/// Puts `n` keys of project `p`, one per resource root `r0`..`r{n-1}`, through
+/// etcdmux and straight into a second etcd.
+async fn roots(m: &mut KvClient<Channel>, d: &mut KvClient<Channel>, p: &str, from: usize, to: usize) {
+    for i in from..to {
+        let put = PutRequest {
+            key: b(&format!("/projects/{p}/r{i:03}/ns/k")),
+            value: b(&format!("v{}", i % 7)),
+            ..Default::default()
+        };
+        m.put(put.clone()).await.unwrap();
+        d.put(put).await.unwrap();
+    }
+}
+
+/// A txn with a few ranges over a tenant with many resource roots runs like in
+/// etcd, atomically, however many upstream ops its ranges need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_ranges_over_many_roots() {
+    let etcd = common::Etcd::start();
+    let direct_etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, common::MILO_TOML).await;
+    let mut m = kv(&mux.url).await;
+    let mut d = kv(&direct_etcd.client_url).await;
+    roots(&mut m, &mut d, "p", 0, 40).await;
+    let all = || range("/projects/p/", "/projects/p0");
+    let with = |f: fn(&mut RangeRequest)| {
+        let mut r = all();
+        f(&mut r);
+        R::RequestRange(r)
+    };
+    let put = |k: &str| R::RequestPut(PutRequest { key: b(k), value: b("new"), prev_kv: true, ..Default::default() });
+    let txns = [
+        // Five tenant-wide ranges: 200 upstream ranges flat.
+        txn(vec![
+            with(|_| ()),
+            with(|r| r.limit = 3),
+            with(|r| (r.sort_order, r.sort_target) = (2, 3)),
+            with(|r| r.count_only = true),
+            with(|r| (r.keys_only, r.sort_target, r.limit) = (true, 4, 5)),
+        ]),
+        // Ranges before and after writes into the ranged roots see each state.
+        TxnRequest {
+            compare: vec![Compare {
+                key: b("/projects/p/r001/ns/k"),
+                target: compare::CompareTarget::Version as i32,
+                result: compare::CompareResult::Greater as i32,
+                target_union: Some(compare::TargetUnion::Version(0)),
+                ..Default::default()
+            }],
+            success: [
+                with(|r| r.limit = 2),
+                put("/projects/p/r000/ns/k"),
+                with(|r| r.limit = 2),
+                R::RequestDeleteRange(DeleteRangeRequest {
+                    key: b("/projects/p/r001/ns/k"),
+                    prev_kv: true,
+                    ..Default::default()
+                }),
+                with(|r| (r.limit, r.sort_target) = (3, 3)),
+                put("/projects/p/new/ns/k"),
+                with(|_| ()),
+            ]
+            .into_iter()
+            .map(op)
+            .collect(),
+            failure: vec![op(with(|_| ()))],
+        },
+        // Nested, in both branches.
+        TxnRequest {
+            success: vec![
+                op(R::RequestTxn(txn(vec![with(|_| ()), with(|r| r.limit = 1), with(|_| ())]))),
+                op(with(|_| ())),
+            ],
+            failure: vec![op(with(|_| ())), op(with(|_| ()))],
+            ..Default::default()
+        },
+    ];
+    for (i, t) in txns.iter().enumerate() {
+        let got = call(&mut m, &Call::Txn(t.clone())).await;
+        assert_eq!(got, call(&mut d, &Call::Txn(t.clone())).await, "txn {i}");
+        assert!(got.is_ok(), "txn {i}: {got:?}");
+    }
+    // Many more roots than max_txn_ops: still one atomic txn.
+    roots(&mut m, &mut d, "p", 40, 300).await;
+    let del = DeleteRangeRequest { key: b("/projects/p/r280/"), range_end: b("/projects/p/r290"), prev_kv: true };
+    let t = txn(vec![
+        with(|_| ()),
+        put("/projects/p/r299/ns/k"),
+        with(|r| r.limit = 500),
+        R::RequestDeleteRange(del),
+        with(|r| r.count_only = true),
+    ]);
+    let got = call(&mut m, &Call::Txn(t.clone())).await;
+    assert_eq!(got, call(&mut d, &Call::Txn(t)).await, "txn over 300 roots");
+    assert!(got.is_ok(), "{got:?}");
+}
+
 /// Tenant `a` on a static listener, principal `b` on a key-path listener with
 /// passthrough keys, and the admin on a static listener.
 const LEASE_TENANTS: &str = r#"

@@ -9,6 +9,9 @@
 //! if the index did not grow since it was read (etcd evaluates every compare of a
 //! nested txn before applying any op, so the nesting changes nothing else).
 //!
+//! A txn whose ranges and deletes span many roots is kept within etcd's op limit by
+//! nesting their pieces ([`fit`]).
+//!
 //! Puts into a slot this process has not seen carry the slot's index put in the same
 //! branch. etcd refuses a txn that puts one key twice on a path (a branch and its
 //! nested txns, or two sibling nested txns), so an index key is placed once: in the
@@ -17,6 +20,7 @@
 
 mod answer;
 mod check;
+mod fit;
 mod translate;
 
 use std::collections::BTreeSet;
@@ -96,27 +100,36 @@ impl Proxy {
         let none = BTreeSet::new();
         success.place(&none);
         failure.place(&none);
-        let user = TxnRequest { compare, success: success.build(), failure: failure.build() };
-        let resp = match (&index, &view) {
-            (Some(snap), Some((t, _))) => {
-                let guard = TxnRequest {
-                    compare: vec![index_unchanged_since(self.layout.index_range(t), snap.revision)],
-                    success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
-                    failure: vec![],
-                };
-                let outer = self.up_txn(ctx, &guard, Retry::OnlyUnsent).await?;
-                if !outer.succeeded {
-                    return Ok(Attempt::Retry); // the tenant wrote a new slot meanwhile: plan again
+        let max_ops = self.cfg.upstream.max_txn_ops;
+        let guard = match (&index, &view) {
+            (Some(snap), Some((t, _))) => Some(index_unchanged_since(self.layout.index_range(t), snap.revision)),
+            _ => None,
+        };
+        // The guard txn has one compare and one op: the client's txn may have one less.
+        let budget = max_ops.saturating_sub(usize::from(guard.is_some()));
+        let user = fit::build(&compare, &mut success, &mut failure, budget).ok_or(Error::TxnTooLarge { max_ops })?;
+        let guarded = guard.is_some();
+        let outer = match guard {
+            Some(g) => TxnRequest {
+                compare: vec![g],
+                success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
+                failure: vec![],
+            },
+            None => user,
+        };
+        let resp = self.up_txn(ctx, &outer, Retry::OnlyUnsent).await?;
+        let resp = if !guarded {
+            resp
+        } else if !resp.succeeded {
+            return Ok(Attempt::Retry); // the tenant wrote a new slot meanwhile: plan again
+        } else {
+            match resp.responses.into_iter().next().and_then(|r| r.response) {
+                Some(response_op::Response::ResponseTxn(mut inner)) => {
+                    inner.header = resp.header;
+                    inner
                 }
-                match outer.responses.into_iter().next().and_then(|r| r.response) {
-                    Some(response_op::Response::ResponseTxn(mut inner)) => {
-                        inner.header = outer.header;
-                        inner
-                    }
-                    other => return Err(Error::Internal(format!("guard txn answered {other:?}"))),
-                }
+                other => return Err(Error::Internal(format!("guard txn answered {other:?}"))),
             }
-            _ => self.up_txn(ctx, &user, Retry::OnlyUnsent).await?,
         };
         let mut answer = Answer { proxy: self, view, learned: Vec::new() };
         let taken = if resp.succeeded { &success } else { &failure };
