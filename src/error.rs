@@ -47,6 +47,12 @@ pub enum Error {
          narrower ranges, or raise both limits together"
     )]
     TxnTooLarge { max_ops: usize },
+    /// A txn nested so deeply that etcd's answer could not be decoded.
+    #[error(
+        "etcdmux: txn nested too deeply: etcd's answer would nest {depth} messages deep (with etcdmux's own \
+         nesting), more than the {max} etcdmux can decode; nest fewer txns"
+    )]
+    TxnTooDeep { depth: usize, max: usize },
     /// etcd's refusal of a txn that writes one key twice on a path.
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
@@ -90,7 +96,8 @@ impl Error {
             | Error::LeaseProvided
             | Error::InvalidSortOption
             | Error::KeyNotFound
-            | Error::TxnTooLarge { .. } => Code::InvalidArgument,
+            | Error::TxnTooLarge { .. }
+            | Error::TxnTooDeep { .. } => Code::InvalidArgument,
             Error::Internal(_) => Code::Internal,
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,

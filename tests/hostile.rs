@@ -9,7 +9,7 @@ mod common;
 use bytes::Bytes;
 use etcdmux::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest,
-    RangeRequest, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
+    RangeRequest, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -483,6 +483,87 @@ async fn txn_ranges_over_many_roots() {
     let got = call(&mut m, &Call::Txn(t.clone())).await;
     assert_eq!(got, call(&mut d, &Call::Txn(t)).await, "txn over 300 roots");
     assert!(got.is_ok(), "{got:?}");
+}
+
+/// The innermost op of a txn nested `depth` deep.
+type Leaf = fn(usize) -> request_op::Request;
+
+/// `leaf` inside `depth` nested txns (0: the top txn holds the leaf).
+fn nested(depth: usize, leaf: request_op::Request) -> TxnRequest {
+    let mut t = txn(vec![leaf]);
+    for _ in 0..depth {
+        t = txn(vec![R::RequestTxn(t)]);
+    }
+    t
+}
+
+/// How deep `resp` nests txn answers, and the leaf answer.
+fn unnest(resp: &TxnResponse) -> (usize, Option<&response_op::Response>) {
+    match resp.responses.first().and_then(|r| r.response.as_ref()) {
+        Some(response_op::Response::ResponseTxn(inner)) => {
+            let (d, leaf) = unnest(inner);
+            (d + 1, leaf)
+        }
+        leaf => (0, leaf),
+    }
+}
+
+/// Nesting deeper than etcdmux can decode etcd's answer to is refused before
+/// anything is sent; the deepest accepted nesting round-trips, with or without the
+/// guard txn etcdmux wraps around cross-root ops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_nesting_at_the_boundary() {
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, common::MILO_TOML).await;
+    let mut m = kv(&mux.url).await;
+    let mut raw = kv(&etcd.client_url).await;
+    m.put(PutRequest { key: b("/projects/n/pods/ns/a"), value: b("a"), ..Default::default() }).await.unwrap();
+    m.put(PutRequest { key: b("/projects/n/configmaps/ns/b"), value: b("b"), ..Default::default() }).await.unwrap();
+    let leaves: [(&str, Leaf); 4] = [
+        ("put in one root", |d| {
+            R::RequestPut(PutRequest { key: b(&format!("/projects/n/pods/d{d}")), value: b("v"), ..Default::default() })
+        }),
+        ("range in one root", |_| R::RequestRange(range("/projects/n/pods/", "/projects/n/pods0"))),
+        ("range across roots (guarded)", |_| R::RequestRange(range("/projects/n/", "/projects/n0"))),
+        ("delete across roots (guarded)", |d| {
+            R::RequestDeleteRange(DeleteRangeRequest {
+                key: b(&format!("/projects/n/x{d}")),
+                range_end: b("/projects/n0"),
+                prev_kv: true,
+            })
+        }),
+    ];
+    let mut boundaries = Vec::new();
+    for (what, leaf) in leaves {
+        let mut accepted = None;
+        for depth in 30..70 {
+            let before = revision(&mut raw).await;
+            match m.txn(nested(depth, leaf(depth))).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    let (d, answer) = unnest(&resp);
+                    assert_eq!(d, depth, "{what}: the answer nests like the request");
+                    assert!(answer.is_some(), "{what} at depth {depth}: the leaf answer is there");
+                    accepted = Some(depth);
+                }
+                Err(s) => {
+                    assert_eq!(s.code(), Code::InvalidArgument, "{what} at depth {depth}: {s:?}");
+                    assert!(s.message().starts_with("etcdmux: ") && s.message().contains("nest"), "{}", s.message());
+                    assert_eq!(revision(&mut raw).await, before, "{what} at depth {depth}: a refused txn wrote");
+                    break;
+                }
+            }
+        }
+        let accepted = accepted.unwrap_or_else(|| panic!("{what}: no depth from 30 on accepted"));
+        assert!(accepted < 69, "{what}: never refused");
+        boundaries.push(accepted);
+    }
+    // prost decodes 100 messages below the top one: a leaf answer's header (or
+    // key-values) sits at 2 * depth + 3, two more under the guard txn.
+    assert_eq!(boundaries, vec![48, 48, 47, 47]);
+    // The put was applied exactly at the accepted depths.
+    let put = m.range(range("/projects/n/pods/d", "/projects/n/pods/e")).await.unwrap().into_inner();
+    assert_eq!(key_strs(&put.kvs).len(), boundaries[0] - 29, "{:?}", key_strs(&put.kvs));
 }
 
 /// Tenant `a` on a static listener, principal `b` on a key-path listener with

@@ -1,4 +1,5 @@
-//! The upstream txn built from a translated client txn, within etcd's limits.
+//! The upstream txn built from a translated client txn, within etcd's limits and
+//! within what etcdmux can decode of etcd's answer.
 //!
 //! **Ops per level.** etcd's `--max-txn-ops` bounds the compares and ops of each
 //! txn level, and a nested txn may have what its parent level leaves
@@ -12,10 +13,23 @@
 //! inside the same transaction: every piece still reads or deletes exactly the state
 //! at the client op's position, and its answers are taken apart again in `answer`.
 //! A txn that fits in neither form is refused, naming the limit.
+//!
+//! **Nesting.** etcd's answer nests like the request (a `TxnResponse` holds
+//! `ResponseOp`s that hold `TxnResponse`s), and prost refuses to decode messages
+//! nested deeper than its recursion limit. etcd would apply such a txn and etcdmux
+//! lose its answer, so a txn whose answer could be too deep (on either branch, with
+//! the guard txn etcdmux may wrap around it and the nesting added here) is refused
+//! before it is sent.
+
+use std::cmp::max;
 
 use super::translate::{Branch, OpPlan};
 use crate::ops::index::RootIndex;
 use crate::pb::etcdserverpb::{request_op, Compare, RequestOp, TxnRequest};
+
+/// The deepest message prost decodes, counting the top-level message as level 0:
+/// prost's recursion limit is 100 nested messages below it (checked by a test).
+pub(super) const MAX_DECODE_LEVEL: usize = 100;
 
 /// The upstream txn for `compare` and the two branches, where each branch may have
 /// `budget` upstream ops (`max_txn_ops`, less what enclosing levels use): flat when
@@ -43,6 +57,23 @@ pub(super) fn fits(t: &TxnRequest, budget: usize) -> bool {
             Some(request_op::Request::RequestTxn(inner)) => fits(inner, budget - opc),
             _ => true,
         })
+}
+
+/// The level of the deepest message etcd's answer to `t` may hold (either branch;
+/// the `TxnResponse` is level 0): its header is one level down, a range, put or
+/// delete answer holds key-values or a header three levels down, a nested txn's
+/// answer is two levels down.
+pub(super) fn answer_depth(t: &TxnRequest) -> usize {
+    let mut deepest = 1;
+    for op in t.success.iter().chain(&t.failure) {
+        let d = match &op.request {
+            Some(request_op::Request::RequestTxn(inner)) => 2 + answer_depth(inner),
+            Some(_) => 3,
+            None => 1,
+        };
+        deepest = max(deepest, d);
+    }
+    deepest
 }
 
 fn txn_op(success: Vec<RequestOp>) -> RequestOp {
@@ -159,16 +190,76 @@ impl Branch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pb::etcdserverpb::{PutRequest, RangeRequest};
+    use crate::pb::etcdserverpb::{
+        response_op, PutRequest, PutResponse, RangeRequest, ResponseHeader, ResponseOp, TxnResponse,
+    };
     use bytes::Bytes;
+    use prost::Message;
 
     fn put() -> RequestOp {
-        let p = PutRequest { key: Bytes::from_static(b"k"), ..Default::default() };
-        RequestOp { request: Some(request_op::Request::RequestPut(p)) }
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: Bytes::from_static(b"k"),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn nested(depth: usize, leaf: RequestOp) -> TxnRequest {
+        let mut t = TxnRequest { success: vec![leaf], ..Default::default() };
+        for _ in 0..depth {
+            t = TxnRequest { success: vec![txn_op_of(t)], ..Default::default() };
+        }
+        t
     }
 
     fn txn_op_of(t: TxnRequest) -> RequestOp {
         RequestOp { request: Some(request_op::Request::RequestTxn(t)) }
+    }
+
+    /// etcd's answer to `nested(depth, put())`: every message present.
+    fn answer(depth: usize) -> TxnResponse {
+        let header = || Some(ResponseHeader::default());
+        let leaf = response_op::Response::ResponsePut(PutResponse { header: header(), prev_kv: None });
+        let mut t =
+            TxnResponse { header: header(), succeeded: true, responses: vec![ResponseOp { response: Some(leaf) }] };
+        for _ in 0..depth {
+            let inner = response_op::Response::ResponseTxn(t);
+            t = TxnResponse {
+                header: header(),
+                succeeded: true,
+                responses: vec![ResponseOp { response: Some(inner) }],
+            };
+        }
+        t
+    }
+
+    #[test]
+    fn the_decode_limit_is_prosts() {
+        // The put answer's header is the deepest message: level 2 * depth + 3.
+        let deepest_ok = (MAX_DECODE_LEVEL - 3) / 2;
+        for depth in [0, 10, deepest_ok] {
+            assert!(answer_depth(&nested(depth, put())) <= MAX_DECODE_LEVEL);
+            let bytes = answer(depth).encode_to_vec();
+            assert!(TxnResponse::decode(bytes.as_slice()).is_ok(), "depth {depth}");
+        }
+        let too_deep = deepest_ok + 1;
+        assert!(answer_depth(&nested(too_deep, put())) > MAX_DECODE_LEVEL);
+        // Exactly at the limit: one message deeper than the deepest accepted answer.
+        assert_eq!(answer_depth(&nested(too_deep, put())), MAX_DECODE_LEVEL + 1);
+        let bytes = answer(too_deep).encode_to_vec();
+        assert!(TxnResponse::decode(bytes.as_slice()).is_err(), "prost's limit moved: update MAX_DECODE_LEVEL");
+    }
+
+    #[test]
+    fn answer_depths() {
+        let empty = TxnRequest::default();
+        assert_eq!(answer_depth(&empty), 1);
+        assert_eq!(answer_depth(&nested(0, put())), 3);
+        assert_eq!(answer_depth(&nested(1, put())), 5);
+        let deep_failure =
+            TxnRequest { success: vec![put()], failure: vec![txn_op_of(nested(2, put()))], ..Default::default() };
+        assert_eq!(answer_depth(&deep_failure), 9, "either branch may be taken");
     }
 
     #[test]
@@ -206,6 +297,7 @@ mod tests {
             let mut keys = Vec::new();
             collect(&g, &mut keys);
             assert_eq!(keys, pieces(n).iter().map(key_of).collect::<Vec<_>>());
+            assert!(answer_depth(t) <= 5, "at most two levels of nesting");
         }
         assert!(group(pieces(5000), 123).is_none(), "more than two levels would need");
         assert!(group(pieces(3), 2).is_none());

@@ -10,7 +10,8 @@
 //! nested txn before applying any op, so the nesting changes nothing else).
 //!
 //! A txn whose ranges and deletes span many roots is kept within etcd's op limit by
-//! nesting their pieces ([`fit`]).
+//! nesting their pieces, and a txn whose answer would nest deeper than etcdmux can
+//! decode is refused before it is sent ([`fit`]).
 //!
 //! Puts into a slot this process has not seen carry the slot's index put in the same
 //! branch. etcd refuses a txn that puts one key twice on a path (a branch and its
@@ -117,6 +118,10 @@ impl Proxy {
             },
             None => user,
         };
+        let depth = fit::answer_depth(&outer);
+        if depth > fit::MAX_DECODE_LEVEL {
+            return Err(Error::TxnTooDeep { depth, max: fit::MAX_DECODE_LEVEL });
+        }
         let resp = self.up_txn(ctx, &outer, Retry::OnlyUnsent).await?;
         let resp = if !guarded {
             resp
