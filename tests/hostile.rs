@@ -121,6 +121,11 @@ fn cases() -> Vec<(&'static str, Call, Want)> {
         f(&mut r);
         r
     };
+    let pw = |f: fn(&mut PutRequest)| {
+        let mut r = PutRequest { key: b("/projects/f/pods/ns/a"), ..Default::default() };
+        f(&mut r);
+        r
+    };
     let cmp = |result: i32, target: i32, union: Option<compare::TargetUnion>| TxnRequest {
         compare: vec![Compare {
             result,
@@ -184,41 +189,14 @@ fn cases() -> Vec<(&'static str, Call, Want)> {
             })])),
             SameAsEtcd,
         ),
+        ("ignore_lease with a lease", Call::Put(pw(|r| (r.ignore_lease, r.lease) = (true, 0x1234))), SameAsEtcd),
+        ("ignore_value with a value", Call::Put(pw(|r| (r.ignore_value, r.value) = (true, b("v")))), SameAsEtcd),
         (
-            "ignore_lease with a lease",
-            Call::Put(PutRequest {
-                key: b("/projects/f/pods/ns/a"),
-                ignore_lease: true,
-                lease: 0x1234,
-                ..Default::default()
-            }),
+            "txn put: ignore_lease, lease",
+            Call::Txn(txn(vec![R::RequestPut(pw(|r| (r.ignore_lease, r.lease) = (true, 7)))])),
             SameAsEtcd,
         ),
-        (
-            "ignore_value with a value",
-            Call::Put(PutRequest {
-                key: b("/projects/f/pods/ns/a"),
-                ignore_value: true,
-                value: b("v"),
-                ..Default::default()
-            }),
-            SameAsEtcd,
-        ),
-        (
-            "txn put: ignore_lease with a lease",
-            Call::Txn(txn(vec![R::RequestPut(PutRequest {
-                key: b("/projects/f/x/y"),
-                ignore_lease: true,
-                lease: 7,
-                ..Default::default()
-            })])),
-            SameAsEtcd,
-        ),
-        (
-            "negative lease",
-            Call::Put(PutRequest { key: b("/projects/f/pods/ns/l"), lease: -5, ..Default::default() }),
-            SameAsEtcd,
-        ),
+        ("negative lease", Call::Put(pw(|r| r.lease = -5)), SameAsEtcd),
         (
             "empty delete key",
             Call::Delete(DeleteRangeRequest { key: Bytes::new(), range_end: b("\0"), prev_kv: true }),
@@ -370,11 +348,7 @@ async fn bare_keys_never_alias_across_listener_kinds() {
     let lease = ac.lease_grant(60, None).await.unwrap().id();
     a.put(PutRequest { key: b("b/pods/l"), lease, ..Default::default() }).await.unwrap();
     a.put(PutRequest { key: b("/pods/l"), lease, ..Default::default() }).await.unwrap();
-    let mut kpc = common::client(&kp_url).await;
-    let ttl =
-        kpc.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.unwrap();
-    let ks: Vec<String> = ttl.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
-    assert_eq!(ks, vec!["/projects/a/pods/l"]);
+    assert_eq!(lease_keys(&kp_url, lease).await, vec!["/projects/a/pods/l"]);
 
     // Deleting project ab deletes ab's key only; deleting project a on the key-path
     // listener deletes a's keys with a client form there.
@@ -620,24 +594,17 @@ async fn leases_are_checked_on_every_put() {
     bkv.put(put("/free/own", b_lease)).await.unwrap();
     bkv.txn(txn(vec![R::RequestPut(put("/free/own2", b_lease))])).await.unwrap();
     admin.put(put("compact_rev_key", a_lease)).await.unwrap();
-    let mut rc = common::client(&etcd.client_url).await;
-    let keys = |l: i64| {
-        let mut rc = rc.clone();
-        async move {
-            let opts = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
-            let ttl = rc.lease_time_to_live(l, Some(opts)).await.unwrap();
-            let mut ks: Vec<String> = ttl.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
-            ks.sort();
-            ks
-        }
-    };
-    assert_eq!(
-        keys(a_lease).await,
-        vec!["/etcdmux/leases/".to_string() + &format!("{a_lease:016x}"), "compact_rev_key".into()]
-    );
-    assert_eq!(
-        keys(b_lease).await,
-        vec!["/etcdmux/leases/".to_string() + &format!("{b_lease:016x}"), "/free/own".into(), "/free/own2".into()]
-    );
-    let _ = rc.lease_revoke(a_lease).await;
+    let record = |l: i64| format!("/etcdmux/leases/{l:016x}");
+    assert_eq!(lease_keys(&etcd.client_url, a_lease).await, vec![record(a_lease), "compact_rev_key".into()]);
+    let b_keys = vec![record(b_lease), "/free/own".into(), "/free/own2".into()];
+    assert_eq!(lease_keys(&etcd.client_url, b_lease).await, b_keys);
+}
+
+/// The keys attached to lease `id`, sorted, as `url` shows them.
+async fn lease_keys(url: &str, id: i64) -> Vec<String> {
+    let opts = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+    let ttl = common::client(url).await.lease_time_to_live(id, Some(opts)).await.unwrap();
+    let mut keys: Vec<String> = ttl.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+    keys.sort();
+    keys
 }

@@ -25,6 +25,7 @@
 //! | Put | `ignore_value` with a `value` | | `value is provided` | the same, before any lease check |
 //! | Put | `ignore_lease` with a `lease` | | `lease is provided` | the same, before any lease check |
 //! | Put | `lease` | unknown, negative, another tenant's | `requested lease not found` | the same for every lease the caller does not own |
+//! | Put | `key`, `value` sizes | over `--max-request-bytes` | `request is too large` | forwarded (decoded up to `server.max_request_bytes`; the layout adds the resource path and tenant to the key) |
 //! | DeleteRange | `key` | empty | `key is not provided` | the same |
 //! | Txn | ops per branch, compares | more than `--max-txn-ops` (nested txns: what the levels above leave) | `too many operations in txn request` | the same, against `upstream.max_txn_ops` |
 //! | Txn | compare `key` | empty | `key is not provided` | the same |
