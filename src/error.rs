@@ -29,12 +29,30 @@ pub enum Error {
     Unsupported(String),
     #[error("etcdmux: {0}")]
     Unavailable(String),
+    /// A cross-root operation found the tenant's root index changed (or its pinned
+    /// revision compacted) on every attempt.
+    #[error("etcdmux: the tenant's root index kept changing during a {0}; retry")]
+    IndexKeptChanging(&'static str),
     /// A broken invariant inside etcdmux (never the client's fault).
     #[error("etcdmux: internal error: {0}")]
     Internal(String),
     /// etcd's limit on operations per transaction (`--max-txn-ops`).
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
+    /// A txn whose cross-root ranges and deletes need more upstream ops per level
+    /// than etcd's `--max-txn-ops` allows, even nested.
+    #[error(
+        "etcdmux: the txn's ranges and deletes across resource roots need more upstream operations per txn \
+         level than upstream.max_txn_ops ({max_ops}, etcd's --max-txn-ops) allows, even nested; use fewer or \
+         narrower ranges, or raise both limits together"
+    )]
+    TxnTooLarge { max_ops: usize },
+    /// A txn nested so deeply that etcd's answer could not be decoded.
+    #[error(
+        "etcdmux: txn nested too deeply: etcd's answer would nest {depth} messages deep (with etcdmux's own \
+         nesting), more than the {max} etcdmux can decode; nest fewer txns"
+    )]
+    TxnTooDeep { depth: usize, max: usize },
     /// etcd's refusal of a txn that writes one key twice on a path.
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
@@ -44,6 +62,13 @@ pub enum Error {
     /// A put with `ignore_lease` that carries a lease.
     #[error("etcdserver: lease is provided")]
     LeaseProvided,
+    /// A range whose sort order or sort target is no enum value (etcd 3.6's check;
+    /// etcd 3.4 panics on such a range).
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// A txn op without a request (etcd's `ErrGRPCKeyNotFound`).
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
     /// etcd answered with an error, or the call failed on the way: passed on as it came.
     #[error("{}", .0.status().message())]
     Upstream(#[from] crate::upstream::classify::UpstreamError),
@@ -68,12 +93,16 @@ impl Error {
             | Error::TooManyOps
             | Error::DuplicateKey
             | Error::ValueProvided
-            | Error::LeaseProvided => Code::InvalidArgument,
+            | Error::LeaseProvided
+            | Error::InvalidSortOption
+            | Error::KeyNotFound
+            | Error::TxnTooLarge { .. }
+            | Error::TxnTooDeep { .. } => Code::InvalidArgument,
             Error::Internal(_) => Code::Internal,
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unsupported(_) => Code::Unimplemented,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::IndexKeptChanging(_) => Code::Unavailable,
         }
     }
 }

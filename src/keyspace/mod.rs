@@ -15,12 +15,14 @@ pub mod layout;
 pub mod plan;
 pub mod rules;
 pub mod tenant;
+#[cfg(test)]
+mod views;
 
 use bytes::Bytes;
 
 pub use layout::{prefix_end, root_of, slot_of, KeyLayout, Piece, Root, Slot};
 pub use rules::{Resolver, RuleConfig, TenancyConfig, UnmatchedPolicy};
-pub use tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName};
+pub use tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName, SLASH_KEYS_END};
 
 /// Why a key, range or rule was refused. Converted to a gRPC status in `crate::error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -25,7 +25,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
 use super::layout::prefix_end;
-use super::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName};
+use super::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName, SLASH_KEYS_END};
 use super::KeyError;
 
 /// What to do with a key that matches no tenant rule.
@@ -285,7 +285,9 @@ impl Resolver {
             return self.resolve_raw_range(scope, key, range_end);
         };
         if unbounded || *range_end == prefix_end(&self.client_prefix_bytes(&tenant)?.concat_slash()) {
-            return Ok(RangeRef::Tenant { tenant, start, end: End::Unbounded });
+            // Key-path tenant keys all have a leading `/`: the tenant's keys end there.
+            let end = End::Key(Bytes::from_static(SLASH_KEYS_END));
+            return Ok(RangeRef::Tenant { tenant, start, end });
         }
         match self.match_rules(range_end)? {
             Some(KeyRef::Tenant { tenant: t2, key: end }) if t2 == tenant => {
@@ -443,11 +445,11 @@ mod tests {
         // The whole project: prefix end of `/projects/p/`.
         assert_eq!(
             rr("/projects/p/", b"/projects/p0").unwrap(),
-            RangeRef::Tenant { tenant: t("p"), start: b("/"), end: End::Unbounded }
+            RangeRef::Tenant { tenant: t("p"), start: b("/"), end: End::Key(b("0")) }
         );
         assert_eq!(
             rr("/projects/p/a", b"\0").unwrap(),
-            RangeRef::Tenant { tenant: t("p"), start: b("/a"), end: End::Unbounded }
+            RangeRef::Tenant { tenant: t("p"), start: b("/a"), end: End::Key(b("0")) }
         );
         assert!(matches!(rr("/projects/p/a", b"/projects/q/a"), Err(KeyError::CrossTenant { .. })));
         assert!(matches!(rr("/projects/p/a", b"/zzz"), Err(KeyError::CrossTenant { .. })));

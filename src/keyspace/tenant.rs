@@ -82,10 +82,16 @@ pub enum End {
     Single,
     /// Exclusive end key.
     Key(Bytes),
-    /// To the end of the tenant's key space (`"\x00"`, or the prefix end of the
-    /// tenant's client prefix).
+    /// To the end of the tenant's key space (`"\x00"` on a static listener).
     Unbounded,
 }
+
+/// Where keys with a leading `/` end (the prefix end of `/`). On a key-path listener
+/// every tenant key has a leading `/`, and a range to the end of the tenant's keys
+/// (`"\x00"`, or the prefix end of `/projects/p/`) ends here: keys without one,
+/// written through a static listener, have no client form there (`/projects/a` +
+/// `b/x` would name tenant `ab`'s key `/projects/ab/x`).
+pub const SLASH_KEYS_END: &[u8] = b"0";
 
 /// Where a `(key, range_end)` pair goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +106,14 @@ pub enum RangeRef {
 pub struct ClientPrefix(pub(super) Bytes);
 
 impl ClientPrefix {
-    /// Client form of a tenant key.
+    /// Client form of a tenant key, or `None` when the key has none here: behind a
+    /// key-path prefix only keys with a leading `/` have one (`/projects/a` +
+    /// `b/x` would be tenant `ab`'s `/projects/ab/x`).
+    pub fn render_checked(&self, tenant_key: &Bytes) -> Option<Bytes> {
+        (self.0.is_empty() || tenant_key.starts_with(b"/")).then(|| self.render(tenant_key))
+    }
+
+    /// Client form of a tenant key with a client form (see [`Self::render_checked`]).
     pub fn render(&self, tenant_key: &Bytes) -> Bytes {
         if self.0.is_empty() {
             return tenant_key.clone();

@@ -135,7 +135,9 @@ impl Proxy {
             .filter_map(|k| match self.layout.decode(&k) {
                 Some((t, key)) => {
                     self.resolver.authorize(scope, &t).ok()?;
-                    Some(self.resolver.client_prefix(scope, &t).ok()?.render(&key))
+                    // Keys without a client form here (a static tenant's keys without
+                    // a leading `/`, on a key-path listener) are not shown.
+                    self.resolver.client_prefix(scope, &t).ok()?.render_checked(&key)
                 }
                 // Global or passthrough keys: their form is the upstream form.
                 None if admin => Some(k),

@@ -41,46 +41,53 @@ impl Proxy {
         &self,
         view: Option<&(TenantName, ClientPrefix)>,
         req: &RangeRequest,
-        parts: Vec<RangeResponse>,
+        mut parts: Vec<RangeResponse>,
     ) -> Result<RangeResponse> {
-        let several = parts.len() > 1;
-        let mut out = RangeResponse::default();
-        for mut part in parts {
-            out.header = part.header.or(out.header);
-            out.count += part.count;
-            out.more |= part.more;
-            if let Some((t, cp)) = view {
-                for kv in &mut part.kvs {
-                    self.render_kv(t, cp, kv)?;
-                }
-            }
-            out.kvs.append(&mut part.kvs);
-        }
-        if !several {
-            return Ok(out);
-        }
-        let limit = req.limit.max(0) as usize;
-        if reads_first_keys(req) {
-            // etcd's own order of work: the first limit+1 keys, then the sort.
-            out.kvs.sort_by(|a, b| a.key.cmp(&b.key));
-            out.more = out.kvs.len() > limit;
-            out.kvs.truncate(limit + 1);
-            sort_kvs(&mut out.kvs, req);
-            out.kvs.truncate(limit);
-        } else {
-            sort_kvs(&mut out.kvs, req);
-            if limit > 0 && out.kvs.len() > limit {
-                out.kvs.truncate(limit);
-                out.more = true;
+        if let Some((t, cp)) = view {
+            for kv in parts.iter_mut().flat_map(|p| p.kvs.iter_mut()) {
+                self.render_kv(t, cp, kv)?;
             }
         }
-        if req.keys_only {
-            for kv in &mut out.kvs {
-                kv.value = Bytes::new();
-            }
-        }
-        Ok(out)
+        Ok(merge(req, parts))
     }
+}
+
+/// The answers of the pieces of one client range (keys already in client form)
+/// merged into etcd's answer for the whole range.
+pub fn merge(req: &RangeRequest, parts: Vec<RangeResponse>) -> RangeResponse {
+    let several = parts.len() > 1;
+    let mut out = RangeResponse::default();
+    for mut part in parts {
+        out.header = part.header.or(out.header);
+        out.count += part.count;
+        out.more |= part.more;
+        out.kvs.append(&mut part.kvs);
+    }
+    if !several {
+        return out;
+    }
+    // Any limit past the address space is no limit (etcd's own `limit+1` wraps).
+    let limit = usize::try_from(req.limit.max(0)).unwrap_or(usize::MAX);
+    if reads_first_keys(req) {
+        // etcd's own order of work: the first limit+1 keys, then the sort.
+        out.kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        out.more = out.kvs.len() > limit;
+        out.kvs.truncate(limit.saturating_add(1));
+        sort_kvs(&mut out.kvs, req);
+        out.kvs.truncate(limit);
+    } else {
+        sort_kvs(&mut out.kvs, req);
+        if limit > 0 && out.kvs.len() > limit {
+            out.kvs.truncate(limit);
+            out.more = true;
+        }
+    }
+    if req.keys_only {
+        for kv in &mut out.kvs {
+            kv.value = Bytes::new();
+        }
+    }
+    out
 }
 
 /// Whether etcd answers `r` from the first `limit+1` keys in key order, sorting
@@ -103,11 +110,49 @@ pub fn piece_request(orig: &RangeRequest, key: Bytes, range_end: Bytes, several:
     let mut r = RangeRequest { key, range_end, ..orig.clone() };
     if several && reads_first_keys(orig) {
         r.sort_target = SortTarget::Key as i32;
-        r.limit = orig.limit + 1;
+        // Saturating: a client may send `i64::MAX`, which etcd reads as no limit.
+        r.limit = orig.limit.saturating_add(1);
     }
     if several && orig.keys_only && orig.sort_target == SortTarget::Value as i32 {
         // etcd sorts by value before dropping values: the merge needs them.
         r.keys_only = false;
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, m: i64) -> KeyValue {
+        KeyValue { key: Bytes::copy_from_slice(key.as_bytes()), mod_revision: m, ..Default::default() }
+    }
+
+    fn part(kvs: Vec<KeyValue>) -> RangeResponse {
+        RangeResponse { count: kvs.len() as i64, kvs, ..Default::default() }
+    }
+
+    #[test]
+    fn huge_limits_are_no_limits() {
+        for (limit, order) in [(i64::MAX, 0), (i64::MAX, 2), (i64::MAX - 1, 0), (-1, 0), (i64::MIN, 2)] {
+            let req =
+                RangeRequest { limit, sort_order: order, sort_target: SortTarget::Mod as i32, ..Default::default() };
+            let piece = piece_request(&req, Bytes::new(), Bytes::new(), true);
+            assert!(piece.limit >= req.limit, "{limit}: the piece asks for no fewer keys");
+            let out = merge(&req, vec![part(vec![kv("/a/1", 3), kv("/a/2", 1)]), part(vec![kv("/b/1", 2)])]);
+            assert_eq!(out.kvs.len(), 3, "{limit}");
+            assert!(!out.more, "{limit}");
+            assert_eq!(out.count, 3);
+        }
+    }
+
+    #[test]
+    fn limits_cut_the_union() {
+        let req = RangeRequest { limit: 2, ..Default::default() };
+        assert_eq!(piece_request(&req, Bytes::new(), Bytes::new(), true).limit, 3);
+        let out = merge(&req, vec![part(vec![kv("/b/1", 1), kv("/b/2", 1)]), part(vec![kv("/a/1", 1)])]);
+        let keys: Vec<_> = out.kvs.iter().map(|k| k.key.clone()).collect();
+        assert_eq!(keys, vec![Bytes::from_static(b"/a/1"), Bytes::from_static(b"/b/1")]);
+        assert!(out.more);
+    }
 }

@@ -7,7 +7,8 @@
 //! - [`write`]: Put, DeleteRange, Compact;
 //! - [`txn`]: Txn — etcd's checks, translation into one upstream txn, the answer;
 //! - [`index`]: the per-tenant root index that cross-root operations read;
-//! - [`lease`]: lease ownership and the Lease operations.
+//! - [`lease`]: lease ownership and the Lease operations;
+//! - [`validate`]: etcd's checks of every KV request, before anything goes upstream.
 //!
 //! Per-listener identity travels with each call as a [`Scope`].
 
@@ -16,6 +17,7 @@ pub mod lease;
 pub mod merge;
 pub mod range;
 pub mod txn;
+pub mod validate;
 pub mod write;
 
 use std::sync::Arc;
@@ -32,10 +34,6 @@ use crate::shutdown::Tasks;
 use crate::upstream::{CallCtx, Upstream};
 use index::RootIndex;
 use lease::LeaseOwners;
-
-/// Attempts of a cross-root operation whose root index changed (or whose pinned
-/// revision was compacted) under it.
-pub const INDEX_RETRIES: usize = 5;
 
 pub struct Proxy {
     pub cfg: Config,
@@ -66,7 +64,9 @@ impl Proxy {
     }
 
     /// Rewrites an upstream key-value of tenant `t` into client form. A key of any
-    /// other tenant here would be a layout bug: it is refused, never shown.
+    /// other tenant here, or one without a client form on this listener (a key
+    /// without a leading `/` behind a key-path prefix, which would read as another
+    /// tenant's), would be a planning bug: it is refused, never shown.
     pub fn render_kv(&self, t: &TenantName, cp: &ClientPrefix, kv: &mut KeyValue) -> Result<()> {
         kv.key = self.render_key(t, cp, &kv.key)?;
         Ok(())
@@ -74,7 +74,10 @@ impl Proxy {
 
     pub fn render_key(&self, t: &TenantName, cp: &ClientPrefix, up: &Bytes) -> Result<Bytes> {
         match self.layout.decode(up) {
-            Some((owner, key)) if &owner == t => Ok(cp.render(&key)),
+            Some((owner, key)) if &owner == t => cp.render_checked(&key).ok_or_else(|| {
+                tracing::error!(tenant = %t, key = ?up, "a key without a client form on this listener was read");
+                Error::Internal("upstream key without a client form on this listener".to_string())
+            }),
             _ => {
                 tracing::error!(tenant = %t, key = ?up, "upstream returned a key outside the tenant's space");
                 Err(Error::Internal("upstream key outside the tenant's space".to_string()))

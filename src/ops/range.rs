@@ -5,16 +5,27 @@
 use crate::metrics::names;
 use bytes::Bytes;
 
+use super::index::{with_index_attempts, Attempt};
 use super::merge::piece_request;
-use super::{range_op, Proxy, INDEX_RETRIES};
+use super::{range_op, validate, Proxy};
 use crate::error::{Error, Result};
 use crate::keyspace::{ClientPrefix, End, RangeRef, Scope, TenantName};
 use crate::pb::etcdserverpb::{response_op, RangeRequest, RangeResponse, TxnRequest};
 use crate::upstream::classify::EtcdError;
 use crate::upstream::{CallCtx, Retry};
 
+/// A tenant range across roots, as the client asked for it.
+struct Across<'a> {
+    t: &'a TenantName,
+    cp: &'a ClientPrefix,
+    start: &'a Bytes,
+    end: &'a End,
+    req: &'a RangeRequest,
+}
+
 impl Proxy {
     pub async fn range(&self, scope: &Scope, ctx: &CallCtx, mut req: RangeRequest) -> Result<RangeResponse> {
+        validate::range(&req)?;
         match self.resolver.resolve_range(scope, &req.key, &req.range_end)? {
             RangeRef::Raw { key, range_end, .. } => {
                 req.key = key;
@@ -53,59 +64,57 @@ impl Proxy {
         req: RangeRequest,
     ) -> Result<RangeResponse> {
         metrics::counter!(names::CROSS_ROOT_RANGES).increment(1);
-        let mut attempt = 0;
-        loop {
-            let snap = self.read_index(ctx, t, req.revision).await?;
-            let pieces = self.layout.plan(t, start, end, &snap.slots);
-            // A fresh read is pinned to the index's revision, and reported at it: the
-            // apiserver starts its watch right after the revision a list reports.
-            let pin = if req.revision > 0 { req.revision } else { snap.revision };
-            let mut header = snap.header;
-            let mut parts = Vec::with_capacity(pieces.len());
-            let mut compacted_meanwhile = false;
-            for chunk in pieces.chunks(self.cfg.upstream.max_txn_ops) {
-                let txn = TxnRequest {
-                    success: chunk
-                        .iter()
-                        .map(|p| {
-                            let mut r = piece_request(&req, p.key.clone(), p.range_end.clone(), pieces.len() > 1);
-                            r.revision = pin;
-                            range_op(r)
-                        })
-                        .collect(),
-                    ..Default::default()
-                };
-                match self.up_txn(ctx, &txn, Retry::Safe).await {
-                    Ok(resp) => {
-                        if req.revision > 0 && header.is_none() {
-                            header = resp.header;
-                        }
-                        for r in resp.responses {
-                            match r.response {
-                                Some(response_op::Response::ResponseRange(rr)) => parts.push(rr),
-                                other => return Err(Error::Internal(format!("range txn answered {other:?}"))),
-                            }
+        let q = Across { t, cp, start, end, req: &req };
+        with_index_attempts("range", |last| self.range_attempt(ctx, &q, last)).await
+    }
+
+    /// One attempt of [`Self::range_across`].
+    async fn range_attempt(&self, ctx: &CallCtx, q: &Across<'_>, last: bool) -> Result<Attempt<RangeResponse>> {
+        let Across { t, cp, start, end, req } = *q;
+        let snap = self.read_index(ctx, t, req.revision).await?;
+        let pieces = self.layout.plan(t, start, end, &snap.slots);
+        // A fresh read (revision 0, or negative: etcd reads those as "now") is pinned
+        // to the index's revision, and reported at it: the apiserver starts its watch
+        // right after the revision a list reports.
+        let fresh = req.revision <= 0;
+        let pin = if fresh { snap.revision } else { req.revision };
+        let mut header = snap.header;
+        let mut parts = Vec::with_capacity(pieces.len());
+        for chunk in pieces.chunks(self.cfg.upstream.max_txn_ops) {
+            let txn = TxnRequest {
+                success: chunk
+                    .iter()
+                    .map(|p| {
+                        let mut r = piece_request(req, p.key.clone(), p.range_end.clone(), pieces.len() > 1);
+                        r.revision = pin;
+                        range_op(r)
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            match self.up_txn(ctx, &txn, Retry::Safe).await {
+                Ok(resp) => {
+                    if !fresh && header.is_none() {
+                        header = resp.header;
+                    }
+                    for r in resp.responses {
+                        match r.response {
+                            Some(response_op::Response::ResponseRange(rr)) => parts.push(rr),
+                            other => return Err(Error::Internal(format!("range txn answered {other:?}"))),
                         }
                     }
-                    // The pinned revision was compacted between the index read and
-                    // this read: read again at a newer revision.
-                    Err(Error::Upstream(s))
-                        if req.revision == 0 && attempt < INDEX_RETRIES && s.etcd() == Some(EtcdError::Compacted) =>
-                    {
-                        compacted_meanwhile = true;
-                        break;
-                    }
-                    Err(e) => return Err(e),
                 }
+                // The pinned revision was compacted between the index read and this
+                // read: read again at a newer revision.
+                Err(Error::Upstream(s)) if fresh && !last && s.etcd() == Some(EtcdError::Compacted) => {
+                    return Ok(Attempt::Retry)
+                }
+                Err(e) => return Err(e),
             }
-            if compacted_meanwhile {
-                attempt += 1;
-                continue;
-            }
-            let view = (t.clone(), cp.clone());
-            let mut resp = self.merge_ranges(Some(&view), &req, parts)?;
-            resp.header = header;
-            return Ok(resp);
         }
+        let view = (t.clone(), cp.clone());
+        let mut resp = self.merge_ranges(Some(&view), req, parts)?;
+        resp.header = header;
+        Ok(Attempt::Done(resp))
     }
 }

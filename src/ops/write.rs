@@ -3,10 +3,12 @@
 //! that spans roots is one upstream transaction guarded by a compare that the
 //! tenant's index did not grow meanwhile.
 
-use super::index::RootIndex;
-use super::{delete_op, index_unchanged_since, put_op, Proxy, INDEX_RETRIES};
+use super::index::{with_index_attempts, Attempt, RootIndex};
+use super::{delete_op, index_unchanged_since, put_op, validate, Proxy};
 use crate::error::{Error, Result};
-use crate::keyspace::{slot_of, KeyRef, RangeRef, Scope};
+use bytes::Bytes;
+
+use crate::keyspace::{slot_of, ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{
     response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -16,10 +18,16 @@ use crate::upstream::{CallCtx, Retry};
 
 impl Proxy {
     pub async fn put(&self, scope: &Scope, ctx: &CallCtx, mut req: PutRequest) -> Result<PutResponse> {
+        validate::put(&req)?;
         let (tenant, key) = match self.resolver.resolve_key(scope, &req.key)? {
             KeyRef::Raw { key, global } => {
                 if global {
                     self.resolver.require_admin(scope, "writing a global key")?;
+                }
+                // Every put with a lease, global and passthrough keys too: another
+                // principal's lease answers like a lease that does not exist.
+                if req.lease != 0 {
+                    self.check_lease(scope, ctx, req.lease).await?;
                 }
                 req.key = key;
                 return self.up_put(ctx, &req).await;
@@ -69,6 +77,7 @@ impl Proxy {
         ctx: &CallCtx,
         mut req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse> {
+        validate::delete(&req)?;
         let (tenant, start, end) = match self.resolver.resolve_range(scope, &req.key, &req.range_end)? {
             RangeRef::Raw { key, range_end, global } => {
                 if global {
@@ -91,45 +100,57 @@ impl Proxy {
             return Ok(resp);
         }
         metrics::counter!(names::CROSS_ROOT_DELETES).increment(1);
-        for _ in 0..INDEX_RETRIES {
-            let snap = self.read_index(ctx, &tenant, 0).await?;
-            let pieces = self.layout.plan(&tenant, &start, &end, &snap.slots);
-            if pieces.is_empty() {
-                return Ok(DeleteRangeResponse { header: snap.header, ..Default::default() });
-            }
-            if pieces.len() > self.cfg.upstream.max_txn_ops {
-                // One atomic delete cannot be split; etcd's own limit applies.
-                return Err(Error::TooManyOps);
-            }
-            let txn = TxnRequest {
-                compare: vec![index_unchanged_since(self.layout.index_range(&tenant), snap.revision)],
-                success: pieces
-                    .into_iter()
-                    .map(|p| delete_op(DeleteRangeRequest { key: p.key, range_end: p.range_end, prev_kv: req.prev_kv }))
-                    .collect(),
-                failure: vec![],
-            };
-            let resp = self.up_txn(ctx, &txn, Retry::OnlyUnsent).await?;
-            if !resp.succeeded {
-                continue; // the tenant wrote a new slot meanwhile: plan again
-            }
-            let mut out = DeleteRangeResponse { header: resp.header, ..Default::default() };
-            for r in resp.responses {
-                match r.response {
-                    Some(response_op::Response::ResponseDeleteRange(mut d)) => {
-                        out.deleted += d.deleted;
-                        out.prev_kvs.append(&mut d.prev_kvs);
-                    }
-                    other => return Err(Error::Internal(format!("delete txn answered {other:?}"))),
-                }
-            }
-            for kv in &mut out.prev_kvs {
-                self.render_kv(&tenant, &cp, kv)?;
-            }
-            out.prev_kvs.sort_by(|a, b| a.key.cmp(&b.key));
-            return Ok(out);
+        let prev_kv = req.prev_kv;
+        with_index_attempts("delete", |_| self.delete_attempt(ctx, &tenant, &cp, &start, &end, prev_kv)).await
+    }
+
+    /// One attempt of a cross-root delete: read the index, delete every piece in
+    /// one upstream txn guarded by the index not having grown since.
+    async fn delete_attempt(
+        &self,
+        ctx: &CallCtx,
+        tenant: &TenantName,
+        cp: &ClientPrefix,
+        start: &Bytes,
+        end: &End,
+        prev_kv: bool,
+    ) -> Result<Attempt<DeleteRangeResponse>> {
+        let snap = self.read_index(ctx, tenant, 0).await?;
+        let pieces = self.layout.plan(tenant, start, end, &snap.slots);
+        if pieces.is_empty() {
+            return Ok(Attempt::Done(DeleteRangeResponse { header: snap.header, ..Default::default() }));
         }
-        Err(Error::Unavailable("the tenant's root index kept changing during a delete; retry".to_string()))
+        if pieces.len() > self.cfg.upstream.max_txn_ops {
+            // One atomic delete cannot be split; etcd's own limit applies.
+            return Err(Error::TooManyOps);
+        }
+        let txn = TxnRequest {
+            compare: vec![index_unchanged_since(self.layout.index_range(tenant), snap.revision)],
+            success: pieces
+                .into_iter()
+                .map(|p| delete_op(DeleteRangeRequest { key: p.key, range_end: p.range_end, prev_kv }))
+                .collect(),
+            failure: vec![],
+        };
+        let resp = self.up_txn(ctx, &txn, Retry::OnlyUnsent).await?;
+        if !resp.succeeded {
+            return Ok(Attempt::Retry); // the tenant wrote a new slot meanwhile: plan again
+        }
+        let mut out = DeleteRangeResponse { header: resp.header, ..Default::default() };
+        for r in resp.responses {
+            match r.response {
+                Some(response_op::Response::ResponseDeleteRange(mut d)) => {
+                    out.deleted += d.deleted;
+                    out.prev_kvs.append(&mut d.prev_kvs);
+                }
+                other => return Err(Error::Internal(format!("delete txn answered {other:?}"))),
+            }
+        }
+        for kv in &mut out.prev_kvs {
+            self.render_kv(tenant, cp, kv)?;
+        }
+        out.prev_kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Attempt::Done(out))
     }
 
     async fn up_delete(&self, ctx: &CallCtx, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {

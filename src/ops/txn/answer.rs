@@ -24,8 +24,9 @@ impl Answer<'_> {
         for op in &plan.ops {
             use response_op::Response as P;
             let resp = match op {
-                OpPlan::Range { pieces, orig } => {
+                OpPlan::Range { pieces, orig, packed } => {
                     let mut parts = Vec::with_capacity(pieces.len());
+                    let mut it = pieces_of(&mut it, *packed)?;
                     for _ in pieces {
                         match it.next().and_then(|r| r.response) {
                             Some(P::ResponseRange(r)) => parts.push(r),
@@ -34,8 +35,9 @@ impl Answer<'_> {
                     }
                     P::ResponseRange(self.proxy.merge_ranges(self.view.as_ref(), orig, parts)?)
                 }
-                OpPlan::Delete { pieces } => {
+                OpPlan::Delete { pieces, packed } => {
                     let mut d = DeleteRangeResponse::default();
+                    let mut it = pieces_of(&mut it, *packed)?;
                     for _ in pieces {
                         match it.next().and_then(|r| r.response) {
                             Some(P::ResponseDeleteRange(mut part)) => {
@@ -81,5 +83,33 @@ impl Answer<'_> {
         // The remaining answers are this branch's index puts, now committed.
         self.learned.extend(plan.index_puts.iter().cloned());
         Ok(out)
+    }
+}
+
+/// The answers to one op's pieces: the next answers of the branch, or, for a packed
+/// op, the answers inside the one nested txn answer it was sent as (see `fit`), in
+/// order.
+fn pieces_of<'a>(
+    it: &'a mut std::vec::IntoIter<ResponseOp>,
+    packed: bool,
+) -> Result<Box<dyn Iterator<Item = ResponseOp> + 'a>> {
+    if !packed {
+        return Ok(Box::new(it));
+    }
+    let mut leaves = Vec::new();
+    match it.next().and_then(|r| r.response) {
+        Some(response_op::Response::ResponseTxn(t)) => flatten(t.responses, &mut leaves),
+        other => return Err(Error::Internal(format!("packed pieces answered {other:?}"))),
+    }
+    Ok(Box::new(leaves.into_iter()))
+}
+
+/// The non-txn answers in nested txn answers, in order.
+fn flatten(resps: Vec<ResponseOp>, out: &mut Vec<ResponseOp>) {
+    for r in resps {
+        match r.response {
+            Some(response_op::Response::ResponseTxn(t)) => flatten(t.responses, out),
+            _ => out.push(r),
+        }
     }
 }

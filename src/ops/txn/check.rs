@@ -1,13 +1,12 @@
-//! etcd's own checks of a txn, applied to the client's request before anything is
-//! sent upstream, so that errors come in etcd's order and with etcd's text.
+//! etcd's duplicate-key check of a txn, applied to the client's keys before anything
+//! is sent upstream (the per-op checks are in `ops::validate`).
 
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::keyspace::KeyError;
-use crate::pb::etcdserverpb::{request_op, RequestOp, TxnRequest};
+use crate::pb::etcdserverpb::{request_op, RequestOp};
 
 /// Deleted `(key, range_end)` intervals of a txn branch.
 type Intervals = Vec<(Bytes, Bytes)>;
@@ -61,37 +60,4 @@ pub fn check_intervals(reqs: &[RequestOp]) -> Result<(BTreeSet<Bytes>, Intervals
         puts.insert(p.key.clone());
     }
     Ok((puts, dels))
-}
-
-/// etcd's per-op validation of a txn (`checkTxnRequest`), run before the overlap
-/// check so that errors come in etcd's order.
-pub fn check_txn_request(r: &TxnRequest, max_ops: usize) -> Result<()> {
-    use request_op::Request as R;
-    let opc = r.compare.len().max(r.success.len()).max(r.failure.len());
-    if opc > max_ops {
-        return Err(Error::TooManyOps);
-    }
-    if r.compare.iter().any(|c| c.key.is_empty()) {
-        return Err(Error::Key(KeyError::EmptyKey));
-    }
-    for op in r.success.iter().chain(r.failure.iter()) {
-        match &op.request {
-            Some(R::RequestRange(x)) if x.key.is_empty() => return Err(Error::Key(KeyError::EmptyKey)),
-            Some(R::RequestDeleteRange(x)) if x.key.is_empty() => return Err(Error::Key(KeyError::EmptyKey)),
-            Some(R::RequestPut(p)) => {
-                if p.key.is_empty() {
-                    return Err(Error::Key(KeyError::EmptyKey));
-                }
-                if p.ignore_value && !p.value.is_empty() {
-                    return Err(Error::ValueProvided);
-                }
-                if p.ignore_lease && p.lease != 0 {
-                    return Err(Error::LeaseProvided);
-                }
-            }
-            Some(R::RequestTxn(t)) => check_txn_request(t, max_ops - opc)?,
-            _ => {}
-        }
-    }
-    Ok(())
 }

@@ -9,6 +9,10 @@
 //! if the index did not grow since it was read (etcd evaluates every compare of a
 //! nested txn before applying any op, so the nesting changes nothing else).
 //!
+//! A txn whose ranges and deletes span many roots is kept within etcd's op limit by
+//! nesting their pieces, and a txn whose answer would nest deeper than etcdmux can
+//! decode is refused before it is sent ([`fit`]).
+//!
 //! Puts into a slot this process has not seen carry the slot's index put in the same
 //! branch. etcd refuses a txn that puts one key twice on a path (a branch and its
 //! nested txns, or two sibling nested txns), so an index key is placed once: in the
@@ -17,95 +21,127 @@
 
 mod answer;
 mod check;
+mod fit;
 mod translate;
 
 use std::collections::BTreeSet;
 
 use answer::Answer;
-use check::{check_intervals, check_txn_request};
-use translate::{Owner, Translate};
+use check::check_intervals;
+use translate::{Branch, Owner, Translate};
 
 use crate::error::{Error, Result};
 use crate::keyspace::Scope;
-use crate::ops::index::IndexSnapshot;
-use crate::ops::{index_unchanged_since, Proxy};
+use crate::ops::index::{with_index_attempts, Attempt, IndexSnapshot};
+use crate::ops::{index_unchanged_since, validate, Proxy};
 use crate::pb::etcdserverpb::{request_op, response_op, Compare, RequestOp, TxnRequest, TxnResponse};
 use crate::upstream::{CallCtx, Retry};
 
 impl Proxy {
     pub async fn txn(&self, scope: &Scope, ctx: &CallCtx, req: TxnRequest) -> Result<TxnResponse> {
-        check_txn_request(&req, self.cfg.upstream.max_txn_ops)?;
+        validate::txn(&req, self.cfg.upstream.max_txn_ops)?;
         check_intervals(&req.success)?;
         check_intervals(&req.failure)?;
-        let mut index: Option<IndexSnapshot> = None;
-        for _ in 0..5 {
-            let mut tr = Translate {
-                proxy: self,
-                scope,
-                owner: None,
-                writes_global: false,
-                leases: BTreeSet::new(),
-                index: index.as_ref(),
-                needs_index: false,
-                put_slots: BTreeSet::new(),
-            };
-            let compare: Vec<Compare> = req.compare.iter().cloned().map(|c| tr.compare(c)).collect::<Result<_>>()?;
-            let mut success = tr.branch(req.success.clone())?;
-            let mut failure = tr.branch(req.failure.clone())?;
-            if tr.needs_index {
-                let Some(Owner::Tenant(t)) = &tr.owner else {
-                    return Err(Error::Internal("cross-root op without a tenant".to_string()));
-                };
+        let req = &req;
+        with_index_attempts("txn", |_| self.txn_attempt(scope, ctx, req)).await
+    }
+
+    /// The client's txn as a tree of upstream ops, planned with the tenant's index
+    /// when one is given.
+    fn translate<'a>(
+        &'a self,
+        scope: &'a Scope,
+        req: &TxnRequest,
+        index: Option<&'a IndexSnapshot>,
+    ) -> Result<(Translate<'a>, Vec<Compare>, Branch, Branch)> {
+        let mut tr = Translate {
+            proxy: self,
+            scope,
+            owner: None,
+            writes_global: false,
+            leases: BTreeSet::new(),
+            index,
+            needs_index: false,
+            put_slots: BTreeSet::new(),
+        };
+        let compare: Vec<Compare> = req.compare.iter().cloned().map(|c| tr.compare(c)).collect::<Result<_>>()?;
+        let success = tr.branch(req.success.clone())?;
+        let failure = tr.branch(req.failure.clone())?;
+        Ok((tr, compare, success, failure))
+    }
+
+    /// One attempt: translate (after reading the tenant's index when a range or
+    /// delete spans roots), check, send, answer.
+    async fn txn_attempt(&self, scope: &Scope, ctx: &CallCtx, req: &TxnRequest) -> Result<Attempt<TxnResponse>> {
+        let (tr, ..) = self.translate(scope, req, None)?;
+        let index = match (&tr.owner, tr.needs_index) {
+            (_, false) => None,
+            (Some(Owner::Tenant(t)), true) => {
                 let mut snap = self.read_index(ctx, t, 0).await?;
                 snap.slots.extend(tr.put_slots);
-                index = Some(snap);
-                continue;
+                Some(snap)
             }
-            if tr.writes_global {
-                // The compactor's txn on compact_rev_key, or any global write.
-                self.resolver.require_admin(scope, "writing a global key")?;
-            }
-            for lease in &tr.leases {
-                self.check_lease(scope, ctx, *lease).await?;
-            }
-            let view = match &tr.owner {
-                Some(Owner::Tenant(t)) => Some((t.clone(), self.resolver.client_prefix(scope, t)?)),
-                _ => None,
-            };
-            let none = BTreeSet::new();
-            success.place(&none);
-            failure.place(&none);
-            let user = TxnRequest { compare, success: success.build(), failure: failure.build() };
-            let resp = match (&index, &view) {
-                (Some(snap), Some((t, _))) => {
-                    let guard = TxnRequest {
-                        compare: vec![index_unchanged_since(self.layout.index_range(t), snap.revision)],
-                        success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
-                        failure: vec![],
-                    };
-                    let outer = self.up_txn(ctx, &guard, Retry::OnlyUnsent).await?;
-                    if !outer.succeeded {
-                        index = None; // the tenant wrote a new slot meanwhile: plan again
-                        continue;
-                    }
-                    match outer.responses.into_iter().next().and_then(|r| r.response) {
-                        Some(response_op::Response::ResponseTxn(mut inner)) => {
-                            inner.header = outer.header;
-                            inner
-                        }
-                        other => return Err(Error::Internal(format!("guard txn answered {other:?}"))),
-                    }
-                }
-                _ => self.up_txn(ctx, &user, Retry::OnlyUnsent).await?,
-            };
-            let mut answer = Answer { proxy: self, view, learned: Vec::new() };
-            let taken = if resp.succeeded { &success } else { &failure };
-            let responses = answer.branch(taken, resp.responses)?;
-            for k in answer.learned {
-                self.index.learn(k);
-            }
-            return Ok(TxnResponse { header: resp.header, succeeded: resp.succeeded, responses });
+            (_, true) => return Err(Error::Internal("cross-root op without a tenant".to_string())),
+        };
+        let (tr, compare, mut success, mut failure) = self.translate(scope, req, index.as_ref())?;
+        if tr.needs_index {
+            return Err(Error::Internal("txn planned with the index still needs it".to_string()));
         }
-        Err(Error::Unavailable("the tenant's root index kept changing during a txn; retry".to_string()))
+        if tr.writes_global {
+            // The compactor's txn on compact_rev_key, or any global write.
+            self.resolver.require_admin(scope, "writing a global key")?;
+        }
+        for lease in &tr.leases {
+            self.check_lease(scope, ctx, *lease).await?;
+        }
+        let view = match &tr.owner {
+            Some(Owner::Tenant(t)) => Some((t.clone(), self.resolver.client_prefix(scope, t)?)),
+            _ => None,
+        };
+        let none = BTreeSet::new();
+        success.place(&none);
+        failure.place(&none);
+        let max_ops = self.cfg.upstream.max_txn_ops;
+        let guard = match (&index, &view) {
+            (Some(snap), Some((t, _))) => Some(index_unchanged_since(self.layout.index_range(t), snap.revision)),
+            _ => None,
+        };
+        // The guard txn has one compare and one op: the client's txn may have one less.
+        let budget = max_ops.saturating_sub(usize::from(guard.is_some()));
+        let user = fit::build(&compare, &mut success, &mut failure, budget).ok_or(Error::TxnTooLarge { max_ops })?;
+        let guarded = guard.is_some();
+        let outer = match guard {
+            Some(g) => TxnRequest {
+                compare: vec![g],
+                success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
+                failure: vec![],
+            },
+            None => user,
+        };
+        let depth = fit::answer_depth(&outer);
+        if depth > fit::MAX_DECODE_LEVEL {
+            return Err(Error::TxnTooDeep { depth, max: fit::MAX_DECODE_LEVEL });
+        }
+        let resp = self.up_txn(ctx, &outer, Retry::OnlyUnsent).await?;
+        let resp = if !guarded {
+            resp
+        } else if !resp.succeeded {
+            return Ok(Attempt::Retry); // the tenant wrote a new slot meanwhile: plan again
+        } else {
+            match resp.responses.into_iter().next().and_then(|r| r.response) {
+                Some(response_op::Response::ResponseTxn(mut inner)) => {
+                    inner.header = resp.header;
+                    inner
+                }
+                other => return Err(Error::Internal(format!("guard txn answered {other:?}"))),
+            }
+        };
+        let mut answer = Answer { proxy: self, view, learned: Vec::new() };
+        let taken = if resp.succeeded { &success } else { &failure };
+        let responses = answer.branch(taken, resp.responses)?;
+        for k in answer.learned {
+            self.index.learn(k);
+        }
+        Ok(Attempt::Done(TxnResponse { header: resp.header, succeeded: resp.succeeded, responses }))
     }
 }

@@ -8,19 +8,19 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::keyspace::{slot_of, KeyRef, RangeRef, Scope, Slot, TenantName};
-use crate::ops::index::{IndexSnapshot, RootIndex};
+use crate::ops::index::IndexSnapshot;
 use crate::ops::merge::piece_request;
 use crate::ops::Proxy;
-use crate::pb::etcdserverpb::{
-    request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use crate::pb::etcdserverpb::{request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
 
 /// One client op and the upstream ops it became.
 pub(super) enum OpPlan {
-    /// Upstream ranges whose answers merge into the client's one.
+    /// Upstream ranges whose answers merge into the client's one; `packed` when
+    /// they were sent as one nested txn (see `fit`).
     Range {
         pieces: Vec<RangeRequest>,
         orig: RangeRequest,
+        packed: bool,
     },
     /// `index_key` is the slot's index key when this process does not know it exists.
     Put {
@@ -29,6 +29,7 @@ pub(super) enum OpPlan {
     },
     Delete {
         pieces: Vec<DeleteRangeRequest>,
+        packed: bool,
     },
     Txn {
         compare: Vec<Compare>,
@@ -161,9 +162,8 @@ impl<'a> Translate<'a> {
     pub(super) fn branch(&mut self, ops: Vec<RequestOp>) -> Result<Branch> {
         let mut b = Branch::default();
         for op in ops {
-            let Some(req) = op.request else {
-                return Err(Error::InvalidArgument("txn op without a request".to_string()));
-            };
+            // `validate::txn` refused ops without a request already.
+            let Some(req) = op.request else { return Err(Error::KeyNotFound) };
             b.ops.push(self.op(req)?);
         }
         Ok(b)
@@ -176,7 +176,7 @@ impl<'a> Translate<'a> {
                 let pieces = self.pieces_or_void(&r.key, &r.range_end, false)?;
                 let several = pieces.len() > 1;
                 let pieces = pieces.into_iter().map(|(k, e)| piece_request(&r, k, e, several)).collect();
-                OpPlan::Range { pieces, orig: r }
+                OpPlan::Range { pieces, orig: r, packed: false }
             }
             R::RequestDeleteRange(d) => {
                 let pieces = self.pieces_or_void(&d.key, &d.range_end, true)?;
@@ -184,29 +184,33 @@ impl<'a> Translate<'a> {
                     .into_iter()
                     .map(|(key, range_end)| DeleteRangeRequest { key, range_end, prev_kv: d.prev_kv })
                     .collect();
-                OpPlan::Delete { pieces }
+                OpPlan::Delete { pieces, packed: false }
             }
-            R::RequestPut(mut p) => match self.proxy.resolver.resolve_key(self.scope, &p.key)? {
-                KeyRef::Raw { key, global } => {
-                    self.claim(Owner::Raw)?;
-                    self.writes_global |= global;
-                    p.key = key;
-                    OpPlan::Put { req: p, index_key: None }
+            R::RequestPut(mut p) => {
+                // Every lease is checked, whatever the key (global, passthrough or a
+                // tenant's).
+                if p.lease != 0 {
+                    self.leases.insert(p.lease);
                 }
-                KeyRef::Tenant { tenant, key } => {
-                    self.claim(Owner::Tenant(tenant.clone()))?;
-                    if p.lease != 0 {
-                        self.leases.insert(p.lease);
+                match self.proxy.resolver.resolve_key(self.scope, &p.key)? {
+                    KeyRef::Raw { key, global } => {
+                        self.claim(Owner::Raw)?;
+                        self.writes_global |= global;
+                        p.key = key;
+                        OpPlan::Put { req: p, index_key: None }
                     }
-                    let layout = &self.proxy.layout;
-                    p.key = layout.encode(&tenant, &key);
-                    let slot = slot_of(&key);
-                    let ik = layout.index_key(&tenant, &slot);
-                    self.put_slots.insert(slot);
-                    let index_key = (!self.proxy.index.is_known(&ik)).then_some(ik);
-                    OpPlan::Put { req: p, index_key }
+                    KeyRef::Tenant { tenant, key } => {
+                        self.claim(Owner::Tenant(tenant.clone()))?;
+                        let layout = &self.proxy.layout;
+                        p.key = layout.encode(&tenant, &key);
+                        let slot = slot_of(&key);
+                        let ik = layout.index_key(&tenant, &slot);
+                        self.put_slots.insert(slot);
+                        let index_key = (!self.proxy.index.is_known(&ik)).then_some(ik);
+                        OpPlan::Put { req: p, index_key }
+                    }
                 }
-            },
+            }
             R::RequestTxn(t) => {
                 let compare = t.compare.into_iter().map(|c| self.compare(c)).collect::<Result<_>>()?;
                 OpPlan::Txn { compare, success: self.branch(t.success)?, failure: self.branch(t.failure)? }
@@ -266,26 +270,5 @@ impl Branch {
             }
         }
         self.index_puts = here.into_iter().collect();
-    }
-
-    /// The upstream ops of this branch.
-    pub(super) fn build(&self) -> Vec<RequestOp> {
-        use request_op::Request as R;
-        let mut out = Vec::new();
-        for op in &self.ops {
-            match op {
-                OpPlan::Range { pieces, .. } => out.extend(pieces.iter().map(|p| R::RequestRange(p.clone()))),
-                OpPlan::Delete { pieces } => out.extend(pieces.iter().map(|p| R::RequestDeleteRange(p.clone()))),
-                OpPlan::Put { req, .. } => out.push(R::RequestPut(req.clone())),
-                OpPlan::Txn { compare, success, failure } => out.push(R::RequestTxn(TxnRequest {
-                    compare: compare.clone(),
-                    success: success.build(),
-                    failure: failure.build(),
-                })),
-            }
-        }
-        let mut ops: Vec<RequestOp> = out.into_iter().map(|r| RequestOp { request: Some(r) }).collect();
-        ops.extend(self.index_puts.iter().cloned().map(RootIndex::put_op));
-        ops
     }
 }
