@@ -21,14 +21,10 @@ pub enum Error {
     CrossTenantTxn { first: String, second: String },
     #[error("etcdmux: permission denied: {0}")]
     PermissionDenied(String),
-    #[error("etcdmux: {0}")]
-    InvalidArgument(String),
     /// The request is valid etcd but cannot be answered atomically across resource
     /// roots (a compare whose range spans roots).
     #[error("etcdmux: {0}")]
     Unsupported(String),
-    #[error("etcdmux: {0}")]
-    Unavailable(String),
     /// A cross-root operation found the tenant's root index changed (or its pinned
     /// revision compacted) on every attempt.
     #[error("etcdmux: the tenant's root index kept changing during a {0}; retry")]
@@ -89,7 +85,6 @@ impl Error {
                 | KeyError::InvalidRule(_) => Code::InvalidArgument,
             },
             Error::CrossTenantTxn { .. }
-            | Error::InvalidArgument(_)
             | Error::TooManyOps
             | Error::DuplicateKey
             | Error::ValueProvided
@@ -102,7 +97,7 @@ impl Error {
             Error::LeaseNotFound => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unsupported(_) => Code::Unimplemented,
-            Error::Unavailable(_) | Error::IndexKeptChanging(_) => Code::Unavailable,
+            Error::IndexKeptChanging(_) => Code::Unavailable,
         }
     }
 }

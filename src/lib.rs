@@ -13,12 +13,18 @@
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
 //! metrics.rs   metric names (one place), descriptions, the Prometheus exporter
 //! pb.rs        generated etcd protos;  codec.rs  the gRPC codec (small buffers)
-//! keyspace/    tenant names, resolution rules, the layout, range planning (pure)
-//! ops/         the Proxy and what it does: range, merge, write, txn, index, lease
-//! upstream/    the etcd connection pool, call context and deadlines, classify
-//! grpc/        server, accept, the metrics layer, one file per etcd service
-//! watch/       the hub: session, sink, event, watcher, fan-out, ring, upstream,
-//!              progress, catch-up, passthrough
+//! keyspace/    tenant names, resolution rules, the layout, range planning, the
+//!              client views of a listener (pure: no I/O)
+//! ops/         the Proxy and what it does: validate (etcd's request checks, before
+//!              anything goes upstream), range, merge, write, txn/{check, translate,
+//!              fit, answer}, index, lease
+//! upstream/    the etcd connection pool, call and stream context (deadlines),
+//!              classify (what a failure means)
+//! grpc/        server (shutdown order), accept, the metrics layer, one file per
+//!              etcd service
+//! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
+//!              ring, hub, upstream, progress (state machine), probe (its I/O),
+//!              catchup, passthrough
 //! ```
 //!
 //! Dependencies between top-level modules point one way (checked by a test in
