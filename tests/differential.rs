@@ -12,10 +12,12 @@
 
 mod common;
 
+use common::{norm_header, norm_ops};
+
 use bytes::Bytes;
 use etcdmux::pb::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest,
-    RangeRequest, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
+    compare, kv_client::KvClient, request_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -185,29 +187,6 @@ impl Gen {
             compare: (0..nc).map(|_| self.compare()).collect(),
             success: (0..ns).map(|_| self.op(depth)).collect(),
             failure: (0..nf).map(|_| self.op(depth)).collect(),
-        }
-    }
-}
-
-fn norm_header(h: &mut Option<ResponseHeader>) {
-    if let Some(h) = h {
-        h.cluster_id = 0;
-        h.member_id = 0;
-        h.raft_term = 0;
-    }
-}
-
-fn norm_ops(ops: &mut [ResponseOp]) {
-    for op in ops {
-        match &mut op.response {
-            Some(response_op::Response::ResponseRange(r)) => norm_header(&mut r.header),
-            Some(response_op::Response::ResponsePut(r)) => norm_header(&mut r.header),
-            Some(response_op::Response::ResponseDeleteRange(r)) => norm_header(&mut r.header),
-            Some(response_op::Response::ResponseTxn(r)) => {
-                norm_header(&mut r.header);
-                norm_ops(&mut r.responses);
-            }
-            None => {}
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use common::{Etcd, MILO_TOML};
 use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, kv_server, lease_client::LeaseClient, lease_server::LeaseServer,
@@ -26,7 +26,6 @@ use etcdmux::pb::etcdserverpb::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
@@ -264,40 +263,6 @@ async fn streams_go_upstream_with_the_clients_deadline_only() {
 // ---------------------------------------------------------------------------
 // 2. KeepAlive streams end with an error status when they fail.
 
-/// Sends and receives raw message bytes, to put garbage on a stream.
-#[derive(Clone, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
 /// Regression test (src/grpc/lease.rs): a message that failed to decode made the
 /// relay stop, and the client's stream ended with status OK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +275,7 @@ async fn garbage_on_a_keepalive_stream_ends_it_with_an_error() {
     // Field 1 (the lease id, a varint) sent as a length-delimited field.
     let garbage = Bytes::from_static(&[0x0a, 0x03, b'a', b'b', b'c']);
     let path = http::uri::PathAndQuery::from_static("/etcdserverpb.Lease/LeaseKeepAlive");
-    let call = grpc.streaming(Request::new(tokio_stream::iter([garbage])), path, RawCodec);
+    let call = grpc.streaming(Request::new(tokio_stream::iter([garbage])), path, common::RawCodec);
     let end = bounded(Duration::from_secs(10), "keepalive with garbage", async {
         let mut s = call.await?.into_inner();
         while s.message().await?.is_some() {}

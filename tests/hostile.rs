@@ -6,10 +6,12 @@
 
 mod common;
 
+use common::{norm_header, norm_ops};
+
 use bytes::Bytes;
 use etcdmux::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest,
-    RangeRequest, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -25,29 +27,6 @@ async fn kv(url: &str) -> KvClient<Channel> {
 async fn revision(c: &mut KvClient<Channel>) -> i64 {
     let r = c.range(RangeRequest { key: b("\0"), ..Default::default() }).await.expect("etcd answers");
     r.into_inner().header.expect("header").revision
-}
-
-fn norm_header(h: &mut Option<ResponseHeader>) {
-    if let Some(h) = h {
-        h.cluster_id = 0;
-        h.member_id = 0;
-        h.raft_term = 0;
-    }
-}
-
-fn norm_ops(ops: &mut [ResponseOp]) {
-    for op in ops {
-        match &mut op.response {
-            Some(response_op::Response::ResponseRange(r)) => norm_header(&mut r.header),
-            Some(response_op::Response::ResponsePut(r)) => norm_header(&mut r.header),
-            Some(response_op::Response::ResponseDeleteRange(r)) => norm_header(&mut r.header),
-            Some(response_op::Response::ResponseTxn(r)) => {
-                norm_header(&mut r.header);
-                norm_ops(&mut r.responses);
-            }
-            None => {}
-        }
-    }
 }
 
 type Out = Result<String, (Code, String)>;

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use etcdmux::grpc::kv::KvService;
 use etcdmux::grpc::watch::WatchService;
 use etcdmux::metrics::names;
@@ -25,10 +25,9 @@ use etcdmux::watch::Hub;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Streaming};
 
 /// The tests read process-wide metrics: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -375,7 +374,7 @@ async fn garbage_on_a_watch_stream_ends_it_with_an_error() {
     // Field 1 with wire type 7: not protobuf.
     let garbage = tokio_stream::iter([Bytes::from_static(&[0x0f, 0x01, 0x02])]).chain(tokio_stream::pending::<Bytes>());
     let path = http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
-    let mut stream = grpc.streaming(tonic::Request::new(garbage), path, RawCodec).await.unwrap().into_inner();
+    let mut stream = grpc.streaming(tonic::Request::new(garbage), path, common::RawCodec).await.unwrap().into_inner();
     let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("the stream ended");
     match end {
         Err(s) => {
@@ -450,42 +449,4 @@ async fn shutdown_ends_every_watch_stream_with_unavailable() {
     assert!(mux.proxy.tasks.is_empty());
     drop((hub_tx, pt_tx, pr_tx, full_tx));
     mux.server.abort();
-}
-
-/// A codec that sends and receives raw message bytes.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
 }

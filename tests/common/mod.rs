@@ -81,3 +81,69 @@ pub async fn start_mux(etcd: &Etcd, toml: &str) -> Mux {
 pub async fn client(url: &str) -> etcd_client::Client {
     etcd_client::Client::connect([url], None).await.unwrap_or_else(|e| panic!("connecting to {url}: {e}"))
 }
+
+/// Clears what differs between two etcds answering the same request (cluster,
+/// member, term), so answers can be compared.
+pub fn norm_header(h: &mut Option<etcdmux::pb::etcdserverpb::ResponseHeader>) {
+    if let Some(h) = h {
+        h.cluster_id = 0;
+        h.member_id = 0;
+        h.raft_term = 0;
+    }
+}
+
+/// [`norm_header`] on every answer of a txn, nested ones too.
+pub fn norm_ops(ops: &mut [etcdmux::pb::etcdserverpb::ResponseOp]) {
+    for op in ops {
+        match &mut op.response {
+            Some(etcdmux::pb::etcdserverpb::response_op::Response::ResponseRange(r)) => norm_header(&mut r.header),
+            Some(etcdmux::pb::etcdserverpb::response_op::Response::ResponsePut(r)) => norm_header(&mut r.header),
+            Some(etcdmux::pb::etcdserverpb::response_op::Response::ResponseDeleteRange(r)) => {
+                norm_header(&mut r.header)
+            }
+            Some(etcdmux::pb::etcdserverpb::response_op::Response::ResponseTxn(r)) => {
+                norm_header(&mut r.header);
+                norm_ops(&mut r.responses);
+            }
+            None => {}
+        }
+    }
+}
+
+/// A gRPC codec that sends and receives raw message bytes: puts garbage on a stream.
+#[derive(Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: bytes::Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        Ok(Some(bytes::Buf::copy_to_bytes(src, bytes::Buf::remaining(src))))
+    }
+}
