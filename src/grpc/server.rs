@@ -135,7 +135,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         // Server::tcp_nodelay applies only to sockets tonic binds itself: without it
         // here, Nagle's algorithm adds ~40 ms to small responses (found by apiload).
         let incoming = Backoff::new(TcpIncoming::from(listener).with_nodelay(Some(true)));
-        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())));
+        tasks.push(proxy.tasks.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())));
     }
     Ok(Running { addrs, proxy, stop_accepting, listeners: tasks, hub })
 }
