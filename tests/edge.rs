@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,19 +36,7 @@ async fn bounded<F: std::future::Future>(limit: Duration, what: &str, f: F) -> F
     tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
 }
 
-/// etcdmux with `toml` (listeners on 127.0.0.1:0, no metrics listener) and these
-/// upstream endpoints, in order.
-async fn start_with(toml: &str, endpoints: Vec<String>) -> (etcdmux::grpc::server::Running, String) {
-    let mut cfg = etcdmux::config::Config::parse(toml, "t").unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    cfg.upstream.endpoints = endpoints;
-    for l in &mut cfg.listeners {
-        l.addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    }
-    cfg.server.metrics_listen = None;
-    let running = etcdmux::grpc::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
-    let url = format!("http://127.0.0.1:{}", running.addrs[0].port());
-    (running, url)
-}
+use common::start_mux_with as start_with;
 
 async fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap_or_else(|e| panic!("connecting {url}: {e}"))

@@ -55,20 +55,7 @@ fn dead_url() -> String {
     dead_urls(1).remove(0)
 }
 
-/// etcdmux with `toml` (listeners on 127.0.0.1:0, no metrics) and these upstream
-/// endpoints, in this order.
-async fn start_with(toml: &str, endpoints: Vec<String>) -> (etcdmux::grpc::server::Running, String) {
-    let mut cfg = etcdmux::config::Config::parse(toml, "t").unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    cfg.upstream.endpoints = endpoints;
-    for l in &mut cfg.listeners {
-        l.addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    }
-    cfg.server.metrics_listen = None;
-    cfg.validate().unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    let running = etcdmux::grpc::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
-    let url = format!("http://127.0.0.1:{}", running.addrs[0].port());
-    (running, url)
-}
+use common::start_mux_with as start_with;
 
 async fn kv(url: &str) -> KvClient<Channel> {
     KvClient::connect(url.to_string()).await.unwrap_or_else(|e| panic!("connecting to {url}: {e}"))

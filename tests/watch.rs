@@ -52,13 +52,7 @@ async fn start_mux_via(
     ring_events: usize,
     stream_buffer: usize,
 ) -> (etcdmux::grpc::server::Running, String) {
-    let mut cfg = etcdmux::config::Config::parse(&mux_toml(ring_events, stream_buffer), "watch test").unwrap();
-    cfg.upstream.endpoints = vec![relay.url.clone()];
-    cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
-    cfg.validate().unwrap();
-    let running = etcdmux::grpc::server::start(cfg).await.unwrap();
-    let url = format!("http://{}", running.addrs[0]);
-    (running, url)
+    common::start_mux_with(&mux_toml(ring_events, stream_buffer), vec![relay.url.clone()]).await
 }
 
 fn b(s: &str) -> Bytes {

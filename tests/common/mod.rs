@@ -65,16 +65,24 @@ admin_identity = "root"
 /// Starts etcdmux in-process with config `toml`, pointed at `etcd`, every listener on
 /// 127.0.0.1:0 (static tenants kept) and no metrics listener.
 pub async fn start_mux(etcd: &Etcd, toml: &str) -> Mux {
+    let (running, url) = start_mux_with(toml, vec![etcd.client_url.clone()]).await;
+    Mux { addr: running.addrs[0], running: Some(running), url }
+}
+
+/// Starts etcdmux in-process with config `toml` and these upstream endpoints, in
+/// order (every listener on 127.0.0.1:0, no metrics listener); returns it and the
+/// URL of its first listener.
+pub async fn start_mux_with(toml: &str, endpoints: Vec<String>) -> (etcdmux::grpc::server::Running, String) {
     let mut cfg = etcdmux::config::Config::parse(toml, "test config").unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    cfg.upstream.endpoints = vec![etcd.client_url.clone()];
+    cfg.upstream.endpoints = endpoints;
     for l in &mut cfg.listeners {
         l.addr = SocketAddr::from(([127, 0, 0, 1], 0));
     }
     cfg.server.metrics_listen = None;
     cfg.validate().unwrap_or_else(|e| panic!("{e}\n{toml}"));
     let running = etcdmux::grpc::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
-    let addr = running.addrs[0];
-    Mux { running: Some(running), addr, url: format!("http://127.0.0.1:{}", addr.port()) }
+    let url = format!("http://127.0.0.1:{}", running.addrs[0].port());
+    (running, url)
 }
 
 /// An etcd-client connected to `url` (etcd or etcdmux).
