@@ -124,12 +124,14 @@ impl Relay {
     ) -> Result<(), Status> {
         let proxy = &self.proxy;
         let mut up_tx: Option<mpsc::Sender<LeaseKeepAliveRequest>> = None;
-        let mut upstream: Option<Streaming<LeaseKeepAliveResponse>> = None;
+        // The upstream stream and the endpoint it runs on (its failures move the
+        // pool off a dead endpoint, as unary calls do).
+        let mut upstream: Option<(usize, Streaming<LeaseKeepAliveResponse>)> = None;
         let mut last_header: Option<ResponseHeader> = None;
         loop {
             let up_next = async {
                 match upstream.as_mut() {
-                    Some(s) => s.message().await,
+                    Some((ep, s)) => s.message().await.inspect_err(|e| proxy.upstream.report(*ep, e)),
                     None => std::future::pending().await,
                 }
             };
@@ -159,7 +161,7 @@ impl Relay {
                     let (ep, ch) = proxy.upstream.stream_channel();
                     let mut client = proxy.upstream.lease(ch);
                     match client.lease_keep_alive(self.ctx.request(ReceiverStream::new(rx))).await {
-                        Ok(s) => upstream = Some(s.into_inner()),
+                        Ok(s) => upstream = Some((ep, s.into_inner())),
                         Err(s) => {
                             proxy.upstream.report(ep, &s);
                             return Err(s);

@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use tonic::Request;
-
 use super::sink::StreamSink;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::upstream::call::StreamCtx;
 use crate::upstream::classify::{EtcdError, Failure};
 
 /// A watch on global or passthrough keys: those keys are the same upstream and for
@@ -21,11 +20,9 @@ pub(super) async fn passthrough(proxy: Arc<Proxy>, sink: Arc<StreamSink>, id: i6
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let req = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create.clone())) };
         let _ = tx.send(req).await;
-        let mut call = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        if sink.require_leader {
-            call.metadata_mut()
-                .insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
-        }
+        // A relayed watch lives as long as its client's: no deadline.
+        let ctx = StreamCtx { deadline: None, require_leader: sink.require_leader };
+        let call = ctx.request(tokio_stream::wrappers::ReceiverStream::new(rx));
         let (ep, ch) = proxy.upstream.stream_channel();
         let mut stream = match proxy.upstream.watch(ch).watch(call).await {
             Ok(s) => s.into_inner(),

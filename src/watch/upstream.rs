@@ -19,6 +19,7 @@ use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
     watch_request, RangeRequest, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use crate::upstream::call::StreamCtx;
 use crate::upstream::classify::{EtcdError, Failure, UpstreamError};
 use crate::upstream::{CallCtx, Retry};
 
@@ -131,8 +132,8 @@ impl Hub {
             ..Default::default()
         };
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
-        let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        req.metadata_mut().insert(crate::upstream::REQUIRE_LEADER, tonic::metadata::MetadataValue::from_static("true"));
+        // The hub's watch never ends on its own, and must hear when etcd loses its leader.
+        let req = StreamCtx { deadline: None, require_leader: true }.request(ReceiverStream::new(rx));
         let (ep, ch) = proxy.upstream.stream_channel();
         let mut client = proxy.upstream.watch(ch);
         let mut stream = match client.watch(req).await {
