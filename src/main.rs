@@ -105,6 +105,11 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> Result<(), etcdmux::grpc::server::BoxError> {
+    // Before anything records a metric; the metrics listener itself starts with the
+    // server (`health::http`).
+    if cfg.server.metrics_listen.is_some() {
+        etcdmux::metrics::install().map_err(|e| format!("metrics recorder: {e}"))?;
+    }
     let mut running = etcdmux::grpc::server::start(cfg).await?;
     tokio::select! {
         // A listener stopped on its own: a fatal error.

@@ -12,6 +12,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+/// Metrics are process-wide (one recorder; `etcdmux_ready` is one gauge for every
+/// etcdmux in this process): one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Fast probes, so that the tests take a few seconds.
 fn toml() -> String {
     format!("{MILO_TOML}\n[health]\nprobe_interval_ms = 100\nprobe_timeout_ms = 200\nmax_probe_age_ms = 500\nmax_watch_lag_ms = 1000\n")
@@ -63,6 +67,7 @@ async fn wait_status(url: &str, want: ServingStatus, within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_answer_and_metrics_still_serve() {
+    let _serial = SERIAL.lock().await;
     let etcd = Etcd::start();
     let (mut mux, metrics) = start_mux_with_metrics(&etcd, &toml()).await;
 
@@ -94,6 +99,7 @@ async fn probes_answer_and_metrics_still_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_etcd_away_and_back() {
+    let _serial = SERIAL.lock().await;
     let mut etcd = Etcd::start();
     let (mut mux, metrics) = start_mux_with_metrics(&etcd, &toml()).await;
     wait_for(metrics, "/readyz", 200, Duration::from_secs(10)).await;
@@ -139,6 +145,7 @@ async fn readiness_follows_etcd_away_and_back() {
 /// an event for the hub; readiness must not flap for that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_the_hub_does_not_watch_do_not_flap_readiness() {
+    let _serial = SERIAL.lock().await;
     let etcd = Etcd::start();
     let (mut mux, metrics) = start_mux_with_metrics(&etcd, &toml()).await;
     wait_for(metrics, "/readyz", 200, Duration::from_secs(10)).await;
@@ -151,4 +158,29 @@ async fn writes_the_hub_does_not_watch_do_not_flap_readiness() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     mux.shutdown().await;
+}
+
+/// At shutdown the gRPC health reports NOT_SERVING and its Watch streams end, so an
+/// open one does not hold the listener through the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_health_watches_promptly() {
+    let _serial = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let toml = format!("{}\n[server]\nshutdown_grace_ms = 5000\n", toml());
+    let (mut mux, metrics) = start_mux_with_metrics(&etcd, &toml).await;
+    wait_for(metrics, "/readyz", 200, Duration::from_secs(10)).await;
+    wait_status(&mux.url, ServingStatus::Serving, Duration::from_secs(5)).await;
+    let mut watcher = health_client(&mux.url).await;
+    let mut changes =
+        watcher.watch(HealthCheckRequest { service: String::new() }).await.expect("health watch").into_inner();
+    assert_eq!(changes.message().await.expect("message").expect("a status").status(), ServingStatus::Serving);
+
+    let started = Instant::now();
+    mux.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(3), "shutdown took {:?}", started.elapsed());
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = changes.message().await {
+        seen.push(m.status());
+    }
+    assert_eq!(seen, [ServingStatus::NotServing], "the stream says NOT_SERVING, then ends");
 }

@@ -8,7 +8,8 @@
 //! `etcdserverpb.KV`: `SERVING` or `NOT_SERVING`) and the `etcdmux_ready` gauge.
 //! `/readyz` decides afresh on each request from the same observations. Both tasks
 //! are owned by `proxy.tasks`; at the shutdown signal the services report
-//! `NOT_SERVING` and the tasks end.
+//! `NOT_SERVING`, health `Watch` streams end (then `Check` answers `NOT_FOUND`), and
+//! the tasks end.
 
 pub mod http;
 pub mod ready;
@@ -61,9 +62,12 @@ impl Health {
         proxy: &Arc<Proxy>,
         hub: &Arc<Hub>,
     ) -> Result<Arc<Health>, Box<dyn std::error::Error + Send + Sync>> {
+        // The recorder first: metrics set before it would be lost.
         let listener = match proxy.cfg.server.metrics_listen {
             Some(addr) => {
-                Some(TcpListener::bind(addr).await.map_err(|e| format!("binding metrics listener {addr}: {e}"))?)
+                let l = TcpListener::bind(addr).await.map_err(|e| format!("binding metrics listener {addr}: {e}"))?;
+                let handle = crate::metrics::install().map_err(|e| format!("metrics recorder: {e}"))?;
+                Some((l, handle))
             }
             None => None,
         };
@@ -72,8 +76,10 @@ impl Health {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
         }
         let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
-        let metrics_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let metrics_addr = listener.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
         metrics::gauge!(names::READY).set(0.0);
+        // The series exists from the start (at 0), so that rates and alerts see it.
+        metrics::counter!(names::UPSTREAM_PROBE_FAILURES).increment(0);
         let health = Arc::new(Health {
             cfg: proxy.cfg.health.clone(),
             hub: hub.clone(),
@@ -82,8 +88,7 @@ impl Health {
             service,
             metrics_addr,
         });
-        if let Some(listener) = listener {
-            let handle = crate::metrics::install().map_err(|e| format!("metrics recorder: {e}"))?;
+        if let Some((listener, handle)) = listener {
             tracing::info!(addr = ?metrics_addr, "serving /livez, /readyz and /metrics");
             proxy.tasks.spawn(http::serve(listener, health.clone(), handle, proxy.tasks.clone()));
         }
@@ -139,6 +144,12 @@ impl Health {
         }
         let stopping = Readiness { upstream: Ok(()), watch: Err("shutting down".to_string()) };
         self.publish(&stopping, &mut serving).await;
+        // Health `Watch` streams end once they have sent NOT_SERVING (their channel
+        // closes), so they do not hold the listeners open through the grace period.
+        let mut reporter = self.reporter.clone();
+        for name in SERVICES {
+            reporter.clear_service_status(name).await;
+        }
     }
 
     /// One probe: reads etcd's revision, and notes how far behind it the hub is.
