@@ -30,6 +30,8 @@ pub struct Config {
     pub leases: LeaseConfig,
     #[serde(default)]
     pub watch: WatchConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
@@ -214,6 +216,35 @@ impl Default for WatchConfig {
     }
 }
 
+/// Readiness (`/readyz`, `grpc.health.v1.Health`): how etcd's reachability and the
+/// watch hub's currency are checked. `/livez` needs nothing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// How often etcd is probed (a range on the layout's void key, which also reads
+    /// etcd's current revision).
+    pub probe_interval_ms: u64,
+    /// Deadline of one probe.
+    pub probe_timeout_ms: u64,
+    /// Ready only if the last successful probe is at most this old.
+    pub max_probe_age_ms: u64,
+    /// Ready only if the watch hub has not stayed behind a revision etcd reported
+    /// (in a probe) for longer than this. An idle cluster never lags: the hub is
+    /// behind only while etcd has revisions it has not yet seen.
+    pub max_watch_lag_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe_interval_ms: 1_000,
+            probe_timeout_ms: 1_000,
+            max_probe_age_ms: 5_000,
+            max_watch_lag_ms: 10_000,
+        }
+    }
+}
+
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 2379)), static_tenant: None }]
 }
@@ -289,6 +320,16 @@ impl Config {
                     .into(),
             );
         }
+        let h = &self.health;
+        if h.probe_interval_ms == 0 || h.probe_timeout_ms == 0 || h.max_watch_lag_ms == 0 {
+            return bad("health.probe_interval_ms, probe_timeout_ms and max_watch_lag_ms must be at least 1".into());
+        }
+        if h.max_probe_age_ms <= h.probe_interval_ms || h.max_probe_age_ms < h.probe_timeout_ms {
+            return bad(format!(
+                "health.max_probe_age_ms ({}) must exceed probe_interval_ms ({}) and be at least probe_timeout_ms ({}), or readiness flaps between probes",
+                h.max_probe_age_ms, h.probe_interval_ms, h.probe_timeout_ms
+            ));
+        }
         if self.upstream.max_txn_ops < 2 {
             return bad("upstream.max_txn_ops must be at least 2".into());
         }
@@ -342,5 +383,10 @@ mod tests {
         assert!(overlap.validate().is_err());
         let global_inside = Config::parse("[tenancy]\nglobal_keys = [\"/registry/x\"]", "x").unwrap();
         assert!(global_inside.validate().is_err());
+        assert_eq!(cfg.health.max_watch_lag_ms, 10_000);
+        let flapping = Config::parse("[health]\nprobe_interval_ms = 5000\nmax_probe_age_ms = 5000", "x").unwrap();
+        assert!(flapping.validate().is_err(), "a probe age bound within one interval flaps");
+        let zero = Config::parse("[health]\nmax_watch_lag_ms = 0", "x").unwrap();
+        assert!(zero.validate().is_err());
     }
 }

@@ -11,7 +11,9 @@
 //! config.rs    the one serde config, validated once
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
-//! metrics.rs   metric names (one place), descriptions, the Prometheus exporter
+//! metrics.rs   metric names (one place), descriptions, the Prometheus recorder
+//! health/      readiness (a pure decision in ready.rs), the probe of etcd, the
+//!              grpc.health.v1 statuses, the HTTP /livez, /readyz, /metrics server
 //! pb.rs        generated etcd protos;  codec.rs  the gRPC codec (small buffers)
 //! keyspace/    tenant names, resolution rules, the layout, range planning, the
 //!              client views of a listener (pure: no I/O)
@@ -28,7 +30,7 @@
 //! ```
 //!
 //! Dependencies between top-level modules point one way (checked by a test in
-//! `tests/architecture.rs`): `grpc → watch → ops → upstream, keyspace`; `config →
+//! `tests/architecture.rs`): `grpc → health → watch → ops → upstream, keyspace`; `config →
 //! keyspace`; `error → upstream, keyspace`; `keyspace` depends on nothing.
 //!
 //! # A request
@@ -55,6 +57,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod keyspace;
 pub mod metrics;
 pub mod ops;

@@ -24,7 +24,7 @@ struct Cli {
     /// Every request belongs to this tenant (sidecar mode), on every listener.
     #[arg(long, env = "ETCDMUX_STATIC_TENANT")]
     static_tenant: Option<String>,
-    /// Prometheus /metrics listen address.
+    /// HTTP listen address for /metrics, /livez and /readyz.
     #[arg(long, env = "ETCDMUX_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 }
@@ -105,8 +105,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> Result<(), etcdmux::grpc::server::BoxError> {
-    if let Some(addr) = cfg.server.metrics_listen {
-        etcdmux::metrics::install(addr).map_err(|e| format!("metrics listener {addr}: {e}"))?;
+    // Before anything records a metric; the metrics listener itself starts with the
+    // server (`health::http`).
+    if cfg.server.metrics_listen.is_some() {
+        etcdmux::metrics::install().map_err(|e| format!("metrics recorder: {e}"))?;
     }
     let mut running = etcdmux::grpc::server::start(cfg).await?;
     tokio::select! {

@@ -1,13 +1,14 @@
 //! Metrics: every name in one place ([`names`]) with its description, and the
-//! Prometheus exporter. The per-call gRPC metrics come from `grpc::layer`.
+//! Prometheus recorder ([`install`]); `health::http` serves its `/metrics`. The
+//! per-call gRPC metrics come from `grpc::layer`.
 //!
 //! No metric has a tenant label: with tens of thousands of tenants that would be a
 //! cardinality problem of its own.
 
-use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use metrics::Unit;
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Metric names.
 pub mod names {
@@ -43,6 +44,8 @@ pub mod names {
     pub const WATCH_PROGRESS_WAITERS: &str = "etcdmux_watch_progress_waiters";
     pub const WATCH_QUEUED_RESPONSES: &str = "etcdmux_watch_queued_responses";
     pub const WATCH_STREAM_OVERFLOWS: &str = "etcdmux_watch_stream_overflows_total";
+    pub const READY: &str = "etcdmux_ready";
+    pub const UPSTREAM_PROBE_FAILURES: &str = "etcdmux_upstream_probe_failures_total";
 }
 
 /// What each metric is: (name, kind, unit, description).
@@ -149,6 +152,18 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Watch streams ended because their client left more than stream_buffer + stream_control_reserve unread",
     ),
+    (
+        names::READY,
+        Kind::Gauge,
+        Unit::Count,
+        "1 when ready (etcd reachable, watch hub synced and current; what /readyz and grpc.health.v1 report), else 0",
+    ),
+    (
+        names::UPSTREAM_PROBE_FAILURES,
+        Kind::Counter,
+        Unit::Count,
+        "Health probes of etcd (every health.probe_interval_ms) that failed",
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -158,11 +173,21 @@ enum Kind {
     Histogram,
 }
 
-/// Starts the `/metrics` HTTP listener and describes every metric.
-pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new().with_http_listener(addr).install()?;
+/// The process's recorder, once installed.
+static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+
+/// Installs the Prometheus recorder (once per process: later calls, e.g. a second
+/// etcdmux in one test process, share it) and describes every metric. The handle
+/// renders the `/metrics` text.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let mut handle = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = handle.as_ref() {
+        return Ok(h.clone());
+    }
+    let h = PrometheusBuilder::new().install_recorder()?;
     describe();
-    Ok(())
+    *handle = Some(h.clone());
+    Ok(h)
 }
 
 /// Registers each metric's description with the installed recorder.

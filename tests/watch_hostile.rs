@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,20 +31,14 @@ use tonic::{Code, Streaming};
 /// The tests read process-wide metrics: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// etcdmux's `/metrics` for this test process (installed once, outside any test's
-/// runtime so that it outlives them).
-fn metrics_url() -> &'static str {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-        std::thread::spawn(move || etcdmux::metrics::install(addr)).join().unwrap().expect("metrics listener");
-        format!("http://{addr}")
-    })
+/// Installs etcdmux's metrics recorder for this test process (once; later calls
+/// share it) and renders its `/metrics` text.
+fn metrics_text() -> String {
+    etcdmux::metrics::install().expect("metrics recorder").render()
 }
 
 async fn metric(name: &'static str) -> f64 {
-    let url = metrics_url();
-    tokio::task::spawn_blocking(move || common::scrape_metric(url, name).unwrap_or(0.0)).await.unwrap()
+    common::sum_metric(&metrics_text(), name).unwrap_or(0.0)
 }
 
 /// An in-process etcdmux (Watch and KV) whose proxy and hub the test can reach.
@@ -57,7 +50,7 @@ struct Served {
 }
 
 async fn serve(etcd: &common::Etcd, watch: &str) -> Served {
-    metrics_url();
+    metrics_text();
     let toml = format!("{}\n[watch]\nreconnect_backoff_ms = 50\n{watch}\n", common::MILO_TOML);
     let mut cfg = etcdmux::config::Config::parse(&toml, "test").unwrap();
     cfg.upstream.endpoints = vec![etcd.client_url.clone()];

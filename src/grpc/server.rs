@@ -46,6 +46,8 @@ type Listener = JoinHandle<Result<(), tonic::transport::Error>>;
 pub struct Running {
     /// Bound address of each configured listener, in order.
     pub addrs: Vec<SocketAddr>,
+    /// Bound address of the metrics listener (`/metrics`, `/livez`, `/readyz`).
+    pub metrics_addr: Option<SocketAddr>,
     proxy: Arc<Proxy>,
     /// Tells every listener to stop accepting and drain.
     stop_accepting: CancellationToken,
@@ -106,6 +108,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     }
     let proxy = Proxy::new(cfg)?;
     let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
+    let health = crate::health::Health::start(&proxy, &hub).await?;
     hub.start(proxy.clone());
     let stop_accepting = CancellationToken::new();
     let mut addrs = Vec::new();
@@ -130,12 +133,13 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
             .add_service(svc!(LeaseServer, LeaseService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(WatchServer, WatchService::new(proxy.clone(), scope.clone(), hub.clone())))
             .add_service(svc!(MaintenanceServer, MaintenanceService::new(proxy.clone(), scope.clone())))
-            .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())));
+            .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())))
+            .add_service(health.grpc_service());
         let stop = stop_accepting.clone();
         // Server::tcp_nodelay applies only to sockets tonic binds itself: without it
         // here, Nagle's algorithm adds ~40 ms to small responses (found by apiload).
         let incoming = Backoff::new(TcpIncoming::from(listener).with_nodelay(Some(true)));
         tasks.push(proxy.tasks.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())));
     }
-    Ok(Running { addrs, proxy, stop_accepting, listeners: tasks, hub })
+    Ok(Running { addrs, metrics_addr: health.metrics_addr(), proxy, stop_accepting, listeners: tasks, hub })
 }

@@ -85,6 +85,17 @@ impl HubState {
     }
 }
 
+/// The hub's synchronisation with etcd, for readiness ([`Hub::sync`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubSync {
+    /// The hub has read etcd's revision once and serves watches.
+    pub ready: bool,
+    /// Its upstream watch is open.
+    pub open: bool,
+    /// Every event up to this revision has been dispatched.
+    pub last_rev: i64,
+}
+
 /// The hub. One per process.
 pub struct Hub {
     pub(super) state: Mutex<HubState>,
@@ -100,6 +111,8 @@ pub struct Hub {
     pub(super) catchups: Semaphore,
     /// Whether etcd's own progress answers can be trusted (see `progress_is_reliable`).
     pub(super) upstream_progress: AtomicBool,
+    /// Whether the upstream watch is open (created, and not broken since).
+    pub(super) upstream_open: AtomicBool,
     /// Fires at the shutdown signal or [`Hub::stop`]: every hub task and client
     /// stream ends.
     stop: CancellationToken,
@@ -127,6 +140,7 @@ impl Hub {
             ready: Notify::new(),
             catchups: Semaphore::new(cfg.max_catchups),
             upstream_progress: AtomicBool::new(false),
+            upstream_open: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })
@@ -199,6 +213,23 @@ impl Hub {
     /// The revision through which every event has been dispatched.
     pub fn last_rev(&self) -> i64 {
         self.lock().last_rev
+    }
+
+    /// What readiness needs to know: whether the hub knows where etcd's history
+    /// stands, whether its upstream watch is open, and how far it has dispatched.
+    pub fn sync(&self) -> HubSync {
+        let open = self.upstream_open.load(Ordering::Relaxed) && !self.stop.is_cancelled();
+        let st = self.lock();
+        HubSync { ready: st.ready, open, last_rev: st.last_rev }
+    }
+
+    /// Asks for a progress probe, as a periodic tick does: the hub then learns that
+    /// it is current even when etcd's newest revisions lie outside the watched range
+    /// (global keys), where no event would tell it. Against etcd without reliable
+    /// progress answers this costs one fence write.
+    pub fn nudge_progress(&self) {
+        self.lock().progress.tick();
+        self.progress_kick.notify_one();
     }
 
     /// Waits until the hub knows where etcd's history stands.

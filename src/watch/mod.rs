@@ -35,4 +35,4 @@ pub mod sink;
 pub mod upstream;
 pub mod watcher;
 
-pub use hub::Hub;
+pub use hub::{Hub, HubSync};

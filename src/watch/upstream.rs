@@ -108,6 +108,7 @@ impl Hub {
                     }
                 }
             }
+            self.upstream_open.store(false, Ordering::Relaxed);
             metrics::gauge!(names::WATCH_UPSTREAM_WATCHES).set(0.0);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -144,6 +145,7 @@ impl Hub {
             }
         };
         metrics::gauge!(names::WATCH_UPSTREAM_WATCHES).set(1.0);
+        self.upstream_open.store(true, Ordering::Relaxed);
         {
             // A request sent on the previous stream died with it; ask again.
             let mut st = self.lock();

@@ -85,6 +85,22 @@ pub async fn start_mux_with(toml: &str, endpoints: Vec<String>) -> (etcdmux::grp
     (running, url)
 }
 
+/// Starts etcdmux in-process like [`start_mux`], with a metrics listener (`/metrics`,
+/// `/livez`, `/readyz`) on a free port; returns it and that listener's address.
+pub async fn start_mux_with_metrics(etcd: &Etcd, toml: &str) -> (Mux, SocketAddr) {
+    let mut cfg = etcdmux::config::Config::parse(toml, "test config").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    cfg.upstream.endpoints = vec![etcd.client_url.clone()];
+    for l in &mut cfg.listeners {
+        l.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    }
+    cfg.server.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    cfg.validate().unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    let running = etcdmux::grpc::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
+    let metrics = running.metrics_addr.expect("a metrics listener");
+    let url = format!("http://127.0.0.1:{}", running.addrs[0].port());
+    (Mux { addr: running.addrs[0], running: Some(running), url }, metrics)
+}
+
 /// An etcd-client connected to `url` (etcd or etcdmux).
 pub async fn client(url: &str) -> etcd_client::Client {
     etcd_client::Client::connect([url], None).await.unwrap_or_else(|e| panic!("connecting to {url}: {e}"))
