@@ -107,16 +107,28 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         listeners.push(listener);
     }
     let proxy = Proxy::new(cfg)?;
+    // Everything that can fail comes before the first task is spawned.
+    let scopes = proxy
+        .cfg
+        .listeners
+        .iter()
+        .map(|l| proxy.resolver.scope(l.static_tenant.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
     let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
-    let health = crate::health::Health::start(&proxy, &hub).await?;
+    let health = match crate::health::Health::start(&proxy, &hub).await {
+        Ok(h) => h,
+        Err(e) => {
+            proxy.tasks.shut_down();
+            return Err(e);
+        }
+    };
     hub.start(proxy.clone());
     let stop_accepting = CancellationToken::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     let max_in = proxy.cfg.server.max_request_bytes;
     let max_out = proxy.cfg.server.max_response_bytes;
-    for (listener, l) in listeners.into_iter().zip(proxy.cfg.listeners.iter()) {
-        let scope = proxy.resolver.scope(l.static_tenant.as_deref())?;
+    for ((listener, l), scope) in listeners.into_iter().zip(proxy.cfg.listeners.iter()).zip(scopes) {
         addrs.push(l.addr);
         tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, "listening");
         macro_rules! svc {
