@@ -5,11 +5,15 @@ mod common;
 #[path = "tls/pki.rs"]
 mod pki;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
 use etcd_client::{GetOptions, WatchOptions};
+use etcdmux::pb::etcdserverpb::kv_client::KvClient;
+use etcdmux::pb::etcdserverpb::{PutRequest, RangeRequest};
 use pki::{Pair, Pki};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// An etcd serving https:// that requires a client certificate from `pki`'s CA.
 fn tls_etcd(pki: &Pki) -> Etcd {
@@ -83,4 +87,111 @@ async fn upstream_tls_without_client_certificate_is_unavailable() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     eprintln!("refusal: {}", status.message());
     drop(running);
+}
+
+/// One listener with TLS (`server`) and, with `client_ca`, client certificates
+/// required from that CA; MILO_TOML's tenancy, then `extra`.
+fn listener_toml(server: &Pair, client_ca: Option<&Pki>, extra: &str) -> String {
+    let mut l = format!(
+        "addr = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n",
+        server.cert.display().to_string(),
+        server.key.display().to_string()
+    );
+    if let Some(ca) = client_ca {
+        l += &format!("trusted_ca_file = {:?}\nclient_cert_auth = true\n", ca.ca_file.display().to_string());
+    }
+    format!("{}\n{extra}", MILO_TOML.replacen("addr = \"127.0.0.1:0\"\n", &l, 1))
+}
+
+/// A gRPC channel to etcdmux at `addr` over TLS, trusting `ca`, with `cert` as the
+/// client certificate.
+async fn tls_channel(addr: SocketAddr, ca: &Pki, cert: Option<&Pair>) -> Result<Channel, String> {
+    let read = |p: &std::path::Path| std::fs::read(p).expect("reading a test pem");
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&ca.ca_file)));
+    if let Some(c) = cert {
+        tls = tls.identity(Identity::from_pem(read(&c.cert), read(&c.key)));
+    }
+    let ep = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port())).map_err(|e| e.to_string())?;
+    let ep = ep.tls_config(tls).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(5));
+    ep.connect().await.map_err(|e| format!("{e:?}"))
+}
+
+fn b(s: &str) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn put(key: &str, value: &str) -> PutRequest {
+    PutRequest { key: b(key), value: b(value), ..Default::default() }
+}
+
+fn get(key: &str) -> RangeRequest {
+    RangeRequest { key: b(key), ..Default::default() }
+}
+
+/// A put then a get of `key` on a new TLS connection; the error of the first
+/// step that fails (the handshake, or the first call after it: with TLS 1.3 a
+/// client learns of a refused certificate on its first read).
+async fn put_get(addr: SocketAddr, ca: &Pki, cert: Option<&Pair>, key: &str) -> Result<Vec<u8>, String> {
+    let mut kv = KvClient::new(tls_channel(addr, ca, cert).await?);
+    let call = async {
+        kv.put(put(key, "v")).await?;
+        kv.range(get(key)).await
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| "no answer in 10s".to_string())?
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    Ok(resp.into_inner().kvs.first().map(|kv| kv.value.to_vec()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn clients_over_tls() {
+    let pki = Pki::new("clients");
+    let server = pki.server("etcdmux");
+    let etcd = Etcd::start();
+    let (running, url) = start_mux_with(&listener_toml(&server, None, ""), vec![etcd.client_url.clone()]).await;
+    assert!(url.starts_with("http://"), "start_mux_with names the scheme itself");
+    let addr = running.addrs[0];
+    assert_eq!(put_get(addr, &pki, None, "/projects/a/pods/x").await.unwrap(), b"v");
+    // A plaintext client does not get an answer from a TLS listener.
+    let mut plain = KvClient::connect(format!("http://{addr}")).await.expect("tcp connect");
+    let refused = tokio::time::timeout(Duration::from_secs(10), plain.range(get("/projects/a/pods/x"))).await;
+    assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+    // Another CA's server certificate is not trusted by the client.
+    let other = Pki::new("other");
+    assert!(put_get(addr, &other, None, "/projects/a/pods/y").await.is_err());
+}
+
+#[tokio::test]
+async fn clients_over_mtls() {
+    let pki = Pki::new("clients");
+    let server = pki.server("etcdmux");
+    let etcd = Etcd::start();
+    let toml = listener_toml(&server, Some(&pki), "");
+    let (running, _) = start_mux_with(&toml, vec![etcd.client_url.clone()]).await;
+    let addr = running.addrs[0];
+
+    let err = put_get(addr, &pki, None, "/projects/a/pods/nocert").await.expect_err("no client certificate");
+    eprintln!("without a certificate: {err}");
+    let other = Pki::new("other");
+    let foreign = other.client("foreign", "apiserver", vec![]);
+    put_get(addr, &pki, Some(&foreign), "/projects/a/pods/foreign").await.expect_err("untrusted certificate");
+    let mut direct = client(&etcd.client_url).await;
+    let leaked = direct.get("/registry/", Some(GetOptions::new().with_prefix())).await.expect("etcd");
+    assert!(leaked.kvs().is_empty(), "refused clients wrote nothing: {:?}", leaked.kvs());
+
+    let ok = pki.client("apiserver", "apiserver", vec![]);
+    assert_eq!(put_get(addr, &pki, Some(&ok), "/projects/a/pods/x").await.unwrap(), b"v");
+
+    // etcdctl with the same files.
+    let endpoint = format!("https://127.0.0.1:{}", addr.port());
+    let files = [&pki.ca_file, &ok.cert, &ok.key].map(|p| p.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        let tls = ["--cacert", &files[0], "--cert", &files[1], "--key", &files[2]];
+        etcdctl_ok(&endpoint, &[&tls[..], &["put", "/projects/a/pods/ctl", "v2"]].concat());
+        etcdctl_ok(&endpoint, &[&tls[..], &["get", "/projects/a/pods/ctl", "--print-value-only"]].concat())
+    })
+    .await
+    .expect("etcdctl");
+    assert_eq!(out.trim(), "v2");
 }

@@ -29,6 +29,7 @@ use super::kv::KvService;
 use super::layer::GrpcMetricsLayer;
 use super::lease::LeaseService;
 use super::maintenance::MaintenanceService;
+use super::tls::{server_tls, ScopeSource};
 use super::watch::WatchService;
 use crate::config::Config;
 use crate::ops::Proxy;
@@ -113,15 +114,19 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     let max_in = proxy.cfg.server.max_request_bytes;
     let max_out = proxy.cfg.server.max_response_bytes;
     for (listener, l) in listeners.into_iter().zip(proxy.cfg.listeners.iter()) {
-        let scope = proxy.resolver.scope(l.static_tenant.as_deref())?;
+        let scope = ScopeSource::new(&proxy.resolver, l)?;
         addrs.push(l.addr);
-        tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, "listening");
+        tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, tls = l.is_tls(), mtls = l.client_cert_auth, "listening");
         macro_rules! svc {
             ($server:ident, $svc:expr) => {
                 $server::new($svc).max_decoding_message_size(max_in).max_encoding_message_size(max_out)
             };
         }
-        let router = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = server_tls(l)? {
+            builder = builder.tls_config(tls)?;
+        }
+        let router = builder
             .layer(GrpcMetricsLayer)
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
