@@ -195,3 +195,112 @@ async fn clients_over_mtls() {
     .expect("etcdctl");
     assert_eq!(out.trim(), "v2");
 }
+
+/// Identity from the client certificate: tenant A's certificate reaches A's keys and
+/// nothing of B's; an unmapped certificate is refused, named.
+#[tokio::test]
+async fn identity_from_client_certificate() {
+    use etcdmux::pb::etcdserverpb::lease_client::LeaseClient;
+    use etcdmux::pb::etcdserverpb::watch_client::WatchClient;
+    use etcdmux::pb::etcdserverpb::{
+        watch_request, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseLeasesRequest,
+        LeaseRevokeRequest, LeaseTimeToLiveRequest, WatchCreateRequest, WatchRequest,
+    };
+    use pki::uri;
+    use tonic::Code;
+
+    let pki = Pki::new("clients");
+    let server = pki.server("etcdmux");
+    let etcd = Etcd::start();
+    let identity = "[tenancy.identity]\nfrom = \"uri_san\"\npattern = \"spiffe://example.org/project/{tenant}\"\n\
+                    map = { \"spiffe://example.org/apiserver\" = \"root\" }\n";
+    let toml = listener_toml(&server, Some(&pki), identity);
+    let (running, _) = start_mux_with(&toml, vec![etcd.client_url.clone()]).await;
+    let addr = running.addrs[0];
+    let cert = |name: &str, id: &str| pki.client(name, name, vec![uri(id)]);
+    let (a, bb, unmapped) = (
+        cert("a", "spiffe://example.org/project/a"),
+        cert("b", "spiffe://example.org/project/b"),
+        cert("x", "spiffe://other.org/project/x"),
+    );
+    let ch = |c: Pair| {
+        let pki = &pki;
+        async move { tls_channel(addr, pki, Some(&c)).await.expect("mtls channel") }
+    };
+    let (ch_a, ch_b, ch_x) = (ch(a).await, ch(bb).await, ch(unmapped).await);
+    fn denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str) -> tonic::Status {
+        match r {
+            Err(s) if s.code() == Code::PermissionDenied => s,
+            other => panic!("{what}: expected PERMISSION_DENIED, got {other:?}"),
+        }
+    }
+
+    // B's data: a key under a lease.
+    let (mut kv_b, mut lease_b) = (KvClient::new(ch_b.clone()), LeaseClient::new(ch_b.clone()));
+    let lease = lease_b.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await.expect("b grants").into_inner().id;
+    kv_b.put(PutRequest { lease, ..put("/projects/b/pods/secret", "b-data") }).await.expect("b writes its key");
+
+    // A's own keys work.
+    let (mut kv_a, mut lease_a) = (KvClient::new(ch_a.clone()), LeaseClient::new(ch_a.clone()));
+    kv_a.put(put("/projects/a/pods/mine", "a-data")).await.expect("a writes its key");
+    let got = kv_a.range(get("/projects/a/pods/mine")).await.expect("a reads its key").into_inner();
+    assert_eq!(got.kvs[0].value.as_ref(), b"a-data");
+    lease_a.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await.expect("a grants its lease");
+
+    // Nothing of B's for A.
+    let s = denied(kv_a.range(get("/projects/b/pods/secret")).await, "a reads b");
+    assert!(s.message().contains("tenant b"), "{}", s.message());
+    let prefix = RangeRequest { range_end: b("/projects/b0"), ..get("/projects/b/") };
+    denied(kv_a.range(prefix).await, "a lists b");
+    denied(kv_a.put(put("/projects/b/pods/secret", "a-was-here")).await, "a overwrites b");
+    denied(kv_a.put(put("/projects/b/pods/new", "a-was-here")).await, "a creates in b");
+    let del = DeleteRangeRequest { key: b("/projects/b/pods/secret"), ..Default::default() };
+    denied(kv_a.delete_range(del).await, "a deletes b");
+    let compact = etcdmux::pb::etcdserverpb::CompactionRequest { revision: 1, physical: false };
+    denied(kv_a.compact(compact).await, "a compacts");
+
+    let ttl = LeaseTimeToLiveRequest { id: lease, keys: true };
+    let ttl_answer = lease_a.lease_time_to_live(ttl).await;
+    assert!(
+        ttl_answer.as_ref().map_or(true, |r| r.get_ref().ttl == -1 && r.get_ref().keys.is_empty()),
+        "{ttl_answer:?}"
+    );
+    assert!(lease_a.lease_revoke(LeaseRevokeRequest { id: lease }).await.is_err(), "a revokes b's lease");
+    let listed = lease_a.lease_leases(LeaseLeasesRequest {}).await.expect("a lists its leases").into_inner();
+    assert!(listed.leases.iter().all(|l| l.id != lease), "b's lease listed for a: {listed:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(LeaseKeepAliveRequest { id: lease }).await.expect("send");
+    let mut kas =
+        lease_a.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("ka").into_inner();
+    let ka = kas.message().await.expect("keepalive answer").expect("one");
+    assert_eq!(ka.ttl, 0, "b's lease is unknown to a");
+
+    // A's watch on B's keys is refused, and sees nothing of B's writes.
+    let mut watch_a = WatchClient::new(ch_a.clone());
+    let (wtx, wrx) = tokio::sync::mpsc::channel(4);
+    let create = WatchCreateRequest { key: b("/projects/b/"), range_end: b("/projects/b0"), ..Default::default() };
+    wtx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await.unwrap();
+    let mut ws = watch_a.watch(tokio_stream::wrappers::ReceiverStream::new(wrx)).await.expect("watch").into_inner();
+    let first = ws.message().await.expect("watch answer").expect("one");
+    assert!(first.canceled && first.cancel_reason.contains("tenant b"), "{first:?}");
+    kv_b.put(put("/projects/b/pods/secret", "b-data-2")).await.expect("b writes again");
+    let more = tokio::time::timeout(Duration::from_millis(500), ws.message()).await;
+    assert!(!matches!(&more, Ok(Ok(Some(r))) if !r.events.is_empty()), "a saw b's events: {more:?}");
+
+    // B's data is intact, its lease alive.
+    let all_b = RangeRequest { range_end: b("/projects/b/pods0"), ..get("/projects/b/pods/") };
+    let kvs = kv_b.range(all_b).await.expect("b lists").into_inner().kvs;
+    assert_eq!(kvs.len(), 1, "{kvs:?}");
+    assert_eq!(kvs[0].value.as_ref(), b"b-data-2");
+    let ttl = lease_b.lease_time_to_live(LeaseTimeToLiveRequest { id: lease, keys: false }).await.expect("ttl");
+    assert!(ttl.into_inner().ttl > 0);
+
+    // The admin (by map) reaches both; an unmapped certificate reaches nothing.
+    let admin = pki.client("admin", "admin", vec![uri("spiffe://example.org/apiserver")]);
+    let mut kv_admin = KvClient::new(tls_channel(addr, &pki, Some(&admin)).await.expect("admin channel"));
+    kv_admin.range(get("/projects/b/pods/secret")).await.expect("admin reads b");
+    let mut kv_x = KvClient::new(ch_x);
+    let s = denied(kv_x.range(get("/projects/x/pods/a")).await, "unmapped reads");
+    assert!(s.message().contains("spiffe://other.org/project/x"), "{}", s.message());
+    denied(kv_x.put(put("/projects/x/pods/a", "v")).await, "unmapped writes");
+}
