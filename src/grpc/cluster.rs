@@ -25,8 +25,8 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
-    pub fn new(proxy: Arc<Proxy>, scope: ScopeSource) -> ClusterService {
-        ClusterService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> ClusterService {
+        ClusterService { proxy, scope: scope.into() }
     }
 }
 

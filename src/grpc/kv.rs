@@ -19,8 +19,8 @@ pub struct KvService {
 }
 
 impl KvService {
-    pub fn new(proxy: Arc<Proxy>, scope: ScopeSource) -> KvService {
-        KvService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> KvService {
+        KvService { proxy, scope: scope.into() }
     }
 }
 

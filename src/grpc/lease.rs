@@ -28,8 +28,8 @@ pub struct LeaseService {
 }
 
 impl LeaseService {
-    pub fn new(proxy: Arc<Proxy>, scope: ScopeSource) -> LeaseService {
-        LeaseService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> LeaseService {
+        LeaseService { proxy, scope: scope.into() }
     }
 }
 

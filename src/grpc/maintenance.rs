@@ -29,8 +29,8 @@ pub struct MaintenanceService {
 }
 
 impl MaintenanceService {
-    pub fn new(proxy: Arc<Proxy>, scope: ScopeSource) -> MaintenanceService {
-        MaintenanceService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> MaintenanceService {
+        MaintenanceService { proxy, scope: scope.into() }
     }
 }
 

@@ -56,6 +56,13 @@ impl ScopeSource {
     }
 }
 
+/// A listener's own scope for every request (no identity from certificates).
+impl From<Scope> for ScopeSource {
+    fn from(listener: Scope) -> ScopeSource {
+        ScopeSource { listener, from_cert: false }
+    }
+}
+
 /// The values of `field` in a DER client certificate (already verified by the TLS
 /// handshake against the listener's trusted CA).
 fn cert_values(der: &[u8], field: IdentityField) -> Result<Vec<String>> {

@@ -21,8 +21,8 @@ pub struct WatchService {
 }
 
 impl WatchService {
-    pub fn new(proxy: Arc<Proxy>, scope: ScopeSource, hub: Arc<Hub>) -> WatchService {
-        WatchService { proxy, scope, hub }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>, hub: Arc<Hub>) -> WatchService {
+        WatchService { proxy, scope: scope.into(), hub }
     }
 }
 
