@@ -5,7 +5,7 @@
 //! The example files in `config/` document every field.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -43,6 +43,38 @@ pub struct ListenerConfig {
     /// Every request on this listener belongs to this tenant (sidecar mode).
     #[serde(default)]
     pub static_tenant: Option<String>,
+    /// TLS towards clients (etcd's names): this listener's certificate and key (PEM).
+    /// Without them the listener speaks plaintext.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to; used with
+    /// `client_cert_auth`.
+    #[serde(default)]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate from `trusted_ca_file` at the handshake.
+    /// With `[tenancy.identity]`, the certificate also names the request's principal.
+    #[serde(default)]
+    pub client_cert_auth: bool,
+}
+
+impl ListenerConfig {
+    /// A plaintext listener on `addr` without a static tenant.
+    pub fn plain(addr: SocketAddr) -> ListenerConfig {
+        ListenerConfig {
+            addr,
+            static_tenant: None,
+            cert_file: None,
+            key_file: None,
+            trusted_ca_file: None,
+            client_cert_auth: false,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.cert_file.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +133,14 @@ pub struct UpstreamConfig {
     pub max_txn_ops: usize,
     /// HTTP/2 keepalive ping interval towards etcd.
     pub keepalive_interval_ms: u64,
+    /// TLS towards etcd, for `https://` endpoints: the CA bundle (PEM) etcd's
+    /// certificate must chain to (required: the system roots are not used).
+    pub cacert: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's `--client-cert-auth`; both or neither.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate is checked against, instead of the endpoint's host.
+    pub server_name: Option<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -112,6 +152,10 @@ impl Default for UpstreamConfig {
             default_timeout_ms: 30_000,
             max_txn_ops: 128,
             keepalive_interval_ms: 10_000,
+            cacert: None,
+            cert: None,
+            key: None,
+            server_name: None,
         }
     }
 }
@@ -246,7 +290,7 @@ impl Default for HealthConfig {
 }
 
 fn default_listeners() -> Vec<ListenerConfig> {
-    vec![ListenerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 2379)), static_tenant: None }]
+    vec![ListenerConfig::plain(SocketAddr::from(([127, 0, 0, 1], 2379)))]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +301,15 @@ pub enum ConfigError {
     Parse { path: String, source: toml::de::Error },
     #[error("invalid config: {0}")]
     Invalid(String),
+}
+
+/// Reads a PEM file named by the config (a certificate, key or CA bundle).
+pub fn read_pem(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let data = std::fs::read(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    if !data.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(ConfigError::Invalid(format!("{} is not a PEM file", path.display())));
+    }
+    Ok(data)
 }
 
 impl Config {
@@ -283,7 +336,7 @@ impl Config {
         if !self.server.advertise_client_urls.is_empty() {
             return self.server.advertise_client_urls.clone();
         }
-        self.listeners.iter().map(|l| format!("http://{}", l.addr)).collect()
+        self.listeners.iter().map(|l| format!("{}://{}", if l.is_tls() { "https" } else { "http" }, l.addr)).collect()
     }
 
     /// Checks what serde cannot: cross-field rules, name syntax, overlaps. Tenant
@@ -353,7 +406,49 @@ impl Config {
                 TenantName::new(t).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
+        self.validate_tls()?;
         Resolver::new(&self.tenancy, &[p, m]).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+impl Config {
+    /// TLS settings: pairs that go together, files that exist and hold PEM.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let u = &self.upstream;
+        let https = u.endpoints.iter().any(|e| e.starts_with("https://"));
+        if https && u.cacert.is_none() {
+            return bad("https:// upstream endpoints need upstream.cacert (--upstream-cacert)".into());
+        }
+        if u.cert.is_some() != u.key.is_some() {
+            return bad("upstream.cert and upstream.key go together".into());
+        }
+        let upstream_tls = u.cacert.is_some() || u.cert.is_some() || u.server_name.is_some();
+        if upstream_tls && !https {
+            return bad("upstream.cacert, cert, key and server_name apply to https:// endpoints; none is".into());
+        }
+        for f in [&u.cacert, &u.cert, &u.key].into_iter().flatten() {
+            read_pem(f)?;
+        }
+        for l in &self.listeners {
+            let a = l.addr;
+            if l.cert_file.is_some() != l.key_file.is_some() {
+                return bad(format!("listener {a}: cert_file and key_file go together"));
+            }
+            if l.client_cert_auth != l.trusted_ca_file.is_some() {
+                return bad(format!("listener {a}: client_cert_auth and trusted_ca_file go together"));
+            }
+            if l.client_cert_auth && !l.is_tls() {
+                return bad(format!("listener {a}: client_cert_auth needs cert_file and key_file"));
+            }
+            for f in [&l.cert_file, &l.key_file, &l.trusted_ca_file].into_iter().flatten() {
+                read_pem(f)?;
+            }
+        }
+        if self.tenancy.identity.is_some() && !self.listeners.iter().any(|l| l.client_cert_auth) {
+            return bad("tenancy.identity is set but no listener has client_cert_auth = true".into());
+        }
+        Ok(())
     }
 }
 
@@ -388,5 +483,19 @@ mod tests {
         assert!(flapping.validate().is_err(), "a probe age bound within one interval flaps");
         let zero = Config::parse("[health]\nmax_watch_lag_ms = 0", "x").unwrap();
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn tls_settings_go_together() {
+        let refused = |text: &str| Config::parse(text, "x").unwrap().validate().unwrap_err().to_string();
+        assert!(refused("[upstream]\nendpoints = [\"https://127.0.0.1:2379\"]").contains("cacert"));
+        assert!(refused("[upstream]\ncacert = \"/nonexistent\"").contains("https://"));
+        let e = refused("[upstream]\nendpoints = [\"https://h:1\"]\ncacert = \"/nonexistent/ca.pem\"");
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let l = |extra: &str| format!("[[listener]]\naddr = \"127.0.0.1:0\"\n{extra}");
+        assert!(refused(&l("cert_file = \"/c\"")).contains("go together"));
+        assert!(refused(&l("client_cert_auth = true")).contains("go together"));
+        assert!(refused(&l("client_cert_auth = true\ntrusted_ca_file = \"/ca\"")).contains("needs cert_file"));
+        assert!(refused(&format!("{}\n[tenancy.identity]\nfrom = \"cn\"", l(""))).contains("client_cert_auth"));
     }
 }

@@ -22,8 +22,9 @@
 //!              fit, answer}, index, lease
 //! upstream/    the etcd connection pool, call and stream context (deadlines),
 //!              classify (what a failure means)
-//! grpc/        server (shutdown order), accept, the metrics layer, one file per
-//!              etcd service
+//! grpc/        server (shutdown order), accept, tls (listener TLS; the scope of a
+//!              request from its client certificate), the metrics layer, one file
+//!              per etcd service
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
 //!              ring, hub, upstream, progress (state machine), probe (its I/O),
 //!              catchup, passthrough

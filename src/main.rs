@@ -27,6 +27,30 @@ struct Cli {
     /// HTTP listen address for /metrics, /livez and /readyz.
     #[arg(long, env = "ETCDMUX_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// CA bundle (PEM) for https:// upstream endpoints (upstream.cacert).
+    #[arg(long, env = "ETCDMUX_UPSTREAM_CACERT")]
+    upstream_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd (upstream.cert).
+    #[arg(long, env = "ETCDMUX_UPSTREAM_CERT")]
+    upstream_cert: Option<PathBuf>,
+    /// Key (PEM) of --upstream-cert (upstream.key).
+    #[arg(long, env = "ETCDMUX_UPSTREAM_KEY")]
+    upstream_key: Option<PathBuf>,
+    /// Name etcd's certificate is checked against instead of the endpoint host.
+    #[arg(long, env = "ETCDMUX_UPSTREAM_SERVER_NAME")]
+    upstream_server_name: Option<String>,
+    /// TLS certificate (PEM) of every listener (listener.cert_file).
+    #[arg(long, env = "ETCDMUX_CERT_FILE")]
+    cert_file: Option<PathBuf>,
+    /// Key (PEM) of --cert-file (listener.key_file).
+    #[arg(long, env = "ETCDMUX_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// CA bundle (PEM) client certificates must chain to (listener.trusted_ca_file).
+    #[arg(long, env = "ETCDMUX_TRUSTED_CA_FILE")]
+    trusted_ca_file: Option<PathBuf>,
+    /// Require a client certificate on every listener (listener.client_cert_auth).
+    #[arg(long, env = "ETCDMUX_CLIENT_CERT_AUTH")]
+    client_cert_auth: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -43,7 +67,7 @@ fn load(cli: &Cli) -> Result<Config, String> {
     if let Some(addr) = cli.listen {
         match cfg.listeners.first_mut() {
             Some(l) => l.addr = addr,
-            None => cfg.listeners.push(ListenerConfig { addr, static_tenant: None }),
+            None => cfg.listeners.push(ListenerConfig::plain(addr)),
         }
     }
     if !cli.upstream.is_empty() {
@@ -56,6 +80,29 @@ fn load(cli: &Cli) -> Result<Config, String> {
     }
     if cli.metrics_listen.is_some() {
         cfg.server.metrics_listen = cli.metrics_listen;
+    }
+    let u = &mut cfg.upstream;
+    for (flag, field) in
+        [(&cli.upstream_cacert, &mut u.cacert), (&cli.upstream_cert, &mut u.cert), (&cli.upstream_key, &mut u.key)]
+    {
+        if flag.is_some() {
+            field.clone_from(flag);
+        }
+    }
+    if cli.upstream_server_name.is_some() {
+        u.server_name.clone_from(&cli.upstream_server_name);
+    }
+    for l in &mut cfg.listeners {
+        for (flag, field) in [
+            (&cli.cert_file, &mut l.cert_file),
+            (&cli.key_file, &mut l.key_file),
+            (&cli.trusted_ca_file, &mut l.trusted_ca_file),
+        ] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        l.client_cert_auth |= cli.client_cert_auth;
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::keyspace::Scope;
+use super::tls::ScopeSource;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
     cluster_server::Cluster, Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
@@ -21,12 +21,12 @@ use crate::upstream::Retry;
 
 pub struct ClusterService {
     proxy: Arc<Proxy>,
-    scope: Scope,
+    scope: ScopeSource,
 }
 
 impl ClusterService {
-    pub fn new(proxy: Arc<Proxy>, scope: Scope) -> ClusterService {
-        ClusterService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> ClusterService {
+        ClusterService { proxy, scope: scope.into() }
     }
 }
 
@@ -52,6 +52,8 @@ impl Cluster for ClusterService {
     /// etcd's, so the call also fails when etcd is unreachable.
     async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
+        // Anyone may ask, but an unmapped client certificate is refused everything.
+        self.scope.of(&self.proxy.resolver, &req)?;
         let msg = req.into_inner();
         let up = self
             .proxy

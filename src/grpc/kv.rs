@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::answer;
-use crate::keyspace::Scope;
+use super::tls::ScopeSource;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
     kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -15,12 +15,12 @@ use crate::pb::etcdserverpb::{
 
 pub struct KvService {
     proxy: Arc<Proxy>,
-    scope: Scope,
+    scope: ScopeSource,
 }
 
 impl KvService {
-    pub fn new(proxy: Arc<Proxy>, scope: Scope) -> KvService {
-        KvService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> KvService {
+        KvService { proxy, scope: scope.into() }
     }
 }
 
@@ -28,26 +28,31 @@ impl KvService {
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("kv", "range", self.proxy.range(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("kv", "range", self.proxy.range(&scope, &ctx, req.into_inner())).await
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("kv", "put", self.proxy.put(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("kv", "put", self.proxy.put(&scope, &ctx, req.into_inner())).await
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("kv", "delete_range", self.proxy.delete_range(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("kv", "delete_range", self.proxy.delete_range(&scope, &ctx, req.into_inner())).await
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("kv", "txn", self.proxy.txn(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("kv", "txn", self.proxy.txn(&scope, &ctx, req.into_inner())).await
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("kv", "compact", self.proxy.compact(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("kv", "compact", self.proxy.compact(&scope, &ctx, req.into_inner())).await
     }
 }

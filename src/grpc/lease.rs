@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::tls::ScopeSource;
 use super::{answer, request_span};
 use crate::error::{Error, Result};
 use crate::keyspace::Scope;
@@ -23,12 +24,12 @@ use crate::upstream::StreamCtx;
 
 pub struct LeaseService {
     proxy: Arc<Proxy>,
-    scope: Scope,
+    scope: ScopeSource,
 }
 
 impl LeaseService {
-    pub fn new(proxy: Arc<Proxy>, scope: Scope) -> LeaseService {
-        LeaseService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> LeaseService {
+        LeaseService { proxy, scope: scope.into() }
     }
 }
 
@@ -41,12 +42,14 @@ const KEEPALIVE_BUFFER: usize = 64;
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("lease", "grant", self.proxy.lease_grant(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("lease", "grant", self.proxy.lease_grant(&scope, &ctx, req.into_inner())).await
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("lease", "revoke", self.proxy.lease_revoke(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("lease", "revoke", self.proxy.lease_revoke(&scope, &ctx, req.into_inner())).await
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;
@@ -64,7 +67,11 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let relay = Relay { proxy: self.proxy.clone(), scope: self.scope.clone(), ctx: StreamCtx::from_request(&req) };
+        let relay = Relay {
+            proxy: self.proxy.clone(),
+            scope: self.scope.of(&self.proxy.resolver, &req)?,
+            ctx: StreamCtx::from_request(&req),
+        };
         let inbound = req.into_inner();
         let (out_tx, out_rx) = mpsc::channel(KEEPALIVE_BUFFER);
         let (end_tx, end_rx) = oneshot::channel();
@@ -98,12 +105,14 @@ impl Lease for LeaseService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("lease", "time_to_live", self.proxy.lease_time_to_live(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("lease", "time_to_live", self.proxy.lease_time_to_live(&scope, &ctx, req.into_inner())).await
     }
 
     async fn lease_leases(&self, req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
-        answer("lease", "leases", self.proxy.lease_leases(&self.scope, &ctx, req.into_inner())).await
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        answer("lease", "leases", self.proxy.lease_leases(&scope, &ctx, req.into_inner())).await
     }
 }
 

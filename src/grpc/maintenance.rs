@@ -13,8 +13,8 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::cluster::member_id;
+use super::tls::ScopeSource;
 use crate::error::Result;
-use crate::keyspace::Scope;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
     alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse, DefragmentRequest,
@@ -25,12 +25,12 @@ use crate::upstream::{Retry, StreamCtx};
 
 pub struct MaintenanceService {
     proxy: Arc<Proxy>,
-    scope: Scope,
+    scope: ScopeSource,
 }
 
 impl MaintenanceService {
-    pub fn new(proxy: Arc<Proxy>, scope: Scope) -> MaintenanceService {
-        MaintenanceService { proxy, scope }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>) -> MaintenanceService {
+        MaintenanceService { proxy, scope: scope.into() }
     }
 }
 
@@ -40,9 +40,10 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
         let msg = req.into_inner();
         if AlarmAction::try_from(msg.action) != Ok(AlarmAction::Get) {
-            self.proxy.resolver.require_admin(&self.scope, "changing alarms")?;
+            self.proxy.resolver.require_admin(&scope, "changing alarms")?;
         }
         let resp = self
             .proxy
@@ -54,6 +55,8 @@ impl Maintenance for MaintenanceService {
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
+        // Anyone may ask, but an unmapped client certificate is refused everything.
+        self.scope.of(&self.proxy.resolver, &req)?;
         let msg = req.into_inner();
         let mut resp = self
             .proxy
@@ -89,7 +92,8 @@ impl Maintenance for MaintenanceService {
     type SnapshotStream = SnapshotStream;
 
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        self.proxy.resolver.require_admin(&self.scope, "Snapshot")?;
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
+        self.proxy.resolver.require_admin(&scope, "Snapshot")?;
         // A stream: no deadline unless the client sent one (a large snapshot takes long).
         let ctx = StreamCtx::from_request(&req);
         let (ep, ch) = self.proxy.upstream.stream_channel();

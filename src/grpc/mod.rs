@@ -6,6 +6,7 @@
 //! - [`server`]: listeners, the tower stack, shutdown and drain;
 //! - [`accept`]: accept-error backoff (out of file descriptors);
 //! - [`layer`]: per-call metrics;
+//! - [`tls`]: a listener's TLS, and the scope from a request's client certificate;
 //! - [`kv`], [`lease`], [`watch`], [`maintenance`], [`cluster`]: the etcd services.
 
 use tonic::{Response, Status};
@@ -19,7 +20,8 @@ macro_rules! admin_forward {
     ($self:ident, $req:ident, $service:literal, $call:ident, $method:ident, $what:literal, $retry:expr) => {{
         let ctx = $self.proxy.ctx(&$req);
         let fut = async {
-            $self.proxy.resolver.require_admin(&$self.scope, $what)?;
+            let scope = $self.scope.of(&$self.proxy.resolver, &$req)?;
+            $self.proxy.resolver.require_admin(&scope, $what)?;
             let msg = $req.into_inner();
             let resp =
                 $self.proxy.upstream.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
@@ -36,6 +38,7 @@ pub mod layer;
 pub mod lease;
 pub mod maintenance;
 pub mod server;
+pub mod tls;
 pub mod watch;
 
 /// The tracing span of one request; `tenant` is filled in once resolved.

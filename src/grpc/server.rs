@@ -29,6 +29,7 @@ use super::kv::KvService;
 use super::layer::GrpcMetricsLayer;
 use super::lease::LeaseService;
 use super::maintenance::MaintenanceService;
+use super::tls::{server_tls, ScopeSource};
 use super::watch::WatchService;
 use crate::config::Config;
 use crate::ops::Proxy;
@@ -108,12 +109,8 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     }
     let proxy = Proxy::new(cfg)?;
     // Everything that can fail comes before the first task is spawned.
-    let scopes = proxy
-        .cfg
-        .listeners
-        .iter()
-        .map(|l| proxy.resolver.scope(l.static_tenant.as_deref()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let scopes =
+        proxy.cfg.listeners.iter().map(|l| ScopeSource::new(&proxy.resolver, l)).collect::<Result<Vec<_>, _>>()?;
     let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
     let health = match crate::health::Health::start(&proxy, &hub).await {
         Ok(h) => h,
@@ -130,13 +127,17 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     let max_out = proxy.cfg.server.max_response_bytes;
     for ((listener, l), scope) in listeners.into_iter().zip(proxy.cfg.listeners.iter()).zip(scopes) {
         addrs.push(l.addr);
-        tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, "listening");
+        tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, tls = l.is_tls(), mtls = l.client_cert_auth, "listening");
         macro_rules! svc {
             ($server:ident, $svc:expr) => {
                 $server::new($svc).max_decoding_message_size(max_in).max_encoding_message_size(max_out)
             };
         }
-        let router = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = server_tls(l)? {
+            builder = builder.tls_config(tls)?;
+        }
+        let router = builder
             .layer(GrpcMetricsLayer)
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::request_span;
-use crate::keyspace::Scope;
+use super::tls::ScopeSource;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_server::Watch, WatchRequest};
 use crate::upstream::REQUIRE_LEADER;
@@ -16,13 +16,13 @@ use crate::watch::Hub;
 
 pub struct WatchService {
     proxy: Arc<Proxy>,
-    scope: Scope,
+    scope: ScopeSource,
     hub: Arc<Hub>,
 }
 
 impl WatchService {
-    pub fn new(proxy: Arc<Proxy>, scope: Scope, hub: Arc<Hub>) -> WatchService {
-        WatchService { proxy, scope, hub }
+    pub fn new(proxy: Arc<Proxy>, scope: impl Into<ScopeSource>, hub: Arc<Hub>) -> WatchService {
+        WatchService { proxy, scope: scope.into(), hub }
     }
 }
 
@@ -32,8 +32,9 @@ impl Watch for WatchService {
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let require_leader = req.metadata().get(REQUIRE_LEADER).is_some();
+        let scope = self.scope.of(&self.proxy.resolver, &req)?;
         let (reader, responses) =
-            session::start(self.proxy.clone(), self.scope.clone(), self.hub.clone(), require_leader, req.into_inner());
+            session::start(self.proxy.clone(), scope, self.hub.clone(), require_leader, req.into_inner());
         // Owned by the process's tasks; it ends when the hub stops (shutdown).
         self.proxy.tasks.spawn(reader.instrument(request_span("watch", "watch")));
         Ok(Response::new(responses))

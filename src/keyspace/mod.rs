@@ -7,10 +7,12 @@
 //!   ([`ClientPrefix`]);
 //! - [`rules`]: the [`Resolver`] — key-path rules, static tenants, global keys,
 //!   principals and what they may touch;
+//! - [`identity`]: the principal named by a client certificate's CN or SAN;
 //! - [`layout`]: the shared upstream layout ([`KeyLayout`]), bijective and
 //!   tenant-closed, and etcdmux's own records (root index, lease owners, fence);
 //! - [`plan`]: a tenant range as upstream ranges ([`Piece`]s), one per slot.
 
+pub mod identity;
 pub mod layout;
 pub mod plan;
 pub mod rules;
@@ -20,6 +22,7 @@ mod views;
 
 use bytes::Bytes;
 
+pub use identity::{IdentityConfig, IdentityField, IdentityRules};
 pub use layout::{prefix_end, root_of, slot_of, KeyLayout, Piece, Root, Slot};
 pub use rules::{Resolver, RuleConfig, TenancyConfig, UnmatchedPolicy};
 pub use tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName, SLASH_KEYS_END};

@@ -9,7 +9,9 @@
 //! Three sources:
 //! 1. key-path rules from the config (`/projects/{tenant}/`, `/datum-core/` → `root`);
 //! 2. a static tenant per listener (sidecar mode: every key belongs to it);
-//! 3. (mTLS identities are not built yet.)
+//! 3. the client certificate of an mTLS connection names the principal
+//!    ([`identity`](super::identity), `[tenancy.identity]`); keys still resolve by
+//!    1 or 2.
 //!
 //! Global keys (`compact_rev_key`) pass through unchanged. One request never touches
 //! two tenants: ranges whose ends resolve to different tenants are refused here.
@@ -17,13 +19,16 @@
 //! A request's *principal* (who is asking) is separate from the tenant whose keys it
 //! names: on a static listener both are the static tenant; with key-path rules the
 //! principal is the config's `connection_identity` (one trusted apiserver holds the
-//! connection). A principal may touch tenant T's keys when it is T or the admin.
+//! connection), or the identity of the client certificate where `[tenancy.identity]`
+//! is set and the listener requires one. A principal may touch tenant T's keys when
+//! it is T or the admin.
 
 use std::collections::HashSet;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
+use super::identity::{IdentityConfig, IdentityRules};
 use super::layout::prefix_end;
 use super::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName, SLASH_KEYS_END};
 use super::KeyError;
@@ -63,6 +68,9 @@ pub struct TenancyConfig {
     pub connection_identity: String,
     /// The identity allowed to compact, write global keys and run maintenance.
     pub admin_identity: String,
+    /// The principal from the client certificate on listeners with
+    /// `client_cert_auth` (see `keyspace::identity`).
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Default for TenancyConfig {
@@ -73,6 +81,7 @@ impl Default for TenancyConfig {
             unmatched: UnmatchedPolicy::Reject,
             connection_identity: "root".to_string(),
             admin_identity: "root".to_string(),
+            identity: None,
         }
     }
 }
@@ -98,6 +107,7 @@ pub struct Resolver {
     connection_identity: TenantName,
     /// Upstream prefixes etcdmux owns; passthrough keys may not reach into them.
     owned_prefixes: Vec<Bytes>,
+    identity: Option<IdentityRules>,
 }
 
 impl Resolver {
@@ -156,13 +166,24 @@ impl Resolver {
             }
         }
         let globals = cfg.global_keys.iter().map(|g| Bytes::copy_from_slice(g.as_bytes())).collect();
+        let admin = TenantName::new(&cfg.admin_identity)?;
+        let connection_identity = TenantName::new(&cfg.connection_identity)?;
+        let identity = match &cfg.identity {
+            Some(i) => {
+                let mut names: Vec<TenantName> = reserved.iter().cloned().collect();
+                names.extend([admin.clone(), connection_identity.clone()]);
+                Some(IdentityRules::new(i, names)?)
+            }
+            None => None,
+        };
         Ok(Resolver {
             rules,
             globals,
             unmatched: cfg.unmatched,
             reserved,
-            admin: TenantName::new(&cfg.admin_identity)?,
-            connection_identity: TenantName::new(&cfg.connection_identity)?,
+            admin,
+            connection_identity,
+            identity,
             owned_prefixes: owned_prefixes.iter().map(|p| Bytes::copy_from_slice(p.as_bytes())).collect(),
         })
     }
@@ -176,6 +197,22 @@ impl Resolver {
             }
             None => Ok(Scope { static_tenant: None, principal: self.connection_identity.clone() }),
         }
+    }
+
+    /// Where `[tenancy.identity]` is set: which certificate field names the principal.
+    pub fn identity(&self) -> Option<&IdentityRules> {
+        self.identity.as_ref()
+    }
+
+    /// The scope of one request on a listener whose scope is `listener`, from the
+    /// values of its client certificate's identity field: the listener's static
+    /// tenant (if any) with the certificate's principal. Refused when
+    /// `[tenancy.identity]` is not set or the values map to no principal.
+    pub fn cert_scope(&self, listener: &Scope, values: &[String]) -> Result<Scope, KeyError> {
+        let Some(rules) = &self.identity else {
+            return Err(KeyError::PermissionDenied("no [tenancy.identity] to read a certificate with".to_string()));
+        };
+        Ok(Scope { static_tenant: listener.static_tenant.clone(), principal: rules.principal(values)? })
     }
 
     pub fn admin(&self) -> &TenantName {

@@ -160,6 +160,17 @@ fn transport_failure(status: &Status) -> Option<Failure> {
     found
 }
 
+/// The last error in `status`'s source chain (the cause), or its message.
+fn innermost(status: &Status) -> String {
+    let mut last = None;
+    let mut src: Option<&(dyn StdError + 'static)> = status.source();
+    while let Some(e) = src {
+        last = Some(e);
+        src = e.source();
+    }
+    last.map_or_else(|| status.message().to_string(), |e| e.to_string())
+}
+
 /// A failed upstream call: the status as it came, and what it means.
 #[derive(Debug)]
 pub struct UpstreamError {
@@ -192,7 +203,21 @@ impl UpstreamError {
         &self.status
     }
 
+    /// The status for etcdmux's client: etcd's answer as it came, or for a broken
+    /// connection (where tonic says `CANCELLED` "operation was canceled" or `UNKNOWN`
+    /// "transport error", though the client cancelled nothing) `UNAVAILABLE` with the
+    /// cause, as etcd's own clients expect of an unreachable member. A TLS refusal by
+    /// etcd (no or an untrusted client certificate) looks like this too: TLS 1.3
+    /// reports it only as the connection closing.
     pub fn into_status(self) -> Status {
+        let transport = matches!(self.failure, Failure::NotSent | Failure::ConnectionLost);
+        if transport && matches!(self.status.code(), Code::Cancelled | Code::Unknown) {
+            return Status::unavailable(format!(
+                "etcdmux: the connection to etcd failed: {} (with TLS to etcd, check that etcd accepts \
+                 etcdmux's client certificate: upstream.cert, upstream.key)",
+                innermost(&self.status)
+            ));
+        }
         self.status
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use crate::metrics::names;
@@ -26,7 +26,7 @@ use classify::{Failure, UpstreamError};
 /// Attempts of one call per configured endpoint (plus two), when its failures may be retried.
 const MAX_ATTEMPTS_PER_ENDPOINT: u32 = 2;
 
-use crate::config::Config;
+use crate::config::{read_pem, Config};
 use crate::pb::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
     maintenance_client::MaintenanceClient, watch_client::WatchClient,
@@ -48,6 +48,21 @@ macro_rules! unary_calls {
     )*};
 }
 
+/// TLS towards etcd from `[upstream]` (validated: a CA whenever TLS is used, cert
+/// and key together); `None` without a CA. Certificates are read once, at start:
+/// rotating them needs a restart.
+fn tls_config(u: &crate::config::UpstreamConfig) -> Result<Option<ClientTlsConfig>, crate::config::ConfigError> {
+    let Some(ca) = &u.cacert else { return Ok(None) };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca)?));
+    if let (Some(cert), Some(key)) = (&u.cert, &u.key) {
+        tls = tls.identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
+    }
+    if let Some(name) = &u.server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(Some(tls))
+}
+
 /// The pool of upstream connections.
 pub struct Upstream {
     /// `endpoints[i]` holds the channels to endpoint `i`.
@@ -59,10 +74,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &Config) -> Result<Upstream, tonic::transport::Error> {
+    pub fn new(cfg: &Config) -> Result<Upstream, Box<dyn std::error::Error + Send + Sync>> {
+        let tls = tls_config(&cfg.upstream)?;
         let mut endpoints = Vec::new();
         for url in &cfg.upstream.endpoints {
-            let ep = Endpoint::from_shared(url.clone())?
+            let mut ep = Endpoint::from_shared(url.clone())?
                 .connect_timeout(cfg.connect_timeout())
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_millis(cfg.upstream.keepalive_interval_ms))
@@ -70,6 +86,9 @@ impl Upstream {
                 .keep_alive_while_idle(true)
                 .initial_stream_window_size(Some(4 * 1024 * 1024))
                 .initial_connection_window_size(Some(16 * 1024 * 1024));
+            if let (true, Some(tls)) = (url.starts_with("https://"), &tls) {
+                ep = ep.tls_config(tls.clone())?;
+            }
             // Separate Endpoint::connect_lazy calls give separate HTTP/2 connections.
             endpoints.push((0..cfg.upstream.connections).map(|_| ep.connect_lazy()).collect());
         }

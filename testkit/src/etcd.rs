@@ -21,7 +21,8 @@ const START_ATTEMPTS: usize = 5;
 /// one member of a [`Cluster`]. Killed (and its data deleted) on drop; when dropped
 /// during a panic it prints the tail of its log first.
 pub struct Etcd {
-    /// `http://127.0.0.1:PORT`: the gRPC client endpoint.
+    /// `http://127.0.0.1:PORT` (`https://` from [`EtcdBuilder::https`]): the gRPC
+    /// client endpoint.
     pub client_url: String,
     /// `http://127.0.0.1:PORT`: serves `/health` and `/metrics`.
     pub metrics_url: String,
@@ -41,6 +42,7 @@ pub struct Etcd {
 #[derive(Debug, Clone, Default)]
 pub struct EtcdBuilder {
     args: Vec<String>,
+    https: bool,
 }
 
 impl EtcdBuilder {
@@ -60,6 +62,22 @@ impl EtcdBuilder {
         self
     }
 
+    /// Serves clients on an `https://` URL: pass etcd's TLS flags too (`--cert-file`,
+    /// `--key-file`, and `--client-cert-auth --trusted-ca-file` for mTLS). `/health`
+    /// and `/metrics` stay on the plain `metrics_url`.
+    pub fn https(mut self) -> Self {
+        self.https = true;
+        self
+    }
+
+    fn client_scheme(&self) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// A single-member etcd, healthy; panics (with etcd's log) if it cannot start.
     pub fn start(self) -> Etcd {
         self.try_start().unwrap_or_else(|e| panic!("{e}"))
@@ -67,13 +85,15 @@ impl EtcdBuilder {
 
     /// A single-member etcd, healthy, or why not (with etcd's log).
     pub fn try_start(self) -> Result<Etcd, String> {
-        let mut members = start_members(1, &self.args, &[])?;
+        let mut members = start_members(1, &self.args, &[], self.client_scheme())?;
         Ok(members.remove(0))
     }
 
     /// A cluster of `members` etcds (see [`Cluster::start`]), every member healthy.
     pub fn start_cluster(self, members: usize) -> Cluster {
-        Cluster::from_members(start_members(members, &self.args, CLUSTER_FLAGS).unwrap_or_else(|e| panic!("{e}")))
+        Cluster::from_members(
+            start_members(members, &self.args, CLUSTER_FLAGS, self.client_scheme()).unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 }
 
@@ -192,8 +212,14 @@ impl Drop for Etcd {
 
 /// Starts `n` members that form one cluster (`extra` flags first, then `args`), each
 /// on its own free ports and temp dir, and waits until all are healthy. When a member
-/// exits at once (a port taken meanwhile), tries again with new ports.
-pub(crate) fn start_members(n: usize, args: &[String], extra: &[&str]) -> Result<Vec<Etcd>, String> {
+/// exits at once (a port taken meanwhile), tries again with new ports. Client URLs
+/// use `client_scheme` (`http` or `https`).
+pub(crate) fn start_members(
+    n: usize,
+    args: &[String],
+    extra: &[&str],
+    client_scheme: &str,
+) -> Result<Vec<Etcd>, String> {
     let mut last_log = String::new();
     for attempt in 1..=START_ATTEMPTS {
         let ports: Vec<u16> = (0..3 * n).map(|_| free_port()).collect();
@@ -220,7 +246,8 @@ pub(crate) fn start_members(n: usize, args: &[String], extra: &[&str]) -> Result
                 .prefix("etcdmux-test-etcd-")
                 .tempdir()
                 .map_err(|e| format!("creating temp dir: {e}"))?;
-            let (client_url, peer_url, metrics_url) = (url(3 * i), url(3 * i + 1), url(3 * i + 2));
+            let client_url = format!("{client_scheme}://127.0.0.1:{}", ports[3 * i]);
+            let (peer_url, metrics_url) = (url(3 * i + 1), url(3 * i + 2));
             let initial_cluster = initial.join(",");
             let urls = [&client_url, &peer_url, &metrics_url];
             let child = spawn(dir.path(), &name, urls, &initial_cluster, &args_all)?;
