@@ -56,8 +56,10 @@ async fn tenant_series_are_bounded_and_sum_to_the_calls() {
         c.put(format!("/projects/t{t}/configmaps/k"), "v", None).await.expect("put");
     }
     // A watcher of a busy tenant, and one event for it.
-    let (_watcher, mut stream) =
+    let mut stream =
         c.watch("/projects/heavy0/configmaps/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+    let created = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+    assert!(created.expect("created within 10 s").expect("watch stream").expect("created").created());
     c.put("/projects/heavy0/configmaps/w", "v", None).await.expect("put");
     let got = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(resp) = stream.message().await.expect("watch stream") {
