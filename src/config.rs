@@ -101,6 +101,10 @@ pub struct ServerConfig {
     /// unary calls in flight finish, watch streams end with `UNAVAILABLE`, the watch
     /// hub stops last. What is still running then is closed.
     pub shutdown_grace_ms: u64,
+    /// Tenants with their own `tenant` label on the `etcdmux_tenant_*` metrics (the
+    /// busiest, picked by a bounded sketch; labels are kept once given); all others
+    /// are summed as `tenant="other"`. 0: no per-tenant metrics.
+    pub tenant_metrics_top: usize,
 }
 
 impl Default for ServerConfig {
@@ -113,6 +117,7 @@ impl Default for ServerConfig {
             max_response_bytes: 256 * 1024 * 1024,
             max_concurrent_streams: 10_000,
             shutdown_grace_ms: 10_000,
+            tenant_metrics_top: 100,
         }
     }
 }

@@ -11,7 +11,10 @@
 //! config.rs    the one serde config, validated once
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
-//! metrics.rs   metric names (one place), descriptions, the Prometheus recorder
+//! metrics/     metric names (one place), descriptions, the Prometheus recorder
+//!              (latency histograms); per-tenant metrics: the top-N tenants that get
+//!              their own label (tenants.rs, a bounded sketch), the per-call slot
+//!              handlers report the tenant into (per_tenant.rs)
 //! health/      readiness (a pure decision in ready.rs), the probe of etcd, the
 //!              grpc.health.v1 statuses, the HTTP /livez, /readyz, /metrics server
 //! pb.rs        generated etcd protos;  codec.rs  the gRPC codec (small buffers)

@@ -1,13 +1,18 @@
 //! A tower layer that counts and times every gRPC call, so handlers need no metrics
-//! code of their own.
+//! code of their own. Each call runs with a per-call slot
+//! ([`per_tenant::scope`]) in which the handler reports its tenant and message
+//! sizes; the layer records them under the tenant's label when the call ends.
 
 use crate::metrics::names;
+use crate::metrics::per_tenant::{self, CallTenant};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -64,7 +69,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = MetricsFuture<S::Future>;
+    type Future = MetricsFuture<TaskLocalFuture<Arc<CallTenant>, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -72,7 +77,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let call = Call::start(method_label(req.uri().path()));
-        MetricsFuture { inner: self.inner.call(req), call }
+        let inner = per_tenant::scope(call.tenant.clone(), self.inner.call(req));
+        MetricsFuture { inner, call }
     }
 }
 
@@ -83,6 +89,8 @@ struct Call {
     method: &'static str,
     start: Instant,
     done: bool,
+    /// What the handler reported: tenant, message sizes.
+    tenant: Arc<CallTenant>,
 }
 
 /// grpc-status of a call dropped before it was answered: CANCELLED.
@@ -91,7 +99,7 @@ const CANCELLED: &str = "1";
 impl Call {
     fn start(method: &'static str) -> Call {
         metrics::gauge!(names::GRPC_INFLIGHT, "method" => method).increment(1.0);
-        Call { method, start: Instant::now(), done: false }
+        Call { method, start: Instant::now(), done: false, tenant: Arc::default() }
     }
 
     fn finish(&mut self, code: String) {
@@ -102,6 +110,7 @@ impl Call {
         metrics::gauge!(names::GRPC_INFLIGHT, "method" => method).decrement(1.0);
         metrics::histogram!(names::GRPC_REQUEST_DURATION, "method" => method)
             .record(self.start.elapsed().as_secs_f64());
+        self.tenant.finish(method, &code);
         metrics::counter!(names::GRPC_REQUESTS, "method" => method, "code" => code).increment(1);
     }
 }
@@ -151,7 +160,6 @@ mod tests {
     use super::*;
     use std::convert::Infallible;
 
-    use metrics_exporter_prometheus::PrometheusBuilder;
     use tower::service_fn;
 
     const RANGE: &str = "/etcdserverpb.KV/Range";
@@ -175,7 +183,7 @@ mod tests {
     /// reset) stayed in the in-flight gauge for ever and was never counted.
     #[test]
     fn a_call_dropped_unanswered_leaves_the_gauge_and_is_counted_once() {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = crate::metrics::builder().expect("buckets").build_recorder();
         let handle = recorder.handle();
         let method = format!("method=\"{RANGE}\"");
         metrics::with_local_recorder(&recorder, || {
@@ -203,5 +211,8 @@ mod tests {
         assert_eq!(sample(&text, names::GRPC_REQUESTS, &[&method, "code=\"5\""]), Some(1.0), "{text}");
         let count = format!("{}_count", names::GRPC_REQUEST_DURATION);
         assert_eq!(sample(&text, &count, &[&method]), Some(2.0), "{text}");
+        // A histogram, not a summary.
+        let bucket = format!("{}_bucket", names::GRPC_REQUEST_DURATION);
+        assert_eq!(sample(&text, &bucket, &[&method, "le=\"+Inf\""]), Some(2.0), "{text}");
     }
 }

@@ -48,10 +48,13 @@ pub fn request_span(service: &'static str, op: &'static str) -> tracing::Span {
 
 /// Runs one unary call's work in its span and turns the result into the gRPC answer:
 /// the one place where etcdmux's errors become statuses.
-pub async fn answer<T>(
+/// The response's size goes to the call's per-tenant metrics.
+pub async fn answer<T: prost::Message>(
     service: &'static str,
     op: &'static str,
     work: impl std::future::Future<Output = Result<T>>,
 ) -> std::result::Result<Response<T>, Status> {
-    Ok(Response::new(work.instrument(request_span(service, op)).await?))
+    let resp = work.instrument(request_span(service, op)).await?;
+    crate::metrics::per_tenant::report_bytes_out(resp.encoded_len());
+    Ok(Response::new(resp))
 }

@@ -50,6 +50,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(cfg: Config) -> std::result::Result<Arc<Proxy>, Box<dyn std::error::Error + Send + Sync>> {
         cfg.validate()?;
+        crate::metrics::per_tenant::configure(cfg.server.tenant_metrics_top);
         let resolver = Resolver::new(&cfg.tenancy, &[&cfg.layout.prefix, &cfg.layout.meta_prefix])?;
         let layout = KeyLayout::new(&cfg.layout.prefix, &cfg.layout.meta_prefix);
         let upstream = Upstream::new(&cfg)?;
@@ -58,8 +59,10 @@ impl Proxy {
         Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases, tasks: Tasks::new() }))
     }
 
-    /// The upstream call context (deadline, `hasleader`) of an incoming request.
-    pub fn ctx<T>(&self, req: &Request<T>) -> CallCtx {
+    /// The upstream call context (deadline, `hasleader`) of an incoming unary
+    /// request; reports the request's size to the per-tenant metrics of the call.
+    pub fn ctx<T: prost::Message>(&self, req: &Request<T>) -> CallCtx {
+        crate::metrics::per_tenant::report_bytes_in(req.get_ref().encoded_len());
         CallCtx::from_request(req, self.cfg.default_timeout())
     }
 
@@ -89,6 +92,7 @@ impl Proxy {
     pub fn tenant_view(&self, scope: &Scope, t: &TenantName) -> Result<ClientPrefix> {
         self.resolver.authorize(scope, t)?;
         tracing::Span::current().record("tenant", t.as_str());
+        crate::metrics::per_tenant::report_tenant(t.as_str());
         Ok(self.resolver.client_prefix(scope, t)?)
     }
 }

@@ -266,6 +266,9 @@ impl Hub {
                 Sent::Ok => {
                     w.active.store(true, Ordering::Relaxed);
                     metrics::counter!(names::WATCH_EVENTS_OUT).increment(n);
+                    if let Some(m) = &w.tenant_metrics {
+                        m.events.increment(n);
+                    }
                 }
                 Sent::Full => slow.push(w),
                 Sent::Gone => {}
@@ -330,7 +333,11 @@ impl Hub {
     }
 
     pub(super) fn unregister(st: &mut HubState, w: &Arc<Watcher>) {
-        st.fanout.remove(w);
+        if st.fanout.remove(w) {
+            if let Some(m) = &w.tenant_metrics {
+                m.watchers.decrement(1.0);
+            }
+        }
         metrics::gauge!(names::WATCH_WATCHERS).set(st.fanout.len() as f64);
     }
 
@@ -364,6 +371,9 @@ impl Hub {
         match self.replay(st, w, from) {
             Sent::Ok => {
                 st.fanout.insert(w.clone());
+                if let Some(m) = &w.tenant_metrics {
+                    m.watchers.increment(1.0);
+                }
                 metrics::gauge!(names::WATCH_WATCHERS).set(st.fanout.len() as f64);
             }
             Sent::Full => self.cancel_slow(st, w),
@@ -400,6 +410,9 @@ impl Hub {
         let sent = self.deliver(w, st.header_at(rev), events);
         if sent == Sent::Ok {
             metrics::counter!(names::WATCH_EVENTS_OUT).increment(n);
+            if let Some(m) = &w.tenant_metrics {
+                m.events.increment(n);
+            }
         }
         sent
     }

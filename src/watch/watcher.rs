@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::event::HubEvent;
 use super::sink::StreamSink;
 use crate::keyspace::{prefix_end, root_of, ClientPrefix, End, Root, TenantName};
+use crate::metrics::per_tenant::WatcherMetrics;
 use crate::pb::etcdserverpb::WatchCreateRequest;
 use crate::pb::mvccpb::Event;
 
@@ -46,6 +47,8 @@ pub struct Watcher {
     pub prev_kv_from: i64,
     /// The one resource root its range lies in, if it lies in one.
     pub(super) root: Option<Root>,
+    /// Its tenant's watcher gauge and event counter (`None`: per-tenant metrics off).
+    pub(super) tenant_metrics: Option<WatcherMetrics>,
 }
 
 impl Watcher {
@@ -64,7 +67,6 @@ impl Watcher {
         Watcher {
             id,
             sink,
-            tenant,
             start,
             end,
             from_rev,
@@ -79,6 +81,8 @@ impl Watcher {
             compacted: false,
             prev_kv_from: 0,
             root: None,
+            tenant_metrics: WatcherMetrics::of(tenant.as_str()),
+            tenant,
         }
         .with_root()
     }

@@ -2,13 +2,20 @@
 //! Prometheus recorder ([`install`]); `health::http` serves its `/metrics`. The
 //! per-call gRPC metrics come from `grpc::layer`.
 //!
-//! No metric has a tenant label: with tens of thousands of tenants that would be a
-//! cardinality problem of its own.
+//! Only the `etcdmux_tenant_*` metrics have a tenant label, and only for the top
+//! `server.tenant_metrics_top` tenants ([`tenants`]); every other tenant is summed
+//! as `tenant="other"`, so tens of thousands of tenants stay a bounded number of
+//! series ([`per_tenant`] records them).
+//!
+//! Latencies are Prometheus histograms with [`LATENCY_BUCKETS`].
+
+pub mod per_tenant;
+pub mod tenants;
 
 use std::sync::Mutex;
 
 use metrics::Unit;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Metric names.
 pub mod names {
@@ -46,7 +53,16 @@ pub mod names {
     pub const WATCH_STREAM_OVERFLOWS: &str = "etcdmux_watch_stream_overflows_total";
     pub const READY: &str = "etcdmux_ready";
     pub const UPSTREAM_PROBE_FAILURES: &str = "etcdmux_upstream_probe_failures_total";
+    pub const TENANT_REQUESTS: &str = "etcdmux_tenant_requests_total";
+    pub const TENANT_ERRORS: &str = "etcdmux_tenant_request_errors_total";
+    pub const TENANT_BYTES: &str = "etcdmux_tenant_request_bytes_total";
+    pub const TENANT_WATCHERS: &str = "etcdmux_tenant_watchers";
+    pub const TENANT_EVENTS: &str = "etcdmux_tenant_events_sent_total";
 }
+
+/// Buckets of the latency histograms, in seconds: 0.5 ms to 10 s.
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// What each metric is: (name, kind, unit, description).
 const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
@@ -164,6 +180,36 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Health probes of etcd (every health.probe_interval_ms) that failed",
     ),
+    (
+        names::TENANT_REQUESTS,
+        Kind::Counter,
+        Unit::Count,
+        "Unary calls whose tenant was resolved, by tenant (top N, else \"other\"), method and grpc-status code",
+    ),
+    (
+        names::TENANT_ERRORS,
+        Kind::Counter,
+        Unit::Count,
+        "Unary calls whose tenant was resolved and that ended with a non-OK code, by tenant (top N, else \"other\")",
+    ),
+    (
+        names::TENANT_BYTES,
+        Kind::Counter,
+        Unit::Bytes,
+        "Message bytes of unary calls whose tenant was resolved, by tenant (top N, else \"other\") and direction (in: requests, out: responses)",
+    ),
+    (
+        names::TENANT_WATCHERS,
+        Kind::Gauge,
+        Unit::Count,
+        "Client watchers registered in the hub, by tenant (top N, else \"other\")",
+    ),
+    (
+        names::TENANT_EVENTS,
+        Kind::Counter,
+        Unit::Count,
+        "Events queued to client watchers, by tenant (top N, else \"other\")",
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -184,10 +230,15 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     if let Some(h) = handle.as_ref() {
         return Ok(h.clone());
     }
-    let h = PrometheusBuilder::new().install_recorder()?;
+    let h = builder()?.install_recorder()?;
     describe();
     *handle = Some(h.clone());
     Ok(h)
+}
+
+/// The exporter's settings: latencies as histograms with [`LATENCY_BUCKETS`].
+pub fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
 }
 
 /// Registers each metric's description with the installed recorder.

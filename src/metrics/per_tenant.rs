@@ -1,0 +1,113 @@
+//! Per-tenant metrics: the process's [`TopTenants`] (configured once from
+//! `server.tenant_metrics_top`), the per-call slot through which a handler tells the
+//! metrics layer whose call it was, and the watcher handles the hub updates.
+//!
+//! A unary call runs inside [`scope`] (set by `grpc::layer`): `ops::Proxy::tenant_view`
+//! reports the tenant ([`report_tenant`]), the codec the request's size and
+//! `grpc::answer` the response's; the layer records them with the call's method and
+//! code when it ends. Calls whose tenant was never resolved (admin calls, requests
+//! refused before resolution) and streams (Watch, LeaseKeepAlive) have no per-tenant
+//! request series; watchers and their events are counted by the hub.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use metrics::{Counter, Gauge, SharedString};
+use tokio::task::futures::TaskLocalFuture;
+
+use super::names;
+use super::tenants::TopTenants;
+
+/// The process's labelled tenants; `None` when per-tenant metrics are off.
+static TOP: Mutex<Option<TopTenants>> = Mutex::new(None);
+
+fn top() -> MutexGuard<'static, Option<TopTenants>> {
+    TOP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sets how many tenants get their own label (0: no per-tenant metrics). Keeps what
+/// was learnt when `n` is unchanged (a second etcdmux in one process).
+pub fn configure(n: usize) {
+    let mut t = top();
+    if t.as_ref().map(TopTenants::top) != Some(n) {
+        *t = (n > 0).then(|| TopTenants::new(n));
+    }
+}
+
+/// Counts a hit of `tenant` and answers its label, if per-tenant metrics are on.
+pub fn label(tenant: &str) -> Option<SharedString> {
+    top().as_mut()?.hit(tenant)
+}
+
+/// What one unary call reports about itself.
+#[derive(Default)]
+pub struct CallTenant {
+    label: OnceLock<SharedString>,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+tokio::task_local! {
+    static CALL: Arc<CallTenant>;
+}
+
+/// Runs `fut` (one call) with `slot` as its [`CallTenant`].
+pub fn scope<F: Future>(slot: Arc<CallTenant>, fut: F) -> TaskLocalFuture<Arc<CallTenant>, F> {
+    CALL.scope(slot, fut)
+}
+
+/// The tenant of the current call, once resolved (the first report counts).
+pub fn report_tenant(tenant: &str) {
+    let _ = CALL.try_with(|c| {
+        if c.label.get().is_none() {
+            if let Some(l) = label(tenant) {
+                let _ = c.label.set(l);
+            }
+        }
+    });
+}
+
+/// Size of a request message of the current call.
+pub fn report_bytes_in(n: usize) {
+    let _ = CALL.try_with(|c| c.bytes_in.fetch_add(n as u64, Ordering::Relaxed));
+}
+
+/// Size of a response message of the current call.
+pub fn report_bytes_out(n: usize) {
+    let _ = CALL.try_with(|c| c.bytes_out.fetch_add(n as u64, Ordering::Relaxed));
+}
+
+impl CallTenant {
+    /// Records the call (ended with grpc-status `code`) under its tenant's label.
+    pub fn finish(&self, method: &'static str, code: &str) {
+        let Some(tenant) = self.label.get() else { return };
+        metrics::counter!(names::TENANT_REQUESTS, "tenant" => tenant.clone(), "method" => method, "code" => code.to_string())
+            .increment(1);
+        if code != "0" {
+            metrics::counter!(names::TENANT_ERRORS, "tenant" => tenant.clone()).increment(1);
+        }
+        for (direction, n) in [("in", &self.bytes_in), ("out", &self.bytes_out)] {
+            let n = n.load(Ordering::Relaxed);
+            metrics::counter!(names::TENANT_BYTES, "tenant" => tenant.clone(), "direction" => direction).increment(n);
+        }
+    }
+}
+
+/// A watcher's per-tenant handles, looked up once when it is created: the hub's hot
+/// path only adds to them.
+pub struct WatcherMetrics {
+    pub watchers: Gauge,
+    pub events: Counter,
+}
+
+impl WatcherMetrics {
+    /// The handles of a watcher of `tenant`; `None` when per-tenant metrics are off.
+    pub fn of(tenant: &str) -> Option<WatcherMetrics> {
+        let l = label(tenant)?;
+        Some(WatcherMetrics {
+            watchers: metrics::gauge!(names::TENANT_WATCHERS, "tenant" => l.clone()),
+            events: metrics::counter!(names::TENANT_EVENTS, "tenant" => l),
+        })
+    }
+}
