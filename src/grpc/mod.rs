@@ -55,6 +55,6 @@ pub async fn answer<T: prost::Message>(
     work: impl std::future::Future<Output = Result<T>>,
 ) -> std::result::Result<Response<T>, Status> {
     let resp = work.instrument(request_span(service, op)).await?;
-    crate::metrics::per_tenant::report_bytes_out(resp.encoded_len());
+    crate::metrics::per_tenant::report_bytes_out(|| resp.encoded_len());
     Ok(Response::new(resp))
 }

@@ -10,7 +10,7 @@
 //! request series; watchers and their events are counted by the hub.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use metrics::{Counter, Gauge, SharedString};
@@ -21,6 +21,8 @@ use super::tenants::TopTenants;
 
 /// The process's labelled tenants; `None` when per-tenant metrics are off.
 static TOP: Mutex<Option<TopTenants>> = Mutex::new(None);
+/// Whether `TOP` is `Some`: lets calls skip measuring sizes when nobody records them.
+static ENABLED: AtomicBool = AtomicBool::new(false);
 
 fn top() -> MutexGuard<'static, Option<TopTenants>> {
     TOP.lock().unwrap_or_else(|p| p.into_inner())
@@ -33,6 +35,7 @@ pub fn configure(n: usize) {
     if t.as_ref().map(TopTenants::top) != Some(n) {
         *t = (n > 0).then(|| TopTenants::new(n));
     }
+    ENABLED.store(n > 0, Ordering::Relaxed);
 }
 
 /// Counts a hit of `tenant` and answers its label, if per-tenant metrics are on.
@@ -68,14 +71,19 @@ pub fn report_tenant(tenant: &str) {
     });
 }
 
-/// Size of a request message of the current call.
-pub fn report_bytes_in(n: usize) {
-    let _ = CALL.try_with(|c| c.bytes_in.fetch_add(n as u64, Ordering::Relaxed));
+/// Size of a request message of the current call; `size` is measured only when
+/// per-tenant metrics are on (a large range answer costs a pass to measure).
+pub fn report_bytes_in(size: impl FnOnce() -> usize) {
+    if ENABLED.load(Ordering::Relaxed) {
+        let _ = CALL.try_with(|c| c.bytes_in.fetch_add(size() as u64, Ordering::Relaxed));
+    }
 }
 
-/// Size of a response message of the current call.
-pub fn report_bytes_out(n: usize) {
-    let _ = CALL.try_with(|c| c.bytes_out.fetch_add(n as u64, Ordering::Relaxed));
+/// Size of a response message of the current call (measured as for requests).
+pub fn report_bytes_out(size: impl FnOnce() -> usize) {
+    if ENABLED.load(Ordering::Relaxed) {
+        let _ = CALL.try_with(|c| c.bytes_out.fetch_add(size() as u64, Ordering::Relaxed));
+    }
 }
 
 impl CallTenant {

@@ -62,7 +62,7 @@ impl Proxy {
     /// The upstream call context (deadline, `hasleader`) of an incoming unary
     /// request; reports the request's size to the per-tenant metrics of the call.
     pub fn ctx<T: prost::Message>(&self, req: &Request<T>) -> CallCtx {
-        crate::metrics::per_tenant::report_bytes_in(req.get_ref().encoded_len());
+        crate::metrics::per_tenant::report_bytes_in(|| req.get_ref().encoded_len());
         CallCtx::from_request(req, self.cfg.default_timeout())
     }
 
