@@ -32,6 +32,8 @@ pub struct Config {
     pub watch: WatchConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
@@ -294,6 +296,39 @@ impl Default for HealthConfig {
     }
 }
 
+/// Overload bounds. Unary calls beyond a bound are refused at once with etcd's
+/// `RESOURCE_EXHAUSTED` "etcdserver: too many requests" (never queued); streams
+/// (Watch, LeaseKeepAlive, Snapshot) are not unary calls. HTTP/2 streams per
+/// connection are `server.max_concurrent_streams`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Unary calls in progress at once, all listeners together. Default 10000.
+    pub max_unary_inflight: usize,
+    /// Unary calls in progress at once on one client connection. Default 2000.
+    pub max_unary_inflight_per_connection: usize,
+    /// Watchers one Watch stream may hold; a create beyond it is refused (created
+    /// and canceled with the reason). Default 10000.
+    pub max_watchers_per_stream: usize,
+    /// HTTP/2 keepalive ping interval towards clients. Default 30000.
+    pub http2_keepalive_interval_ms: u64,
+    /// A client that does not answer a keepalive ping within this is disconnected.
+    /// Default 20000.
+    pub http2_keepalive_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_unary_inflight: 10_000,
+            max_unary_inflight_per_connection: 2_000,
+            max_watchers_per_stream: 10_000,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 20_000,
+        }
+    }
+}
+
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig::plain(SocketAddr::from(([127, 0, 0, 1], 2379)))]
 }
@@ -387,6 +422,15 @@ impl Config {
                 "health.max_probe_age_ms ({}) must exceed probe_interval_ms ({}) and be at least probe_timeout_ms ({}), or readiness flaps between probes",
                 h.max_probe_age_ms, h.probe_interval_ms, h.probe_timeout_ms
             ));
+        }
+        let l = &self.limits;
+        if l.max_unary_inflight == 0
+            || l.max_unary_inflight_per_connection == 0
+            || l.max_watchers_per_stream == 0
+            || l.http2_keepalive_interval_ms == 0
+            || l.http2_keepalive_timeout_ms == 0
+        {
+            return bad("every limits.* setting must be at least 1".into());
         }
         if self.upstream.max_txn_ops < 2 {
             return bad("upstream.max_txn_ops must be at least 2".into());
@@ -487,6 +531,9 @@ mod tests {
         let flapping = Config::parse("[health]\nprobe_interval_ms = 5000\nmax_probe_age_ms = 5000", "x").unwrap();
         assert!(flapping.validate().is_err(), "a probe age bound within one interval flaps");
         let zero = Config::parse("[health]\nmax_watch_lag_ms = 0", "x").unwrap();
+        assert!(zero.validate().is_err());
+        assert_eq!(cfg.limits.max_unary_inflight, 10_000);
+        let zero = Config::parse("[limits]\nmax_watchers_per_stream = 0", "x").unwrap();
         assert!(zero.validate().is_err());
     }
 

@@ -65,6 +65,9 @@ pub enum Error {
     /// A txn op without a request (etcd's `ErrGRPCKeyNotFound`).
     #[error("etcdserver: key not found")]
     KeyNotFound,
+    /// A watch create beyond `limits.max_watchers_per_stream`.
+    #[error("etcdmux: too many watchers on this stream (limits.max_watchers_per_stream = {max}); open another stream")]
+    TooManyWatchers { max: usize },
     /// etcd answered with an error, or the call failed on the way: passed on as it came.
     #[error("{}", .0.status().message())]
     Upstream(#[from] crate::upstream::classify::UpstreamError),
@@ -98,6 +101,7 @@ impl Error {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::IndexKeptChanging(_) => Code::Unavailable,
+            Error::TooManyWatchers { .. } => Code::ResourceExhausted,
         }
     }
 }

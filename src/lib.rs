@@ -26,8 +26,8 @@
 //! upstream/    the etcd connection pool, call and stream context (deadlines),
 //!              classify (what a failure means)
 //! grpc/        server (shutdown order), accept, tls (listener TLS; the scope of a
-//!              request from its client certificate), the metrics layer, one file
-//!              per etcd service
+//!              request from its client certificate), the metrics layer, the
+//!              limits layer (load shedding), one file per etcd service
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
 //!              ring, hub, upstream, progress (state machine), probe (its I/O),
 //!              catchup, passthrough

@@ -36,6 +36,7 @@ pub mod cluster;
 pub mod kv;
 pub mod layer;
 pub mod lease;
+pub mod limits;
 pub mod maintenance;
 pub mod server;
 pub mod tls;

@@ -28,6 +28,7 @@ use super::cluster::ClusterService;
 use super::kv::KvService;
 use super::layer::GrpcMetricsLayer;
 use super::lease::LeaseService;
+use super::limits::{Limits, LimitsLayer};
 use super::maintenance::MaintenanceService;
 use super::tls::{server_tls, ScopeSource};
 use super::watch::WatchService;
@@ -125,6 +126,10 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     let mut tasks = Vec::new();
     let max_in = proxy.cfg.server.max_request_bytes;
     let max_out = proxy.cfg.server.max_response_bytes;
+    // One set of unary-call bounds for all listeners together.
+    let limits = Limits::new(&proxy.cfg.limits);
+    let keepalive = Duration::from_millis(proxy.cfg.limits.http2_keepalive_interval_ms);
+    let keepalive_timeout = Duration::from_millis(proxy.cfg.limits.http2_keepalive_timeout_ms);
     for ((listener, l), scope) in listeners.into_iter().zip(proxy.cfg.listeners.iter()).zip(scopes) {
         addrs.push(l.addr);
         tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, tls = l.is_tls(), mtls = l.client_cert_auth, "listening");
@@ -139,8 +144,10 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         }
         let router = builder
             .layer(GrpcMetricsLayer)
+            .layer(LimitsLayer::new(limits.clone()))
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive_timeout))
             .tcp_nodelay(true)
             .add_service(svc!(KvServer, KvService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(LeaseServer, LeaseService::new(proxy.clone(), scope.clone())))

@@ -22,6 +22,7 @@ pub mod names {
     pub const GRPC_REQUESTS: &str = "etcdmux_grpc_requests_total";
     pub const GRPC_REQUEST_DURATION: &str = "etcdmux_grpc_request_duration_seconds";
     pub const GRPC_INFLIGHT: &str = "etcdmux_grpc_inflight";
+    pub const OVERLOAD_REJECTIONS: &str = "etcdmux_overload_rejections_total";
     pub const REQUEST_ERRORS: &str = "etcdmux_request_errors_total";
     pub const UPSTREAM_ERRORS: &str = "etcdmux_upstream_errors_total";
     pub const UPSTREAM_RETRIES: &str = "etcdmux_upstream_retries_total";
@@ -74,6 +75,13 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         "Time to a call's answer (for streams: to the response headers), by method",
     ),
     (names::GRPC_INFLIGHT, Kind::Gauge, Unit::Count, "gRPC calls in progress, by method"),
+    (
+        names::OVERLOAD_REJECTIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Requests refused by a [limits] bound, by scope: global, connection (unary calls in progress), \
+         watchers_per_stream (watch creates)",
+    ),
     (
         names::REQUEST_ERRORS,
         Kind::Counter,

@@ -176,6 +176,11 @@ impl StreamState {
         if c.watch_id == 0 {
             self.next_id += 1;
         }
+        let max = self.proxy.cfg.limits.max_watchers_per_stream;
+        if self.watchers.len() + self.passthrough.len() >= max {
+            metrics::counter!(names::OVERLOAD_REJECTIONS, "scope" => "watchers_per_stream").increment(1);
+            return self.refuse(id, Error::TooManyWatchers { max }.to_string());
+        }
         // Resolve once: tenant ranges go to the hub, raw keys to a relayed watch.
         let (tenant, start, end) = match self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end) {
             Ok(RangeRef::Tenant { tenant, start, end }) => (tenant, start, end),

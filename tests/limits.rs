@@ -1,0 +1,183 @@
+//! `[limits]` against a real etcd: unary calls beyond the global or per-connection
+//! bound are refused at once with etcd's RESOURCE_EXHAUSTED "etcdserver: too many
+//! requests" (etcd is SIGSTOPped so that calls stay in progress), watch streams are
+//! not counted, and a watch create beyond `max_watchers_per_stream` is refused with
+//! the reason. The tests read process-wide metrics, so they run one at a time.
+
+mod common;
+
+use std::time::Duration;
+
+use etcdmux::metrics::names;
+use etcdmux::pb::etcdserverpb::{
+    kv_client::KvClient, watch_client::WatchClient, watch_request, RangeRequest, WatchCreateRequest, WatchRequest,
+    WatchResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn rejections(scope: &str) -> f64 {
+    let text = etcdmux::metrics::install().expect("metrics recorder").render();
+    let label = format!("scope=\"{scope}\"");
+    text.lines()
+        .filter(|l| l.starts_with(names::OVERLOAD_REJECTIONS) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn signal(etcd: &common::Etcd, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &etcd.pid().to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig}");
+}
+
+/// A new HTTP/2 connection to `url`.
+async fn kv(url: &str) -> KvClient<Channel> {
+    KvClient::new(Channel::from_shared(url.to_string()).expect("url").connect().await.expect("connect"))
+}
+
+fn range() -> RangeRequest {
+    RangeRequest { key: bytes::Bytes::from_static(b"/projects/p1/a"), ..Default::default() }
+}
+
+/// A range on `client` that stays in progress while etcd is stopped.
+fn hanging(client: &KvClient<Channel>) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
+    let mut c = client.clone();
+    tokio::spawn(async move { c.range(range()).await.map(|_| ()) })
+}
+
+/// A range that must be refused at once with etcd's overload answer.
+async fn refused(client: &mut KvClient<Channel>) {
+    let answer = tokio::time::timeout(Duration::from_secs(2), client.range(range())).await;
+    let status = answer.expect("refused at once, not queued").expect_err("refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.message(), "etcdserver: too many requests");
+}
+
+async fn start(etcd: &common::Etcd, limits: &str) -> common::Mux {
+    etcdmux::metrics::install().expect("metrics recorder");
+    common::start_mux(etcd, &format!("{}\n[limits]\n{limits}\n", common::MILO_TOML)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_bound_sheds_at_once_and_recovers() {
+    let _serial = SERIAL.lock().await;
+    let etcd = common::Etcd::start();
+    let mut mux = start(&etcd, "max_unary_inflight = 2").await;
+    let mut a = kv(&mux.url).await;
+    let mut b = kv(&mux.url).await;
+    a.range(range()).await.expect("a range while etcd runs");
+    let before = rejections("global");
+
+    signal(&etcd, "-STOP");
+    let held = [hanging(&a), hanging(&b)];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    refused(&mut a).await;
+    refused(&mut b).await;
+    signal(&etcd, "-CONT");
+    for h in held {
+        h.await.expect("task").expect("the held ranges are answered once etcd runs again");
+    }
+    a.range(range()).await.expect("ranges work again");
+    assert_eq!(rejections("global") - before, 2.0);
+    mux.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_connection_bound_leaves_other_connections_alone() {
+    let _serial = SERIAL.lock().await;
+    let etcd = common::Etcd::start();
+    let mut mux = start(&etcd, "max_unary_inflight_per_connection = 1").await;
+    let mut a = kv(&mux.url).await;
+    let b = kv(&mux.url).await;
+    let before = rejections("connection");
+
+    signal(&etcd, "-STOP");
+    let held_a = hanging(&a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    refused(&mut a).await;
+    let held_b = hanging(&b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held_b.is_finished(), "another connection's call is not refused");
+    signal(&etcd, "-CONT");
+    held_a.await.expect("task").expect("answered");
+    held_b.await.expect("task").expect("the other connection got through");
+    a.range(range()).await.expect("the connection works again");
+    assert_eq!(rejections("connection") - before, 1.0);
+    mux.shutdown().await;
+}
+
+async fn open_watch(url: &str) -> (mpsc::Sender<WatchRequest>, Streaming<WatchResponse>) {
+    let channel = Channel::from_shared(url.to_string()).expect("url").connect().await.expect("connect");
+    let (tx, rx) = mpsc::channel(16);
+    let stream = WatchClient::new(channel).watch(ReceiverStream::new(rx)).await.expect("watch").into_inner();
+    (tx, stream)
+}
+
+fn create(key: &str) -> WatchRequest {
+    WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+            key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+            ..Default::default()
+        })),
+    }
+}
+
+async fn next(stream: &mut Streaming<WatchResponse>) -> WatchResponse {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a response in time")
+        .expect("stream open")
+        .expect("no error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_not_unary_calls() {
+    let _serial = SERIAL.lock().await;
+    let etcd = common::Etcd::start();
+    let mut mux = start(&etcd, "max_unary_inflight = 1\nmax_unary_inflight_per_connection = 1").await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        let (tx, mut rx) = open_watch(&mux.url).await;
+        tx.send(create(&format!("/projects/p1/w{i}"))).await.expect("send");
+        assert!(next(&mut rx).await.created);
+        streams.push((tx, rx));
+    }
+    let mut a = kv(&mux.url).await;
+    a.range(range()).await.expect("open watch streams take no unary slot");
+    mux.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_beyond_max_watchers_per_stream_is_refused_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let etcd = common::Etcd::start();
+    let mut mux = start(&etcd, "max_watchers_per_stream = 2").await;
+    let before = rejections("watchers_per_stream");
+    let (tx, mut rx) = open_watch(&mux.url).await;
+    for i in 0..2 {
+        tx.send(create(&format!("/projects/p1/w{i}"))).await.expect("send");
+        let r = next(&mut rx).await;
+        assert!(r.created && !r.canceled, "{r:?}");
+    }
+    tx.send(create("/projects/p1/w2")).await.expect("send");
+    let r = next(&mut rx).await;
+    assert!(r.created && r.canceled, "{r:?}");
+    assert!(r.cancel_reason.starts_with("etcdmux:"), "{}", r.cancel_reason);
+    assert!(r.cancel_reason.contains("max_watchers_per_stream"), "{}", r.cancel_reason);
+    assert_eq!(rejections("watchers_per_stream") - before, 1.0);
+    // Another stream still has room.
+    let (tx2, mut rx2) = open_watch(&mux.url).await;
+    tx2.send(create("/projects/p1/w3")).await.expect("send");
+    let r = next(&mut rx2).await;
+    assert!(r.created && !r.canceled, "{r:?}");
+    mux.shutdown().await;
+}
