@@ -88,24 +88,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* Secret files: group-readable when the pod's fsGroup makes uid 65532's group own
+them (standalone), else world-readable (a sidecar in a pod without that fsGroup). */}}
+{{- define "etcdmux.secretMode" -}}
+{{- if and (eq .Values.mode "standalone") .Values.podSecurityContext.fsGroup }}0440{{ else }}0444{{ end }}
+{{- end }}
+
 {{/* Volumes for the TLS Secrets (used by the Deployment and the sidecar snippet). */}}
 {{- define "etcdmux.tlsVolumes" -}}
 {{- if .Values.tls.upstream.enabled }}
 - name: upstream-tls
   secret:
     secretName: {{ include "etcdmux.upstreamSecret" . }}
-    defaultMode: 0440
+    defaultMode: {{ include "etcdmux.secretMode" . }}
 {{- end }}
 {{- if .Values.tls.listener.enabled }}
 - name: listener-tls
   secret:
     secretName: {{ include "etcdmux.listenerSecret" . }}
-    defaultMode: 0440
+    defaultMode: {{ include "etcdmux.secretMode" . }}
 {{- if .Values.tls.listener.clientCA.enabled }}
 - name: client-ca
   secret:
     secretName: {{ include "etcdmux.clientCASecret" . }}
-    defaultMode: 0440
+    defaultMode: {{ include "etcdmux.secretMode" . }}
 {{- end }}
 {{- end }}
 {{- end }}
