@@ -194,3 +194,14 @@ them (standalone), else world-readable (a sidecar in a pod without that fsGroup)
 {{- if .Values.config.staticTenant }}  --etcd-compaction-interval=0{{ end }}
 # and the pod's terminationGracePeriodSeconds >= {{ include "etcdmux.terminationGrace" . }}
 {{- end }}
+
+{{- define "etcdmux.listenerTls" -}}
+{{- if .Values.tls.listener.enabled }}
+cert_file = "/etc/etcdmux/tls/listener/tls.crt"
+key_file = "/etc/etcdmux/tls/listener/tls.key"
+{{- if .Values.tls.listener.clientCA.enabled }}
+trusted_ca_file = "/etc/etcdmux/tls/client-ca/ca.crt"
+client_cert_auth = true
+{{- end }}
+{{- end }}
+{{- end }}
