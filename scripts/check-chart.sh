@@ -88,6 +88,16 @@ if [ -z "$BIN" ]; then
     done
 fi
 
+# The chart's default image is etcdmux:<appVersion>, what `docker build -t etcdmux:<version> .`
+# builds: appVersion must be the crate's version (the Dockerfile itself is not built here).
+crate_version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+app_version=$(sed -n 's/^appVersion: "\(.*\)"/\1/p' "$CHART/Chart.yaml")
+[ -n "$crate_version" ] && [ "$crate_version" = "$app_version" ] ||
+    die "charts/etcdmux/Chart.yaml appVersion ($app_version) is not Cargo.toml's version ($crate_version)"
+grep -q "docker build -t etcdmux:$crate_version \." Dockerfile ||
+    die "Dockerfile's build comment does not name etcdmux:$crate_version"
+say "image etcdmux:$crate_version = chart appVersion = Cargo.toml version"
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
