@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{norm_header, norm_ops};
+use common::{norm_header, norm_ops, show, Out};
 
 use bytes::Bytes;
 use etcdmux::pb::etcdserverpb::{
@@ -188,19 +188,6 @@ impl Gen {
             success: (0..ns).map(|_| self.op(depth)).collect(),
             failure: (0..nf).map(|_| self.op(depth)).collect(),
         }
-    }
-}
-
-type Out = Result<String, String>;
-
-fn show<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, norm: impl FnOnce(&mut T)) -> Out {
-    match r {
-        Ok(resp) => {
-            let mut v = resp.into_inner();
-            norm(&mut v);
-            Ok(format!("{v:?}"))
-        }
-        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
     }
 }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{norm_header, norm_ops};
+use common::{norm_header, norm_ops, show, Out};
 
 use bytes::Bytes;
 use etcdmux::pb::etcdserverpb::{
@@ -27,19 +27,6 @@ async fn kv(url: &str) -> KvClient<Channel> {
 async fn revision(c: &mut KvClient<Channel>) -> i64 {
     let r = c.range(RangeRequest { key: b("\0"), ..Default::default() }).await.expect("etcd answers");
     r.into_inner().header.expect("header").revision
-}
-
-type Out = Result<String, (Code, String)>;
-
-fn show<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, norm: impl FnOnce(&mut T)) -> Out {
-    match r {
-        Ok(resp) => {
-            let mut v = resp.into_inner();
-            norm(&mut v);
-            Ok(format!("{v:?}"))
-        }
-        Err(s) => Err((s.code(), s.message().to_string())),
-    }
 }
 
 #[derive(Clone, Debug)]

@@ -171,3 +171,18 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(bytes::Buf::copy_to_bytes(src, bytes::Buf::remaining(src))))
     }
 }
+
+/// An answer in comparable form: the normalized response, or the error's code and text.
+pub type Out = Result<String, (tonic::Code, String)>;
+
+/// `r` as an [`Out`], after `norm` cleared what legitimately differs.
+pub fn show<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, norm: impl FnOnce(&mut T)) -> Out {
+    match r {
+        Ok(resp) => {
+            let mut v = resp.into_inner();
+            norm(&mut v);
+            Ok(format!("{v:?}"))
+        }
+        Err(s) => Err((s.code(), s.message().to_string())),
+    }
+}
