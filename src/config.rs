@@ -11,6 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::keyspace::{Resolver, TenantName};
+
+mod migrate;
+pub use migrate::MigrateConfig;
 pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +37,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub migrate: MigrateConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
@@ -456,6 +461,11 @@ impl Config {
             }
         }
         self.validate_tls()?;
+        self.migrate.validate(self.upstream.max_txn_ops)?;
+        if !self.migrate.source_rules.is_empty() {
+            let source = TenancyConfig { rules: self.migrate.source_rules.clone(), ..self.tenancy.clone() };
+            Resolver::for_source(&source, &[p, m]).map_err(|e| ConfigError::Invalid(format!("migrate.{e}")))?;
+        }
         Resolver::new(&self.tenancy, &[p, m]).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 }

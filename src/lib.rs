@@ -64,6 +64,7 @@ pub mod grpc;
 pub mod health;
 pub mod keyspace;
 pub mod metrics;
+pub mod migrate;
 pub mod ops;
 pub mod pb;
 pub mod shutdown;

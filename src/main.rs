@@ -1,4 +1,5 @@
-//! The `etcdmux` command: serve, or check a config file.
+//! The `etcdmux` command: serve, check a config file, or migrate an existing
+//! installation's keys into the shared layout (`etcdmux migrate ...`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ struct Cli {
 enum Command {
     /// Load and validate a config file, print the effective config, and exit.
     CheckConfig { file: PathBuf },
+    /// Move an existing installation's keys into the shared layout: plan, copy, verify, cutover, cleanup.
+    #[command(subcommand)]
+    Migrate(etcdmux::migrate::MigrateCommand),
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {
@@ -122,6 +126,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Migrate(cmd)) = cli.command {
+        return migrate(cmd);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -147,6 +154,57 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("etcdmux: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `etcdmux migrate ...`: reports on stdout, progress and errors on stderr; the
+/// exit status says what happened (see `MigrateError::exit_code`).
+fn migrate(cmd: etcdmux::migrate::MigrateCommand) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("etcdmux migrate: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tasks = etcdmux::shutdown::Tasks::new();
+    let result = rt.block_on(async {
+        // SIGINT/SIGTERM: the step stops at its next safe point (the checkpoint
+        // holds the position); a second signal exits at once.
+        let signals = tasks.clone();
+        let done = tokio_util::sync::CancellationToken::new();
+        let ended = done.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = ended.cancelled() => return,
+            }
+            eprintln!("etcdmux migrate: stopping at the next safe point (a second signal exits at once)");
+            signals.shut_down();
+            tokio::select! {
+                _ = shutdown_signal() => std::process::exit(130),
+                _ = ended.cancelled() => {}
+            }
+        });
+        let r = etcdmux::migrate::run(cmd, tasks.clone()).await;
+        done.cancel();
+        tasks.shut_down();
+        tasks.wait().await;
+        r
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("etcdmux migrate: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

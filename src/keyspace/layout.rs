@@ -124,6 +124,8 @@ pub struct KeyLayout {
     leases: Bytes,
     /// `/etcdmux/void`
     void: Bytes,
+    /// `/etcdmux/migrate/` (a migration's records add `<id>/...`)
+    migrate: Bytes,
 }
 
 const CLUSTERS: &[u8] = b"/clusters/";
@@ -145,7 +147,37 @@ impl KeyLayout {
             roots: cat(&[m, b"/roots"]),
             leases: cat(&[m, b"/leases/"]),
             void: cat(&[m, b"/void"]),
+            migrate: cat(&[m, b"/migrate/"]),
         }
+    }
+
+    /// The upstream range of every tenant's slash keys: `[/registry/, /registry0)`.
+    pub fn slash_range(&self) -> Piece {
+        let start = cat(&[&self.prefix, b"/"]);
+        let range_end = prefix_end(&start);
+        Piece { key: start, range_end }
+    }
+
+    /// The upstream range of every tenant's root index.
+    pub fn all_index_range(&self) -> Piece {
+        let start = cat(&[&self.roots, b"/"]);
+        let range_end = prefix_end(&start);
+        Piece { key: start, range_end }
+    }
+
+    /// The tenant and slot an index key records (any tenant).
+    pub fn index_entry(&self, k: &[u8]) -> Option<(TenantName, Slot)> {
+        let rest = k.strip_prefix(&self.roots[..])?.strip_prefix(b"/")?;
+        let slash = rest.iter().position(|&b| b == b'/')?;
+        let t = tenant_from(&rest[..slash])?;
+        let slot = self.slot_from_index_key(&t, k)?;
+        Some((t, slot))
+    }
+
+    /// Where migration `id` keeps its record `name` (`etcdmux migrate`): under the meta
+    /// prefix, never a tenant key. Migration ids hold no `/`.
+    pub fn migrate_key(&self, id: &str, name: &str) -> Bytes {
+        cat(&[&self.migrate, id.as_bytes(), b"/", name.as_bytes()])
     }
 
     /// Upstream prefix of tenant `t`'s keys in slash root `name`: `/registry/<name>/clusters/<t>`.
@@ -171,16 +203,8 @@ impl KeyLayout {
     /// The tenant and tenant key of an upstream key, or `None` when the key is not
     /// one `encode` can produce (another application's key, index or lease records).
     pub fn decode(&self, up: &Bytes) -> Option<(TenantName, Bytes)> {
-        if let Some(x) = up.strip_prefix(&self.prefix[..]).and_then(|x| x.strip_prefix(b"/")) {
-            let (root_len, tenant_start) = self.parse_slash(x)?;
-            let rel_tenant_end =
-                x[tenant_start..].iter().position(|&b| b == b'/').map_or(x.len(), |i| tenant_start + i);
-            let tenant = tenant_from(&x[tenant_start..rel_tenant_end])?;
-            let mut key = BytesMut::with_capacity(1 + root_len + (x.len() - rel_tenant_end));
-            key.put_u8(b'/');
-            key.put_slice(&x[..root_len]);
-            key.put_slice(&x[rel_tenant_end..]);
-            return Some((tenant, key.freeze()));
+        if up.starts_with(&self.prefix[..]) {
+            return decode_slash(&self.prefix, up);
         }
         let x = up.strip_prefix(&self.bare[..])?;
         let slash = x.iter().position(|&b| b == b'/')?;
@@ -190,25 +214,6 @@ impl KeyLayout {
             return None;
         }
         Some((tenant, up.slice(up.len() - key.len()..)))
-    }
-
-    /// For `x` = `<root>/clusters/<tenant><rest>`: the length of `<root>` and where the
-    /// tenant starts.
-    fn parse_slash(&self, x: &[u8]) -> Option<(usize, usize)> {
-        let seg1 = x.iter().position(|&b| b == b'/')?;
-        if x[..seg1].contains(&b'.') {
-            // One-segment API group root: exactly `<seg1>/clusters/<tenant>`.
-            let after = &x[seg1..];
-            if let Some(t) = after.strip_prefix(CLUSTERS) {
-                if !t.is_empty() && !t.contains(&b'/') {
-                    return Some((seg1, seg1 + CLUSTERS.len()));
-                }
-            }
-            let seg2 = x[seg1 + 1..].iter().position(|&b| b == b'/').map(|i| seg1 + 1 + i)?;
-            x[seg2..].starts_with(CLUSTERS).then_some((seg2, seg2 + CLUSTERS.len()))
-        } else {
-            x[seg1..].starts_with(CLUSTERS).then_some((seg1, seg1 + CLUSTERS.len()))
-        }
     }
 
     /// The index key recording that tenant `t` has (or had) keys in `slot`.
@@ -278,6 +283,41 @@ impl KeyLayout {
     pub fn lease_id_from_owner_key(&self, k: &[u8]) -> Option<i64> {
         let hex = std::str::from_utf8(k.strip_prefix(&self.leases[..])?).ok()?;
         u64::from_str_radix(hex, 16).ok().map(|v| v as i64)
+    }
+}
+
+/// The tenant and tenant key of `up` in the slash layout under `prefix`
+/// (`<prefix>/<root>/clusters/<tenant><rest>`), or `None` when `up` has not that shape.
+/// The proxy's own layout uses it, and so does a migration source in the same shape
+/// under another prefix (`keyspace::rules`, the `{resource}` rule).
+pub(super) fn decode_slash(prefix: &[u8], up: &Bytes) -> Option<(TenantName, Bytes)> {
+    let x = up.strip_prefix(prefix)?.strip_prefix(b"/")?;
+    let (root_len, tenant_start) = parse_slash(x)?;
+    let rel_tenant_end = x[tenant_start..].iter().position(|&b| b == b'/').map_or(x.len(), |i| tenant_start + i);
+    let tenant = tenant_from(&x[tenant_start..rel_tenant_end])?;
+    let mut key = BytesMut::with_capacity(1 + root_len + (x.len() - rel_tenant_end));
+    key.put_u8(b'/');
+    key.put_slice(&x[..root_len]);
+    key.put_slice(&x[rel_tenant_end..]);
+    Some((tenant, key.freeze()))
+}
+
+/// For `x` = `<root>/clusters/<tenant><rest>`: the length of `<root>` and where the
+/// tenant starts.
+fn parse_slash(x: &[u8]) -> Option<(usize, usize)> {
+    let seg1 = x.iter().position(|&b| b == b'/')?;
+    if x[..seg1].contains(&b'.') {
+        // One-segment API group root: exactly `<seg1>/clusters/<tenant>`.
+        let after = &x[seg1..];
+        if let Some(t) = after.strip_prefix(CLUSTERS) {
+            if !t.is_empty() && !t.contains(&b'/') {
+                return Some((seg1, seg1 + CLUSTERS.len()));
+            }
+        }
+        let seg2 = x[seg1 + 1..].iter().position(|&b| b == b'/').map(|i| seg1 + 1 + i)?;
+        x[seg2..].starts_with(CLUSTERS).then_some((seg2, seg2 + CLUSTERS.len()))
+    } else {
+        x[seg1..].starts_with(CLUSTERS).then_some((seg1, seg1 + CLUSTERS.len()))
     }
 }
 

@@ -10,12 +10,14 @@
 //! - [`identity`]: the principal named by a client certificate's CN or SAN;
 //! - [`layout`]: the shared upstream layout ([`KeyLayout`]), bijective and
 //!   tenant-closed, and etcdmux's own records (root index, lease owners, fence);
-//! - [`plan`]: a tenant range as upstream ranges ([`Piece`]s), one per slot.
+//! - [`plan`]: a tenant range as upstream ranges ([`Piece`]s), one per slot;
+//! - [`source`]: where a migration source keeps a set of tenants' keys.
 
 pub mod identity;
 pub mod layout;
 pub mod plan;
 pub mod rules;
+pub mod source;
 pub mod tenant;
 #[cfg(test)]
 mod views;

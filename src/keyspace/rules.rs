@@ -29,7 +29,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
 use super::identity::{IdentityConfig, IdentityRules};
-use super::layout::prefix_end;
+use super::layout::{decode_slash, prefix_end};
 use super::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName, SLASH_KEYS_END};
 use super::KeyError;
 
@@ -46,6 +46,11 @@ pub enum UnmatchedPolicy {
 
 /// A key-path rule: `prefix = "/projects/{tenant}/"` takes the tenant from the
 /// path; `prefix = "/datum-core/", tenant = "root"` maps a fixed prefix to a tenant.
+///
+/// A migration source (`etcdmux migrate`, `[migrate] source_rule`) may also use
+/// `prefix = "/registry/{resource}/clusters/{tenant}/"`: kplane's shape, the resource
+/// before the tenant (`/registry/pods/clusters/p/ns/x` is tenant `p`'s `/pods/ns/x`).
+/// The proxy refuses it: such keys have no client prefix to render them with.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
@@ -87,22 +92,25 @@ impl Default for TenancyConfig {
 }
 
 #[derive(Debug, Clone)]
-enum Rule {
+pub(super) enum Rule {
     /// `/datum-core/` → `root`: tenant key = the key after the prefix, with its `/`.
     Fixed { prefix: Bytes, tenant: TenantName },
     /// `/projects/{tenant}/`: `literal` is `/projects/`.
     Pattern { literal: Bytes },
+    /// `/registry/{resource}/clusters/{tenant}/` (migration sources only): `literal`
+    /// is `/registry/`; keys are decoded as the layout decodes its own.
+    Clusters { literal: Bytes },
 }
 
 /// Compiled tenant rules; shared by every listener.
 #[derive(Debug)]
 pub struct Resolver {
-    rules: Vec<Rule>,
+    pub(super) rules: Vec<Rule>,
     globals: HashSet<Bytes>,
     unmatched: UnmatchedPolicy,
     /// Tenant names fixed rules own; a path may not claim them (a project named
     /// `root` must never reach the root control plane's data).
-    reserved: HashSet<TenantName>,
+    pub(super) reserved: HashSet<TenantName>,
     admin: TenantName,
     connection_identity: TenantName,
     /// Upstream prefixes etcdmux owns; passthrough keys may not reach into them.
@@ -112,6 +120,16 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(cfg: &TenancyConfig, owned_prefixes: &[&str]) -> Result<Resolver, KeyError> {
+        Self::build(cfg, owned_prefixes, false)
+    }
+
+    /// The resolver of a migration source's keys: the proxy's rules, and also the
+    /// `{resource}/clusters/{tenant}` shape.
+    pub fn for_source(cfg: &TenancyConfig, owned_prefixes: &[&str]) -> Result<Resolver, KeyError> {
+        Self::build(cfg, owned_prefixes, true)
+    }
+
+    fn build(cfg: &TenancyConfig, owned_prefixes: &[&str], source: bool) -> Result<Resolver, KeyError> {
         let invalid = |m: String| Err(KeyError::InvalidRule(m));
         let mut rules = Vec::new();
         let mut reserved = HashSet::new();
@@ -120,6 +138,22 @@ impl Resolver {
             let p = r.prefix.as_str();
             if !p.starts_with('/') || !p.ends_with('/') {
                 return invalid(format!("tenant rule prefix {p:?} must start and end with '/'"));
+            }
+            if let Some(i) = p.find("{resource}") {
+                if !source {
+                    return invalid(format!(
+                        "tenant rule {p:?}: the {{resource}}/clusters/{{tenant}} shape describes a migration source \
+                         ([migrate] source_rule), not keys the proxy can serve"
+                    ));
+                }
+                if r.tenant.is_some() || &p[i..] != "{resource}/clusters/{tenant}/" || !p[..i].ends_with('/') {
+                    return invalid(format!(
+                        "tenant rule {p:?}: write the kplane shape as \"<prefix>/{{resource}}/clusters/{{tenant}}/\""
+                    ));
+                }
+                patterns += 1;
+                rules.push(Rule::Clusters { literal: Bytes::copy_from_slice(&p.as_bytes()[..i]) });
+                continue;
             }
             match (&r.tenant, p.find("{tenant}")) {
                 (Some(t), None) => {
@@ -151,7 +185,7 @@ impl Resolver {
             .iter()
             .map(|r| match r {
                 Rule::Fixed { prefix, .. } => &prefix[..],
-                Rule::Pattern { literal } => &literal[..],
+                Rule::Pattern { literal } | Rule::Clusters { literal } => &literal[..],
             })
             .collect();
         for (i, a) in literals.iter().enumerate() {
@@ -281,6 +315,16 @@ impl Resolver {
                         });
                     }
                     return Ok(Some(KeyRef::Tenant { tenant, key: key.slice(literal.len() + slash..) }));
+                }
+                Rule::Clusters { literal } if key.starts_with(literal) => {
+                    let Some((tenant, tkey)) = decode_slash(&literal[..literal.len() - 1], key) else { continue };
+                    if self.reserved.contains(&tenant) {
+                        return Err(KeyError::InvalidTenant {
+                            name: tenant.to_string(),
+                            why: "the name is reserved by another tenant rule".to_string(),
+                        });
+                    }
+                    return Ok(Some(KeyRef::Tenant { tenant, key: tkey }));
                 }
                 _ => {}
             }

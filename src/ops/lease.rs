@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::Proxy;
 use crate::config::LeaseConfig;
 use crate::error::{Error, Result};
-use crate::keyspace::{Scope, TenantName};
+use crate::keyspace::{KeyLayout, Scope, TenantName};
 use crate::pb::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
     LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, PutRequest, RangeRequest,
@@ -35,6 +35,17 @@ impl LeaseOwners {
                 .time_to_live(Duration::from_millis(cfg.owner_cache_ttl_ms))
                 .build(),
         }
+    }
+}
+
+/// The put of lease `id`'s owner record, attached to the lease: what a grant through
+/// etcdmux writes (and what `etcdmux migrate` writes for the leases it copies).
+pub fn owner_record(layout: &KeyLayout, id: i64, owner: &TenantName) -> PutRequest {
+    PutRequest {
+        key: layout.lease_owner_key(id),
+        value: owner.as_str().as_bytes().to_vec().into(),
+        lease: id,
+        ..Default::default()
     }
 }
 
@@ -81,12 +92,7 @@ impl Proxy {
         if !resp.error.is_empty() {
             return Ok(resp);
         }
-        let record = PutRequest {
-            key: self.layout.lease_owner_key(resp.id),
-            value: scope.principal.as_str().as_bytes().to_vec().into(),
-            lease: resp.id,
-            ..Default::default()
-        };
+        let record = owner_record(&self.layout, resp.id, &scope.principal);
         let written =
             self.upstream.kv_call(ctx, Retry::OnlyUnsent, &record, |mut c, r| async move { c.put(r).await }).await;
         if let Err(e) = written {

@@ -8,13 +8,22 @@ use super::{delete_op, index_unchanged_since, put_op, validate, Proxy};
 use crate::error::{Error, Result};
 use bytes::Bytes;
 
-use crate::keyspace::{slot_of, ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName};
+use crate::keyspace::{slot_of, ClientPrefix, End, KeyLayout, KeyRef, RangeRef, Scope, TenantName};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{
     response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, TxnRequest, TxnResponse,
 };
 use crate::upstream::{CallCtx, Retry};
+
+/// Tenant `t`'s put of its key `key` as etcdmux writes it upstream: `req` with the
+/// key placed in the layout, and the root-index key of the key's slot, which must be
+/// written in the same transaction unless it is known to exist. `etcdmux migrate`
+/// copies keys with this too, so a copied key is exactly what a put would have made.
+pub fn placed_put(layout: &KeyLayout, t: &TenantName, key: &[u8], mut req: PutRequest) -> (PutRequest, Bytes) {
+    req.key = layout.encode(t, key);
+    (req, layout.index_key(t, &slot_of(key)))
+}
 
 impl Proxy {
     pub async fn put(&self, scope: &Scope, ctx: &CallCtx, mut req: PutRequest) -> Result<PutResponse> {
@@ -38,8 +47,7 @@ impl Proxy {
         if req.lease != 0 {
             self.check_lease(scope, ctx, req.lease).await?;
         }
-        req.key = self.layout.encode(&tenant, &key);
-        let index_key = self.layout.index_key(&tenant, &slot_of(&key));
+        let (req, index_key) = placed_put(&self.layout, &tenant, &key, req);
         let mut resp = if self.index.is_known(&index_key) {
             self.up_put(ctx, &req).await?
         } else {

@@ -37,6 +37,10 @@ pub enum EtcdError {
     NotCapable,
     UnhealthyCluster,
     LeaseNotFound,
+    /// A grant with an id that is taken (`etcdmux migrate` keeps lease ids).
+    LeaseExists,
+    /// A request over etcd's `--max-request-bytes`.
+    RequestTooLarge,
     /// Any other `UNAVAILABLE` answer: a passing condition, as gRPC defines the code.
     Unavailable,
     /// Any other error etcd (or the gRPC layer in front of it) answered.
@@ -66,6 +70,8 @@ pub const ETCD_ERRORS: &[(Code, &str, EtcdError)] = &[
     (Code::Unavailable, "etcdserver: not capable", EtcdError::NotCapable),
     (Code::Unavailable, "etcdserver: unhealthy cluster", EtcdError::UnhealthyCluster),
     (Code::NotFound, "etcdserver: requested lease not found", EtcdError::LeaseNotFound),
+    (Code::FailedPrecondition, "etcdserver: lease already exists", EtcdError::LeaseExists),
+    (Code::InvalidArgument, "etcdserver: request is too large", EtcdError::RequestTooLarge),
 ];
 
 impl EtcdError {

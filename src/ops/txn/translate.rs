@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::keyspace::{slot_of, KeyRef, RangeRef, Scope, Slot, TenantName};
 use crate::ops::index::IndexSnapshot;
 use crate::ops::merge::piece_request;
+use crate::ops::write::placed_put;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
 
@@ -201,11 +202,8 @@ impl<'a> Translate<'a> {
                     }
                     KeyRef::Tenant { tenant, key } => {
                         self.claim(Owner::Tenant(tenant.clone()))?;
-                        let layout = &self.proxy.layout;
-                        p.key = layout.encode(&tenant, &key);
-                        let slot = slot_of(&key);
-                        let ik = layout.index_key(&tenant, &slot);
-                        self.put_slots.insert(slot);
+                        let (p, ik) = placed_put(&self.proxy.layout, &tenant, &key, p);
+                        self.put_slots.insert(slot_of(&key));
                         let index_key = (!self.proxy.index.is_known(&ik)).then_some(ik);
                         OpPlan::Put { req: p, index_key }
                     }
