@@ -13,8 +13,8 @@ use serde::Deserialize;
 use crate::keyspace::{Resolver, TenantName};
 
 mod migrate;
-pub use migrate::MigrateConfig;
 pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
+pub use migrate::MigrateConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -60,7 +60,7 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Move an existing installation's keys into the shared layout: plan, copy, verify, cutover, cleanup.
     #[command(subcommand)]
-    Migrate(etcdmux::migrate::MigrateCommand),
+    Migrate(Box<etcdmux::migrate::MigrateCommand>),
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
         };
     }
     if let Some(Command::Migrate(cmd)) = cli.command {
-        return migrate(cmd);
+        return migrate(*cmd);
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -76,7 +76,9 @@ impl MigrateConfig {
             return bad("migrate.page_keys, batch_bytes and bump_concurrency must be at least 1".into());
         }
         if self.fence_interval_ms == 0 || self.lease_sync_interval_ms == 0 || self.progress_interval_ms == 0 {
-            return bad("migrate.fence_interval_ms, lease_sync_interval_ms and progress_interval_ms must be at least 1".into());
+            return bad(
+                "migrate.fence_interval_ms, lease_sync_interval_ms and progress_interval_ms must be at least 1".into(),
+            );
         }
         for (name, v) in [("batch_ops", self.batch_ops), ("cleanup_batch", self.cleanup_batch)] {
             if v == 0 || v >= max_txn_ops {

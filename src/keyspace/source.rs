@@ -42,7 +42,6 @@ impl Resolver {
         out.sort();
         out
     }
-
 }
 
 #[cfg(test)]
@@ -74,7 +73,11 @@ mod tests {
             ("/kplane/pods/clusters/q", "q", "/pods"),
             ("/root/pods/x", "root", "/pods/x"),
         ] {
-            assert_eq!(r.resolve_key(&s, &b(key)).unwrap(), KeyRef::Tenant { tenant: t(tenant), key: b(tkey) }, "{key}");
+            assert_eq!(
+                r.resolve_key(&s, &b(key)).unwrap(),
+                KeyRef::Tenant { tenant: t(tenant), key: b(tkey) },
+                "{key}"
+            );
         }
         assert!(matches!(r.resolve_key(&s, &b("/kplane/pods/x")), Err(KeyError::Unmatched(_))));
         assert!(matches!(r.resolve_key(&s, &b("/kplane/pods/clusters/root/x")), Err(KeyError::InvalidTenant { .. })));
@@ -89,7 +92,10 @@ mod tests {
     #[test]
     fn rule_ranges_cover_the_named_tenants() {
         let r = source(r#"{ prefix = "/projects/{tenant}/" }, { prefix = "/datum-core/", tenant = "root" }"#).unwrap();
-        assert_eq!(r.rule_ranges(None), vec![(b("/datum-core/"), b("/datum-core0")), (b("/projects/"), b("/projects0"))]);
+        assert_eq!(
+            r.rule_ranges(None),
+            vec![(b("/datum-core/"), b("/datum-core0")), (b("/projects/"), b("/projects0"))]
+        );
         let some: BTreeSet<TenantName> = [t("b"), t("a"), t("root")].into_iter().collect();
         assert_eq!(
             r.rule_ranges(Some(&some)),

@@ -25,8 +25,16 @@ use crate::upstream::classify::EtcdError;
 #[derive(Debug, Clone)]
 pub enum Item {
     /// `lease` is the source's lease id (0: none).
-    Put { tenant: TenantName, key: Bytes, value: Bytes, lease: i64 },
-    Delete { tenant: TenantName, key: Bytes },
+    Put {
+        tenant: TenantName,
+        key: Bytes,
+        value: Bytes,
+        lease: i64,
+    },
+    Delete {
+        tenant: TenantName,
+        key: Bytes,
+    },
 }
 
 /// Where the copy is once an item is applied.

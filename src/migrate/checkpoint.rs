@@ -23,8 +23,8 @@ pub struct Manifest {
     pub id: String,
     /// The source's endpoints when it started (for messages).
     pub source: String,
-    /// The source's etcd cluster id: a resumed step refuses another etcd.
-    pub source_cluster_id: u64,
+    /// The source's etcd cluster id (hex): a resumed step refuses another etcd.
+    pub source_cluster_id: String,
     pub same_etcd: bool,
     /// The projects (tenants) migrated; empty with `all_projects`.
     pub projects: Vec<String>,
@@ -136,7 +136,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 pub fn unhex(s: &str) -> Result<Bytes> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(MigrateError::Internal(format!("odd hex length in a checkpoint: {s:?}")));
     }
     (0..s.len())

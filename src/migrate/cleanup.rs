@@ -52,7 +52,11 @@ pub async fn run(ctx: &Ctx, delete: bool, batch: usize) -> Result<()> {
             for kv in kvs {
                 if let Class::Tenant(t, _) = map.classify(&kv.key) {
                     if kv.mod_revision > cut.fence_rev {
-                        changed.push(format!("  {:?} at revision {}", String::from_utf8_lossy(&kv.key), kv.mod_revision));
+                        changed.push(format!(
+                            "  {:?} at revision {}",
+                            String::from_utf8_lossy(&kv.key),
+                            kv.mod_revision
+                        ));
                     }
                     *per_tenant.entry(t).or_default() += 1;
                 }

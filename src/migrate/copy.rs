@@ -253,7 +253,7 @@ async fn start(
     let manifest = Manifest {
         id: id.to_string(),
         source: ctx.source.url.clone(),
-        source_cluster_id: ctx.source_cluster,
+        source_cluster_id: format!("{:x}", ctx.source_cluster),
         same_etcd: ctx.same_etcd,
         projects: map.tenants().map(|ts| ts.iter().map(|t| t.to_string()).collect()).unwrap_or_default(),
         all_projects: map.tenants().is_none(),

@@ -36,7 +36,8 @@ pub async fn run(ctx: &Ctx, compact: bool, quiet: Duration) -> Result<()> {
                 )))
             }
             Phase::Cutover => {
-                let c = cp.cutover.as_ref().ok_or_else(|| MigrateError::Internal("cut over without a record".into()))?;
+                let c =
+                    cp.cutover.as_ref().ok_or_else(|| MigrateError::Internal("cut over without a record".into()))?;
                 println!("cutover {id:?}: already cut over at source revision {}", c.fence_rev);
                 last_source_rev = last_source_rev.max(c.fence_rev);
                 continue;

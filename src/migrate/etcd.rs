@@ -77,7 +77,11 @@ impl Etcd {
     /// etcd's current revision and cluster id (a range that matches nothing).
     pub async fn status(&self) -> Result<(i64, u64)> {
         let resp = self
-            .range(RangeRequest { key: Bytes::from_static(b"\0etcdmux-migrate"), count_only: true, ..Default::default() })
+            .range(RangeRequest {
+                key: Bytes::from_static(b"\0etcdmux-migrate"),
+                count_only: true,
+                ..Default::default()
+            })
             .await?;
         let h = resp.header.unwrap_or_default();
         Ok((h.revision, h.cluster_id))

@@ -65,7 +65,13 @@ pub struct Leases {
 
 impl Leases {
     /// Reads the mappings a previous run left in the target.
-    pub async fn load(target: &Etcd, layout: &KeyLayout, id: &str, same_etcd: bool, owner: LeaseOwner) -> Result<Leases> {
+    pub async fn load(
+        target: &Etcd,
+        layout: &KeyLayout,
+        id: &str,
+        same_etcd: bool,
+        owner: LeaseOwner,
+    ) -> Result<Leases> {
         let mut map = BTreeMap::new();
         if !same_etcd {
             let range = map_range(layout, id);
@@ -113,11 +119,7 @@ impl Leases {
     /// etcdmux already). `None` when the lease expired meanwhile.
     async fn record_owner(&self, target: &Etcd, id: i64, owner: &TenantName) -> Result<Option<i64>> {
         let rec = owner_record(&self.layout, id, owner);
-        let txn = TxnRequest {
-            compare: vec![absent(rec.key.clone())],
-            success: vec![put_op(rec)],
-            failure: vec![],
-        };
+        let txn = TxnRequest { compare: vec![absent(rec.key.clone())], success: vec![put_op(rec)], failure: vec![] };
         match target.txn(txn).await {
             Ok(_) => Ok(Some(id)),
             Err(e) if e.etcd() == Some(EtcdError::LeaseNotFound) => Ok(None),

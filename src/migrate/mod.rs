@@ -152,7 +152,11 @@ impl Ctx {
         if !https {
             (src_up.cacert, src_up.cert, src_up.key, src_up.server_name) = (None, None, None, None);
         }
-        for (flag, field) in [(&c.source_cacert, &mut src_up.cacert), (&c.source_cert, &mut src_up.cert), (&c.source_key, &mut src_up.key)] {
+        for (flag, field) in [
+            (&c.source_cacert, &mut src_up.cacert),
+            (&c.source_cert, &mut src_up.cert),
+            (&c.source_key, &mut src_up.key),
+        ] {
             if flag.is_some() {
                 field.clone_from(flag);
             }
@@ -252,9 +256,9 @@ impl Ctx {
                 m.id
             )));
         }
-        if m.source_cluster_id != self.source_cluster {
+        if m.source_cluster_id != format!("{:x}", self.source_cluster) {
             return Err(MigrateError::Refused(format!(
-                "migration {:?} copies from etcd cluster {:x} ({}), but --source is cluster {:x}",
+                "migration {:?} copies from etcd cluster {} ({}), but --source is cluster {:x}",
                 m.id, m.source_cluster_id, m.source, self.source_cluster
             )));
         }

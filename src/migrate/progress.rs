@@ -40,16 +40,7 @@ impl Progress {
             bar
         });
         let now = Instant::now();
-        Progress {
-            bar,
-            label: label.to_string(),
-            total,
-            keys: 0,
-            bytes: 0,
-            start: now,
-            last_line: now,
-            interval,
-        }
+        Progress { bar, label: label.to_string(), total, keys: 0, bytes: 0, start: now, last_line: now, interval }
     }
 
     /// Starts counting from keys already done (a resumed step).

@@ -39,7 +39,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub fn new(keys_per_sec: u64, bytes_per_sec: u64) -> RateLimit {
-        let bucket = |r: u64| (r > 0).then(|| Bucket { rate: r as f64, tokens: r as f64 });
+        let bucket = |r: u64| (r > 0).then_some(Bucket { rate: r as f64, tokens: r as f64 });
         RateLimit { keys: bucket(keys_per_sec), bytes: bucket(bytes_per_sec), last: Instant::now() }
     }
 

@@ -25,7 +25,13 @@ use crate::pb::etcdserverpb::PutRequest;
 
 /// Writes `key` until the target's revision is above `past`, `concurrency` writes
 /// in flight. Returns the target's revision afterwards.
-pub async fn advance_past(target: &Etcd, key: Bytes, past: i64, concurrency: usize, interval: std::time::Duration) -> Result<i64> {
+pub async fn advance_past(
+    target: &Etcd,
+    key: Bytes,
+    past: i64,
+    concurrency: usize,
+    interval: std::time::Duration,
+) -> Result<i64> {
     let (mut now, _) = target.status().await?;
     if now > past {
         return Ok(now);

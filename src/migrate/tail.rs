@@ -56,8 +56,10 @@ pub struct TailEnd {
 /// The value of a fence: who wrote it and why, for whoever finds it.
 pub async fn write_fence(w: &Writer<'_>, map: &SourceMap, why: &str) -> Result<i64> {
     let value = format!("etcdmux migrate {}: {why} fence", w.store.id);
-    let resp =
-        w.source.put(PutRequest { key: map.fence_key().clone(), value: Bytes::from(value), ..Default::default() }).await?;
+    let resp = w
+        .source
+        .put(PutRequest { key: map.fence_key().clone(), value: Bytes::from(value), ..Default::default() })
+        .await?;
     Ok(resp.header.map_or(0, |h| h.revision))
 }
 

@@ -231,8 +231,9 @@ async fn markers(target: &Etcd, layout: &KeyLayout, id: &str, rev: i64) -> Resul
     let mut pager = Pager::new(&prefix_range(&prefix), rev, 1000, true);
     while let Some(kvs) = pager.next(target).await? {
         out.extend(
-            kvs.iter()
-                .filter_map(|kv| std::str::from_utf8(&kv.key[prefix.len()..]).ok().and_then(|n| TenantName::new(n).ok())),
+            kvs.iter().filter_map(|kv| {
+                std::str::from_utf8(&kv.key[prefix.len()..]).ok().and_then(|n| TenantName::new(n).ok())
+            }),
         );
     }
     Ok(out)
@@ -324,7 +325,8 @@ pub async fn run(ctx: &Ctx, all_rows: bool) -> Result<()> {
             Phase::Cutover => {
                 // The target was compacted at cutover and has moved on since: the
                 // comparison that counts was cutover's own.
-                let c = cp.cutover.as_ref().ok_or_else(|| MigrateError::Internal("cut over without a record".into()))?;
+                let c =
+                    cp.cutover.as_ref().ok_or_else(|| MigrateError::Internal("cut over without a record".into()))?;
                 println!(
                     "verify {id:?}: cut over at source revision {} (target revision {}); the verify then passed for \
                      {} keys. The target is the truth since, so there is nothing to compare now",
