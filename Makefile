@@ -91,7 +91,7 @@ clean-run:
 	done
 	rm -rf .run
 
-## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv)
+## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
 BENCH_MODELS ?= shared,per-project
 bench: build
@@ -99,6 +99,7 @@ bench: build
 	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
 	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --name api
+	$(CARGO_TARGET_DIR)/release/migratebench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name migrate
 
 ## bench-smoke: both benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
@@ -107,6 +108,8 @@ bench-smoke: deps
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
 	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --check --name api-smoke
+	$(CARGO_TARGET_DIR)/debug/migratebench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --projects 20 --rates 0 --baseline-secs 1 --name migrate-smoke
 
 ## soak: the differential and watch checkers with many more seeds
 SOAK_DIFF_SEEDS ?= 200

@@ -7,8 +7,8 @@
 //! # Layout
 //!
 //! ```text
-//! main.rs      the `etcdmux` command (clap): serve, check-config
-//! config.rs    the one serde config, validated once
+//! main.rs      the `etcdmux` command (clap): serve, check-config, migrate
+//! config.rs    the one serde config, validated once (config/migrate.rs: [migrate])
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
 //! metrics/     metric names (one place), descriptions, the Prometheus recorder
@@ -31,11 +31,18 @@
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
 //!              ring, hub, upstream, progress (state machine), probe (its I/O),
 //!              catchup, passthrough
+//! migrate/     `etcdmux migrate`: an existing installation's keys into the layout:
+//!              cli, source (keys → tenants with the proxy's Resolver), etcd (the
+//!              two pools), checkpoint (records in the target; guarded writes),
+//!              apply (batches placed as the proxy places a put), leases, rate,
+//!              progress, plan, snapshot, tail (one watch, fences), copy, verify
+//!              (digests per project and resource), revision, cutover, cleanup
 //! ```
 //!
 //! Dependencies between top-level modules point one way (checked by a test in
 //! `tests/architecture.rs`): `grpc → health → watch → ops → upstream, keyspace`; `config →
-//! keyspace`; `error → upstream, keyspace`; `keyspace` depends on nothing.
+//! keyspace`; `error → upstream, keyspace`; `keyspace` depends on nothing; `migrate →
+//! ops, upstream, config, keyspace` and nothing depends on `migrate`.
 //!
 //! # A request
 //!

@@ -102,7 +102,7 @@ fn find_cycle(g: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 #[test]
 fn top_level_modules_have_no_import_cycle() {
     let g = graph();
-    for m in ["keyspace", "ops", "upstream", "grpc", "watch", "config", "error"] {
+    for m in ["keyspace", "ops", "upstream", "grpc", "watch", "config", "error", "migrate"] {
         assert!(g.contains_key(m), "module {m} not found: {:?}", g.keys());
     }
     if let Some(cycle) = find_cycle(&g) {
@@ -121,6 +121,14 @@ fn the_documented_direction_holds() {
         }
     }
     assert!(!deps("watch").contains("grpc"), "watch must not depend on grpc");
+    // The migration tool sits beside the proxy: it uses the proxy's key space, write
+    // placement and upstream pool, and nothing of the proxy uses it.
+    for (m, d) in &g {
+        assert!(m == "migrate" || !d.contains("migrate"), "{m} must not depend on migrate");
+    }
+    for serving in ["grpc", "watch", "health"] {
+        assert!(!deps("migrate").contains(serving), "migrate must not depend on {serving}");
+    }
 }
 
 #[test]
