@@ -142,8 +142,8 @@ fn latency_row(l: &[Duration]) -> String {
 }
 
 /// Runs `etcdmux migrate <args>`; its stdout, and the wall time.
-async fn migrate(bin: &PathBuf, args: Vec<String>) -> Result<(String, Duration), Error> {
-    let bin = bin.clone();
+async fn migrate(bin: &std::path::Path, args: Vec<String>) -> Result<(String, Duration), Error> {
+    let bin = bin.to_path_buf();
     let t = Instant::now();
     let out =
         tokio::task::spawn_blocking(move || Command::new(bin).arg("migrate").args(args).stdin(Stdio::null()).output())
