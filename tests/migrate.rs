@@ -591,3 +591,44 @@ async fn a_source_compacted_under_the_tail_fails_clearly_then_restarts() {
     assert_eq!(dump(&mut mux, "/projects/p0001/pods/").await, dump(&mut src, "/projects/p0001/pods/").await);
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_kept_alive_in_the_source_stays_alive_in_the_target_until_sigterm() {
+    let source = Etcd::start();
+    let target = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &target.client_url, "[migrate]\nlease_sync_interval_ms = 1000");
+    let cfg = cfg.to_str().unwrap();
+    let src_url = source.client_url.as_str();
+    let mut src = client(src_url).await;
+    let lease = src.lease_grant(6, None).await.unwrap().id();
+    src.put("/projects/p/events/ns/e", "kept alive", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    // The source's lease is kept alive by its owner the whole time.
+    let (mut keeper, mut acks) = src.lease_keep_alive(lease).await.unwrap();
+    let keep = tokio::spawn(async move {
+        loop {
+            keeper.keep_alive().await.unwrap();
+            acks.message().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    // A copy left tailing (no --until-caught-up), stopped by SIGTERM later.
+    let child = command(&["copy", "--config", cfg, "--source", src_url]).spawn().unwrap();
+    let mut tgt = client(&target.client_url).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let got = dump(&mut tgt, "/registry/events/clusters/p/").await;
+    assert_eq!(got.len(), 1, "the copy outlived its 6 s TTL while the source's lease lived: {got:?}");
+    assert_eq!(got[0].2, lease);
+    assert!(tgt.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
+    keep.abort();
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SIGTERM ends a tailing copy with 0: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("is in the target"), "{stdout}");
+}
