@@ -422,6 +422,8 @@ async fn conflicts_unmatched_keys_and_bad_input_are_refused_clearly() {
     migrate(&["verify", "--config", cfg, "--source", src_url]).await.ok();
     assert_eq!(dump(&mut mux, "/projects/p0002/").await.len(), 1, "a skipped project is left as it was");
     assert_eq!(dump(&mut mux, "/projects/p0003/").await, dump(&mut src, "/projects/p0003/").await);
+    let list = dir.path().join("projects.txt");
+    std::fs::write(&list, "# the second batch\np0002\n").unwrap();
     let overwrite = [
         "copy",
         "--config",
@@ -434,8 +436,8 @@ async fn conflicts_unmatched_keys_and_bad_input_are_refused_clearly() {
         "overwrite",
         "--id",
         "second",
-        "--projects",
-        "p0002",
+        "--projects-file",
+        list.to_str().unwrap(),
     ];
     let r = migrate(&overwrite).await.ok();
     assert!(r.stderr.contains("overwriting the target's keys of 1 projects"), "{}", r.all());

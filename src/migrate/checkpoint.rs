@@ -139,12 +139,13 @@ pub fn unhex(s: &str) -> Result<Bytes> {
     if !s.len().is_multiple_of(2) {
         return Err(MigrateError::Internal(format!("odd hex length in a checkpoint: {s:?}")));
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
-        .collect::<std::result::Result<Vec<u8>, _>>()
+    let digit = |c: u8| (c as char).to_digit(16);
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Some((digit(p[0])? * 16 + digit(p[1])?) as u8))
+        .collect::<Option<Vec<u8>>>()
         .map(Bytes::from)
-        .map_err(|e| MigrateError::Internal(format!("bad hex in a checkpoint: {e}")))
+        .ok_or_else(|| MigrateError::Internal(format!("bad hex in a checkpoint: {s:?}")))
 }
 
 pub fn range_text(p: &Piece) -> String {
@@ -283,6 +284,6 @@ mod tests {
         assert_eq!(back, cp);
         assert_eq!(back.phase, Phase::Wipe);
         assert_eq!(unhex(&back.next_key).unwrap(), Bytes::from_static(b"/projects/p/\x00\xff"));
-        assert!(unhex("abc").is_err() && unhex("zz").is_err());
+        assert!(unhex("abc").is_err() && unhex("zz").is_err() && unhex("éé").is_err());
     }
 }

@@ -28,6 +28,9 @@ use crate::pb::etcdserverpb::{watch_request, PutRequest, WatchCreateRequest, Wat
 use crate::pb::mvccpb::event::EventType;
 use crate::shutdown::Tasks;
 
+/// How long the source's watch may keep failing before the tail gives up.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+
 /// When the tail ends.
 #[derive(Debug, Clone, Copy)]
 pub enum Until {
@@ -82,7 +85,23 @@ pub async fn run(
     let mut next_sync = Instant::now() + opts.lease_sync_interval;
     let mut next_save = Instant::now() + Duration::from_secs(1);
     let mut backoff = Duration::from_millis(100);
+    // Since when the source's watch keeps failing: the tail retries for a while, then
+    // gives up (the checkpoint keeps the position for the next run).
+    let mut failing_since: Option<Instant> = None;
     loop {
+        if let Some(since) = failing_since {
+            if since.elapsed() > GIVE_UP_AFTER {
+                w.commit_position().await?;
+                return Err(MigrateError::Etcd {
+                    side: w.source.side,
+                    url: w.source.url.clone(),
+                    err: crate::upstream::classify::UpstreamError::new(tonic::Status::unavailable(format!(
+                        "the watch kept failing for {} s; run copy again to resume",
+                        GIVE_UP_AFTER.as_secs()
+                    ))),
+                });
+            }
+        }
         let start = if w.cp.partial_rev != 0 { w.cp.partial_rev } else { w.cp.applied_rev + 1 };
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let create = WatchCreateRequest {
@@ -100,6 +119,7 @@ pub async fn run(
             Ok(s) => s.into_inner(),
             Err(status) => {
                 let e = w.source.err(status.into());
+                failing_since.get_or_insert_with(Instant::now);
                 eprintln!("tail: opening the watch failed ({e}); retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -123,11 +143,19 @@ pub async fn run(
                 }
                 _ = sleep_until(next_fence), if matches!(until, Until::Stopped) => {
                     next_fence = Instant::now() + opts.fence_interval;
-                    want = Some(write_fence(w, map, "progress").await?);
+                    // A failed fence only delays the checkpoint: the next one comes.
+                    match write_fence(w, map, "progress").await {
+                        Ok(rev) => want = Some(rev),
+                        Err(e @ MigrateError::Etcd { .. }) => eprintln!("tail: writing a progress fence failed: {e}"),
+                        Err(e) => return Err(e),
+                    }
                 }
                 _ = sleep_until(next_sync) => {
                     next_sync = Instant::now() + opts.lease_sync_interval;
-                    w.leases.sync(w.source, w.target).await?;
+                    match w.leases.sync(w.source, w.target).await {
+                        Err(e @ MigrateError::Etcd { .. }) => eprintln!("tail: keeping leases alive failed: {e}"),
+                        other => other?,
+                    }
                 }
                 _ = sleep_until(next_save), if w.is_dirty() => {
                     next_save = Instant::now() + Duration::from_secs(1);
@@ -136,13 +164,18 @@ pub async fn run(
                 msg = stream.message() => {
                     let resp = match msg {
                         Ok(Some(r)) => r,
-                        Ok(None) => break,
+                        Ok(None) => {
+                            failing_since.get_or_insert_with(Instant::now);
+                            break;
+                        }
                         Err(status) => {
+                            failing_since.get_or_insert_with(Instant::now);
                             eprintln!("tail: the watch broke ({}); resuming", w.source.err(status.into()));
                             break;
                         }
                     };
                     backoff = Duration::from_millis(100);
+                    failing_since = None;
                     if resp.compact_revision != 0 {
                         return Err(MigrateError::Compacted {
                             side: w.source.side,
