@@ -464,7 +464,8 @@ impl Config {
         self.migrate.validate(self.upstream.max_txn_ops)?;
         if !self.migrate.source_rules.is_empty() {
             let source = TenancyConfig { rules: self.migrate.source_rules.clone(), ..self.tenancy.clone() };
-            Resolver::for_source(&source, &[p, m]).map_err(|e| ConfigError::Invalid(format!("migrate.{e}")))?;
+            Resolver::for_source(&source, &[p, m])
+                .map_err(|e| ConfigError::Invalid(format!("[migrate] source_rule: {e}")))?;
         }
         Resolver::new(&self.tenancy, &[p, m]).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
     }

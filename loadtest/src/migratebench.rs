@@ -43,6 +43,9 @@ struct Args {
     /// How long the source's latency is sampled before any copy.
     #[arg(long, default_value_t = 5)]
     baseline_secs: u64,
+    /// Source keys per page (migrate.page_keys) for copy and verify.
+    #[arg(long, default_value_t = 10000)]
+    page_keys: u64,
     #[arg(long, default_value = "migrate")]
     name: String,
 }
@@ -169,8 +172,8 @@ async fn main() -> Result<(), Error> {
     writeln!(report, "Machine: {}. Source and target are two etcds on this machine, with the load generator and the migrate process on the same cores.\n", machine())?;
     writeln!(
         report,
-        "Dataset: {} projects + the root tenant × {} resources × {} objects = {keys} keys, {:.1} MB of keys and values; events on 50 leases (TTL 1 h). The copy runs `etcdmux migrate copy --until-caught-up` (snapshot, then the tail up to a fence) into a fresh target etcd, `--bytes-per-sec 0`; verify then compares both sides at one pair of revisions.\n",
-        a.projects, a.resources, a.objects, bytes as f64 / 1e6
+        "Dataset: {} projects + the root tenant × {} resources × {} objects = {keys} keys, {:.1} MB of keys and values; events on 50 leases (TTL 1 h). The copy runs `etcdmux migrate copy --until-caught-up --page-keys {}` (snapshot, then the tail up to a fence) into a fresh target etcd, `--bytes-per-sec 0`; verify then compares both sides at one pair of revisions.\n",
+        a.projects, a.resources, a.objects, bytes as f64 / 1e6, a.page_keys
     )?;
     eprintln!("migratebench: baseline latency of the source");
     let stop = Arc::new(AtomicBool::new(false));
@@ -195,6 +198,8 @@ async fn main() -> Result<(), Error> {
                 source.client_url.clone(),
                 "--target".into(),
                 target.client_url.clone(),
+                "--page-keys".into(),
+                a.page_keys.to_string(),
             ]
         };
         eprintln!("migratebench: copy at {rate} keys/s (0: no limit)");

@@ -22,8 +22,13 @@ pub struct MigrateConfig {
     /// Bytes of keys and values copied per second at most. 0: no limit.
     /// Default 33554432 (32 MiB).
     pub bytes_per_sec: u64,
-    /// Keys per page when reading the source. Default 1000.
+    /// Keys per page when reading at most (keys-only scans use it as is). Default
+    /// 10000.
     pub page_keys: i64,
+    /// Pages that carry values (the snapshot, verify, plan) are sized to about this
+    /// many bytes, with at most `page_keys` keys. Few large pages matter: etcd before
+    /// 3.5 walks the whole rest of a range for every page. Default 8388608 (8 MiB).
+    pub page_bytes: usize,
     /// Operations per transaction written to the target (each also updates the
     /// checkpoint, so at most `upstream.max_txn_ops - 1`). Default 100.
     pub batch_ops: usize,
@@ -56,7 +61,8 @@ impl Default for MigrateConfig {
             source_rules: Vec::new(),
             keys_per_sec: 10_000,
             bytes_per_sec: 32 * 1024 * 1024,
-            page_keys: 1000,
+            page_keys: 10_000,
+            page_bytes: 8 * 1024 * 1024,
             batch_ops: 100,
             batch_bytes: 1024 * 1024,
             fence_interval_ms: 10_000,
@@ -72,8 +78,8 @@ impl Default for MigrateConfig {
 impl MigrateConfig {
     pub(super) fn validate(&self, max_txn_ops: usize) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.page_keys < 1 || self.batch_bytes == 0 || self.bump_concurrency == 0 {
-            return bad("migrate.page_keys, batch_bytes and bump_concurrency must be at least 1".into());
+        if self.page_keys < 1 || self.page_bytes == 0 || self.batch_bytes == 0 || self.bump_concurrency == 0 {
+            return bad("migrate.page_keys, page_bytes, batch_bytes and bump_concurrency must be at least 1".into());
         }
         if self.fence_interval_ms == 0 || self.lease_sync_interval_ms == 0 || self.progress_interval_ms == 0 {
             return bad(
@@ -89,5 +95,31 @@ impl MigrateConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn check(text: &str) -> Result<(), String> {
+        Config::parse(text, "x").unwrap().validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn migrate_settings_are_checked() {
+        let cfg = Config::parse("", "x").unwrap();
+        assert_eq!((cfg.migrate.keys_per_sec, cfg.migrate.batch_ops, cfg.migrate.cleanup_batch), (10_000, 100, 100));
+        assert!(check("[migrate]\nbatch_ops = 128").unwrap_err().contains("max_txn_ops"));
+        assert!(check("[upstream]\nmax_txn_ops = 1000\n[migrate]\nbatch_ops = 500").is_ok());
+        assert!(check("[migrate]\npage_keys = 0").is_err());
+        assert!(check("[migrate]\nkeys_per_sec = 0\nbytes_per_sec = 0").is_ok(), "0: no limit");
+        // kplane's shape is a source rule only.
+        let kplane = "source_rule = [ { prefix = \"/kplane/{resource}/clusters/{tenant}/\" } ]";
+        assert!(check(&format!("[migrate]\n{kplane}")).is_ok());
+        assert!(check(&format!("[tenancy]\nrule = [ {{ prefix = \"/kplane/{{resource}}/clusters/{{tenant}}/\" }} ]"))
+            .is_err());
+        let bad = check("[migrate]\nsource_rule = [ { prefix = \"/k/{resource}/{tenant}/\" } ]").unwrap_err();
+        assert!(bad.contains("[migrate] source_rule") && bad.contains("kplane shape"), "{bad}");
     }
 }

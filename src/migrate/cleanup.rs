@@ -47,7 +47,7 @@ pub async fn run(ctx: &Ctx, delete: bool, batch: usize) -> Result<()> {
     let mut changed = Vec::new();
     let mut per_tenant: BTreeMap<TenantName, u64> = BTreeMap::new();
     for r in &map.ranges {
-        let mut pager = Pager::new(r, 0, 1000, true);
+        let mut pager = Pager::new(r, 0, ctx.cfg.migrate.page_keys, true);
         while let Some(kvs) = pager.next(&ctx.source).await? {
             for kv in kvs {
                 if let Class::Tenant(t, _) = map.classify(&kv.key) {
@@ -90,42 +90,45 @@ pub async fn run(ctx: &Ctx, delete: bool, batch: usize) -> Result<()> {
     let mut deleted = cp.cleanup.as_ref().map_or(0, |c| c.deleted);
     let mut since_record = 0;
     for r in &map.ranges {
-        let mut pager = Pager::new(r, 0, batch as i64, true);
+        // Large pages read, small batches deleted: etcd walks the rest of a range for
+        // every page.
+        let mut pager = Pager::new(r, 0, ctx.cfg.migrate.page_keys, true);
         while let Some(kvs) = pager.next(&ctx.source).await? {
-            if ctx.tasks.is_shut_down() {
-                cp.cleanup = Some(CleanupRecord { deleted, done: false });
-                store.commit(&ctx.target, Vec::new(), &cp).await?;
-                return Err(MigrateError::Interrupted(format!("{deleted} keys deleted; run cleanup again to go on")));
-            }
             let keys: Vec<(Bytes, i64)> = kvs
                 .into_iter()
                 .filter(|kv| matches!(map.classify(&kv.key), Class::Tenant(..)))
                 .map(|kv| (kv.key, kv.mod_revision))
                 .collect();
-            if keys.is_empty() {
-                continue;
-            }
-            rate.take(keys.len() as u64, 0).await;
-            let txn = TxnRequest {
-                compare: keys.iter().map(|(k, rev)| unchanged(k.clone(), *rev)).collect(),
-                success: keys.iter().map(|(k, _)| delete_op(k.clone())).collect(),
-                failure: vec![],
-            };
-            if !ctx.source.txn(txn).await?.succeeded {
-                return Err(MigrateError::Refused(format!(
-                    "a source key changed while cleanup was deleting it (between {:?} and {:?}): stopped; its \
-                     change is not in the target. Find the writer that still uses the old layout",
-                    String::from_utf8_lossy(&keys[0].0),
-                    String::from_utf8_lossy(&keys[keys.len() - 1].0)
-                )));
-            }
-            deleted += keys.len() as u64;
-            since_record += 1;
-            if since_record >= 20 {
-                since_record = 0;
-                cp.cleanup = Some(CleanupRecord { deleted, done: false });
-                store.commit(&ctx.target, Vec::new(), &cp).await?;
-                eprintln!("cleanup {id:?}: {deleted} of about {total} keys deleted");
+            for keys in keys.chunks(batch) {
+                if ctx.tasks.is_shut_down() {
+                    cp.cleanup = Some(CleanupRecord { deleted, done: false });
+                    store.commit(&ctx.target, Vec::new(), &cp).await?;
+                    return Err(MigrateError::Interrupted(format!(
+                        "{deleted} keys deleted; run cleanup again to go on"
+                    )));
+                }
+                rate.take(keys.len() as u64, 0).await;
+                let txn = TxnRequest {
+                    compare: keys.iter().map(|(k, rev)| unchanged(k.clone(), *rev)).collect(),
+                    success: keys.iter().map(|(k, _)| delete_op(k.clone())).collect(),
+                    failure: vec![],
+                };
+                if !ctx.source.txn(txn).await?.succeeded {
+                    return Err(MigrateError::Refused(format!(
+                        "a source key changed while cleanup was deleting it (between {:?} and {:?}): stopped; its \
+                         change is not in the target. Find the writer that still uses the old layout",
+                        String::from_utf8_lossy(&keys[0].0),
+                        String::from_utf8_lossy(&keys[keys.len() - 1].0)
+                    )));
+                }
+                deleted += keys.len() as u64;
+                since_record += 1;
+                if since_record >= 20 {
+                    since_record = 0;
+                    cp.cleanup = Some(CleanupRecord { deleted, done: false });
+                    store.commit(&ctx.target, Vec::new(), &cp).await?;
+                    eprintln!("cleanup {id:?}: {deleted} of about {total} keys deleted");
+                }
             }
         }
     }

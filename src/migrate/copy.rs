@@ -84,7 +84,7 @@ pub async fn run(ctx: &Ctx, opts: CopyOptions) -> Result<()> {
         }
         let mut progress = Progress::new("copy", Some(total), interval);
         progress.resume_at(w.cp.copied_keys);
-        snapshot::copy(&mut w, &map, m.page_keys, &mut rate, &mut progress, &ctx.tasks).await?;
+        snapshot::copy(&mut w, &map, m.page_keys, m.page_bytes, &mut rate, &mut progress, &ctx.tasks).await?;
         progress.finish();
         let secs = started.elapsed().as_secs_f64().max(0.001);
         let (keys, bytes) = (w.cp.copied_keys - keys_before, w.cp.copied_bytes - bytes_before);
@@ -129,7 +129,7 @@ struct Scan {
 async fn prescan(ctx: &Ctx, map: &SourceMap, rev: i64) -> Result<Scan> {
     let mut scan = Scan::default();
     for r in &map.ranges {
-        let mut pager = Pager::new(r, rev, ctx.cfg.migrate.page_keys.max(1000), true);
+        let mut pager = Pager::new(r, rev, ctx.cfg.migrate.page_keys, true);
         while let Some(page) = pager.next(&ctx.source).await? {
             for kv in page {
                 match map.classify(&kv.key) {
@@ -151,7 +151,7 @@ async fn prescan(ctx: &Ctx, map: &SourceMap, rev: i64) -> Result<Scan> {
 /// Tenants with keys in the target: from the root index, then counted.
 pub(super) async fn target_keys(ctx: &Ctx, tenants: &BTreeSet<TenantName>) -> Result<BTreeMap<TenantName, u64>> {
     let mut indexed = BTreeSet::new();
-    let mut pager = Pager::new(&ctx.layout.all_index_range(), 0, 1000, true);
+    let mut pager = Pager::new(&ctx.layout.all_index_range(), 0, ctx.cfg.migrate.page_keys, true);
     while let Some(page) = pager.next(&ctx.target).await? {
         indexed.extend(page.iter().filter_map(|kv| ctx.layout.index_entry(&kv.key)).map(|(t, _)| t));
     }
@@ -172,7 +172,7 @@ pub(super) async fn target_keys(ctx: &Ctx, tenants: &BTreeSet<TenantName>) -> Re
 async fn marked(ctx: &Ctx, id: &str) -> Result<BTreeSet<TenantName>> {
     let prefix = ctx.layout.migrate_key(id, "tenant/");
     let mut out = BTreeSet::new();
-    let mut pager = Pager::new(&prefix_range(&prefix), 0, 1000, true);
+    let mut pager = Pager::new(&prefix_range(&prefix), 0, ctx.cfg.migrate.page_keys, true);
     while let Some(page) = pager.next(&ctx.target).await? {
         for kv in page {
             if let Some(t) = std::str::from_utf8(&kv.key[prefix.len()..]).ok().and_then(|n| TenantName::new(n).ok()) {

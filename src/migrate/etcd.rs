@@ -162,6 +162,11 @@ pub struct Pager {
     /// The revision every page is read at (0 until the first page when not given).
     pub revision: i64,
     limit: i64,
+    /// With `page_bytes`: the most keys a page may have (the limit adapts below it).
+    max_limit: i64,
+    /// Bytes a page should hold about (0: fixed `limit`): pages of large values get
+    /// fewer keys, pages of small ones more.
+    page_bytes: usize,
     keys_only: bool,
     /// Only keys modified after this revision (0: every key).
     pub min_mod_revision: i64,
@@ -175,10 +180,21 @@ impl Pager {
             end: range.range_end.clone(),
             revision,
             limit,
+            max_limit: limit,
+            page_bytes: 0,
             keys_only,
             min_mod_revision: 0,
             done: false,
         }
+    }
+
+    /// Sizes pages to about `bytes` each, with at most the pager's limit of keys.
+    /// (etcd before 3.5 collects every remaining key of the range for each page, so
+    /// few large pages cost much less than many small ones.)
+    pub fn page_bytes(mut self, bytes: usize) -> Pager {
+        self.page_bytes = bytes;
+        self.limit = self.max_limit.min(1000);
+        self
     }
 
     /// Starts at `key` instead of the range's start (a resumed scan).
@@ -222,6 +238,11 @@ impl Pager {
         }
         if resp.kvs.is_empty() {
             return Ok(None);
+        }
+        if self.page_bytes > 0 {
+            let bytes: usize = resp.kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+            let per_key = (bytes / resp.kvs.len()).max(1);
+            self.limit = ((self.page_bytes / per_key) as i64).clamp(100.min(self.max_limit), self.max_limit);
         }
         Ok(Some(resp.kvs))
     }

@@ -37,7 +37,8 @@ pub async fn run(ctx: &Ctx, detail: bool) -> Result<()> {
         (Count::default(), Vec::new(), Count::default(), Count::default());
     let mut samples = Vec::new();
     let everything = Piece { key: Bytes::from_static(b"\0"), range_end: Bytes::from_static(b"\0") };
-    let mut pager = Pager::new(&everything, rev, ctx.cfg.migrate.page_keys.max(1000), false);
+    let m = &ctx.cfg.migrate;
+    let mut pager = Pager::new(&everything, rev, m.page_keys, false).page_bytes(m.page_bytes);
     while let Some(kvs) = pager.next(&ctx.source).await? {
         for kv in kvs {
             let size = kv.key.len() + kv.value.len();

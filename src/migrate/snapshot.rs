@@ -68,13 +68,14 @@ pub async fn copy(
     w: &mut Writer<'_>,
     map: &SourceMap,
     page: i64,
+    page_bytes: usize,
     rate: &mut RateLimit,
     progress: &mut Progress,
     tasks: &Tasks,
 ) -> Result<()> {
     let rev = w.cp.snapshot_rev;
     for (i, range) in map.ranges.iter().enumerate().skip(w.cp.range_index) {
-        let mut pager = Pager::new(range, rev, page, false);
+        let mut pager = Pager::new(range, rev, page, false).page_bytes(page_bytes);
         if i == w.cp.range_index && !w.cp.next_key.is_empty() {
             pager = pager.from_key(unhex(&w.cp.next_key)?);
         }
@@ -86,14 +87,14 @@ pub async fn copy(
                     w.cp.copied_keys
                 )));
             }
-            let bytes: usize = kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
-            rate.take(kvs.len() as u64, bytes as u64).await;
             for kv in kvs {
                 let mut next = kv.key.to_vec();
                 next.push(0);
                 // Keys outside the migration (other projects, unmatched keys the
                 // operator chose to skip) are left where they are.
                 if let Class::Tenant(tenant, key) = map.classify(&kv.key) {
+                    // Per key, so that the writes of a large page are spread out too.
+                    rate.take(1, (kv.key.len() + kv.value.len()) as u64).await;
                     let item = Item::Put { tenant, key, value: kv.value, lease: kv.lease };
                     let moved = w.push(item, Pos::Snapshot { range: i, next_key: Bytes::from(next) }).await?;
                     progress.add(moved.items, moved.bytes);

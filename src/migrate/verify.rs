@@ -95,13 +95,13 @@ fn entry(value: &[u8], lease: i64) -> Entry {
 
 /// Compares the migration's source at `a` with the target at `x`.
 pub async fn compare(ctx: &Ctx, id: &str, map: &SourceMap, leases: &Leases, a: i64, x: i64) -> Result<Report> {
-    let page = ctx.cfg.migrate.page_keys.max(1000);
+    let (page, bytes) = (ctx.cfg.migrate.page_keys, ctx.cfg.migrate.page_bytes);
     let mut report = Report { source_rev: a, target_rev: x, ..Default::default() };
     let expected = |src: i64| leases.known(src).unwrap_or(-1);
 
     // The source.
     for r in &map.ranges {
-        let mut pager = Pager::new(r, a, page, false);
+        let mut pager = Pager::new(r, a, page, false).page_bytes(bytes);
         while let Some(kvs) = pager.next(&ctx.source).await? {
             for kv in kvs {
                 if let Class::Tenant(t, k) = map.classify(&kv.key) {
@@ -115,7 +115,7 @@ pub async fn compare(ctx: &Ctx, id: &str, map: &SourceMap, leases: &Leases, a: i
     let mut scope: BTreeSet<TenantName> = report.rows.keys().map(|(t, _)| t.clone()).collect();
     scope.extend(markers(&ctx.target, &ctx.layout, id, x).await?.into_iter().filter(|t| map.includes(t)));
     let mut target_leases = BTreeSet::new();
-    let mut pager = Pager::new(&ctx.layout.slash_range(), x, page, false);
+    let mut pager = Pager::new(&ctx.layout.slash_range(), x, page, false).page_bytes(bytes);
     while let Some(kvs) = pager.next(&ctx.target).await? {
         for kv in kvs {
             let Some((t, k)) = ctx.layout.decode(&kv.key) else { continue };
@@ -168,10 +168,10 @@ async fn detail(
     expected: &dyn Fn(i64) -> i64,
     report: &mut Report,
 ) -> Result<()> {
-    let page = ctx.cfg.migrate.page_keys.max(1000);
+    let (page, bytes) = (ctx.cfg.migrate.page_keys, ctx.cfg.migrate.page_bytes);
     let mut src: BTreeMap<Row, BTreeMap<Bytes, (Entry, i64)>> = BTreeMap::new();
     for r in &map.ranges {
-        let mut pager = Pager::new(r, report.source_rev, page, false);
+        let mut pager = Pager::new(r, report.source_rev, page, false).page_bytes(bytes);
         while let Some(kvs) = pager.next(&ctx.source).await? {
             for kv in kvs {
                 if let Class::Tenant(t, k) = map.classify(&kv.key) {
@@ -187,7 +187,7 @@ async fn detail(
         let (t, slot) = row;
         let mut tgt: BTreeMap<Bytes, Entry> = BTreeMap::new();
         for piece in ctx.layout.plan(t, &Bytes::new(), &End::Unbounded, [slot]) {
-            let mut pager = Pager::new(&piece, report.target_rev, page, false);
+            let mut pager = Pager::new(&piece, report.target_rev, page, false).page_bytes(bytes);
             while let Some(kvs) = pager.next(&ctx.target).await? {
                 for kv in kvs {
                     if let Some((_, k)) = ctx.layout.decode(&kv.key) {
