@@ -117,8 +117,7 @@ mod tests {
         // kplane's shape is a source rule only.
         let kplane = "source_rule = [ { prefix = \"/kplane/{resource}/clusters/{tenant}/\" } ]";
         assert!(check(&format!("[migrate]\n{kplane}")).is_ok());
-        assert!(check(&format!("[tenancy]\nrule = [ {{ prefix = \"/kplane/{{resource}}/clusters/{{tenant}}/\" }} ]"))
-            .is_err());
+        assert!(check("[tenancy]\nrule = [ { prefix = \"/kplane/{resource}/clusters/{tenant}/\" } ]").is_err());
         let bad = check("[migrate]\nsource_rule = [ { prefix = \"/k/{resource}/{tenant}/\" } ]").unwrap_err();
         assert!(bad.contains("[migrate] source_rule") && bad.contains("kplane shape"), "{bad}");
     }
