@@ -634,3 +634,45 @@ async fn a_lease_kept_alive_in_the_source_stays_alive_in_the_target_until_sigter
     );
     assert!(stdout.contains("is in the target"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_reports_every_difference() {
+    let source = Etcd::start();
+    let target = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &target.client_url, "");
+    let cfg = cfg.to_str().unwrap();
+    let src_url = source.client_url.as_str();
+    let mut src = client(src_url).await;
+    let lease = src.lease_grant(600, None).await.unwrap().id();
+    seed(&mut src, 10, 2, &[lease]).await;
+    migrate(&["copy", "--config", cfg, "--source", src_url, "--until-caught-up"]).await.ok();
+    let v = migrate(&["verify", "--config", cfg, "--source", src_url, "--all-rows"]).await.ok();
+    assert_eq!(v.stdout.matches("  ok ").count(), 11 * 10, "every project and resource: {}", v.stdout);
+
+    // Break the target behind the tool's back, one way per kind of difference.
+    let mut tgt = client(&target.client_url).await;
+    tgt.put("/registry/pods/clusters/p0001/ns/obj0", "tampered", None).await.unwrap();
+    tgt.delete("/registry/configmaps/clusters/p0002/ns/obj1", None).await.unwrap();
+    tgt.put("/registry/secrets/clusters/p0003/ns/extra", "not in the source", None).await.unwrap();
+    tgt.put("/registry/events/clusters/p0004/ns/obj0", value("p0004", "events", 0, 0), None).await.unwrap();
+    tgt.delete("/etcdmux/roots/p0005/uservices", None).await.unwrap();
+    let r = migrate(&["verify", "--config", cfg, "--source", src_url]).await;
+    assert_eq!(r.code, 3, "{}", r.all());
+    for want in [
+        "project p0001, pods: \"/pods/ns/obj0\": value differs",
+        "project p0002, configmaps: \"/configmaps/ns/obj1\": missing in the target",
+        "project p0003, secrets: \"/secrets/ns/extra\": only in the target",
+        "project p0004, events: \"/events/ns/obj0\": lease differs",
+        "project p0005, services: no root-index entry in the target",
+    ] {
+        assert!(r.stdout.contains(want), "{want:?} not reported:\n{}", r.stdout);
+    }
+    assert!(r.stdout.contains("verify \"default\": 5 differences"), "{}", r.stdout);
+    // Cutover refuses on the same differences; the source stays the truth.
+    let c = migrate(&["cutover", "--config", cfg, "--source", src_url, "--quiet-ms", "100"]).await;
+    assert_eq!(c.code, 3, "{}", c.all());
+    assert!(c.stderr.contains("the source stays the truth"), "{}", c.stderr);
+    let r = migrate(&["cleanup", "--config", cfg, "--source", src_url, "--delete-source"]).await;
+    assert_eq!(r.code, 4, "no cleanup without a passing cutover: {}", r.all());
+}

@@ -212,6 +212,16 @@ impl Store {
         Ok(Some((from_toml("manifest", &mkv.value)?, checkpoint)))
     }
 
+    /// The checkpoint as it was at target revision `rev`: with the data written in
+    /// the same transactions, it says which source revision the target at `rev` holds.
+    pub async fn checkpoint_at(&self, target: &Etcd, rev: i64) -> Result<Checkpoint> {
+        let resp = target.range(RangeRequest { key: self.key.clone(), revision: rev, ..Default::default() }).await?;
+        match resp.kvs.first() {
+            Some(kv) => from_toml("checkpoint", &kv.value),
+            None => Err(MigrateError::Internal(format!("migration {:?} had no checkpoint at {rev}", self.id))),
+        }
+    }
+
     /// The compare that holds while nobody else wrote the checkpoint.
     fn guard(&self) -> Compare {
         let (target, union) = if self.mod_rev == 0 {
@@ -263,10 +273,6 @@ impl Store {
             }
             Err(e) => Err(e),
         }
-    }
-
-    pub fn mod_rev(&self) -> i64 {
-        self.mod_rev
     }
 }
 

@@ -64,7 +64,8 @@ pub async fn run(ctx: &Ctx, compact: bool, quiet: Duration) -> Result<()> {
         if w.cp.partial_rev != 0 {
             return Err(MigrateError::Internal("drained in the middle of a revision".into()));
         }
-        let (a, x) = (end.applied_rev, w.store.mod_rev());
+        // The target now (not only what the drain wrote): a stray write is a difference.
+        let (a, x) = (end.applied_rev, ctx.target.status().await?.0);
         let report = verify::compare(ctx, id, &map, &w.leases, a, x).await?;
         verify::print(id, &report, false);
         verify::record(ctx, id, &report).await?;

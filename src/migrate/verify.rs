@@ -1,8 +1,9 @@
-//! `verify`: source and target compared at one pair of revisions: the source at
-//! the checkpoint's applied revision A, the target at the revision X of the
-//! transaction that wrote that checkpoint (data and checkpoint are written
-//! together, so the target at X holds exactly the source's state at A). Both are
-//! fixed, so a copy may keep running meanwhile.
+//! `verify`: source and target compared at one pair of revisions: the target at
+//! its current revision X, the source at the revision A that the checkpoint, as of
+//! X, says is applied (data and checkpoint are written in one transaction, so the
+//! copy's writes up to X hold exactly the source's state at A; anything else that
+//! wrote the target shows as a difference). Both are fixed, so a copy may keep
+//! running meanwhile.
 //!
 //! Per project and resource (slot): key count, bytes and an order-independent
 //! 128-bit digest of (tenant key, value, expected lease) on each side, in one
@@ -254,8 +255,9 @@ pub fn print(id: &str, r: &Report, all_rows: bool) {
     for ((t, slot), (s, tg)) in &r.rows {
         if all_rows || s != tg {
             println!(
-                "  {:<8} {t:<24} {:<40} keys {:>7} / {:<7} digest {} / {}",
+                "  {:<8} {:<24} {:<40} keys {:>7} / {:<7} digest {} / {}",
                 if s == tg { "ok" } else { "DIFFERS" },
+                t.as_str(),
                 slot_name(slot),
                 s.keys,
                 tg.keys,
@@ -308,8 +310,13 @@ pub async fn record(ctx: &Ctx, id: &str, r: &Report) -> Result<()> {
 pub async fn run(ctx: &Ctx, all_rows: bool) -> Result<()> {
     let mut failed = Vec::new();
     for id in &ctx.ids {
-        let (store, _m, cp, map, leases) = open(ctx, id).await?;
-        let (a, x) = match cp.phase {
+        let (store, _m, _, map, leases) = open(ctx, id).await?;
+        // The target as it is now, and the checkpoint as of then: it names the source
+        // revision the copy had applied. Anything else that wrote the target since is
+        // in the comparison too.
+        let (x, _) = ctx.target.status().await?;
+        let cp = store.checkpoint_at(&ctx.target, x).await?;
+        let a = match cp.phase {
             Phase::Wipe | Phase::Snapshot => {
                 return Err(MigrateError::Refused(format!(
                     "migration {id:?} has not finished its snapshot ({} keys copied): nothing to verify yet",
@@ -334,7 +341,7 @@ pub async fn run(ctx: &Ctx, all_rows: bool) -> Result<()> {
                 );
                 continue;
             }
-            Phase::Tail => (cp.applied_rev, store.mod_rev()),
+            Phase::Tail => cp.applied_rev,
         };
         let report = compare(ctx, id, &map, &leases, a, x).await?;
         print(id, &report, all_rows);
