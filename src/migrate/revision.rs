@@ -12,7 +12,7 @@
 //! Advancing costs one write per revision (etcd has no other way online); the copy
 //! does most of it before the snapshot, so cutover only closes the gap the tail
 //! left. For a very large gap, restoring the target from a snapshot with `etcdutl
-//! snapshot restore --bump-revision N --mark-compacted` (etcd 3.5.x) is the offline
+//! snapshot restore --bump-revision N --mark-compacted` (recent etcd 3.5 and 3.6) is the offline
 //! alternative.
 
 use bytes::Bytes;
