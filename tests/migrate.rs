@@ -676,3 +676,31 @@ async fn verify_reports_every_difference() {
     let r = migrate(&["cleanup", "--config", cfg, "--source", src_url, "--delete-source"]).await;
     assert_eq!(r.code, 4, "no cleanup without a passing cutover: {}", r.all());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_expiring_during_cutover_is_not_a_write() {
+    let source = Etcd::start();
+    let target = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &target.client_url, "");
+    let cfg = cfg.to_str().unwrap();
+    let src_url = source.client_url.as_str();
+    let mut src = client(src_url).await;
+    seed(&mut src, 3, 1, &[]).await;
+    let lease = src.lease_grant(4, None).await.unwrap().id();
+    src.put("/projects/p0000/events/ns/short", "expires soon", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    migrate(&["copy", "--config", cfg, "--source", src_url, "--until-caught-up"]).await.ok();
+    // The lease expires within the quiet period: its delete is applied, not refused.
+    let cut = migrate(&["cutover", "--config", cfg, "--source", src_url, "--quiet-ms", "6000"]).await.ok();
+    assert!(cut.stdout.contains("passed"), "{}", cut.all());
+    let left = dump(&mut src, "/projects/p0000/events/ns/short").await;
+    assert!(left.is_empty(), "the source's lease expired meanwhile: {left:?}\n{}", cut.all());
+    let (running, mux_url) = start_mux_with(MILO_TOML, vec![target.client_url.clone()]).await;
+    let mut mux = client(&mux_url).await;
+    assert!(dump(&mut mux, "/projects/p0000/events/ns/short").await.is_empty(), "and the copy is gone too");
+    assert_eq!(dump(&mut mux, "/projects/p0000/").await, dump(&mut src, "/projects/p0000/").await);
+    assert_eq!(dump(&mut mux, "/projects/p0001/").await, dump(&mut src, "/projects/p0001/").await);
+    running.shutdown().await;
+}

@@ -108,7 +108,8 @@ pub async fn run(
             key: map.watch.key.clone(),
             range_end: map.watch.range_end.clone(),
             start_revision: start,
-            prev_kv: true,
+            // Only cutover tells a lease's expiry from a write, by the deleted key's lease.
+            prev_kv: matches!(until, Until::Drained { .. }),
             ..Default::default()
         };
         let req = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) };
