@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keyspace::{Resolver, TenantName};
 pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_listeners", rename = "listener")]
@@ -38,7 +38,7 @@ pub struct Config {
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
 /// apiservers, each pinned to its own static tenant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub addr: SocketAddr,
@@ -79,7 +79,7 @@ impl ListenerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Prometheus `/metrics` listener; none when unset.
@@ -124,7 +124,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// etcd client URLs (`http://host:port`). Requests go to one endpoint at a time
@@ -167,7 +167,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LayoutConfig {
     /// Upstream prefix of the kplane-compatible layout:
@@ -191,7 +191,7 @@ impl Default for LayoutConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaseConfig {
     /// How long a lease's owner is remembered before it is read from etcd again.
@@ -207,7 +207,7 @@ impl Default for LeaseConfig {
 
 /// The watch hub: one shared upstream watch, a bounded event ring, bounded
 /// per-stream queues.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// Events kept in the shared ring (watchers starting at a revision still in the
@@ -269,7 +269,7 @@ impl Default for WatchConfig {
 
 /// Readiness (`/readyz`, `grpc.health.v1.Health`): how etcd's reachability and the
 /// watch hub's currency are checked. `/livez` needs nothing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// How often etcd is probed (a range on the layout's void key, which also reads
@@ -300,7 +300,7 @@ impl Default for HealthConfig {
 /// `RESOURCE_EXHAUSTED` "etcdserver: too many requests" (never queued); streams
 /// (Watch, LeaseKeepAlive, Snapshot) are not unary calls. HTTP/2 streams per
 /// connection are `server.max_concurrent_streams`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Unary calls in progress at once, all listeners together. Default 10000.

@@ -249,6 +249,19 @@ pub fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::Build
     PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
 }
 
+/// Every metric etcdmux exports: (name, type as Prometheus names it, help text).
+/// `docs/metrics.md` is checked against this list.
+pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    DESCRIPTIONS.iter().map(|&(name, kind, _, text)| {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        (name, kind, text)
+    })
+}
+
 /// Registers each metric's description with the installed recorder.
 pub fn describe() {
     for &(name, kind, unit, text) in DESCRIPTIONS {
