@@ -28,6 +28,8 @@
 //! grpc/        server (shutdown order), accept, tls (listener TLS; the scope of a
 //!              request from its client certificate), the metrics layer, the
 //!              limits layer (load shedding), one file per etcd service
+//! replica/     the shared read replica (in progress): store, a multi-version copy
+//!              of etcd's keys that answers ranges as etcd would
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
 //!              ring, hub, upstream, progress (state machine), probe (its I/O),
 //!              catchup, passthrough
@@ -66,6 +68,7 @@ pub mod keyspace;
 pub mod metrics;
 pub mod ops;
 pub mod pb;
+pub mod replica;
 pub mod shutdown;
 pub mod upstream;
 pub mod watch;
