@@ -34,6 +34,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
@@ -329,6 +331,53 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The shared read replica (`[cache]`): one in-memory copy of the keys the watch
+/// hub watches, from which `Range` requests are answered without going to etcd.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Answer ranges from the replica. Off by default.
+    pub enabled: bool,
+    /// Past revisions kept: a range at a revision this far behind the newest is
+    /// still answered locally; older ones go to etcd. Default 10000.
+    pub window_revisions: i64,
+    /// Bytes the replica may hold (keys, values, past versions, bookkeeping). Past
+    /// versions are dropped first; a replica over budget without them stops
+    /// answering (every read goes to etcd) and loads again once under it. Default 1 GiB.
+    pub max_bytes: usize,
+    /// Keys per page of the initial load (one range at one revision per page).
+    /// Default 1000.
+    pub load_page_keys: i64,
+    /// Events held back while a load runs; more abort the load, which starts again.
+    /// Default 100000.
+    pub max_pending_events: usize,
+    /// How long a linearizable read waits for the replica to reach etcd's revision
+    /// before it goes to etcd instead. Default 1000.
+    pub max_read_wait_ms: u64,
+    /// After this long waiting, ask the watch hub to prove progress (etcd's newest
+    /// revision may lie outside the watched keys, where no event shows it).
+    /// Default 20.
+    pub nudge_after_ms: u64,
+    /// Resource roots never answered from the replica (their reads go to etcd):
+    /// resource names as in the layout, e.g. `["events"]`.
+    pub exclude_resources: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            window_revisions: 10_000,
+            max_bytes: 1 << 30,
+            load_page_keys: 1000,
+            max_pending_events: 100_000,
+            max_read_wait_ms: 1000,
+            nudge_after_ms: 20,
+            exclude_resources: Vec::new(),
+        }
+    }
+}
+
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig::plain(SocketAddr::from(([127, 0, 0, 1], 2379)))]
 }
@@ -431,6 +480,13 @@ impl Config {
             || l.http2_keepalive_timeout_ms == 0
         {
             return bad("every limits.* setting must be at least 1".into());
+        }
+        let c = &self.cache;
+        if c.window_revisions < 0 || c.load_page_keys < 1 || c.max_pending_events == 0 || c.max_bytes == 0 {
+            return bad("cache.load_page_keys, max_pending_events and max_bytes must be at least 1, window_revisions at least 0".into());
+        }
+        if let Some(r) = c.exclude_resources.iter().find(|r| r.is_empty() || r.contains('/')) {
+            return bad(format!("cache.exclude_resources: {r:?} is not a resource name (non-empty, no '/')"));
         }
         if self.upstream.max_txn_ops < 2 {
             return bad("upstream.max_txn_ops must be at least 2".into());

@@ -51,6 +51,9 @@ struct Cli {
     /// Require a client certificate on every listener (listener.client_cert_auth).
     #[arg(long, env = "ETCDMUX_CLIENT_CERT_AUTH")]
     client_cert_auth: bool,
+    /// Answer reads from the shared read replica (cache.enabled): true or false.
+    #[arg(long, env = "ETCDMUX_CACHE")]
+    cache: Option<bool>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +106,9 @@ fn load(cli: &Cli) -> Result<Config, String> {
             }
         }
         l.client_cert_auth |= cli.client_cert_auth;
+    }
+    if let Some(on) = cli.cache {
+        cfg.cache.enabled = on;
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)

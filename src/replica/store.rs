@@ -12,7 +12,7 @@
 //! on the key (or none). etcd sorts other targets with Go's unstable sort, so the order
 //! of equal values is etcd's own; those ranges go to etcd.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -105,6 +105,10 @@ pub struct Store {
     loaded: bool,
     /// Keys, values and bookkeeping held, by the accounting of [`Self::bytes`].
     bytes: usize,
+    /// (revision, key) of every version that made older versions of its key (or,
+    /// for a delete, the key itself) unnecessary once the floor reaches it, in
+    /// revision order: raising the floor visits only these keys.
+    trims: VecDeque<(i64, Bytes)>,
 }
 
 impl Default for Store {
@@ -115,7 +119,7 @@ impl Default for Store {
 
 impl Store {
     pub fn new() -> Store {
-        Store { keys: BTreeMap::new(), applied: 0, floor: 0, loaded: false, bytes: 0 }
+        Store { keys: BTreeMap::new(), applied: 0, floor: 0, loaded: false, bytes: 0, trims: VecDeque::new() }
     }
 
     /// Starts from a snapshot: the live keys of the part at revision `rev` (all of
@@ -192,33 +196,38 @@ impl Store {
 
     fn push(&mut self, key: Bytes, v: Version) {
         self.bytes += v.bytes();
-        let h = self.keys.entry(key).or_insert_with_key(|k| {
+        let (rev, gone) = (v.revision(), matches!(v, Version::Gone(_)));
+        let h = self.keys.entry(key.clone()).or_insert_with_key(|k| {
             self.bytes += KEY_OVERHEAD + k.len();
             History::default()
         });
+        let supersedes = !h.0.is_empty();
         h.0.push(v);
+        if supersedes || gone {
+            self.trims.push_back((rev, key));
+        }
     }
 
     /// Moves the floor up to `floor` (at most to `applied`): versions no range at or
-    /// after it can see are dropped, and keys deleted before it are forgotten.
+    /// after it can see are dropped, and keys deleted before it are forgotten. Costs
+    /// one visit per version made obsolete, never a scan of every key.
     pub fn raise_floor(&mut self, floor: i64) {
         let floor = floor.min(self.applied);
         if floor <= self.floor {
             return;
         }
         self.floor = floor;
-        let mut freed = 0;
-        self.keys.retain(|key, h| {
+        while self.trims.front().is_some_and(|(rev, _)| *rev <= floor) {
+            let Some((_, key)) = self.trims.pop_front() else { break };
+            let Some(h) = self.keys.get_mut(&key) else { continue };
             // Keep the newest version at or below the floor, and all after it.
             let keep_from = h.0.partition_point(|v| v.revision() <= floor).saturating_sub(1);
-            freed += h.0.drain(..keep_from).map(|v| v.bytes()).sum::<usize>();
-            let forgotten = matches!(h.0.as_slice(), [Version::Gone(rev)] if *rev <= floor);
-            if forgotten {
-                freed += h.0.iter().map(Version::bytes).sum::<usize>() + KEY_OVERHEAD + key.len();
+            self.bytes -= h.0.drain(..keep_from).map(|v| v.bytes()).sum::<usize>();
+            if matches!(h.0.as_slice(), [Version::Gone(rev)] if *rev <= floor) {
+                self.bytes -= Version::Gone(0).bytes() + KEY_OVERHEAD + key.len();
+                self.keys.remove(&key);
             }
-            !forgotten
-        });
-        self.bytes -= freed;
+        }
     }
 
     /// Answers a range over keys of this part as etcd would at the same revision,
