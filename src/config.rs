@@ -356,7 +356,7 @@ pub struct CacheConfig {
     pub max_read_wait_ms: u64,
     /// After this long waiting, ask the watch hub to prove progress (etcd's newest
     /// revision may lie outside the watched keys, where no event shows it).
-    /// Default 20.
+    /// Default 100 (on etcd before 3.4.31 / 3.5.13 a proof is a fence write).
     pub nudge_after_ms: u64,
     /// Resource roots never answered from the replica (their reads go to etcd):
     /// resource names as in the layout, e.g. `["events"]`.
@@ -372,7 +372,7 @@ impl Default for CacheConfig {
             load_page_keys: 1000,
             max_pending_events: 100_000,
             max_read_wait_ms: 1000,
-            nudge_after_ms: 20,
+            nudge_after_ms: 100,
             exclude_resources: Vec::new(),
         }
     }

@@ -59,6 +59,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The read replica, when `[cache] enabled`.
+    pub fn replica(&self) -> Option<&Arc<crate::replica::Replica>> {
+        self.proxy.replica.as_ref()
+    }
+
     /// Shuts down gracefully (see the module docs); returns once every listener and
     /// task has ended, or the grace period is over.
     pub async fn shutdown(mut self) {

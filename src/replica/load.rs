@@ -53,7 +53,7 @@ impl Replica {
                         tracing::warn!(error = %e, retry_in = ?backoff, "cache: load failed");
                         self.lock().phase = Phase::Empty;
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 }
