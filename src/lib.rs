@@ -67,5 +67,6 @@ pub mod metrics;
 pub mod ops;
 pub mod pb;
 pub mod shutdown;
+pub mod trace;
 pub mod upstream;
 pub mod watch;

@@ -59,6 +59,8 @@ pub mod names {
     pub const TENANT_BYTES: &str = "etcdmux_tenant_request_bytes_total";
     pub const TENANT_WATCHERS: &str = "etcdmux_tenant_watchers";
     pub const TENANT_EVENTS: &str = "etcdmux_tenant_events_sent_total";
+    pub const TRACE_SPANS_EXPORTED: &str = "etcdmux_trace_spans_exported_total";
+    pub const TRACE_SPANS_DROPPED: &str = "etcdmux_trace_spans_dropped_total";
 }
 
 /// Buckets of the latency histograms, in seconds: 0.5 ms to 10 s.
@@ -217,6 +219,18 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Events queued to client watchers, by tenant (top N, else \"other\")",
+    ),
+    (
+        names::TRACE_SPANS_EXPORTED,
+        Kind::Counter,
+        Unit::Count,
+        "Spans sent to the OTLP collector (tracing.otlp_endpoint)",
+    ),
+    (
+        names::TRACE_SPANS_DROPPED,
+        Kind::Counter,
+        Unit::Count,
+        "Sampled spans not exported, by reason: queue_full (tracing.queue_size), export_failed, shut_down",
     ),
 ];
 

@@ -1,5 +1,5 @@
 //! What travels with one request to etcd: its deadline, etcd's `hasleader`
-//! metadata, and whether it may be sent twice.
+//! metadata, the trace context (`traceparent`), and whether it may be sent twice.
 //!
 //! A unary call always has a deadline: the client's, or the configured default. A
 //! stream ([`StreamCtx`]) has one only when its client sent one: a keepalive or a
@@ -43,13 +43,15 @@ impl CallCtx {
         CallCtx { deadline: Instant::now() + timeout, require_leader: md.get(REQUIRE_LEADER).is_some() }
     }
 
-    /// An outgoing request carrying the remaining deadline and `hasleader`.
+    /// An outgoing request carrying the remaining deadline, `hasleader` and the
+    /// current call's trace context.
     pub fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         req.set_timeout(self.deadline.saturating_duration_since(Instant::now()));
         if self.require_leader {
             req.metadata_mut().insert(REQUIRE_LEADER, MetadataValue::from_static("true"));
         }
+        crate::trace::inject(req.metadata_mut());
         req
     }
 }
@@ -81,8 +83,8 @@ impl StreamCtx {
         }
     }
 
-    /// The outgoing stream: the remaining deadline if the client set one, and
-    /// `hasleader`.
+    /// The outgoing stream: the remaining deadline if the client set one,
+    /// `hasleader`, and the current call's trace context.
     pub fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         if let Some(d) = self.deadline {
@@ -91,6 +93,7 @@ impl StreamCtx {
         if self.require_leader {
             req.metadata_mut().insert(REQUIRE_LEADER, MetadataValue::from_static("true"));
         }
+        crate::trace::inject(req.metadata_mut());
         req
     }
 
