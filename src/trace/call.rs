@@ -177,3 +177,95 @@ impl Injector for MetadataInjector<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{SpanId, TraceId};
+    use opentelemetry::Value;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).expect("a header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn request_ids_are_the_clients_when_well_formed_else_new() {
+        let id = |v: &str| request_id(&headers(&[(REQUEST_ID, v)]));
+        assert_eq!(id("req-42:a_b.c"), "req-42:a_b.c");
+        assert_eq!(id(&"x".repeat(64)), &"x".repeat(64));
+        for bad in ["", "has space", "semi;colon", "ünïcode", &"x".repeat(65)] {
+            let got = request_id(&headers(&[(REQUEST_ID, bad)]));
+            assert_ne!(got.as_bytes(), bad.as_bytes(), "{bad:?} was kept");
+        }
+        let (a, b) = (request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+        assert_ne!(a, b, "new ids are unique");
+        let prefix = |v: &HeaderValue| v.to_str().expect("ascii").split('-').next().map(str::to_string);
+        assert_eq!(prefix(&a), prefix(&b), "one prefix per process");
+    }
+
+    #[test]
+    fn only_a_well_formed_traceparent_is_the_callers_context() {
+        let valid = format!("00-{TRACE}-{PARENT}-01");
+        let cx = caller_context(&headers(&[(TRACEPARENT, &valid)])).expect("a valid traceparent");
+        assert_eq!(cx.span().span_context().trace_id(), TraceId::from_hex(TRACE).expect("hex"));
+        assert!(cx.span().span_context().is_remote());
+        for bad in [
+            "garbage".to_string(),
+            format!("00-{TRACE}-{PARENT}"),
+            format!("00-{}-{PARENT}-01", "0".repeat(32)),
+            format!("00-{TRACE}-{}-01", "0".repeat(16)),
+            format!("ff-{TRACE}-{PARENT}-01"),
+            format!("00-{TRACE}-{PARENT}-01-extra"),
+        ] {
+            assert!(caller_context(&headers(&[(TRACEPARENT, &bad)])).is_none(), "{bad:?} accepted");
+        }
+        assert!(caller_context(&HeaderMap::new()).is_none());
+    }
+
+    fn attr<'a>(span: &'a opentelemetry_sdk::trace::SpanData, key: &str) -> Vec<&'a Value> {
+        span.attributes.iter().filter(|kv| kv.key.as_str() == key).map(|kv| &kv.value).collect()
+    }
+
+    #[tokio::test]
+    async fn a_call_is_a_child_of_its_caller_with_its_fields_and_first_tenant() {
+        let (subscriber, _provider, mut ended) = crate::trace::test_subscriber();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let h = headers(&[(TRACEPARENT, &format!("00-{TRACE}-{PARENT}-01"))]);
+        let call = Call::start("etcdserverpb.KV/Range", "req-1", &h);
+        let own = scope(call, async {
+            record_tenant("t1");
+            // A spawned task of the call (a watch reader) reports into the same span.
+            tokio::spawn(in_call(async { record_tenant("t2") })).await.expect("the task");
+            Span::current().context().span().span_context().span_id()
+        })
+        .await;
+        let span = ended.try_recv().expect("the call's span ended with its last handle");
+        assert_eq!(span.span_context.trace_id(), TraceId::from_hex(TRACE).expect("hex"));
+        assert_eq!(span.parent_span_id, SpanId::from_hex(PARENT).expect("hex"));
+        assert_eq!(span.span_context.span_id(), own);
+        assert_eq!(span.name, "etcdserverpb.KV/Range");
+        assert_eq!(attr(&span, "method"), [&Value::from("etcdserverpb.KV/Range")]);
+        assert_eq!(attr(&span, "request_id"), [&Value::from("req-1")]);
+        assert_eq!(attr(&span, "tenant"), [&Value::from("t1")], "recorded once, the first");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_did_not_sample_is_followed() {
+        let (subscriber, _provider, mut ended) = crate::trace::test_subscriber();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let h = headers(&[(TRACEPARENT, &format!("00-{TRACE}-{PARENT}-00"))]);
+        let sampled = scope(Call::start("etcdserverpb.KV/Range", "req-2", &h), async {
+            Span::current().context().span().span_context().is_sampled()
+        })
+        .await;
+        assert!(!sampled);
+        assert!(ended.try_recv().is_err(), "an unsampled span is not queued for export");
+    }
+}

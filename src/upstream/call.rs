@@ -171,4 +171,58 @@ mod tests {
         // Unary calls: the client's deadline, else the default.
         assert_eq!(CallCtx::from_metadata(&metadata(&[]), default).deadline, Instant::now() + default);
     }
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+
+    fn client_headers(traceparent: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", http::HeaderValue::from_str(traceparent).expect("a header value"));
+        h
+    }
+
+    /// The traceparent of the requests a call sends to etcd (unary, stream), and
+    /// the call's own span id.
+    async fn upstream_traceparents(client: http::HeaderMap) -> (Option<String>, Option<String>, String) {
+        use crate::trace::call::{scope, Call};
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let call = Call::start("etcdserverpb.KV/Range", "req-1", &client);
+        scope(call, async {
+            let tp =
+                |r: &Request<()>| r.metadata().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let unary = CallCtx::from_metadata(&metadata(&[]), Duration::from_secs(1)).request(());
+            let stream = StreamCtx::from_metadata(&metadata(&[])).request(());
+            let own = tracing::Span::current().context().span().span_context().span_id();
+            (tp(&unary), tp(&stream), format!("{own}"))
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn upstream_requests_continue_the_calls_trace() {
+        let (subscriber, _provider, _ended) = crate::trace::test_subscriber();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let (unary, stream, own) = upstream_traceparents(client_headers(&format!("00-{TRACE}-{PARENT}-01"))).await;
+        // etcd's span is a child of etcdmux's span, in the caller's trace.
+        let want = format!("00-{TRACE}-{own}-01");
+        assert_ne!(own, PARENT);
+        assert_eq!(unary.as_deref(), Some(want.as_str()));
+        assert_eq!(stream.as_deref(), Some(want.as_str()));
+        // Outside a call (the hub's own watch) nothing is added.
+        let outside = CallCtx::from_metadata(&metadata(&[]), Duration::from_secs(1)).request(());
+        assert!(outside.metadata().get("traceparent").is_none());
+    }
+
+    #[tokio::test]
+    async fn without_spans_of_its_own_the_callers_trace_is_passed_on() {
+        // No OpenTelemetry layer (no otlp_endpoint): the caller's context as it came.
+        let sent = format!("00-{TRACE}-{PARENT}-01");
+        let (unary, stream, _) = upstream_traceparents(client_headers(&sent)).await;
+        assert_eq!(unary.as_deref(), Some(sent.as_str()));
+        assert_eq!(stream.as_deref(), Some(sent.as_str()));
+        // A malformed one is not passed on.
+        let (unary, stream, _) = upstream_traceparents(client_headers(&format!("00-{TRACE}-{PARENT}"))).await;
+        assert_eq!((unary, stream), (None, None));
+    }
 }
