@@ -140,3 +140,35 @@ impl<E: SpanExporter> Export<E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full queue drops the span at once (the request path never waits) and
+    /// counts it.
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let recorder = crate::metrics::builder().expect("buckets").build_recorder();
+        let handle = recorder.handle();
+        let (subscriber, _provider, mut queued) = crate::trace::test_subscriber_with_queue(2);
+        metrics::with_local_recorder(&recorder, || {
+            tracing::subscriber::with_default(subscriber, || {
+                for i in 0..5 {
+                    let _span = tracing::info_span!("call", i).entered();
+                }
+            })
+        });
+        let mut n = 0;
+        while queued.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 2, "the queue holds its size");
+        let text = handle.render();
+        let dropped = text
+            .lines()
+            .find(|l| l.starts_with(names::TRACE_SPANS_DROPPED) && l.contains("reason=\"queue_full\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert_eq!(dropped, Some(3.0), "{text}");
+    }
+}

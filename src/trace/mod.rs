@@ -142,15 +142,28 @@ impl Telemetry {
 }
 
 /// An OpenTelemetry subscriber for unit tests: every span sampled unless its
-/// caller's was not, ended spans in the returned queue (nothing is exported).
+/// caller's was not, ended spans in the returned queue of `size` (nothing is
+/// exported).
+#[cfg(test)]
+pub(crate) fn test_subscriber_with_queue(
+    size: usize,
+) -> (
+    impl tracing::Subscriber + Send + Sync,
+    SdkTracerProvider,
+    tokio::sync::mpsc::Receiver<opentelemetry_sdk::trace::SpanData>,
+) {
+    let (queue, rx) = export::Queue::new(size);
+    let provider = SdkTracerProvider::builder().with_span_processor(queue).build();
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+    (tracing_subscriber::registry().with(otel), provider, rx)
+}
+
+/// [`test_subscriber_with_queue`] with room for every span of a test.
 #[cfg(test)]
 pub(crate) fn test_subscriber() -> (
     impl tracing::Subscriber + Send + Sync,
     SdkTracerProvider,
     tokio::sync::mpsc::Receiver<opentelemetry_sdk::trace::SpanData>,
 ) {
-    let (queue, rx) = export::Queue::new(64);
-    let provider = SdkTracerProvider::builder().with_span_processor(queue).build();
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
-    (tracing_subscriber::registry().with(otel), provider, rx)
+    test_subscriber_with_queue(64)
 }
