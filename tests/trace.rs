@@ -251,6 +251,25 @@ async fn a_trace_goes_from_the_client_through_etcdmux_to_etcd() {
     assert!(upstream.contains(&want), "etcd got {upstream:?}, not {want}");
 }
 
+/// While etcdmux runs, spans go out within `export_interval_ms` (`--otlp-endpoint`
+/// given as a flag), counted in `etcdmux_trace_spans_exported_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_on_their_interval_and_counted() {
+    let etcd = Etcd::start();
+    let (collector, otlp) = Collector::start().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let config = format!("[upstream]\nendpoints = [\"{}\"]\n\n[tracing]\nexport_interval_ms = 200\n", etcd.client_url);
+    let mux = Mux::start(&config, &["--otlp-endpoint", &otlp, "--metrics-listen", &metrics]);
+    range(&mux.url, &[("x-request-id", "periodic-1")]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !collector.spans().iter().any(|(_, s)| attr(&s.attributes, "request_id") == Some("periodic-1")) {
+        assert!(Instant::now() < deadline, "the span was not exported within 10 s\n{}", mux.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exported = common::scrape_metric(&format!("http://{metrics}"), "etcdmux_trace_spans_exported_total");
+    assert!(exported.is_some_and(|n| n >= 1.0), "exported spans counted: {exported:?}");
+}
+
 /// `--log-format json`: each line is a JSON object, and the call's lines carry its
 /// method, tenant and request id (under `span`) for a log aggregator to filter on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
