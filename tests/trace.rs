@@ -37,11 +37,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// An OTLP/gRPC collector on a free port: every span it is sent, with its
-/// resource's attributes.
+/// A span as the collector received it, with its resource's attributes.
+type Received = (Vec<KeyValue>, Span);
+
+/// An OTLP/gRPC collector on a free port: every span it is sent.
 #[derive(Clone, Default)]
 struct Collector {
-    spans: Arc<Mutex<Vec<(Vec<KeyValue>, Span)>>>,
+    spans: Arc<Mutex<Vec<Received>>>,
 }
 
 #[tonic::async_trait]
@@ -75,7 +77,7 @@ impl Collector {
         (c, url)
     }
 
-    fn spans(&self) -> Vec<(Vec<KeyValue>, Span)> {
+    fn spans(&self) -> Vec<Received> {
         self.spans.lock().expect("lock").clone()
     }
 }
