@@ -175,26 +175,28 @@ mod tests {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT: &str = "00f067aa0ba902b7";
 
+    const TRACESTATE: &str = "vendor=abc,other=1";
+
     fn client_headers(traceparent: &str) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
         h.insert("traceparent", http::HeaderValue::from_str(traceparent).expect("a header value"));
+        h.insert("tracestate", http::HeaderValue::from_static(TRACESTATE));
         h
     }
 
-    /// The traceparent of the requests a call sends to etcd (unary, stream), and
-    /// the call's own span id.
-    async fn upstream_traceparents(client: http::HeaderMap) -> (Option<String>, Option<String>, String) {
+    /// What a call sends to etcd: the traceparent of a unary request and of a
+    /// stream, the unary request's tracestate; and the call's own span id.
+    async fn upstream_context(client: http::HeaderMap) -> ([Option<String>; 3], String) {
         use crate::trace::call::{scope, Call};
         use opentelemetry::trace::TraceContextExt;
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         let call = Call::start("etcdserverpb.KV/Range", "req-1", &client);
         scope(call, async {
-            let tp =
-                |r: &Request<()>| r.metadata().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let get = |r: &Request<()>, k: &str| r.metadata().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
             let unary = CallCtx::from_metadata(&metadata(&[]), Duration::from_secs(1)).request(());
             let stream = StreamCtx::from_metadata(&metadata(&[])).request(());
             let own = tracing::Span::current().context().span().span_context().span_id();
-            (tp(&unary), tp(&stream), format!("{own}"))
+            ([get(&unary, "traceparent"), get(&stream, "traceparent"), get(&unary, "tracestate")], format!("{own}"))
         })
         .await
     }
@@ -203,12 +205,13 @@ mod tests {
     async fn upstream_requests_continue_the_calls_trace() {
         let (subscriber, _provider, _ended) = crate::trace::test_subscriber();
         let _default = tracing::subscriber::set_default(subscriber);
-        let (unary, stream, own) = upstream_traceparents(client_headers(&format!("00-{TRACE}-{PARENT}-01"))).await;
+        let ([unary, stream, state], own) = upstream_context(client_headers(&format!("00-{TRACE}-{PARENT}-01"))).await;
         // etcd's span is a child of etcdmux's span, in the caller's trace.
         let want = format!("00-{TRACE}-{own}-01");
         assert_ne!(own, PARENT);
         assert_eq!(unary.as_deref(), Some(want.as_str()));
         assert_eq!(stream.as_deref(), Some(want.as_str()));
+        assert_eq!(state.as_deref(), Some(TRACESTATE), "the caller's tracestate goes on");
         // Outside a call (the hub's own watch) nothing is added.
         let outside = CallCtx::from_metadata(&metadata(&[]), Duration::from_secs(1)).request(());
         assert!(outside.metadata().get("traceparent").is_none());
@@ -218,11 +221,12 @@ mod tests {
     async fn without_spans_of_its_own_the_callers_trace_is_passed_on() {
         // No OpenTelemetry layer (no otlp_endpoint): the caller's context as it came.
         let sent = format!("00-{TRACE}-{PARENT}-01");
-        let (unary, stream, _) = upstream_traceparents(client_headers(&sent)).await;
+        let ([unary, stream, state], _) = upstream_context(client_headers(&sent)).await;
         assert_eq!(unary.as_deref(), Some(sent.as_str()));
         assert_eq!(stream.as_deref(), Some(sent.as_str()));
+        assert_eq!(state.as_deref(), Some(TRACESTATE));
         // A malformed one is not passed on.
-        let (unary, stream, _) = upstream_traceparents(client_headers(&format!("00-{TRACE}-{PARENT}"))).await;
-        assert_eq!((unary, stream), (None, None));
+        let (sent, _) = upstream_context(client_headers(&format!("00-{TRACE}-{PARENT}"))).await;
+        assert_eq!(sent, [None, None, None]);
     }
 }
