@@ -268,8 +268,15 @@ async fn spans_are_exported_on_their_interval_and_counted() {
         assert!(Instant::now() < deadline, "the span was not exported within 10 s\n{}", mux.stderr());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let exported = common::scrape_metric(&format!("http://{metrics}"), "etcdmux_trace_spans_exported_total");
-    assert!(exported.is_some_and(|n| n >= 1.0), "exported spans counted: {exported:?}");
+    // Counted once the collector has answered, a moment after it received them.
+    loop {
+        let exported = common::scrape_metric(&format!("http://{metrics}"), "etcdmux_trace_spans_exported_total");
+        if exported.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "exported spans not counted: {exported:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `--log-format json`: each line is a JSON object, and the call's lines carry its
