@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keyspace::{Resolver, TenantName};
 pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
+pub use crate::trace::{LogConfig, LogFormat, TracingConfig};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +37,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// `[log]`: text or JSON lines on stderr, and their level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[tracing]`: W3C trace context and OTLP span export (off by default).
+    #[serde(default)]
+    pub tracing: TracingConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
@@ -511,6 +518,8 @@ impl Config {
                 TenantName::new(t).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
+        self.log.validate().map_err(ConfigError::Invalid)?;
+        self.tracing.validate().map_err(ConfigError::Invalid)?;
         self.validate_tls()?;
         Resolver::new(&self.tenancy, &[p, m]).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
@@ -591,6 +600,22 @@ mod tests {
         assert_eq!(cfg.limits.max_unary_inflight, 10_000);
         let zero = Config::parse("[limits]\nmax_watchers_per_stream = 0", "x").unwrap();
         assert!(zero.validate().is_err());
+        assert_eq!(cfg.log.format, LogFormat::Text);
+        assert_eq!(cfg.log.level, "info");
+        assert!(!cfg.tracing.enabled());
+        assert_eq!((cfg.tracing.service_name.as_str(), cfg.tracing.sample_ratio), ("etcdmux", 1.0));
+        let json = Config::parse("[log]\nformat = \"json\"\nlevel = \"warn,etcdmux=debug\"", "x").unwrap();
+        assert_eq!(json.log.format, LogFormat::Json);
+        json.validate().unwrap();
+        assert!(Config::parse("[log]\nformat = \"xml\"", "x").is_err());
+        let refused = |text: &str| Config::parse(text, "x").unwrap().validate().unwrap_err().to_string();
+        assert!(refused("[log]\nlevel = \"etcdmux=loud\"").contains("log.level"));
+        assert!(refused("[tracing]\nsample_ratio = 1.5").contains("sample_ratio"));
+        assert!(refused("[tracing]\notlp_endpoint = \"collector:4317\"").contains("http://"));
+        assert!(refused("[tracing]\nqueue_size = 10\nbatch_size = 20").contains("batch_size"));
+        let on = Config::parse("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"", "x").unwrap();
+        assert!(on.tracing.enabled());
+        on.validate().unwrap();
     }
 
     #[test]

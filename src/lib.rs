@@ -11,6 +11,9 @@
 //! config.rs    the one serde config, validated once
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
+//! trace/       logs (text or JSON) and tracing: the per-call span, request id and
+//!              W3C trace context (call.rs), carried to etcd; the OTLP export queue
+//!              (export.rs); the [log] and [tracing] config (config.rs)
 //! metrics/     metric names (one place), descriptions, the Prometheus recorder
 //!              (latency histograms); per-tenant metrics: the top-N tenants that get
 //!              their own label (tenants.rs, a bounded sketch), the per-call slot
@@ -26,8 +29,9 @@
 //! upstream/    the etcd connection pool, call and stream context (deadlines),
 //!              classify (what a failure means)
 //! grpc/        server (shutdown order), accept, tls (listener TLS; the scope of a
-//!              request from its client certificate), the metrics layer, the
-//!              limits layer (load shedding), one file per etcd service
+//!              request from its client certificate), the span layer (a span and
+//!              request id per call), the metrics layer, the limits layer (load
+//!              shedding), one file per etcd service
 //! replica/     the shared read replica (in progress): store, a multi-version copy
 //!              of etcd's keys that answers ranges as etcd would
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
@@ -70,5 +74,6 @@ pub mod ops;
 pub mod pb;
 pub mod replica;
 pub mod shutdown;
+pub mod trace;
 pub mod upstream;
 pub mod watch;

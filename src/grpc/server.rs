@@ -30,6 +30,7 @@ use super::layer::GrpcMetricsLayer;
 use super::lease::LeaseService;
 use super::limits::{Limits, LimitsLayer};
 use super::maintenance::MaintenanceService;
+use super::span::CallSpanLayer;
 use super::tls::{server_tls, ScopeSource};
 use super::watch::WatchService;
 use crate::config::Config;
@@ -147,7 +148,9 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         if let Some(tls) = server_tls(l)? {
             builder = builder.tls_config(tls)?;
         }
+        // Outermost: a call refused by the limits has a span and a request id too.
         let router = builder
+            .layer(CallSpanLayer)
             .layer(GrpcMetricsLayer)
             .layer(LimitsLayer::new(limits.clone()))
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)

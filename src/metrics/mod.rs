@@ -69,6 +69,8 @@ pub mod names {
     pub const CACHE_LOAD_DURATION: &str = "etcdmux_cache_load_duration_seconds";
     pub const CACHE_READ_INDEX_CALLS: &str = "etcdmux_cache_read_index_calls_total";
     pub const CACHE_READ_WAIT: &str = "etcdmux_cache_read_wait_seconds";
+    pub const TRACE_SPANS_EXPORTED: &str = "etcdmux_trace_spans_exported_total";
+    pub const TRACE_SPANS_DROPPED: &str = "etcdmux_trace_spans_dropped_total";
 }
 
 /// Buckets of the latency histograms, in seconds: 0.5 ms to 10 s.
@@ -268,6 +270,18 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Histogram,
         Unit::Seconds,
         "Time linearizable reads waited for the read replica to reach etcd's revision",
+    ),
+    (
+        names::TRACE_SPANS_EXPORTED,
+        Kind::Counter,
+        Unit::Count,
+        "Spans sent to the OTLP collector (tracing.otlp_endpoint)",
+    ),
+    (
+        names::TRACE_SPANS_DROPPED,
+        Kind::Counter,
+        Unit::Count,
+        "Sampled spans not exported, by reason: queue_full (tracing.queue_size), export_failed, shut_down",
     ),
 ];
 

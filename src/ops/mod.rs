@@ -106,7 +106,7 @@ impl Proxy {
     /// The tenant of a request, authorized for the scope, with its client prefix.
     pub fn tenant_view(&self, scope: &Scope, t: &TenantName) -> Result<ClientPrefix> {
         self.resolver.authorize(scope, t)?;
-        tracing::Span::current().record("tenant", t.as_str());
+        crate::trace::record_tenant(t.as_str());
         crate::metrics::per_tenant::report_tenant(t.as_str());
         Ok(self.resolver.client_prefix(scope, t)?)
     }
