@@ -365,6 +365,11 @@ pub struct CacheConfig {
     /// revision may lie outside the watched keys, where no event shows it).
     /// Default 100 (on etcd before 3.4.31 / 3.5.13 a proof is a fence write).
     pub nudge_after_ms: u64,
+    /// How often etcd is asked whether it was compacted by someone else (another
+    /// etcdmux replica, a client talking to etcd directly): one count-only range per
+    /// check. Until then, ranges at revisions etcd has compacted may be answered with
+    /// the data instead of etcd's "compacted". 0: never. Default 1000.
+    pub compaction_check_ms: u64,
     /// Resource roots never answered from the replica (their reads go to etcd):
     /// resource names as in the layout, e.g. `["events"]`.
     pub exclude_resources: Vec<String>,
@@ -380,6 +385,7 @@ impl Default for CacheConfig {
             max_pending_events: 100_000,
             max_read_wait_ms: 1000,
             nudge_after_ms: 100,
+            compaction_check_ms: 1000,
             exclude_resources: Vec::new(),
         }
     }

@@ -260,3 +260,39 @@ async fn over_its_budget_the_replica_answers_nothing_and_reads_stay_right() {
     );
     relay.resume();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_made_elsewhere_is_learnt() {
+    let etcd = Etcd::start();
+    let (_relay, running, url) = mux_behind_relay(&etcd, "compaction_check_ms = 200\n").await;
+    let mut c = kv(&url).await;
+    wait_loaded(&running).await;
+    let first = put(&mut c, "/projects/k/pods/ns/a", "0").await;
+    let mut last = first;
+    for i in 1..20 {
+        last = put(&mut c, "/projects/k/pods/ns/a", &i.to_string()).await;
+    }
+    let old = RangeRequest { revision: first, ..get("/projects/k/pods/ns/a") };
+    let before = c.range(old.clone()).await.expect("an old revision, from the window").into_inner();
+    assert_eq!(before.kvs[0].value, b("0"));
+    // Compacted straight on etcd: etcdmux does not see the Compact.
+    let mut direct = kv(&etcd.client_url).await;
+    direct.compact(CompactionRequest { revision: last - 5, physical: true }).await.expect("compact");
+    let want = direct
+        .range(RangeRequest { revision: first, ..get("/registry/pods/clusters/k/ns/a") })
+        .await
+        .expect_err("etcd refuses a compacted revision");
+    for attempt in 0.. {
+        match c.range(old.clone()).await {
+            Err(e) => {
+                assert_eq!((e.code(), e.message()), (want.code(), want.message()), "etcd's own answer");
+                break;
+            }
+            Ok(_) if attempt < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(r) => panic!("still answered from the window after 5 s: {r:?}"),
+        }
+    }
+    // Revisions after the compaction are still answered.
+    let kept = RangeRequest { revision: last - 2, ..get("/projects/k/pods/ns/a") };
+    assert_eq!(c.range(kept).await.expect("inside the window").into_inner().kvs[0].value, b("17"));
+}

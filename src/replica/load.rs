@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{Phase, Replica, Store};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::RangeRequest;
-use crate::upstream::classify::UpstreamError;
+use crate::upstream::classify::{EtcdError, UpstreamError};
 use crate::upstream::{CallCtx, Retry, Upstream};
 
 /// Why a load did not finish.
@@ -31,10 +31,12 @@ pub enum LoadError {
 
 impl Replica {
     /// Loads when the replica is empty (at start, after a gap, after going over
-    /// budget), backing off after failures, forever: run it as an owned task.
+    /// budget), backing off after failures, and looks for compactions made
+    /// elsewhere every `compaction_check_ms`, forever: run it as an owned task.
     pub async fn run_loader(&self, up: &Upstream, timeout: Duration) {
         let base = Duration::from_millis(100);
         let mut backoff = base;
+        let every = Duration::from_millis(self.cfg.compaction_check_ms.max(1));
         loop {
             let asked = self.reload.notified();
             tokio::pin!(asked);
@@ -58,7 +60,59 @@ impl Replica {
                     }
                 }
             }
-            asked.await;
+            if self.cfg.compaction_check_ms == 0 {
+                asked.await;
+                continue;
+            }
+            tokio::select! {
+                _ = asked => {}
+                _ = tokio::time::sleep(every) => {
+                    if let Err(e) = self.check_compaction(up, timeout).await {
+                        tracing::debug!(error = %e, "cache: compaction check failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finds a compaction etcd made at or after the window's floor that etcdmux did
+    /// not see (another etcdmux replica's, or a client's straight to etcd): one range
+    /// at the floor when there is none, a binary search over the window when there
+    /// is. Ranges below it then get etcd's answer again.
+    async fn check_compaction(&self, up: &Upstream, timeout: Duration) -> Result<(), UpstreamError> {
+        let (floor, applied) = {
+            let st = self.lock();
+            if !matches!(st.phase, Phase::Live) {
+                return Ok(());
+            }
+            (st.store.floor().max(st.compacted), st.store.applied())
+        };
+        if floor <= 0 || !self.compacted_at(up, timeout, floor).await? {
+            return Ok(());
+        }
+        // etcd refuses revisions below its compaction: the first it serves is it.
+        let (mut lo, mut hi) = (floor + 1, applied);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.compacted_at(up, timeout, mid).await? {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        tracing::info!(revision = lo, "cache: etcd was compacted elsewhere");
+        self.on_compacted(lo);
+        Ok(())
+    }
+
+    /// Whether etcd refuses a range at `rev` as compacted.
+    async fn compacted_at(&self, up: &Upstream, timeout: Duration, rev: i64) -> Result<bool, UpstreamError> {
+        let req = RangeRequest { key: self.range.key.clone(), count_only: true, revision: rev, ..Default::default() };
+        let ctx = CallCtx::from_metadata(&Default::default(), timeout);
+        match up.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await {
+            Ok(_) => Ok(false),
+            Err(e) if e.etcd() == Some(EtcdError::Compacted) => Ok(true),
+            Err(e) => Err(e),
         }
     }
 
