@@ -296,3 +296,52 @@ async fn a_compaction_made_elsewhere_is_learnt() {
     let kept = RangeRequest { revision: last - 2, ..get("/projects/k/pods/ns/a") };
     assert_eq!(c.range(kept).await.expect("inside the window").into_inner().kvs[0].value, b("17"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_budget_cold_pieces_are_evicted_and_loaded_again_when_read() {
+    let etcd = Etcd::start();
+    let other = start_mux(&etcd, MILO_TOML).await;
+    let mut w = kv(&other.url).await;
+    // About 30 KB of keys and values, a budget of about a third of it.
+    let (relay, running, url) = mux_behind_relay(&etcd, "max_bytes = 16000\n").await;
+    let mut c = kv(&url).await;
+    wait_loaded(&running).await;
+    for t in 0..20 {
+        for i in 0..3 {
+            put(&mut w, &format!("/projects/e{t}/pods/ns/{i}"), &"v".repeat(400)).await;
+        }
+    }
+    // Every tenant's list is right, whether its piece is held, evicted or loading.
+    for round in 0..3 {
+        for t in 0..20 {
+            let p = format!("/projects/e{t}/pods/");
+            let mine = c.range(prefix(&p)).await.expect("list").into_inner();
+            let theirs = w.range(prefix(&p)).await.expect("list").into_inner();
+            same(mine, theirs, 0, &format!("round {round}: {p}"));
+        }
+    }
+    // A hot tenant, read again and again, is loaded and then answered from memory.
+    let hot = "/projects/e3/pods/";
+    let mut from_memory = false;
+    for _ in 0..50 {
+        let _ = c.range(prefix(hot)).await.expect("list");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        relay.pause();
+        let r = serializable(&mut c, prefix(hot)).await;
+        relay.resume();
+        if let Ok(r) = r {
+            assert_eq!(r.kvs.len(), 3);
+            from_memory = true;
+            break;
+        }
+    }
+    assert!(from_memory, "an evicted piece that is read is loaded again");
+    // Writes to pieces evicted meanwhile are never lost: they are read again from etcd.
+    for t in 0..20 {
+        put(&mut w, &format!("/projects/e{t}/pods/ns/0"), &format!("new-{t}")).await;
+    }
+    for t in 0..20 {
+        let got = c.range(get(&format!("/projects/e{t}/pods/ns/0"))).await.expect("get").into_inner();
+        assert_eq!(got.kvs[0].value, b(&format!("new-{t}")), "tenant e{t}");
+    }
+}

@@ -65,6 +65,9 @@ pub mod names {
     pub const CACHE_KEYS: &str = "etcdmux_cache_keys";
     pub const CACHE_REVISION: &str = "etcdmux_cache_revision";
     pub const CACHE_OVER_BUDGET: &str = "etcdmux_cache_over_budget_total";
+    pub const CACHE_EVICTIONS: &str = "etcdmux_cache_evictions_total";
+    pub const CACHE_PIECE_LOADS: &str = "etcdmux_cache_piece_loads_total";
+    pub const CACHE_PIECES_ABSENT: &str = "etcdmux_cache_pieces_absent";
     pub const CACHE_LOADS: &str = "etcdmux_cache_loads_total";
     pub const CACHE_LOAD_DURATION: &str = "etcdmux_cache_load_duration_seconds";
     pub const CACHE_READ_INDEX_CALLS: &str = "etcdmux_cache_read_index_calls_total";
@@ -255,7 +258,25 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         names::CACHE_OVER_BUDGET,
         Kind::Counter,
         Unit::Count,
-        "Times the read replica exceeded cache.max_bytes and was emptied (it loads again)",
+        "Times the read replica exceeded cache.max_bytes even without past versions and evictable pieces, and was emptied (it loads again)",
+    ),
+    (
+        names::CACHE_EVICTIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Pieces (one tenant's keys in one resource) evicted from the read replica over cache.max_bytes, coldest first",
+    ),
+    (
+        names::CACHE_PIECE_LOADS,
+        Kind::Counter,
+        Unit::Count,
+        "Loads of evicted pieces, asked for by a read, by result (ok, error)",
+    ),
+    (
+        names::CACHE_PIECES_ABSENT,
+        Kind::Gauge,
+        Unit::Count,
+        "Pieces of the read replica evicted or loading (their reads go to etcd)",
     ),
     (names::CACHE_LOADS, Kind::Counter, Unit::Count, "Loads of the read replica, by result (ok, error)"),
     (names::CACHE_LOAD_DURATION, Kind::Histogram, Unit::Seconds, "Time a successful load of the read replica took"),

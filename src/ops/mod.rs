@@ -69,7 +69,7 @@ impl Proxy {
                     Piece { range_end: prefix_end(&key), key }
                 })
                 .collect();
-            Arc::new(Replica::new(&cfg.cache, layout.watch_range(), excluded))
+            Arc::new(Replica::new(&cfg.cache, layout.clone(), excluded))
         });
         Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases, replica, tasks: Tasks::new() }))
     }

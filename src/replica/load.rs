@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::pieces::Pieces;
 use super::{Phase, Replica, Store};
+use crate::keyspace::prefix_end;
 use crate::metrics::names;
 use crate::pb::etcdserverpb::RangeRequest;
 use crate::upstream::classify::{EtcdError, UpstreamError};
@@ -58,6 +60,16 @@ impl Replica {
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
+                }
+            }
+            loop {
+                let Some(id) = self.lock().pieces.next_wanted() else { break };
+                let result = self.load_piece(up, timeout, &id).await;
+                metrics::counter!(names::CACHE_PIECE_LOADS, "result" => if result.is_ok() { "ok" } else { "error" })
+                    .increment(1);
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "cache: loading an evicted piece failed");
+                    self.lock().pieces.load_failed(&id);
                 }
             }
             if self.cfg.compaction_check_ms == 0 {
@@ -159,9 +171,21 @@ impl Replica {
         let Phase::Loading { pending, progress } = std::mem::replace(&mut st.phase, Phase::Live) else {
             return Err(LoadError::Interrupted);
         };
+        let mut pieces = Pieces::default();
+        for key in store.keys() {
+            if let Some(id) = self.piece_id(key) {
+                pieces.seen(&id);
+            }
+        }
         for (rev, events) in pending {
+            for kv in events.iter().filter_map(|e| e.kv.as_ref()) {
+                if let Some(id) = self.piece_id(&kv.key) {
+                    pieces.seen(&id);
+                }
+            }
             store.apply(rev, &events);
         }
+        st.pieces = pieces;
         store.advance(progress);
         let keys = store.len();
         st.store = store;
@@ -170,6 +194,51 @@ impl Replica {
         }
         self.applied_moved(&mut st);
         Ok(keys)
+    }
+}
+
+impl Replica {
+    /// Loads one evicted piece a read asked for: its keys at one revision, then the
+    /// events held back meanwhile (see [`super::pieces`]).
+    async fn load_piece(&self, up: &Upstream, timeout: Duration, id: &Bytes) -> Result<(), LoadError> {
+        let mut under = id.to_vec();
+        under.push(b'/');
+        let range_end = prefix_end(&under);
+        let (mut key, mut at, mut kvs) = (id.clone(), 0, Vec::new());
+        loop {
+            let req = RangeRequest {
+                key: key.clone(),
+                range_end: range_end.clone(),
+                limit: self.cfg.load_page_keys,
+                revision: at,
+                ..Default::default()
+            };
+            let ctx = CallCtx::from_metadata(&Default::default(), timeout);
+            let resp = up.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
+            if at == 0 {
+                at = resp.header.map_or(0, |h| h.revision);
+            }
+            let last = resp.kvs.last().map(|kv| kv.key.clone());
+            // Between `id` and `id/` lie other tenants' pieces (`p!x` after `p`).
+            kvs.extend(resp.kvs.into_iter().filter(|kv| kv.key == id || kv.key.starts_with(&under)));
+            match last {
+                Some(k) if resp.more => key = after(&k),
+                _ => break,
+            }
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if !matches!(st.phase, Phase::Live) {
+            return Err(LoadError::Interrupted);
+        }
+        let applied = st.store.applied();
+        let Some(held_back) = st.pieces.loaded(id, at, applied) else { return Err(LoadError::Interrupted) };
+        st.store.load_more(kvs);
+        for (rev, ev) in &held_back {
+            st.store.replay(*rev, ev);
+        }
+        self.applied_moved(st);
+        Ok(())
     }
 }
 

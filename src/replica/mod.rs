@@ -24,6 +24,7 @@
 //! value, waiting too long, replica not loaded) goes to etcd.
 
 pub mod load;
+mod pieces;
 pub mod read_index;
 pub mod store;
 
@@ -33,11 +34,12 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use crate::config::CacheConfig;
-use crate::keyspace::Piece;
+use crate::keyspace::{prefix_end, KeyLayout, Piece};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use crate::pb::mvccpb::Event;
 use crate::upstream::{CallCtx, Retry, Upstream};
+use pieces::{Pieces, Route};
 use read_index::ReadIndex;
 pub use store::{Answer, Store, Why};
 
@@ -53,6 +55,8 @@ enum Phase {
 
 struct State {
     store: Store,
+    /// One tenant's keys in one root: held, evicted over budget, or loading.
+    pieces: Pieces,
     phase: Phase,
     /// The newest compaction etcdmux has seen: ranges below it get etcd's answer.
     compacted: i64,
@@ -62,6 +66,7 @@ struct State {
 
 pub struct Replica {
     cfg: CacheConfig,
+    layout: KeyLayout,
     /// The upstream range mirrored (the hub's watch range).
     range: Piece,
     /// Upstream prefixes of `cache.exclude_resources`.
@@ -77,13 +82,15 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub fn new(cfg: &CacheConfig, range: Piece, excluded: Vec<Piece>) -> Replica {
+    pub fn new(cfg: &CacheConfig, layout: KeyLayout, excluded: Vec<Piece>) -> Replica {
         Replica {
             cfg: cfg.clone(),
-            range,
+            range: layout.watch_range(),
+            layout,
             excluded,
             st: Mutex::new(State {
                 store: Store::new(),
+                pieces: Pieces::default(),
                 phase: Phase::Empty,
                 compacted: 0,
                 header: ResponseHeader::default(),
@@ -112,7 +119,8 @@ impl Replica {
     /// The events of one upstream watch response, in revision order (the hub calls
     /// this with every response, under its lock).
     pub fn on_events(&self, events: &[Event]) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let mut i = 0;
         while i < events.len() {
             let rev = events[i].kv.as_ref().map_or(0, |kv| kv.mod_revision);
@@ -121,7 +129,18 @@ impl Replica {
             i += n;
             match &mut st.phase {
                 Phase::Live => {
-                    st.store.apply(rev, group);
+                    let routes: Vec<Route> = group.iter().map(|ev| self.route(&mut st.pieces, rev, ev)).collect();
+                    if routes.iter().all(|r| matches!(r, Route::Apply)) {
+                        st.store.apply(rev, group);
+                    } else {
+                        let keep: Vec<Event> = group
+                            .iter()
+                            .zip(&routes)
+                            .filter(|(_, r)| matches!(r, Route::Apply))
+                            .map(|(ev, _)| ev.clone())
+                            .collect();
+                        st.store.apply(rev, &keep);
+                    }
                 }
                 Phase::Loading { pending, .. } => {
                     pending.push((rev, group.to_vec()));
@@ -135,7 +154,19 @@ impl Replica {
                 Phase::Empty => return,
             }
         }
-        self.applied_moved(&mut st);
+        self.applied_moved(st);
+    }
+
+    /// The piece id of an upstream key (`None`: a key of no tenant).
+    fn piece_id(&self, key: &bytes::Bytes) -> Option<bytes::Bytes> {
+        self.layout.piece_len(key).map(|n| key.slice(..n))
+    }
+
+    fn route(&self, pieces: &mut Pieces, rev: i64, ev: &Event) -> Route {
+        match ev.kv.as_ref().and_then(|kv| self.piece_id(&kv.key)) {
+            Some(id) => pieces.route(&id, rev, ev),
+            None => Route::Apply,
+        }
     }
 
     /// No event of the watched range up to `rev` is missing (a progress answer).
@@ -155,6 +186,7 @@ impl Replica {
         let mut st = self.lock();
         st.phase = Phase::Empty;
         st.store = Store::new();
+        st.pieces = Pieces::default();
         self.report(&st);
         drop(st);
         self.reload.notify_one();
@@ -175,14 +207,28 @@ impl Replica {
         }
         let floor = (st.store.applied() - self.cfg.window_revisions).max(st.compacted);
         st.store.raise_floor(floor);
+        st.pieces.settle(st.store.applied());
         if st.store.bytes() > self.cfg.max_bytes {
-            // Past versions first; then the whole replica, which loads again later.
+            // Past versions first, then the coldest pieces (to 90% of the budget, so
+            // that eviction is not paid on every write); the whole replica last.
             st.store.raise_floor(st.store.applied());
+            let target = self.cfg.max_bytes / 10 * 9;
+            if st.store.bytes() > target {
+                for id in st.pieces.coldest() {
+                    if st.store.bytes() <= target {
+                        break;
+                    }
+                    st.store.remove_piece(&id);
+                    st.pieces.evicted(&id);
+                    metrics::counter!(names::CACHE_EVICTIONS).increment(1);
+                }
+            }
             if st.store.bytes() > self.cfg.max_bytes {
                 tracing::warn!(bytes = st.store.bytes(), max = self.cfg.max_bytes, "cache: over budget; emptied");
                 metrics::counter!(names::CACHE_OVER_BUDGET).increment(1);
                 st.phase = Phase::Empty;
                 st.store = Store::new();
+                st.pieces = Pieces::default();
                 self.reload.notify_one();
             }
         }
@@ -194,6 +240,41 @@ impl Replica {
         metrics::gauge!(names::CACHE_BYTES).set(st.store.bytes() as f64);
         metrics::gauge!(names::CACHE_KEYS).set(st.store.len() as f64);
         metrics::gauge!(names::CACHE_REVISION).set(st.store.applied() as f64);
+        metrics::gauge!(names::CACHE_PIECES_ABSENT).set(st.pieces.absent() as f64);
+    }
+
+    /// Whether the pieces a range reads are held: `Ok(floor)`, the oldest revision
+    /// they can be read at; else why not (an evicted piece is asked for).
+    fn piece_gate(&self, st: &mut State, req: &RangeRequest) -> Result<i64, &'static str> {
+        let (key, end) = (&req.key[..], &req.range_end[..]);
+        if self.layout.piece_free(key, end) {
+            return Ok(0);
+        }
+        let within = |id: &[u8]| {
+            let mut under = id.to_vec();
+            under.push(b'/');
+            end.is_empty() || (end != [0] && end <= &prefix_end(&under)[..])
+        };
+        let id = match self.layout.piece_len(key).map(|n| &key[..n]) {
+            Some(id) if within(id) => id,
+            // Across pieces: only while every piece is held.
+            _ => return if st.pieces.absent() == 0 { Ok(0) } else { Err("evicted") },
+        };
+        let Some(p) = st.pieces.get(id) else { return Ok(0) };
+        match p.state {
+            pieces::State::Held => {
+                let floor = p.floor;
+                st.pieces.touch(id);
+                Ok(floor)
+            }
+            pieces::State::Evicted => {
+                if st.pieces.want(id) {
+                    self.reload.notify_one();
+                }
+                Err("evicted")
+            }
+            pieces::State::Loading { .. } => Err("loading"),
+        }
     }
 
     /// Whether `[key, range_end)` lies inside the mirrored range and outside every
@@ -228,8 +309,14 @@ impl Replica {
         if let Err(why) = self.covers(req) {
             return forward(why);
         }
-        if !self.is_live() {
-            return forward("not_loaded");
+        {
+            let mut st = self.lock();
+            if !matches!(st.phase, Phase::Live) {
+                return forward("not_loaded");
+            }
+            if let Err(why) = self.piece_gate(&mut st, req) {
+                return forward(why);
+            }
         }
         let (kind, header) = if req.revision > 0 {
             ("revision", None)

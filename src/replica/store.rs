@@ -167,6 +167,11 @@ impl Store {
         self.keys.is_empty()
     }
 
+    /// Every key held, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        self.keys.keys()
+    }
+
     /// Applies the events of one revision, `rev`, which must be after
     /// [`Self::applied`] (events of earlier revisions are already in: ignored, so a
     /// resumed feed may repeat a revision). Returns whether they were applied.
@@ -184,6 +189,41 @@ impl Store {
         }
         self.applied = rev;
         true
+    }
+
+    /// Events of revision `rev` (at or before [`Self::applied`]) for keys that were
+    /// not fed when they happened (a piece loaded again since): their versions are
+    /// added without moving `applied`. The keys' newer versions must not be in yet.
+    pub fn replay(&mut self, rev: i64, ev: &Event) {
+        let Some(kv) = &ev.kv else { return };
+        let version = match EventType::try_from(ev.r#type) {
+            Ok(EventType::Delete) => Version::Gone(rev),
+            _ => Version::Live(kv.clone()),
+        };
+        self.push(kv.key.clone(), version);
+    }
+
+    /// Drops the keys of one piece (the key `id` and the keys under `id/`), every
+    /// version; returns the bytes freed.
+    pub fn remove_piece(&mut self, id: &[u8]) -> usize {
+        let before = self.bytes;
+        let mut under = id.to_vec();
+        under.push(b'/');
+        let end = crate::keyspace::prefix_end(&under);
+        let mut doomed: Vec<Bytes> = self
+            .keys
+            .range::<[u8], _>((Bound::Included(&under[..]), Bound::Excluded(&end[..])))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if self.keys.contains_key(id) {
+            doomed.push(Bytes::copy_from_slice(id));
+        }
+        for k in doomed {
+            if let Some(h) = self.keys.remove(&k) {
+                self.bytes -= KEY_OVERHEAD + k.len() + h.0.iter().map(Version::bytes).sum::<usize>();
+            }
+        }
+        before - self.bytes
     }
 
     /// Nothing changed in this part up to `rev` (a progress notification, or events
