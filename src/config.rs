@@ -107,6 +107,18 @@ pub struct ServerConfig {
     /// busiest, picked by a bounded sketch; labels are kept once given); all others
     /// are summed as `tenant="other"`. 0: no per-tenant metrics.
     pub tenant_metrics_top: usize,
+    /// How often the TLS files (`[upstream]` cacert/cert/key, each listener's
+    /// cert_file/key_file/trusted_ca_file) are read to see whether they changed; new
+    /// ones are used for new connections, open ones keep theirs. Files that do not
+    /// parse or do not match keep the old ones in use and are tried again next time.
+    /// 0: read at start only. Default 10000.
+    pub tls_reload_interval_ms: u64,
+    /// A client that has not finished its TLS handshake within this is disconnected.
+    /// Default 10000.
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress on one listener; beyond it new connections wait in
+    /// the kernel's backlog until one finishes or times out. Default 1024.
+    pub tls_max_handshakes: usize,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +132,9 @@ impl Default for ServerConfig {
             max_concurrent_streams: 10_000,
             shutdown_grace_ms: 10_000,
             tenant_metrics_top: 100,
+            tls_reload_interval_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            tls_max_handshakes: 1024,
         }
     }
 }
@@ -423,6 +438,9 @@ impl Config {
                 h.max_probe_age_ms, h.probe_interval_ms, h.probe_timeout_ms
             ));
         }
+        if self.server.tls_handshake_timeout_ms == 0 || self.server.tls_max_handshakes == 0 {
+            return bad("server.tls_handshake_timeout_ms and tls_max_handshakes must be at least 1".into());
+        }
         let l = &self.limits;
         if l.max_unary_inflight == 0
             || l.max_unary_inflight_per_connection == 0
@@ -534,6 +552,9 @@ mod tests {
         assert!(zero.validate().is_err());
         assert_eq!(cfg.limits.max_unary_inflight, 10_000);
         let zero = Config::parse("[limits]\nmax_watchers_per_stream = 0", "x").unwrap();
+        assert!(zero.validate().is_err());
+        assert_eq!(cfg.server.tls_reload_interval_ms, 10_000);
+        let zero = Config::parse("[server]\ntls_handshake_timeout_ms = 0", "x").unwrap();
         assert!(zero.validate().is_err());
     }
 

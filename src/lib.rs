@@ -11,6 +11,8 @@
 //! config.rs    the one serde config, validated once
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
+//! certs.rs     TLS files: read, checked (pairs that match), read again on an interval
+//!              and swapped in when they change (rotation without a restart)
 //! metrics/     metric names (one place), descriptions, the Prometheus recorder
 //!              (latency histograms); per-tenant metrics: the top-N tenants that get
 //!              their own label (tenants.rs, a bounded sketch), the per-call slot
@@ -23,10 +25,12 @@
 //! ops/         the Proxy and what it does: validate (etcd's request checks, before
 //!              anything goes upstream), range, merge, write, txn/{check, translate,
 //!              fit, answer}, index, lease
-//! upstream/    the etcd connection pool, call and stream context (deadlines),
-//!              classify (what a failure means)
-//! grpc/        server (shutdown order), accept, tls (listener TLS; the scope of a
-//!              request from its client certificate), the metrics layer, the
+//! upstream/    the etcd connection pool (its channels rebuilt when the TLS files
+//!              change), call and stream context (deadlines), classify (what a
+//!              failure means)
+//! grpc/        server (shutdown order), accept, tls (listener TLS, swapped on
+//!              rotation; the scope of a request from its client certificate),
+//!              handshake (bounded, timed TLS accepts), the metrics layer, the
 //!              limits layer (load shedding), one file per etcd service
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
 //!              ring, hub, upstream, progress (state machine), probe (its I/O),
@@ -35,7 +39,8 @@
 //!
 //! Dependencies between top-level modules point one way (checked by a test in
 //! `tests/architecture.rs`): `grpc → health → watch → ops → upstream, keyspace`; `config →
-//! keyspace`; `error → upstream, keyspace`; `keyspace` depends on nothing.
+//! keyspace`; `error → upstream, keyspace`; `grpc, upstream → certs → metrics, shutdown`;
+//! `keyspace` depends on nothing.
 //!
 //! # A request
 //!
@@ -57,6 +62,7 @@
 //!
 //! `docs/architecture.md` states the invariants each module keeps.
 
+pub mod certs;
 pub mod codec;
 pub mod config;
 pub mod error;
