@@ -46,7 +46,8 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub static_tenant: Option<String>,
     /// TLS towards clients (etcd's names): this listener's certificate and key (PEM).
-    /// Without them the listener speaks plaintext.
+    /// Without them the listener speaks plaintext. Like `trusted_ca_file`, read again
+    /// every `server.tls_reload_interval_ms`: new connections get the new ones.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
     #[serde(default)]
@@ -156,7 +157,9 @@ pub struct UpstreamConfig {
     /// HTTP/2 keepalive ping interval towards etcd.
     pub keepalive_interval_ms: u64,
     /// TLS towards etcd, for `https://` endpoints: the CA bundle (PEM) etcd's
-    /// certificate must chain to (required: the system roots are not used).
+    /// certificate must chain to (required: the system roots are not used). Like
+    /// `cert` and `key`, read again every `server.tls_reload_interval_ms`: calls
+    /// from then on use new connections, streams already open keep theirs.
     pub cacert: Option<PathBuf>,
     /// Client certificate and key (PEM) for etcd's `--client-cert-auth`; both or neither.
     pub cert: Option<PathBuf>,

@@ -7,7 +7,6 @@ mod common;
 #[path = "tls/pki.rs"]
 mod pki;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clients::{b, get, listener_toml, put, put_get, tls_channel};
@@ -16,7 +15,6 @@ use etcd_client::{GetOptions, WatchOptions};
 use etcdmux::pb::etcdserverpb::kv_client::KvClient;
 use etcdmux::pb::etcdserverpb::{PutRequest, RangeRequest};
 use pki::{Pair, Pki};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// An etcd serving https:// that requires a client certificate from `pki`'s CA.
 fn tls_etcd(pki: &Pki) -> Etcd {

@@ -137,8 +137,8 @@ impl Upstream {
         })
     }
 
-    /// The TLS files towards etcd and the checked contents the pool uses now; `None`
-    /// without TLS.
+    /// The TLS files towards etcd and the checked contents the pool was built from
+    /// at start (for the reloader); `None` without TLS.
     pub fn tls_files(&self) -> Option<(&TlsPaths, &Checked)> {
         self.tls.as_ref().map(|t| (&t.paths, &t.serving))
     }
