@@ -8,12 +8,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keyspace::{Resolver, TenantName};
 pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
+pub use crate::trace::{LogConfig, LogFormat, TracingConfig};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_listeners", rename = "listener")]
@@ -34,11 +35,19 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// `[log]`: text or JSON lines on stderr, and their level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[tracing]`: W3C trace context and OTLP span export (off by default).
+    #[serde(default)]
+    pub tracing: TracingConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
 /// apiservers, each pinned to its own static tenant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub addr: SocketAddr,
@@ -80,7 +89,7 @@ impl ListenerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Prometheus `/metrics` listener; none when unset.
@@ -140,7 +149,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// etcd client URLs (`http://host:port`). Requests go to one endpoint at a time
@@ -185,7 +194,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LayoutConfig {
     /// Upstream prefix of the kplane-compatible layout:
@@ -209,7 +218,7 @@ impl Default for LayoutConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaseConfig {
     /// How long a lease's owner is remembered before it is read from etcd again.
@@ -225,7 +234,7 @@ impl Default for LeaseConfig {
 
 /// The watch hub: one shared upstream watch, a bounded event ring, bounded
 /// per-stream queues.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// Events kept in the shared ring (watchers starting at a revision still in the
@@ -287,7 +296,7 @@ impl Default for WatchConfig {
 
 /// Readiness (`/readyz`, `grpc.health.v1.Health`): how etcd's reachability and the
 /// watch hub's currency are checked. `/livez` needs nothing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// How often etcd is probed (a range on the layout's void key, which also reads
@@ -318,7 +327,7 @@ impl Default for HealthConfig {
 /// `RESOURCE_EXHAUSTED` "etcdserver: too many requests" (never queued); streams
 /// (Watch, LeaseKeepAlive, Snapshot) are not unary calls. HTTP/2 streams per
 /// connection are `server.max_concurrent_streams`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Unary calls in progress at once, all listeners together. Default 10000.
@@ -343,6 +352,59 @@ impl Default for LimitsConfig {
             max_watchers_per_stream: 10_000,
             http2_keepalive_interval_ms: 30_000,
             http2_keepalive_timeout_ms: 20_000,
+        }
+    }
+}
+
+/// The shared read replica (`[cache]`): one in-memory copy of the keys the watch
+/// hub watches, from which `Range` requests are answered without going to etcd.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Answer ranges from the replica. Off by default.
+    pub enabled: bool,
+    /// Past revisions kept: a range at a revision this far behind the newest is
+    /// still answered locally; older ones go to etcd. Default 10000.
+    pub window_revisions: i64,
+    /// Bytes the replica may hold (keys, values, past versions, bookkeeping). Past
+    /// versions are dropped first; a replica over budget without them stops
+    /// answering (every read goes to etcd) and loads again once under it. Default 1 GiB.
+    pub max_bytes: usize,
+    /// Keys per page of the initial load (one range at one revision per page).
+    /// Default 1000.
+    pub load_page_keys: i64,
+    /// Events held back while a load runs; more abort the load, which starts again.
+    /// Default 100000.
+    pub max_pending_events: usize,
+    /// How long a linearizable read waits for the replica to reach etcd's revision
+    /// before it goes to etcd instead. Default 1000.
+    pub max_read_wait_ms: u64,
+    /// After this long waiting, ask the watch hub to prove progress (etcd's newest
+    /// revision may lie outside the watched keys, where no event shows it).
+    /// Default 100 (on etcd before 3.4.31 / 3.5.13 a proof is a fence write).
+    pub nudge_after_ms: u64,
+    /// How often etcd is asked whether it was compacted by someone else (another
+    /// etcdmux replica, a client talking to etcd directly): one count-only range per
+    /// check. Until then, ranges at revisions etcd has compacted may be answered with
+    /// the data instead of etcd's "compacted". 0: never. Default 1000.
+    pub compaction_check_ms: u64,
+    /// Resource roots never answered from the replica (their reads go to etcd):
+    /// resource names as in the layout, e.g. `["events"]`.
+    pub exclude_resources: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            window_revisions: 10_000,
+            max_bytes: 1 << 30,
+            load_page_keys: 1000,
+            max_pending_events: 100_000,
+            max_read_wait_ms: 1000,
+            nudge_after_ms: 100,
+            compaction_check_ms: 1000,
+            exclude_resources: Vec::new(),
         }
     }
 }
@@ -453,6 +515,13 @@ impl Config {
         {
             return bad("every limits.* setting must be at least 1".into());
         }
+        let c = &self.cache;
+        if c.window_revisions < 0 || c.load_page_keys < 1 || c.max_pending_events == 0 || c.max_bytes == 0 {
+            return bad("cache.load_page_keys, max_pending_events and max_bytes must be at least 1, window_revisions at least 0".into());
+        }
+        if let Some(r) = c.exclude_resources.iter().find(|r| r.is_empty() || r.contains('/')) {
+            return bad(format!("cache.exclude_resources: {r:?} is not a resource name (non-empty, no '/')"));
+        }
         if self.upstream.max_txn_ops < 2 {
             return bad("upstream.max_txn_ops must be at least 2".into());
         }
@@ -476,6 +545,8 @@ impl Config {
                 TenantName::new(t).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
+        self.log.validate().map_err(ConfigError::Invalid)?;
+        self.tracing.validate().map_err(ConfigError::Invalid)?;
         self.validate_tls()?;
         Resolver::new(&self.tenancy, &[p, m]).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
@@ -559,6 +630,22 @@ mod tests {
         assert_eq!(cfg.server.tls_reload_interval_ms, 10_000);
         let zero = Config::parse("[server]\ntls_handshake_timeout_ms = 0", "x").unwrap();
         assert!(zero.validate().is_err());
+        assert_eq!(cfg.log.format, LogFormat::Text);
+        assert_eq!(cfg.log.level, "info");
+        assert!(!cfg.tracing.enabled());
+        assert_eq!((cfg.tracing.service_name.as_str(), cfg.tracing.sample_ratio), ("etcdmux", 1.0));
+        let json = Config::parse("[log]\nformat = \"json\"\nlevel = \"warn,etcdmux=debug\"", "x").unwrap();
+        assert_eq!(json.log.format, LogFormat::Json);
+        json.validate().unwrap();
+        assert!(Config::parse("[log]\nformat = \"xml\"", "x").is_err());
+        let refused = |text: &str| Config::parse(text, "x").unwrap().validate().unwrap_err().to_string();
+        assert!(refused("[log]\nlevel = \"etcdmux=loud\"").contains("log.level"));
+        assert!(refused("[tracing]\nsample_ratio = 1.5").contains("sample_ratio"));
+        assert!(refused("[tracing]\notlp_endpoint = \"collector:4317\"").contains("http://"));
+        assert!(refused("[tracing]\nqueue_size = 10\nbatch_size = 20").contains("batch_size"));
+        let on = Config::parse("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"", "x").unwrap();
+        assert!(on.tracing.enabled());
+        on.validate().unwrap();
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
 //! certs.rs     TLS files: read, checked (pairs that match), read again on an interval
 //!              and swapped in when they change (rotation without a restart)
+//! trace/       logs (text or JSON) and tracing: the per-call span, request id and
+//!              W3C trace context (call.rs), carried to etcd; the OTLP export queue
+//!              (export.rs); the [log] and [tracing] config (config.rs)
 //! metrics/     metric names (one place), descriptions, the Prometheus recorder
 //!              (latency histograms); per-tenant metrics: the top-N tenants that get
 //!              their own label (tenants.rs, a bounded sketch), the per-call slot
@@ -30,8 +33,11 @@
 //!              failure means)
 //! grpc/        server (shutdown order), accept, tls (listener TLS, swapped on
 //!              rotation; the scope of a request from its client certificate),
-//!              handshake (bounded, timed TLS accepts), the metrics layer, the
-//!              limits layer (load shedding), one file per etcd service
+//!              handshake (bounded, timed TLS accepts), the span layer (a span and
+//!              request id per call), the metrics layer, the limits layer (load
+//!              shedding), one file per etcd service
+//! replica/     the shared read replica (in progress): store, a multi-version copy
+//!              of etcd's keys that answers ranges as etcd would
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
 //!              ring, hub, upstream, progress (state machine), probe (its I/O),
 //!              catchup, passthrough
@@ -72,6 +78,8 @@ pub mod keyspace;
 pub mod metrics;
 pub mod ops;
 pub mod pb;
+pub mod replica;
 pub mod shutdown;
+pub mod trace;
 pub mod upstream;
 pub mod watch;

@@ -31,6 +31,7 @@ use super::layer::GrpcMetricsLayer;
 use super::lease::LeaseService;
 use super::limits::{Limits, LimitsLayer};
 use super::maintenance::MaintenanceService;
+use super::span::CallSpanLayer;
 use super::tls::{ScopeSource, ServerTls};
 use super::watch::WatchService;
 use crate::certs::{Apply, Reloader};
@@ -61,6 +62,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The read replica, when `[cache] enabled`.
+    pub fn replica(&self) -> Option<&Arc<crate::replica::Replica>> {
+        self.proxy.replica.as_ref()
+    }
+
     /// Shuts down gracefully (see the module docs); returns once every listener and
     /// task has ended, or the grace period is over.
     pub async fn shutdown(mut self) {
@@ -148,7 +154,9 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
                 $server::new($svc).max_decoding_message_size(max_in).max_encoding_message_size(max_out)
             };
         }
+        // Outermost: a call refused by the limits has a span and a request id too.
         let router = Server::builder()
+            .layer(CallSpanLayer)
             .layer(GrpcMetricsLayer)
             .layer(LimitsLayer::new(limits.clone()))
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)

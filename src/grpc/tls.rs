@@ -101,7 +101,7 @@ impl ScopeSource {
         };
         let values = cert_values(leaf, rules.from)?;
         let scope = resolver.cert_scope(&self.listener, &values)?;
-        tracing::Span::current().record("tenant", tracing::field::display(&scope.principal));
+        crate::trace::record_tenant(scope.principal.as_str());
         Ok(scope)
     }
 }

@@ -26,7 +26,7 @@
 use std::collections::HashSet;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::identity::{IdentityConfig, IdentityRules};
 use super::layout::prefix_end;
@@ -34,7 +34,7 @@ use super::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName, SLAS
 use super::KeyError;
 
 /// What to do with a key that matches no tenant rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UnmatchedPolicy {
     /// Refuse the request with `INVALID_ARGUMENT`, naming the key.
@@ -46,7 +46,7 @@ pub enum UnmatchedPolicy {
 
 /// A key-path rule: `prefix = "/projects/{tenant}/"` takes the tenant from the
 /// path; `prefix = "/datum-core/", tenant = "root"` maps a fixed prefix to a tenant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub prefix: String,
@@ -55,7 +55,7 @@ pub struct RuleConfig {
 }
 
 /// The `[tenancy]` section of the config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenancyConfig {
     #[serde(rename = "rule")]

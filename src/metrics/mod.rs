@@ -63,6 +63,18 @@ pub mod names {
     pub const TENANT_BYTES: &str = "etcdmux_tenant_request_bytes_total";
     pub const TENANT_WATCHERS: &str = "etcdmux_tenant_watchers";
     pub const TENANT_EVENTS: &str = "etcdmux_tenant_events_sent_total";
+    pub const CACHE_HITS: &str = "etcdmux_cache_hits_total";
+    pub const CACHE_FORWARDED: &str = "etcdmux_cache_forwarded_total";
+    pub const CACHE_BYTES: &str = "etcdmux_cache_bytes";
+    pub const CACHE_KEYS: &str = "etcdmux_cache_keys";
+    pub const CACHE_REVISION: &str = "etcdmux_cache_revision";
+    pub const CACHE_OVER_BUDGET: &str = "etcdmux_cache_over_budget_total";
+    pub const CACHE_LOADS: &str = "etcdmux_cache_loads_total";
+    pub const CACHE_LOAD_DURATION: &str = "etcdmux_cache_load_duration_seconds";
+    pub const CACHE_READ_INDEX_CALLS: &str = "etcdmux_cache_read_index_calls_total";
+    pub const CACHE_READ_WAIT: &str = "etcdmux_cache_read_wait_seconds";
+    pub const TRACE_SPANS_EXPORTED: &str = "etcdmux_trace_spans_exported_total";
+    pub const TRACE_SPANS_DROPPED: &str = "etcdmux_trace_spans_dropped_total";
 }
 
 /// Buckets of the latency histograms, in seconds: 0.5 ms to 10 s.
@@ -243,6 +255,59 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Events queued to client watchers, by tenant (top N, else \"other\")",
     ),
+    (
+        names::CACHE_HITS,
+        Kind::Counter,
+        Unit::Count,
+        "Ranges answered from the read replica, by consistency (linearizable, serializable, revision)",
+    ),
+    (
+        names::CACHE_FORWARDED,
+        Kind::Counter,
+        Unit::Count,
+        "Ranges the read replica sent to etcd, by reason (outside, excluded, not_loaded, lagging, before_window, \
+         after_applied, compacted, sort, read_index_failed, require_leader)",
+    ),
+    (
+        names::CACHE_BYTES,
+        Kind::Gauge,
+        Unit::Bytes,
+        "Bytes the read replica holds (keys, values, past versions, bookkeeping)",
+    ),
+    (names::CACHE_KEYS, Kind::Gauge, Unit::Count, "Keys the read replica holds"),
+    (names::CACHE_REVISION, Kind::Gauge, Unit::Count, "The revision through which the read replica has applied etcd's changes"),
+    (
+        names::CACHE_OVER_BUDGET,
+        Kind::Counter,
+        Unit::Count,
+        "Times the read replica exceeded cache.max_bytes and was emptied (it loads again)",
+    ),
+    (names::CACHE_LOADS, Kind::Counter, Unit::Count, "Loads of the read replica, by result (ok, error)"),
+    (names::CACHE_LOAD_DURATION, Kind::Histogram, Unit::Seconds, "Time a successful load of the read replica took"),
+    (
+        names::CACHE_READ_INDEX_CALLS,
+        Kind::Counter,
+        Unit::Count,
+        "Upstream calls made to learn etcd's revision for linearizable reads (one per batch of reads)",
+    ),
+    (
+        names::CACHE_READ_WAIT,
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time linearizable reads waited for the read replica to reach etcd's revision",
+    ),
+    (
+        names::TRACE_SPANS_EXPORTED,
+        Kind::Counter,
+        Unit::Count,
+        "Spans sent to the OTLP collector (tracing.otlp_endpoint)",
+    ),
+    (
+        names::TRACE_SPANS_DROPPED,
+        Kind::Counter,
+        Unit::Count,
+        "Sampled spans not exported, by reason: queue_full (tracing.queue_size), export_failed, shut_down",
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -272,6 +337,19 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 /// The exporter's settings: latencies as histograms with [`LATENCY_BUCKETS`].
 pub fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
     PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
+}
+
+/// Every metric etcdmux exports: (name, type as Prometheus names it, help text).
+/// `docs/metrics.md` is checked against this list.
+pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    DESCRIPTIONS.iter().map(|&(name, kind, _, text)| {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        (name, kind, text)
+    })
 }
 
 /// Registers each metric's description with the installed recorder.
