@@ -4,9 +4,11 @@
 //! cert-manager and the kubelet rotate a mounted Secret by swapping a symlink to a
 //! new directory: the path and often the mtime stay the same, so a [`Reloader`]
 //! compares the files' contents. A certificate and key read during a rotation can
-//! be one old and one new (two files are never read atomically); such a pair does
-//! not match, is refused like a half-written or garbage file, and the ones in use
-//! stay until a later read finds a good set.
+//! be one old and one new (two files are never read atomically): a set that does
+//! not pass is read once more, and if that differs it is still changing and is
+//! looked at next time. A set that stays bad (half-written by hand, garbage, a key
+//! that does not match) is refused; the ones in use stay until a later read finds a
+//! good set.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,6 +161,8 @@ fn identity(cert: &PemFile, key: &PemFile) -> Result<Identity, CertError> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     Unchanged,
+    /// The files changed while they were read: looked at again next time.
+    Changing,
     Reloaded,
     /// The files changed but cannot be used; the ones in use stay.
     Refused(String),
@@ -194,8 +198,11 @@ impl Reloader {
             Ok(f) => f,
             Err(e) => return self.refused(e.into()),
         };
-        let checked = match files.check() {
+        let checked = match files.clone().check() {
             Ok(c) => c,
+            // Read while the files were being replaced (a pair from two versions):
+            // not an error, the next check sees the finished set.
+            Err(_) if self.paths.read().is_ok_and(|again| again != files) => return Outcome::Changing,
             Err(e) => return self.refused(e.into()),
         };
         if let Err(e) = (self.apply)(&checked) {
