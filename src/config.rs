@@ -55,7 +55,8 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub static_tenant: Option<String>,
     /// TLS towards clients (etcd's names): this listener's certificate and key (PEM).
-    /// Without them the listener speaks plaintext.
+    /// Without them the listener speaks plaintext. Like `trusted_ca_file`, read again
+    /// every `server.tls_reload_interval_ms`: new connections get the new ones.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
     #[serde(default)]
@@ -116,6 +117,18 @@ pub struct ServerConfig {
     /// busiest, picked by a bounded sketch; labels are kept once given); all others
     /// are summed as `tenant="other"`. 0: no per-tenant metrics.
     pub tenant_metrics_top: usize,
+    /// How often the TLS files (`[upstream]` cacert/cert/key, each listener's
+    /// cert_file/key_file/trusted_ca_file) are read to see whether they changed; new
+    /// ones are used for new connections, open ones keep theirs. Files that do not
+    /// parse or do not match keep the old ones in use and are tried again next time.
+    /// 0: read at start only. Default 10000.
+    pub tls_reload_interval_ms: u64,
+    /// A client that has not finished its TLS handshake within this is disconnected.
+    /// Default 10000.
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress on one listener; beyond it new connections wait in
+    /// the kernel's backlog until one finishes or times out. Default 1024.
+    pub tls_max_handshakes: usize,
 }
 
 impl Default for ServerConfig {
@@ -129,6 +142,9 @@ impl Default for ServerConfig {
             max_concurrent_streams: 10_000,
             shutdown_grace_ms: 10_000,
             tenant_metrics_top: 100,
+            tls_reload_interval_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            tls_max_handshakes: 1024,
         }
     }
 }
@@ -150,7 +166,9 @@ pub struct UpstreamConfig {
     /// HTTP/2 keepalive ping interval towards etcd.
     pub keepalive_interval_ms: u64,
     /// TLS towards etcd, for `https://` endpoints: the CA bundle (PEM) etcd's
-    /// certificate must chain to (required: the system roots are not used).
+    /// certificate must chain to (required: the system roots are not used). Like
+    /// `cert` and `key`, read again every `server.tls_reload_interval_ms`: calls
+    /// from then on use new connections, streams already open keep theirs.
     pub cacert: Option<PathBuf>,
     /// Client certificate and key (PEM) for etcd's `--client-cert-auth`; both or neither.
     pub cert: Option<PathBuf>,
@@ -485,6 +503,9 @@ impl Config {
                 h.max_probe_age_ms, h.probe_interval_ms, h.probe_timeout_ms
             ));
         }
+        if self.server.tls_handshake_timeout_ms == 0 || self.server.tls_max_handshakes == 0 {
+            return bad("server.tls_handshake_timeout_ms and tls_max_handshakes must be at least 1".into());
+        }
         let l = &self.limits;
         if l.max_unary_inflight == 0
             || l.max_unary_inflight_per_connection == 0
@@ -605,6 +626,9 @@ mod tests {
         assert!(zero.validate().is_err());
         assert_eq!(cfg.limits.max_unary_inflight, 10_000);
         let zero = Config::parse("[limits]\nmax_watchers_per_stream = 0", "x").unwrap();
+        assert!(zero.validate().is_err());
+        assert_eq!(cfg.server.tls_reload_interval_ms, 10_000);
+        let zero = Config::parse("[server]\ntls_handshake_timeout_ms = 0", "x").unwrap();
         assert!(zero.validate().is_err());
         assert_eq!(cfg.log.format, LogFormat::Text);
         assert_eq!(cfg.log.level, "info");

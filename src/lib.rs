@@ -11,6 +11,8 @@
 //! config.rs    the one serde config, validated once
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
+//! certs.rs     TLS files: read, checked (pairs that match), read again on an interval
+//!              and swapped in when they change (rotation without a restart)
 //! trace/       logs (text or JSON) and tracing: the per-call span, request id and
 //!              W3C trace context (call.rs), carried to etcd; the OTLP export queue
 //!              (export.rs); the [log] and [tracing] config (config.rs)
@@ -26,10 +28,12 @@
 //! ops/         the Proxy and what it does: validate (etcd's request checks, before
 //!              anything goes upstream), range, merge, write, txn/{check, translate,
 //!              fit, answer}, index, lease
-//! upstream/    the etcd connection pool, call and stream context (deadlines),
-//!              classify (what a failure means)
-//! grpc/        server (shutdown order), accept, tls (listener TLS; the scope of a
-//!              request from its client certificate), the span layer (a span and
+//! upstream/    the etcd connection pool (its channels rebuilt when the TLS files
+//!              change), call and stream context (deadlines), classify (what a
+//!              failure means)
+//! grpc/        server (shutdown order), accept, tls (listener TLS, swapped on
+//!              rotation; the scope of a request from its client certificate),
+//!              handshake (bounded, timed TLS accepts), the span layer (a span and
 //!              request id per call), the metrics layer, the limits layer (load
 //!              shedding), one file per etcd service
 //! replica/     the shared read replica (in progress): store, a multi-version copy
@@ -41,7 +45,8 @@
 //!
 //! Dependencies between top-level modules point one way (checked by a test in
 //! `tests/architecture.rs`): `grpc → health → watch → ops → upstream, keyspace`; `config →
-//! keyspace`; `error → upstream, keyspace`; `keyspace` depends on nothing.
+//! keyspace`; `error → upstream, keyspace`; `grpc, upstream → certs → metrics, shutdown`;
+//! `keyspace` depends on nothing.
 //!
 //! # A request
 //!
@@ -63,6 +68,7 @@
 //!
 //! `docs/architecture.md` states the invariants each module keeps.
 
+pub mod certs;
 pub mod codec;
 pub mod config;
 pub mod error;

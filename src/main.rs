@@ -51,6 +51,10 @@ struct Cli {
     /// Require a client certificate on every listener (listener.client_cert_auth).
     #[arg(long, env = "ETCDMUX_CLIENT_CERT_AUTH")]
     client_cert_auth: bool,
+    /// How often TLS files are checked for rotation, in ms; 0: never
+    /// (server.tls_reload_interval_ms).
+    #[arg(long, env = "ETCDMUX_TLS_RELOAD_INTERVAL_MS")]
+    tls_reload_interval_ms: Option<u64>,
     /// Answer reads from the shared read replica (cache.enabled): true or false.
     #[arg(long, env = "ETCDMUX_CACHE")]
     cache: Option<bool>,
@@ -92,6 +96,9 @@ fn load(cli: &Cli) -> Result<Config, String> {
     }
     if cli.metrics_listen.is_some() {
         cfg.server.metrics_listen = cli.metrics_listen;
+    }
+    if let Some(ms) = cli.tls_reload_interval_ms {
+        cfg.server.tls_reload_interval_ms = ms;
     }
     let u = &mut cfg.upstream;
     for (flag, field) in

@@ -7,7 +7,9 @@
 //! - [`accept`]: accept-error backoff (out of file descriptors);
 //! - [`layer`]: per-call metrics;
 //! - [`span`]: the span and request id of every call (see [`crate::trace`]);
-//! - [`tls`]: a listener's TLS, and the scope from a request's client certificate;
+//! - [`tls`]: a listener's TLS (swapped when its files change), and the scope from a
+//!   request's client certificate;
+//! - [`handshake`]: TLS handshakes off the accept loop, bounded in number and time;
 //! - [`kv`], [`lease`], [`watch`], [`maintenance`], [`cluster`]: the etcd services.
 
 use tonic::{Response, Status};
@@ -33,6 +35,7 @@ macro_rules! admin_forward {
 
 pub mod accept;
 pub mod cluster;
+pub mod handshake;
 pub mod kv;
 pub mod layer;
 pub mod lease;

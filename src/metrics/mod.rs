@@ -30,6 +30,10 @@ pub mod names {
     pub const UPSTREAM_CONNECTIONS: &str = "etcdmux_upstream_connections";
     pub const ROOT_INDEX_CACHED: &str = "etcdmux_root_index_cached";
     pub const ACCEPT_ERRORS: &str = "etcdmux_accept_errors_total";
+    pub const TLS_RELOADS: &str = "etcdmux_tls_reloads_total";
+    pub const TLS_CERT_EXPIRY: &str = "etcdmux_tls_cert_expiry_timestamp_seconds";
+    pub const TLS_HANDSHAKES: &str = "etcdmux_tls_handshakes";
+    pub const TLS_HANDSHAKE_FAILURES: &str = "etcdmux_tls_handshake_failures_total";
     pub const CROSS_ROOT_RANGES: &str = "etcdmux_cross_root_ranges_total";
     pub const CROSS_ROOT_DELETES: &str = "etcdmux_cross_root_deletes_total";
     pub const LEASES_GRANTED: &str = "etcdmux_leases_granted_total";
@@ -113,6 +117,27 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Failed accepts of client connections (e.g. out of file descriptors)",
+    ),
+    (
+        names::TLS_RELOADS,
+        Kind::Counter,
+        Unit::Count,
+        "Changed TLS files taken into use (result=ok) or refused, the old ones kept (result=error), \
+         by target: upstream, listener",
+    ),
+    (
+        names::TLS_CERT_EXPIRY,
+        Kind::Gauge,
+        Unit::Seconds,
+        "Not-after (Unix time) of the certificate in use that etcdmux presents, by target (upstream, listener) \
+         and file",
+    ),
+    (names::TLS_HANDSHAKES, Kind::Gauge, Unit::Count, "TLS handshakes with clients in progress, all listeners"),
+    (
+        names::TLS_HANDSHAKE_FAILURES,
+        Kind::Counter,
+        Unit::Count,
+        "TLS handshakes with clients that failed, by reason: timeout (server.tls_handshake_timeout_ms), tls",
     ),
     (
         names::CROSS_ROOT_RANGES,
