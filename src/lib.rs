@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! main.rs      the `etcdmux` command (clap): serve, check-config
-//! config.rs    the one serde config, validated once
+//! config/      the one serde config, validated once (tls.rs: the TLS settings)
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
 //! certs.rs     TLS files: read, checked (pairs that match), read again on an interval
