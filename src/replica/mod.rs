@@ -342,11 +342,29 @@ impl Replica {
         if req.revision > 0 && req.revision < st.compacted {
             return forward("compacted");
         }
-        let answer =
-            if matches!(st.phase, Phase::Live) { st.store.range(req) } else { Answer::Forward(Why::NotLoaded) };
-        match answer {
+        if !matches!(st.phase, Phase::Live) {
+            return forward("not_loaded");
+        }
+        // The piece may have been evicted or reloaded while the read waited.
+        let piece_floor = match self.piece_gate(&mut st, req) {
+            Ok(floor) => floor,
+            Err(why) => return forward(why),
+        };
+        // A linearizable read is answered at the read index R (the replica has
+        // applied it): exactly what etcd would have answered when R was read, even if
+        // the replica has moved on since (a progress fence, later writes).
+        let at = match header {
+            Some(h) if h.revision >= st.store.floor() => h.revision,
+            _ if req.revision > 0 => req.revision,
+            _ => st.store.applied(),
+        };
+        if at < piece_floor {
+            return forward("before_window");
+        }
+        match st.store.range(&RangeRequest { revision: at, ..req.clone() }) {
             Answer::Served(mut resp) => {
-                resp.header = Some(ResponseHeader { revision: st.store.applied(), ..st.header });
+                let revision = if req.revision > 0 { st.store.applied() } else { at };
+                resp.header = Some(ResponseHeader { revision, ..st.header });
                 drop(st);
                 metrics::counter!(names::CACHE_HITS, "consistency" => kind).increment(1);
                 Some(resp)
@@ -397,5 +415,76 @@ impl Replica {
         };
         metrics::histogram!(names::CACHE_READ_WAIT).record(started.elapsed().as_secs_f64());
         reached
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::keyspace::TenantName;
+    use crate::pb::mvccpb::event::EventType;
+    use crate::pb::mvccpb::KeyValue;
+    use bytes::Bytes;
+
+    fn kv(key: &Bytes, rev: i64, create: i64) -> KeyValue {
+        KeyValue {
+            key: key.clone(),
+            value: Bytes::from_static(b"v"),
+            create_revision: create,
+            mod_revision: rev,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    /// A piece loaded again has no versions from before its load: a range there at
+    /// an older revision goes to etcd (which may hold keys deleted since), while the
+    /// rest of the replica still answers it.
+    #[tokio::test]
+    async fn a_reloaded_piece_is_not_read_before_its_load() {
+        let cfg = Config::parse("[cache]\nenabled = true", "test").expect("config");
+        let up = Upstream::new(&cfg).expect("a lazy upstream");
+        let layout = KeyLayout::new("/registry", "/etcdmux");
+        let r = Replica::new(&cfg.cache, layout.clone(), Vec::new());
+        let (a, b) = (TenantName::new("a").expect("name"), TenantName::new("b").expect("name"));
+        let (a1, a2, a3) =
+            (layout.encode(&a, b"/pods/1"), layout.encode(&a, b"/pods/2"), layout.encode(&a, b"/pods/3"));
+        let b1 = layout.encode(&b, b"/pods/1");
+        let piece_a = a1.slice(..layout.piece_len(&a1).expect("a piece"));
+        {
+            let mut st = r.lock();
+            st.store.load(10, [kv(&a1, 5, 5), kv(&a2, 6, 6), kv(&b1, 7, 7)]);
+            for k in [&a1, &a2, &b1] {
+                let id = r.piece_id(k).expect("a piece");
+                st.pieces.seen(&id);
+            }
+            st.phase = Phase::Live;
+            // Piece a evicted; while evicted, a2 is deleted at 11 and a3 created at 12.
+            st.store.remove_piece(&piece_a);
+            st.pieces.evicted(&piece_a);
+        }
+        let del = Event { r#type: EventType::Delete as i32, kv: Some(kv(&a2, 11, 0)), prev_kv: None };
+        r.on_events(&[del]);
+        r.on_events(&[Event { r#type: EventType::Put as i32, kv: Some(kv(&a3, 12, 12)), prev_kv: None }]);
+        {
+            let mut st = r.lock();
+            assert!(st.pieces.want(&piece_a));
+            let applied = st.store.applied();
+            assert_eq!(st.pieces.loaded(&piece_a, 12, applied).map(|h| h.len()), Some(0));
+            st.store.load_more([kv(&a1, 5, 5), kv(&a3, 12, 12)]);
+        }
+        let ctx = CallCtx::from_metadata(&Default::default(), Duration::from_secs(1));
+        let at = |key: &Bytes, rev: i64| RangeRequest {
+            key: key.slice(..key.len() - 1),
+            range_end: prefix_end(&key.slice(..key.len() - 1)),
+            revision: rev,
+            ..Default::default()
+        };
+        assert_eq!(r.range(&up, &ctx, &at(&a1, 10)).await, None, "before piece a's load: etcd's to answer");
+        let now = r.range(&up, &ctx, &at(&a1, 12)).await.expect("after its load: answered");
+        assert_eq!(now.kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(), [a1.clone(), a3.clone()]);
+        let other = r.range(&up, &ctx, &at(&b1, 10)).await.expect("another piece: answered at 10");
+        assert_eq!(other.kvs.len(), 1);
     }
 }
