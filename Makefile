@@ -15,7 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core
 # The benchmark plots' labels are drawn with this font.
 PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: deps build run test lint check-config check-chart clean-run bench bench-smoke soak
+.PHONY: deps build run run-tls test lint check-config check-chart clean-run bench bench-smoke soak
 
 ## deps: install etcd, etcdctl, protoc and the plot font (Debian/Ubuntu) if missing; check for cargo
 deps:
@@ -52,6 +52,14 @@ build: deps
 run: build
 	./scripts/run.sh
 
+## run-tls: the same with TLS everywhere (etcd 127.0.0.1:22379 requiring client certificates, etcdmux with mTLS on
+## 127.0.0.1:23792, certificates from a generated test CA in .run-tls/pki)
+run-tls: build
+	@command -v openssl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y openssl; }
+	TLS=1 ./scripts/run.sh
+
 ## test: formatting and lints, unit and integration tests (each integration test starts its own etcd), the benchmarks in short mode, then the Helm chart checks
 test: deps lint
 	RUST_BACKTRACE=1 $(CARGO) test --locked --workspace --all-targets
@@ -76,10 +84,10 @@ check-config:
 check-chart:
 	./scripts/check-chart.sh
 
-## clean-run: stop what `make run` started and remove .run/
+## clean-run: stop what `make run` and `make run-tls` started and remove .run/ and .run-tls/
 clean-run:
-	@for name in etcdmux etcd; do \
-	  pidfile=".run/$$name.pid"; \
+	@for pidfile in .run/etcdmux.pid .run/etcd.pid .run-tls/etcdmux.pid .run-tls/etcd.pid; do \
+	  name="$$(basename "$$pidfile" .pid)"; \
 	  [ -f "$$pidfile" ] || continue; \
 	  pid="$$(cat "$$pidfile")"; \
 	  if [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null && grep -qa "$$name" "/proc/$$pid/cmdline" 2>/dev/null; then \
@@ -89,7 +97,7 @@ clean-run:
 	    if kill -0 "$$pid" 2>/dev/null; then echo "$$name did not stop; sending SIGKILL"; kill -9 "$$pid" || true; fi; \
 	  fi; \
 	done
-	rm -rf .run
+	rm -rf .run .run-tls
 
 ## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000

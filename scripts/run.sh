@@ -3,18 +3,39 @@
 # 127.0.0.1:23790, both left running in the background. State, logs and pid files
 # live in ./.run/; `make clean-run` stops both and removes it.
 #
-# A still-running etcd from a previous `make run` is reused (its data is kept);
+# `make run-tls` (TLS=1): the same with TLS everywhere, in ./.run-tls/ on other ports
+# (etcd 127.0.0.1:22379, etcdmux 127.0.0.1:23792, metrics 23793). A test CA is
+# generated with openssl; etcd requires client certificates (--client-cert-auth),
+# etcdmux presents its own to etcd and requires one from its clients (mTLS), whose CN
+# names the principal: CN=apiserver is the admin (Milo's trusted apiserver, tenants
+# from key paths), CN=project:<p> is tenant <p> and reaches only its own keys.
+#
+# A still-running etcd from a previous run is reused (its data is kept);
 # a still-running etcdmux is restarted so that a fresh build is picked up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUN_DIR=.run
-ETCD_URL=http://127.0.0.1:2379
+TLS=${TLS:-0}
 MUX_HOST=127.0.0.1
-MUX_PORT=23790
-METRICS_PORT=23791
 CONFIG=config/milo.toml
 BIN="${CARGO_TARGET_DIR:-target}/release/etcdmux"
+if [[ $TLS == 1 ]]; then
+    RUN_DIR=.run-tls
+    SCHEME=https
+    ETCD_PORT=22379
+    PEER_PORT=22380
+    MUX_PORT=23792
+    METRICS_PORT=23793
+else
+    RUN_DIR=.run
+    SCHEME=http
+    ETCD_PORT=2379
+    PEER_PORT=2380
+    MUX_PORT=23790
+    METRICS_PORT=23791
+fi
+ETCD_URL=$SCHEME://127.0.0.1:$ETCD_PORT
+PKI=$RUN_DIR/pki
 
 die() { echo "run: $*" >&2; exit 1; }
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
@@ -55,29 +76,72 @@ done
 
 mkdir -p "$RUN_DIR"
 
+# --- certificates (TLS=1) -----------------------------------------------------------
+# One test CA signs every certificate. Kept across runs (a restarted etcd keeps
+# trusting them); delete $PKI to get new ones.
+cert() { # name, subject CN, extensions (openssl -addext value or empty)
+    local name=$1 cn=$2 ext=$3 args=()
+    [[ -s $PKI/$name.pem ]] && return 0
+    if [[ -n $ext ]]; then
+        printf '%s\n' "$ext" >"$PKI/$name.ext"
+        args=(-extfile "$PKI/$name.ext")
+    fi
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$PKI/$name-key.pem" -subj "/CN=$cn" -out "$PKI/$name.csr" 2>/dev/null
+    openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca-key.pem" -CAcreateserial \
+        -days 30 -sha256 "${args[@]}" -out "$PKI/$name.pem" 2>/dev/null
+    rm -f "$PKI/$name.csr" "$PKI/$name.ext"
+}
+if [[ $TLS == 1 ]]; then
+    command -v openssl >/dev/null 2>&1 || die "openssl not found: apt-get install openssl"
+    mkdir -p "$PKI"
+    if [[ ! -s $PKI/ca.pem ]]; then
+        openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+            -subj "/CN=etcdmux dev CA" -keyout "$PKI/ca-key.pem" -out "$PKI/ca.pem" 2>/dev/null
+    fi
+    server_ext="subjectAltName=IP:127.0.0.1,DNS:localhost
+extendedKeyUsage=serverAuth,clientAuth"
+    client_ext="extendedKeyUsage=clientAuth"
+    cert etcd etcd "$server_ext"
+    cert etcdmux etcdmux "$server_ext"
+    cert apiserver apiserver "$client_ext"
+    cert demo project:demo "$client_ext"
+    chmod 600 "$PKI"/*-key.pem
+fi
+
+# etcdctl's TLS flags for etcd itself (etcdmux's own certificate is accepted by etcd).
+etcd_tls=()
+[[ $TLS == 1 ]] && etcd_tls=(--cacert "$PKI/ca.pem" --cert "$PKI/etcdmux.pem" --key "$PKI/etcdmux-key.pem")
+
 # --- etcd -------------------------------------------------------------------------
-etcd_health() { ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URL" --dial-timeout=1s --command-timeout=2s endpoint health >/dev/null 2>&1; }
+etcd_health() { ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URL" "${etcd_tls[@]}" --dial-timeout=1s --command-timeout=2s endpoint health >/dev/null 2>&1; }
 
 etcd_pid=$(live_pid etcd)
 if [[ -n $etcd_pid ]]; then
-    echo "run: reusing etcd from a previous \`make run\` (pid $etcd_pid)"
+    echo "run: reusing etcd from a previous run (pid $etcd_pid)"
 else
-    for port in 2379 2380; do
+    for port in "$ETCD_PORT" "$PEER_PORT"; do
         if port_open 127.0.0.1 "$port"; then
             die "127.0.0.1:$port is already in use by another process (not started by \`make run\`).
     A system etcd? Stop it with: sudo systemctl disable --now etcd
     Find the owner with:         ss -ltnp 'sport = :$port'"
         fi
     done
+    etcd_args=()
+    if [[ $TLS == 1 ]]; then
+        etcd_args=(--client-cert-auth --trusted-ca-file "$PKI/ca.pem"
+            --cert-file "$PKI/etcd.pem" --key-file "$PKI/etcd-key.pem")
+    fi
     echo "run: starting etcd on $ETCD_URL (data: $RUN_DIR/etcd-data, log: $RUN_DIR/etcd.log)"
     spawn "$RUN_DIR/etcd.log" "$RUN_DIR/etcd.pid" etcd \
         --name etcdmux-dev \
         --data-dir "$RUN_DIR/etcd-data" \
         --listen-client-urls "$ETCD_URL" \
         --advertise-client-urls "$ETCD_URL" \
-        --listen-peer-urls http://127.0.0.1:2380 \
-        --initial-advertise-peer-urls http://127.0.0.1:2380 \
-        --initial-cluster etcdmux-dev=http://127.0.0.1:2380 \
+        --listen-peer-urls "http://127.0.0.1:$PEER_PORT" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" \
+        --initial-cluster "etcdmux-dev=http://127.0.0.1:$PEER_PORT" \
+        "${etcd_args[@]}" \
         --logger zap
     etcd_pid=$(<"$RUN_DIR/etcd.pid")
 fi
@@ -104,8 +168,41 @@ for port in "$MUX_PORT" "$METRICS_PORT"; do
     fi
 done
 
+mux_args=(--config "$CONFIG")
+if [[ $TLS == 1 ]]; then
+    # config/milo.toml with its listener, metrics port and upstream replaced by TLS ones.
+    CONFIG=$RUN_DIR/milo-tls.toml
+    {
+        echo "# Generated by scripts/run.sh (make run-tls) from config/milo.toml."
+        sed -e '/^\[\[listener\]\]/,/^$/d' -e '/^\[upstream\]/,/^$/d' -e 's/^metrics_listen = .*/metrics_listen = "'"$MUX_HOST:$METRICS_PORT"'"/' config/milo.toml
+        cat <<EOF
+
+[[listener]]
+addr = "$MUX_HOST:$MUX_PORT"
+cert_file = "$PKI/etcdmux.pem"
+key_file = "$PKI/etcdmux-key.pem"
+trusted_ca_file = "$PKI/ca.pem"
+client_cert_auth = true
+
+[upstream]
+endpoints = ["$ETCD_URL"]
+connections = 2
+cacert = "$PKI/ca.pem"
+cert = "$PKI/etcdmux.pem"
+key = "$PKI/etcdmux-key.pem"
+
+[tenancy.identity]
+from = "cn"
+pattern = "project:{tenant}"
+map = { "apiserver" = "root" }
+EOF
+    } >"$CONFIG"
+    mux_args=(--config "$CONFIG")
+fi
+"$BIN" check-config "$CONFIG" >/dev/null || die "$CONFIG is not valid (see above)"
+
 echo "run: starting etcdmux ($CONFIG, log: $RUN_DIR/etcdmux.log)"
-spawn "$RUN_DIR/etcdmux.log" "$RUN_DIR/etcdmux.pid" "$BIN" --config "$CONFIG"
+spawn "$RUN_DIR/etcdmux.log" "$RUN_DIR/etcdmux.pid" "$BIN" "${mux_args[@]}"
 mux_pid=$(<"$RUN_DIR/etcdmux.pid")
 
 up=false
@@ -116,17 +213,42 @@ for _ in $(seq 1 100); do
 done
 $up || { tail_log "$RUN_DIR/etcdmux.log"; die "etcdmux does not accept connections on $MUX_HOST:$MUX_PORT"; }
 
-cat <<EOF
+MUX_URL=$SCHEME://$MUX_HOST:$MUX_PORT
+if [[ $TLS == 1 ]]; then
+    as_apiserver="--cacert $PKI/ca.pem --cert $PKI/apiserver.pem --key $PKI/apiserver-key.pem"
+    as_demo="--cacert $PKI/ca.pem --cert $PKI/demo.pem --key $PKI/demo-key.pem"
+    cat <<EOF
 
-etcdmux is running on http://$MUX_HOST:$MUX_PORT   (pid $mux_pid, log $RUN_DIR/etcdmux.log)
-  metrics:  http://$MUX_HOST:$METRICS_PORT/metrics
-  upstream: etcd on $ETCD_URL   (pid $etcd_pid, log $RUN_DIR/etcd.log)
+etcdmux is running on $MUX_URL with mTLS   (pid $mux_pid, log $RUN_DIR/etcdmux.log)
+  metrics:  http://$MUX_HOST:$METRICS_PORT/metrics   readiness: http://$MUX_HOST:$METRICS_PORT/readyz
+  upstream: etcd on $ETCD_URL, client certificates required   (pid $etcd_pid, log $RUN_DIR/etcd.log)
+  certificates: $PKI/ (CA ca.pem; etcd, etcdmux, apiserver = admin, demo = tenant "demo")
 
-Try it (tenant "demo" via /projects/demo/...):
-  ETCDCTL_API=3 etcdctl --endpoints http://$MUX_HOST:$MUX_PORT put /projects/demo/pods/default/web hello
-  ETCDCTL_API=3 etcdctl --endpoints http://$MUX_HOST:$MUX_PORT get --prefix /projects/demo/
-See the shared layout in etcd itself:
-  ETCDCTL_API=3 etcdctl --endpoints $ETCD_URL get --prefix /registry/
+As the apiserver (CN=apiserver, the admin; tenants from key paths):
+  ETCDCTL_API=3 etcdctl --endpoints $MUX_URL $as_apiserver put /projects/demo/pods/default/web hello
+  ETCDCTL_API=3 etcdctl --endpoints $MUX_URL $as_apiserver get --prefix /projects/demo/
+As tenant "demo" (CN=project:demo; its own keys only):
+  ETCDCTL_API=3 etcdctl --endpoints $MUX_URL $as_demo get --prefix /projects/demo/
+  ETCDCTL_API=3 etcdctl --endpoints $MUX_URL $as_demo get --prefix /projects/other/    # PERMISSION_DENIED
+The shared layout in etcd itself:
+  ETCDCTL_API=3 etcdctl --endpoints $ETCD_URL ${etcd_tls[*]} get --prefix /registry/
 
 Stop both with: make clean-run
 EOF
+else
+    cat <<EOF
+
+etcdmux is running on $MUX_URL   (pid $mux_pid, log $RUN_DIR/etcdmux.log)
+  metrics:  http://$MUX_HOST:$METRICS_PORT/metrics   readiness: http://$MUX_HOST:$METRICS_PORT/readyz
+  upstream: etcd on $ETCD_URL   (pid $etcd_pid, log $RUN_DIR/etcd.log)
+
+Try it (tenant "demo" via /projects/demo/...):
+  ETCDCTL_API=3 etcdctl --endpoints $MUX_URL put /projects/demo/pods/default/web hello
+  ETCDCTL_API=3 etcdctl --endpoints $MUX_URL get --prefix /projects/demo/
+See the shared layout in etcd itself:
+  ETCDCTL_API=3 etcdctl --endpoints $ETCD_URL get --prefix /registry/
+TLS everywhere (etcd with client certificates, mTLS to etcdmux): make run-tls
+
+Stop both with: make clean-run
+EOF
+fi

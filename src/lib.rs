@@ -8,9 +8,15 @@
 //!
 //! ```text
 //! main.rs      the `etcdmux` command (clap): serve, check-config, migrate
-//! config.rs    the one serde config, validated once (config/migrate.rs: [migrate])
+//! config/      the one serde config, validated once (tls.rs: the TLS settings;
+//!              migrate.rs: [migrate])
 //! error.rs     the error enum and its one mapping to a gRPC status
 //! shutdown.rs  the shutdown signal and the tracker every spawned task belongs to
+//! certs.rs     TLS files: read, checked (pairs that match), read again on an interval
+//!              and swapped in when they change (rotation without a restart)
+//! trace/       logs (text or JSON) and tracing: the per-call span, request id and
+//!              W3C trace context (call.rs), carried to etcd; the OTLP export queue
+//!              (export.rs); the [log] and [tracing] config (config.rs)
 //! metrics/     metric names (one place), descriptions, the Prometheus recorder
 //!              (latency histograms); per-tenant metrics: the top-N tenants that get
 //!              their own label (tenants.rs, a bounded sketch), the per-call slot
@@ -23,11 +29,16 @@
 //! ops/         the Proxy and what it does: validate (etcd's request checks, before
 //!              anything goes upstream), range, merge, write, txn/{check, translate,
 //!              fit, answer}, index, lease
-//! upstream/    the etcd connection pool, call and stream context (deadlines),
-//!              classify (what a failure means)
-//! grpc/        server (shutdown order), accept, tls (listener TLS; the scope of a
-//!              request from its client certificate), the metrics layer, the
-//!              limits layer (load shedding), one file per etcd service
+//! upstream/    the etcd connection pool (its channels rebuilt when the TLS files
+//!              change), call and stream context (deadlines), classify (what a
+//!              failure means)
+//! grpc/        server (shutdown order), accept, tls (listener TLS, swapped on
+//!              rotation; the scope of a request from its client certificate),
+//!              handshake (bounded, timed TLS accepts), the span layer (a span and
+//!              request id per call), the metrics layer, the limits layer (load
+//!              shedding), one file per etcd service
+//! replica/     the shared read replica (in progress): store, a multi-version copy
+//!              of etcd's keys that answers ranges as etcd would
 //! watch/       the hub: session, sink (per-stream budget), event, watcher, fanout,
 //!              ring, hub, upstream, progress (state machine), probe (its I/O),
 //!              catchup, passthrough
@@ -41,8 +52,9 @@
 //!
 //! Dependencies between top-level modules point one way (checked by a test in
 //! `tests/architecture.rs`): `grpc → health → watch → ops → upstream, keyspace`; `config →
-//! keyspace`; `error → upstream, keyspace`; `keyspace` depends on nothing; `migrate →
-//! ops, upstream, config, keyspace` and nothing depends on `migrate`.
+//! keyspace`; `error → upstream, keyspace`; `grpc, upstream → certs → metrics, shutdown`;
+//! `keyspace` depends on nothing; `migrate → ops, upstream, config, keyspace` and
+//! nothing depends on `migrate`.
 //!
 //! # A request
 //!
@@ -64,6 +76,7 @@
 //!
 //! `docs/architecture.md` states the invariants each module keeps.
 
+pub mod certs;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -74,6 +87,8 @@ pub mod metrics;
 pub mod migrate;
 pub mod ops;
 pub mod pb;
+pub mod replica;
 pub mod shutdown;
+pub mod trace;
 pub mod upstream;
 pub mod watch;

@@ -1,12 +1,13 @@
 //! The `etcdmux` command: serve, check a config file, or migrate an existing
 //! installation's keys into the shared layout (`etcdmux migrate ...`).
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use etcdmux::config::{Config, ListenerConfig};
+use etcdmux::config::{Config, ListenerConfig, LogFormat};
 
 #[derive(Parser, Debug)]
 #[command(name = "etcdmux", version, about = "Multi-tenant etcd v3 gRPC proxy")]
@@ -52,6 +53,22 @@ struct Cli {
     /// Require a client certificate on every listener (listener.client_cert_auth).
     #[arg(long, env = "ETCDMUX_CLIENT_CERT_AUTH")]
     client_cert_auth: bool,
+    /// How often TLS files are checked for rotation, in ms; 0: never
+    /// (server.tls_reload_interval_ms).
+    #[arg(long, env = "ETCDMUX_TLS_RELOAD_INTERVAL_MS")]
+    tls_reload_interval_ms: Option<u64>,
+    /// Answer reads from the shared read replica (cache.enabled): true or false.
+    #[arg(long, env = "ETCDMUX_CACHE")]
+    cache: Option<bool>,
+    /// Log lines on stderr as `text` or `json` (log.format).
+    #[arg(long, env = "ETCDMUX_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    /// Which events are logged, as RUST_LOG directives (log.level); wins over RUST_LOG.
+    #[arg(long, env = "ETCDMUX_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// OTLP/gRPC collector spans are exported to, http://host:port (tracing.otlp_endpoint).
+    #[arg(long, env = "ETCDMUX_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,6 +102,9 @@ fn load(cli: &Cli) -> Result<Config, String> {
     if cli.metrics_listen.is_some() {
         cfg.server.metrics_listen = cli.metrics_listen;
     }
+    if let Some(ms) = cli.tls_reload_interval_ms {
+        cfg.server.tls_reload_interval_ms = ms;
+    }
     let u = &mut cfg.upstream;
     for (flag, field) in
         [(&cli.upstream_cacert, &mut u.cacert), (&cli.upstream_cert, &mut u.cert), (&cli.upstream_key, &mut u.key)]
@@ -108,6 +128,23 @@ fn load(cli: &Cli) -> Result<Config, String> {
         }
         l.client_cert_auth |= cli.client_cert_auth;
     }
+    if let Some(on) = cli.cache {
+        cfg.cache.enabled = on;
+    }
+    match cli.log_format.as_deref() {
+        Some("json") => cfg.log.format = LogFormat::Json,
+        Some(_) => cfg.log.format = LogFormat::Text,
+        None => {}
+    }
+    // --log-level, else RUST_LOG, else [log] level.
+    match (&cli.log_level, std::env::var("RUST_LOG")) {
+        (Some(level), _) => cfg.log.level.clone_from(level),
+        (None, Ok(env)) if !env.is_empty() => cfg.log.level = env,
+        _ => {}
+    }
+    if let Some(e) = &cli.otlp_endpoint {
+        cfg.tracing.otlp_endpoint.clone_from(e);
+    }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
@@ -117,7 +154,8 @@ fn main() -> ExitCode {
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Config::load(file).and_then(|c| c.validate().map(|_| c)) {
             Ok(cfg) => {
-                println!("{}: ok\n{cfg:#?}", file.display());
+                // A closed stdout (`check-config f | head`) is not an error of the config.
+                let _ = writeln!(std::io::stdout(), "{}: ok\n{cfg:#?}", file.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -129,12 +167,6 @@ fn main() -> ExitCode {
     if let Some(Command::Migrate(cmd)) = cli.command {
         return migrate(*cmd);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cfg = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -149,7 +181,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(cfg)) {
+    // Within the runtime: the span export task is spawned on it.
+    let telemetry = match rt.block_on(async { etcdmux::trace::init(&cfg.log, &cfg.tracing) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("etcdmux: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(cfg, telemetry)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("etcdmux: {e}");
@@ -209,7 +249,7 @@ fn migrate(cmd: etcdmux::migrate::MigrateCommand) -> ExitCode {
     }
 }
 
-async fn serve(cfg: Config) -> Result<(), etcdmux::grpc::server::BoxError> {
+async fn serve(cfg: Config, telemetry: etcdmux::trace::Telemetry) -> Result<(), etcdmux::grpc::server::BoxError> {
     // Before anything records a metric; the metrics listener itself starts with the
     // server (`health::http`).
     if cfg.server.metrics_listen.is_some() {
@@ -218,12 +258,16 @@ async fn serve(cfg: Config) -> Result<(), etcdmux::grpc::server::BoxError> {
     let mut running = etcdmux::grpc::server::start(cfg).await?;
     tokio::select! {
         // A listener stopped on its own: a fatal error.
-        r = running.wait() => return r,
+        r = running.wait() => {
+            telemetry.shutdown().await;
+            return r;
+        }
         _ = shutdown_signal() => {}
     }
     tracing::info!("shutting down (a second SIGTERM or SIGINT exits at once)");
     tokio::select! {
-        _ = running.shutdown() => Ok(()),
+        // The last spans are sent after the last calls have ended.
+        _ = async { running.shutdown().await; telemetry.shutdown().await } => Ok(()),
         _ = shutdown_signal() => {
             eprintln!("etcdmux: second signal: exiting now");
             std::process::exit(1);

@@ -2,12 +2,12 @@
 //! shared layout (see the README, "Migrating an existing installation"). Every
 //! setting can also be given as a flag of the `migrate` subcommands.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 use crate::keyspace::RuleConfig;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MigrateConfig {
     /// The source's tenant rules, when they differ from `[tenancy]` (by default the

@@ -33,19 +33,19 @@ impl ClusterService {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        admin_forward!(self, req, "cluster", cluster_call, member_add, "MemberAdd", Retry::OnlyUnsent)
+        admin_forward!(self, req, cluster_call, member_add, "MemberAdd", Retry::OnlyUnsent)
     }
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        admin_forward!(self, req, "cluster", cluster_call, member_remove, "MemberRemove", Retry::OnlyUnsent)
+        admin_forward!(self, req, cluster_call, member_remove, "MemberRemove", Retry::OnlyUnsent)
     }
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        admin_forward!(self, req, "cluster", cluster_call, member_update, "MemberUpdate", Retry::OnlyUnsent)
+        admin_forward!(self, req, cluster_call, member_update, "MemberUpdate", Retry::OnlyUnsent)
     }
     async fn member_promote(
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        admin_forward!(self, req, "cluster", cluster_call, member_promote, "MemberPromote", Retry::OnlyUnsent)
+        admin_forward!(self, req, cluster_call, member_promote, "MemberPromote", Retry::OnlyUnsent)
     }
 
     /// etcdmux itself, as the one member clients should talk to. The header is

@@ -29,30 +29,30 @@ impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("kv", "range", self.proxy.range(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.range(&scope, &ctx, req.into_inner())).await
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("kv", "put", self.proxy.put(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.put(&scope, &ctx, req.into_inner())).await
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("kv", "delete_range", self.proxy.delete_range(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.delete_range(&scope, &ctx, req.into_inner())).await
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("kv", "txn", self.proxy.txn(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.txn(&scope, &ctx, req.into_inner())).await
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("kv", "compact", self.proxy.compact(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.compact(&scope, &ctx, req.into_inner())).await
     }
 }

@@ -8,10 +8,9 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
+use super::answer;
 use super::tls::ScopeSource;
-use super::{answer, request_span};
 use crate::error::{Error, Result};
 use crate::keyspace::Scope;
 use crate::ops::Proxy;
@@ -43,13 +42,13 @@ impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("lease", "grant", self.proxy.lease_grant(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.lease_grant(&scope, &ctx, req.into_inner())).await
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("lease", "revoke", self.proxy.lease_revoke(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.lease_revoke(&scope, &ctx, req.into_inner())).await
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;
@@ -76,18 +75,16 @@ impl Lease for LeaseService {
         let (out_tx, out_rx) = mpsc::channel(KEEPALIVE_BUFFER);
         let (end_tx, end_rx) = oneshot::channel();
         let tasks = self.proxy.tasks.clone();
-        self.proxy.tasks.spawn(
-            async move {
-                let end = tokio::select! {
-                    end = relay.run(inbound, &out_tx) => end,
-                    // The client is gone: dropping the relay drops the upstream stream.
-                    () = out_tx.closed() => return,
-                    () = tasks.cancelled() => Err(Status::unavailable("etcdmux: shutting down")),
-                };
-                let _ = end_tx.send(end);
-            }
-            .instrument(request_span("lease", "keep_alive")),
-        );
+        // In the call's span, which lasts as long as the relay.
+        self.proxy.tasks.spawn(crate::trace::in_call(async move {
+            let end = tokio::select! {
+                end = relay.run(inbound, &out_tx) => end,
+                // The client is gone: dropping the relay drops the upstream stream.
+                () = out_tx.closed() => return,
+                () = tasks.cancelled() => Err(Status::unavailable("etcdmux: shutting down")),
+            };
+            let _ = end_tx.send(end);
+        }));
         // The relay's end, after everything it queued: a oneshot never blocks, so the
         // error reaches the client even when its queue is full.
         let end = futures::stream::once(end_rx).filter_map(|end| async move {
@@ -106,13 +103,13 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("lease", "time_to_live", self.proxy.lease_time_to_live(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.lease_time_to_live(&scope, &ctx, req.into_inner())).await
     }
 
     async fn lease_leases(&self, req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
         let ctx = self.proxy.ctx(&req);
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        answer("lease", "leases", self.proxy.lease_leases(&scope, &ctx, req.into_inner())).await
+        answer(self.proxy.lease_leases(&scope, &ctx, req.into_inner())).await
     }
 }
 

@@ -74,19 +74,19 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
-        admin_forward!(self, req, "maintenance", maintenance_call, defragment, "Defragment", Retry::OnlyUnsent)
+        admin_forward!(self, req, maintenance_call, defragment, "Defragment", Retry::OnlyUnsent)
     }
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        admin_forward!(self, req, "maintenance", maintenance_call, hash, "Hash", Retry::Safe)
+        admin_forward!(self, req, maintenance_call, hash, "Hash", Retry::Safe)
     }
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        admin_forward!(self, req, "maintenance", maintenance_call, hash_kv, "HashKV", Retry::Safe)
+        admin_forward!(self, req, maintenance_call, hash_kv, "HashKV", Retry::Safe)
     }
     async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
-        admin_forward!(self, req, "maintenance", maintenance_call, move_leader, "MoveLeader", Retry::OnlyUnsent)
+        admin_forward!(self, req, maintenance_call, move_leader, "MoveLeader", Retry::OnlyUnsent)
     }
     async fn downgrade(&self, req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
-        admin_forward!(self, req, "maintenance", maintenance_call, downgrade, "Downgrade", Retry::OnlyUnsent)
+        admin_forward!(self, req, maintenance_call, downgrade, "Downgrade", Retry::OnlyUnsent)
     }
 
     type SnapshotStream = SnapshotStream;

@@ -6,18 +6,20 @@
 //! - [`server`]: listeners, the tower stack, shutdown and drain;
 //! - [`accept`]: accept-error backoff (out of file descriptors);
 //! - [`layer`]: per-call metrics;
-//! - [`tls`]: a listener's TLS, and the scope from a request's client certificate;
+//! - [`span`]: the span and request id of every call (see [`crate::trace`]);
+//! - [`tls`]: a listener's TLS (swapped when its files change), and the scope from a
+//!   request's client certificate;
+//! - [`handshake`]: TLS handshakes off the accept loop, bounded in number and time;
 //! - [`kv`], [`lease`], [`watch`], [`maintenance`], [`cluster`]: the etcd services.
 
 use tonic::{Response, Status};
-use tracing::Instrument;
 
 use crate::error::Result;
 
 /// The body of an admin-only call, forwarded unchanged: `$call` is the upstream
 /// helper (`maintenance_call`, `cluster_call`) and `$method` the client method.
 macro_rules! admin_forward {
-    ($self:ident, $req:ident, $service:literal, $call:ident, $method:ident, $what:literal, $retry:expr) => {{
+    ($self:ident, $req:ident, $call:ident, $method:ident, $what:literal, $retry:expr) => {{
         let ctx = $self.proxy.ctx(&$req);
         let fut = async {
             let scope = $self.scope.of(&$self.proxy.resolver, &$req)?;
@@ -27,35 +29,31 @@ macro_rules! admin_forward {
                 $self.proxy.upstream.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
             Ok::<_, $crate::error::Error>(resp)
         };
-        $crate::grpc::answer($service, stringify!($method), fut).await
+        $crate::grpc::answer(fut).await
     }};
 }
 
 pub mod accept;
 pub mod cluster;
+pub mod handshake;
 pub mod kv;
 pub mod layer;
 pub mod lease;
 pub mod limits;
 pub mod maintenance;
 pub mod server;
+pub mod span;
 pub mod tls;
 pub mod watch;
 
-/// The tracing span of one request; `tenant` is filled in once resolved.
-pub fn request_span(service: &'static str, op: &'static str) -> tracing::Span {
-    tracing::debug_span!("request", service, op, tenant = tracing::field::Empty)
-}
-
-/// Runs one unary call's work in its span and turns the result into the gRPC answer:
-/// the one place where etcdmux's errors become statuses.
-/// The response's size goes to the call's per-tenant metrics.
+/// Runs one unary call's work and turns the result into the gRPC answer: the one
+/// place where etcdmux's errors become statuses. (The call's span is
+/// [`span`]'s, around the whole call.) The response's size goes to the call's
+/// per-tenant metrics.
 pub async fn answer<T: prost::Message>(
-    service: &'static str,
-    op: &'static str,
     work: impl std::future::Future<Output = Result<T>>,
 ) -> std::result::Result<Response<T>, Status> {
-    let resp = work.instrument(request_span(service, op)).await?;
+    let resp = work.await?;
     crate::metrics::per_tenant::report_bytes_out(|| resp.encoded_len());
     Ok(Response::new(resp))
 }

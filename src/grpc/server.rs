@@ -25,13 +25,16 @@ use tonic::transport::Server;
 
 use super::accept::Backoff;
 use super::cluster::ClusterService;
+use super::handshake::TlsIncoming;
 use super::kv::KvService;
 use super::layer::GrpcMetricsLayer;
 use super::lease::LeaseService;
 use super::limits::{Limits, LimitsLayer};
 use super::maintenance::MaintenanceService;
-use super::tls::{server_tls, ScopeSource};
+use super::span::CallSpanLayer;
+use super::tls::{ScopeSource, ServerTls};
 use super::watch::WatchService;
+use crate::certs::{Apply, Reloader};
 use crate::config::Config;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
@@ -59,6 +62,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The read replica, when `[cache] enabled`.
+    pub fn replica(&self) -> Option<&Arc<crate::replica::Replica>> {
+        self.proxy.replica.as_ref()
+    }
+
     /// Shuts down gracefully (see the module docs); returns once every listener and
     /// task has ended, or the grace period is over.
     pub async fn shutdown(mut self) {
@@ -112,6 +120,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     // Everything that can fail comes before the first task is spawned.
     let scopes =
         proxy.cfg.listeners.iter().map(|l| ScopeSource::new(&proxy.resolver, l)).collect::<Result<Vec<_>, _>>()?;
+    let tls = proxy.cfg.listeners.iter().map(ServerTls::load).collect::<Result<Vec<_>, _>>()?;
     let hub = Hub::new(&proxy.cfg.watch, proxy.layout.clone());
     let health = match crate::health::Health::start(&proxy, &hub).await {
         Ok(h) => h,
@@ -121,6 +130,13 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         }
     };
     hub.start(proxy.clone());
+    let reload_every = Duration::from_millis(proxy.cfg.server.tls_reload_interval_ms);
+    if let Some((paths, serving)) = proxy.upstream.tls_files() {
+        let p = proxy.clone();
+        let apply: Apply = Box::new(move |files| p.upstream.reload_tls(files));
+        Reloader::new("upstream", "upstream".into(), paths.clone(), serving, apply).spawn(&proxy.tasks, reload_every);
+    }
+    let handshake_timeout = Duration::from_millis(proxy.cfg.server.tls_handshake_timeout_ms);
     let stop_accepting = CancellationToken::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
@@ -130,7 +146,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     let limits = Limits::new(&proxy.cfg.limits);
     let keepalive = Duration::from_millis(proxy.cfg.limits.http2_keepalive_interval_ms);
     let keepalive_timeout = Duration::from_millis(proxy.cfg.limits.http2_keepalive_timeout_ms);
-    for ((listener, l), scope) in listeners.into_iter().zip(proxy.cfg.listeners.iter()).zip(scopes) {
+    for (((listener, l), scope), tls) in listeners.into_iter().zip(proxy.cfg.listeners.iter()).zip(scopes).zip(tls) {
         addrs.push(l.addr);
         tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, tls = l.is_tls(), mtls = l.client_cert_auth, "listening");
         macro_rules! svc {
@@ -138,11 +154,9 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
                 $server::new($svc).max_decoding_message_size(max_in).max_encoding_message_size(max_out)
             };
         }
-        let mut builder = Server::builder();
-        if let Some(tls) = server_tls(l)? {
-            builder = builder.tls_config(tls)?;
-        }
-        let router = builder
+        // Outermost: a call refused by the limits has a span and a request id too.
+        let router = Server::builder()
+            .layer(CallSpanLayer)
             .layer(GrpcMetricsLayer)
             .layer(LimitsLayer::new(limits.clone()))
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)
@@ -159,7 +173,16 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         // Server::tcp_nodelay applies only to sockets tonic binds itself: without it
         // here, Nagle's algorithm adds ~40 ms to small responses (found by apiload).
         let incoming = Backoff::new(TcpIncoming::from(listener).with_nodelay(Some(true)));
-        tasks.push(proxy.tasks.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())));
+        let served = match tls {
+            Some((tls, reloader)) => {
+                reloader.spawn(&proxy.tasks, reload_every);
+                let max = proxy.cfg.server.tls_max_handshakes;
+                let incoming = TlsIncoming::new(incoming, tls, proxy.tasks.clone(), handshake_timeout, max);
+                proxy.tasks.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()))
+            }
+            None => proxy.tasks.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())),
+        };
+        tasks.push(served);
     }
     Ok(Running { addrs, metrics_addr: health.metrics_addr(), proxy, stop_accepting, listeners: tasks, hub })
 }

@@ -1,27 +1,77 @@
-//! TLS towards clients: a listener's TLS settings, and the scope of a request on an
-//! mTLS listener, read from its client certificate.
+//! TLS towards clients: a listener's TLS settings (swapped when its files change),
+//! and the scope of a request on an mTLS listener, read from its client certificate.
 //!
-//! Certificates are read once, when the listener starts: rotating them needs a
-//! restart (no reloading yet).
+//! The rustls config in use is read once per handshake ([`ServerTls::current`]), so
+//! a new certificate or client CA applies to connections accepted after the swap;
+//! established connections and their streams keep the one they were accepted with.
 
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use std::sync::{Arc, RwLock};
+
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tonic::Request;
 use x509_parser::extensions::GeneralName;
 
-use crate::config::{read_pem, ConfigError, ListenerConfig};
+use crate::certs::{provider, BoxError, Checked, Reloader, TlsPaths};
+use crate::config::ListenerConfig;
 use crate::error::{Error, Result};
 use crate::keyspace::{IdentityField, Resolver, Scope};
 
-/// The TLS settings of listener `l`; `None` for a plaintext listener. With
-/// `client_cert_auth`, a client without a certificate from `trusted_ca_file` is
-/// refused at the handshake.
-pub fn server_tls(l: &ListenerConfig) -> Result<Option<ServerTlsConfig>, ConfigError> {
-    let (Some(cert), Some(key)) = (&l.cert_file, &l.key_file) else { return Ok(None) };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
-    if let (true, Some(ca)) = (l.client_cert_auth, &l.trusted_ca_file) {
-        tls = tls.client_ca_root(Certificate::from_pem(read_pem(ca)?));
+/// h2's ALPN id: gRPC clients ask for it.
+const ALPN_H2: &[u8] = b"h2";
+
+/// A listener's TLS config, shared by its accept loop and its reloader.
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl ServerTls {
+    /// The TLS of listener `l` and the reloader that keeps it current; `None` for a
+    /// plaintext listener. With `client_cert_auth`, a client without a certificate
+    /// from `trusted_ca_file` is refused at the handshake.
+    pub fn load(l: &ListenerConfig) -> std::result::Result<Option<(ServerTls, Reloader)>, BoxError> {
+        let (Some(cert), Some(key)) = (&l.cert_file, &l.key_file) else { return Ok(None) };
+        let ca = if l.client_cert_auth { l.trusted_ca_file.clone() } else { None };
+        let paths = TlsPaths { cert: Some(cert.clone()), key: Some(key.clone()), ca };
+        let files = paths.read()?.check()?;
+        let tls = ServerTls { config: Arc::new(RwLock::new(Arc::new(server_config(&files)?))) };
+        let swapped = tls.clone();
+        let apply = Box::new(move |files: &Checked| {
+            let config = Arc::new(server_config(files)?);
+            *swapped.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+            Ok(())
+        });
+        let reloader = Reloader::new("listener", l.addr.to_string(), paths, &files, apply);
+        Ok(Some((tls, reloader)))
     }
-    Ok(Some(tls))
+
+    /// The config for the next handshake.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// rustls's server config from checked files: the certificate, h2 by ALPN, and with
+/// a CA bundle, client certificates required from it.
+fn server_config(files: &Checked) -> std::result::Result<ServerConfig, BoxError> {
+    let id = files.identity.as_ref().ok_or("a listener's TLS needs cert_file and key_file")?;
+    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match &files.roots {
+        Some(roots) => {
+            let mut store = RootCertStore::empty();
+            for c in roots {
+                store.add(c.clone())?;
+            }
+            builder.with_client_cert_verifier(
+                WebPkiClientVerifier::builder_with_provider(store.into(), provider()).build()?,
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
 }
 
 /// Where a listener's requests get their [`Scope`]: the listener's own, or, on a
@@ -51,7 +101,7 @@ impl ScopeSource {
         };
         let values = cert_values(leaf, rules.from)?;
         let scope = resolver.cert_scope(&self.listener, &values)?;
-        tracing::Span::current().record("tenant", tracing::field::display(&scope.principal));
+        crate::trace::record_tenant(scope.principal.as_str());
         Ok(scope)
     }
 }

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
-use super::request_span;
 use super::tls::ScopeSource;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_server::Watch, WatchRequest};
@@ -35,8 +33,9 @@ impl Watch for WatchService {
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
         let (reader, responses) =
             session::start(self.proxy.clone(), scope, self.hub.clone(), require_leader, req.into_inner());
-        // Owned by the process's tasks; it ends when the hub stops (shutdown).
-        self.proxy.tasks.spawn(reader.instrument(request_span("watch", "watch")));
+        // Owned by the process's tasks; it ends when the hub stops (shutdown). In the
+        // call's span, which lasts as long as the stream; events add nothing to it.
+        self.proxy.tasks.spawn(crate::trace::in_call(reader));
         Ok(Response::new(responses))
     }
 }

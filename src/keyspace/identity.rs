@@ -16,13 +16,13 @@
 //! reachable through `map` only. A certificate whose values map to nothing, or to
 //! two different principals, is refused with `PERMISSION_DENIED` naming its values.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::tenant::TenantName;
 use super::KeyError;
 
 /// The certificate field that carries the identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityField {
     /// The subject's common name.
@@ -44,7 +44,7 @@ impl IdentityField {
 }
 
 /// The `[tenancy.identity]` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     pub from: IdentityField,

@@ -216,6 +216,39 @@ impl KeyLayout {
         Some((tenant, up.slice(up.len() - key.len()..)))
     }
 
+    /// The *piece* of an upstream key — one tenant's keys in one root, the unit the
+    /// read replica evicts — as the length of its id, the key's prefix
+    /// `<prefix>/<root>/clusters/<tenant>` (or `<meta>/bare/<tenant>`). The piece's
+    /// keys are its id and the keys under `<id>/`. `None` for keys of no tenant.
+    pub fn piece_len(&self, up: &[u8]) -> Option<usize> {
+        if let Some(x) = up.strip_prefix(&self.prefix[..]).and_then(|x| x.strip_prefix(b"/")) {
+            let (_, tenant_start) = parse_slash(x)?;
+            let end = x[tenant_start..].iter().position(|&b| b == b'/').map_or(x.len(), |i| tenant_start + i);
+            tenant_from(&x[tenant_start..end])?;
+            return Some(self.prefix.len() + 1 + end);
+        }
+        let x = up.strip_prefix(&self.bare[..])?;
+        let slash = x.iter().position(|&b| b == b'/')?;
+        tenant_from(&x[..slash])?;
+        Some(self.bare.len() + slash)
+    }
+
+    /// Whether the upstream range `[key, range_end)` (etcd's conventions: an empty end
+    /// is the key alone, `"\0"` no end) holds no tenant's key: it misses both the slash
+    /// layout and the bare keys.
+    pub fn piece_free(&self, key: &[u8], range_end: &[u8]) -> bool {
+        let slash = cat(&[&self.prefix, b"/"]);
+        [(slash.clone(), prefix_end(&slash)), (self.bare.clone(), prefix_end(&self.bare))].iter().all(|(lo, hi)| {
+            let starts_before_hi = key < &hi[..];
+            let ends_after_lo = match range_end {
+                [] => key >= &lo[..],
+                [0] => true,
+                end => end > &lo[..],
+            };
+            !(starts_before_hi && ends_after_lo)
+        })
+    }
+
     /// The index key recording that tenant `t` has (or had) keys in `slot`.
     pub fn index_key(&self, t: &TenantName, slot: &Slot) -> Bytes {
         let tn = t.as_str().as_bytes();
@@ -330,6 +363,29 @@ mod tests {
     use super::*;
     use crate::keyspace::End;
     use proptest::prelude::*;
+
+    #[test]
+    fn pieces_are_one_tenant_in_one_root() {
+        let l = KeyLayout::new("/registry", "/etcdmux");
+        let t = |s: &str| TenantName::new(s).unwrap();
+        let id = |up: &Bytes| l.piece_len(up).map(|n| String::from_utf8_lossy(&up[..n]).into_owned());
+        let (p, q) = (t("p"), t("p!x"));
+        assert_eq!(id(&l.encode(&p, b"/pods/ns/a")).as_deref(), Some("/registry/pods/clusters/p"));
+        assert_eq!(id(&l.encode(&p, b"/pods")).as_deref(), Some("/registry/pods/clusters/p"));
+        assert_eq!(id(&l.encode(&q, b"/pods/ns/a")).as_deref(), Some("/registry/pods/clusters/p!x"));
+        assert_eq!(
+            id(&l.encode(&p, b"/apps.k8s.io/deployments/ns/d")).as_deref(),
+            Some("/registry/apps.k8s.io/deployments/clusters/p")
+        );
+        assert_eq!(id(&l.encode(&p, b"bare/key")).as_deref(), Some("/etcdmux/bare/p"));
+        assert_eq!(id(&l.index_key(&p, &Slot::Bare)), None);
+        assert_eq!(id(&l.lease_owner_key(7)), None);
+        assert!(l.piece_free(&l.index_range(&p).key, &l.index_range(&p).range_end));
+        assert!(l.piece_free(&l.lease_owner_range().key, &l.lease_owner_range().range_end));
+        assert!(!l.piece_free(b"/registry/pods/", b"/registry/pods0"));
+        assert!(!l.piece_free(b"/etcdmux/a", b"\0"), "reaches into the bare keys");
+        assert!(!l.piece_free(&l.encode(&p, b"x"), b""));
+    }
     use std::collections::BTreeSet;
 
     fn layout() -> KeyLayout {

@@ -26,7 +26,7 @@
 use std::collections::HashSet;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::identity::{IdentityConfig, IdentityRules};
 use super::layout::{decode_slash, prefix_end};
@@ -34,7 +34,7 @@ use super::tenant::{ClientPrefix, End, KeyRef, RangeRef, Scope, TenantName, SLAS
 use super::KeyError;
 
 /// What to do with a key that matches no tenant rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UnmatchedPolicy {
     /// Refuse the request with `INVALID_ARGUMENT`, naming the key.
@@ -51,7 +51,7 @@ pub enum UnmatchedPolicy {
 /// `prefix = "/registry/{resource}/clusters/{tenant}/"`: kplane's shape, the resource
 /// before the tenant (`/registry/pods/clusters/p/ns/x` is tenant `p`'s `/pods/ns/x`).
 /// The proxy refuses it: such keys have no client prefix to render them with.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub prefix: String,
@@ -60,7 +60,7 @@ pub struct RuleConfig {
 }
 
 /// The `[tenancy]` section of the config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenancyConfig {
     #[serde(rename = "rule")]

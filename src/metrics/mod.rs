@@ -30,6 +30,10 @@ pub mod names {
     pub const UPSTREAM_CONNECTIONS: &str = "etcdmux_upstream_connections";
     pub const ROOT_INDEX_CACHED: &str = "etcdmux_root_index_cached";
     pub const ACCEPT_ERRORS: &str = "etcdmux_accept_errors_total";
+    pub const TLS_RELOADS: &str = "etcdmux_tls_reloads_total";
+    pub const TLS_CERT_EXPIRY: &str = "etcdmux_tls_cert_expiry_timestamp_seconds";
+    pub const TLS_HANDSHAKES: &str = "etcdmux_tls_handshakes";
+    pub const TLS_HANDSHAKE_FAILURES: &str = "etcdmux_tls_handshake_failures_total";
     pub const CROSS_ROOT_RANGES: &str = "etcdmux_cross_root_ranges_total";
     pub const CROSS_ROOT_DELETES: &str = "etcdmux_cross_root_deletes_total";
     pub const LEASES_GRANTED: &str = "etcdmux_leases_granted_total";
@@ -59,6 +63,21 @@ pub mod names {
     pub const TENANT_BYTES: &str = "etcdmux_tenant_request_bytes_total";
     pub const TENANT_WATCHERS: &str = "etcdmux_tenant_watchers";
     pub const TENANT_EVENTS: &str = "etcdmux_tenant_events_sent_total";
+    pub const CACHE_HITS: &str = "etcdmux_cache_hits_total";
+    pub const CACHE_FORWARDED: &str = "etcdmux_cache_forwarded_total";
+    pub const CACHE_BYTES: &str = "etcdmux_cache_bytes";
+    pub const CACHE_KEYS: &str = "etcdmux_cache_keys";
+    pub const CACHE_REVISION: &str = "etcdmux_cache_revision";
+    pub const CACHE_OVER_BUDGET: &str = "etcdmux_cache_over_budget_total";
+    pub const CACHE_EVICTIONS: &str = "etcdmux_cache_evictions_total";
+    pub const CACHE_PIECE_LOADS: &str = "etcdmux_cache_piece_loads_total";
+    pub const CACHE_PIECES_ABSENT: &str = "etcdmux_cache_pieces_absent";
+    pub const CACHE_LOADS: &str = "etcdmux_cache_loads_total";
+    pub const CACHE_LOAD_DURATION: &str = "etcdmux_cache_load_duration_seconds";
+    pub const CACHE_READ_INDEX_CALLS: &str = "etcdmux_cache_read_index_calls_total";
+    pub const CACHE_READ_WAIT: &str = "etcdmux_cache_read_wait_seconds";
+    pub const TRACE_SPANS_EXPORTED: &str = "etcdmux_trace_spans_exported_total";
+    pub const TRACE_SPANS_DROPPED: &str = "etcdmux_trace_spans_dropped_total";
 }
 
 /// Buckets of the latency histograms, in seconds: 0.5 ms to 10 s.
@@ -98,6 +117,27 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Failed accepts of client connections (e.g. out of file descriptors)",
+    ),
+    (
+        names::TLS_RELOADS,
+        Kind::Counter,
+        Unit::Count,
+        "Changed TLS files taken into use (result=ok) or refused, the old ones kept (result=error), \
+         by target: upstream, listener",
+    ),
+    (
+        names::TLS_CERT_EXPIRY,
+        Kind::Gauge,
+        Unit::Seconds,
+        "Not-after (Unix time) of the certificate in use that etcdmux presents, by target (upstream, listener) \
+         and file",
+    ),
+    (names::TLS_HANDSHAKES, Kind::Gauge, Unit::Count, "TLS handshakes with clients in progress, all listeners"),
+    (
+        names::TLS_HANDSHAKE_FAILURES,
+        Kind::Counter,
+        Unit::Count,
+        "TLS handshakes with clients that failed, by reason: timeout (server.tls_handshake_timeout_ms), tls",
     ),
     (
         names::CROSS_ROOT_RANGES,
@@ -218,6 +258,77 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Events queued to client watchers, by tenant (top N, else \"other\")",
     ),
+    (
+        names::CACHE_HITS,
+        Kind::Counter,
+        Unit::Count,
+        "Ranges answered from the read replica, by consistency (linearizable, serializable, revision)",
+    ),
+    (
+        names::CACHE_FORWARDED,
+        Kind::Counter,
+        Unit::Count,
+        "Ranges the read replica sent to etcd, by reason (outside, excluded, not_loaded, lagging, before_window, \
+         after_applied, compacted, sort, read_index_failed, require_leader)",
+    ),
+    (
+        names::CACHE_BYTES,
+        Kind::Gauge,
+        Unit::Bytes,
+        "Bytes the read replica holds (keys, values, past versions, bookkeeping)",
+    ),
+    (names::CACHE_KEYS, Kind::Gauge, Unit::Count, "Keys the read replica holds"),
+    (names::CACHE_REVISION, Kind::Gauge, Unit::Count, "The revision through which the read replica has applied etcd's changes"),
+    (
+        names::CACHE_OVER_BUDGET,
+        Kind::Counter,
+        Unit::Count,
+        "Times the read replica exceeded cache.max_bytes even without past versions and evictable pieces, and was emptied (it loads again)",
+    ),
+    (
+        names::CACHE_EVICTIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Pieces (one tenant's keys in one resource) evicted from the read replica over cache.max_bytes, coldest first",
+    ),
+    (
+        names::CACHE_PIECE_LOADS,
+        Kind::Counter,
+        Unit::Count,
+        "Loads of evicted pieces, asked for by a read, by result (ok, error)",
+    ),
+    (
+        names::CACHE_PIECES_ABSENT,
+        Kind::Gauge,
+        Unit::Count,
+        "Pieces of the read replica evicted or loading (their reads go to etcd)",
+    ),
+    (names::CACHE_LOADS, Kind::Counter, Unit::Count, "Loads of the read replica, by result (ok, error)"),
+    (names::CACHE_LOAD_DURATION, Kind::Histogram, Unit::Seconds, "Time a successful load of the read replica took"),
+    (
+        names::CACHE_READ_INDEX_CALLS,
+        Kind::Counter,
+        Unit::Count,
+        "Upstream calls made to learn etcd's revision for linearizable reads (one per batch of reads)",
+    ),
+    (
+        names::CACHE_READ_WAIT,
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time linearizable reads waited for the read replica to reach etcd's revision",
+    ),
+    (
+        names::TRACE_SPANS_EXPORTED,
+        Kind::Counter,
+        Unit::Count,
+        "Spans sent to the OTLP collector (tracing.otlp_endpoint)",
+    ),
+    (
+        names::TRACE_SPANS_DROPPED,
+        Kind::Counter,
+        Unit::Count,
+        "Sampled spans not exported, by reason: queue_full (tracing.queue_size), export_failed, shut_down",
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -247,6 +358,19 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 /// The exporter's settings: latencies as histograms with [`LATENCY_BUCKETS`].
 pub fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
     PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
+}
+
+/// Every metric etcdmux exports: (name, type as Prometheus names it, help text).
+/// `docs/metrics.md` is checked against this list.
+pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    DESCRIPTIONS.iter().map(|&(name, kind, _, text)| {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        (name, kind, text)
+    })
 }
 
 /// Registers each metric's description with the installed recorder.

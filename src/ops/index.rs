@@ -26,7 +26,7 @@ use crate::keyspace::Slot;
 use crate::keyspace::TenantName;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, ResponseHeader};
-use crate::upstream::{CallCtx, Retry};
+use crate::upstream::CallCtx;
 
 /// Attempts of one cross-root operation. Each attempt reads the tenant's index and
 /// does its work at (or guarded by) that read: the index read is part of an
@@ -106,14 +106,7 @@ impl Proxy {
             revision,
             ..Default::default()
         };
-        let resp = self
-            .upstream
-            .call(ctx, Retry::Safe, |ch| {
-                let r = ctx.request(req.clone());
-                let mut kv = self.upstream.kv(ch);
-                async move { kv.range(r).await }
-            })
-            .await?;
+        let resp = self.up_range(ctx, &req).await?;
         let mut slots = BTreeSet::new();
         for kv in resp.kvs {
             if let Some(slot) = self.layout.slot_from_index_key(t, &kv.key) {

@@ -84,7 +84,7 @@ impl Proxy {
         ctx: &CallCtx,
         req: LeaseGrantRequest,
     ) -> Result<LeaseGrantResponse> {
-        tracing::Span::current().record("tenant", scope.principal.as_str());
+        crate::trace::record_tenant(scope.principal.as_str());
         let resp = self
             .upstream
             .lease_call(ctx, Retry::OnlyUnsent, &req, |mut c, r| async move { c.lease_grant(r).await })

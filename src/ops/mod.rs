@@ -27,9 +27,10 @@ use tonic::Request;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::keyspace::{ClientPrefix, KeyLayout, Piece, Resolver, Scope, TenantName};
+use crate::keyspace::{prefix_end, ClientPrefix, KeyLayout, Piece, Resolver, Scope, TenantName};
 use crate::pb::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
 use crate::pb::mvccpb::KeyValue;
+use crate::replica::Replica;
 use crate::shutdown::Tasks;
 use crate::upstream::{CallCtx, Upstream};
 use index::RootIndex;
@@ -42,6 +43,8 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub index: RootIndex,
     pub leases: LeaseOwners,
+    /// The shared read replica (`[cache] enabled`), fed by the watch hub.
+    pub replica: Option<Arc<Replica>>,
     /// The shutdown signal; every task spawned on behalf of a request or the hub
     /// is spawned through it.
     pub tasks: Tasks,
@@ -56,7 +59,19 @@ impl Proxy {
         let upstream = Upstream::new(&cfg)?;
         let index = RootIndex::new(cfg.layout.root_cache_capacity);
         let leases = LeaseOwners::new(&cfg.leases);
-        Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases, tasks: Tasks::new() }))
+        let replica = cfg.cache.enabled.then(|| {
+            let excluded = cfg
+                .cache
+                .exclude_resources
+                .iter()
+                .map(|r| {
+                    let key = Bytes::from(format!("{}/{r}/", cfg.layout.prefix));
+                    Piece { range_end: prefix_end(&key), key }
+                })
+                .collect();
+            Arc::new(Replica::new(&cfg.cache, layout.clone(), excluded))
+        });
+        Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases, replica, tasks: Tasks::new() }))
     }
 
     /// The upstream call context (deadline, `hasleader`) of an incoming unary
@@ -91,7 +106,7 @@ impl Proxy {
     /// The tenant of a request, authorized for the scope, with its client prefix.
     pub fn tenant_view(&self, scope: &Scope, t: &TenantName) -> Result<ClientPrefix> {
         self.resolver.authorize(scope, t)?;
-        tracing::Span::current().record("tenant", t.as_str());
+        crate::trace::record_tenant(t.as_str());
         crate::metrics::per_tenant::report_tenant(t.as_str());
         Ok(self.resolver.client_prefix(scope, t)?)
     }

@@ -48,7 +48,13 @@ impl Proxy {
         }
     }
 
-    async fn up_range(&self, ctx: &CallCtx, req: &RangeRequest) -> Result<RangeResponse> {
+    /// One upstream range: from the read replica when it can answer, else from etcd.
+    pub(super) async fn up_range(&self, ctx: &CallCtx, req: &RangeRequest) -> Result<RangeResponse> {
+        if let Some(replica) = &self.replica {
+            if let Some(resp) = replica.range(&self.upstream, ctx, req).await {
+                return Ok(resp);
+            }
+        }
         Ok(self.upstream.kv_call(ctx, Retry::Safe, req, |mut c, r| async move { c.range(r).await }).await?)
     }
 
@@ -68,6 +74,17 @@ impl Proxy {
         with_index_attempts("range", |last| self.range_attempt(ctx, &q, last)).await
     }
 
+    /// Pieces read at one pinned revision from the read replica, if it can answer
+    /// them all (else they go to etcd in one txn).
+    async fn replica_ranges(&self, ctx: &CallCtx, reqs: &[RangeRequest]) -> Option<Vec<RangeResponse>> {
+        let replica = self.replica.as_ref()?;
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            out.push(replica.range(&self.upstream, ctx, r).await?);
+        }
+        Some(out)
+    }
+
     /// One attempt of [`Self::range_across`].
     async fn range_attempt(&self, ctx: &CallCtx, q: &Across<'_>, last: bool) -> Result<Attempt<RangeResponse>> {
         let Across { t, cp, start, end, req } = *q;
@@ -81,17 +98,19 @@ impl Proxy {
         let mut header = snap.header;
         let mut parts = Vec::with_capacity(pieces.len());
         for chunk in pieces.chunks(self.cfg.upstream.max_txn_ops) {
-            let txn = TxnRequest {
-                success: chunk
-                    .iter()
-                    .map(|p| {
-                        let mut r = piece_request(req, p.key.clone(), p.range_end.clone(), pieces.len() > 1);
-                        r.revision = pin;
-                        range_op(r)
-                    })
-                    .collect(),
-                ..Default::default()
-            };
+            let reqs: Vec<RangeRequest> = chunk
+                .iter()
+                .map(|p| {
+                    let mut r = piece_request(req, p.key.clone(), p.range_end.clone(), pieces.len() > 1);
+                    r.revision = pin;
+                    r
+                })
+                .collect();
+            if let Some(local) = self.replica_ranges(ctx, &reqs).await {
+                parts.extend(local);
+                continue;
+            }
+            let txn = TxnRequest { success: reqs.into_iter().map(range_op).collect(), ..Default::default() };
             match self.up_txn(ctx, &txn, Retry::Safe).await {
                 Ok(resp) => {
                     if !fresh && header.is_none() {

@@ -171,6 +171,11 @@ impl Proxy {
     pub async fn compact(&self, scope: &Scope, ctx: &CallCtx, req: CompactionRequest) -> Result<CompactionResponse> {
         // History is shared by every tenant: only the admin may drop it.
         self.resolver.require_admin(scope, "Compact")?;
-        Ok(self.upstream.kv_call(ctx, Retry::OnlyUnsent, &req, |mut c, r| async move { c.compact(r).await }).await?)
+        let resp =
+            self.upstream.kv_call(ctx, Retry::OnlyUnsent, &req, |mut c, r| async move { c.compact(r).await }).await?;
+        if let Some(replica) = &self.replica {
+            replica.on_compacted(req.revision);
+        }
+        Ok(resp)
     }
 }

@@ -1,5 +1,5 @@
 //! What travels with one request to etcd: its deadline, etcd's `hasleader`
-//! metadata, and whether it may be sent twice.
+//! metadata, the trace context (`traceparent`), and whether it may be sent twice.
 //!
 //! A unary call always has a deadline: the client's, or the configured default. A
 //! stream ([`StreamCtx`]) has one only when its client sent one: a keepalive or a
@@ -43,13 +43,15 @@ impl CallCtx {
         CallCtx { deadline: Instant::now() + timeout, require_leader: md.get(REQUIRE_LEADER).is_some() }
     }
 
-    /// An outgoing request carrying the remaining deadline and `hasleader`.
+    /// An outgoing request carrying the remaining deadline, `hasleader` and the
+    /// current call's trace context.
     pub fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         req.set_timeout(self.deadline.saturating_duration_since(Instant::now()));
         if self.require_leader {
             req.metadata_mut().insert(REQUIRE_LEADER, MetadataValue::from_static("true"));
         }
+        crate::trace::inject(req.metadata_mut());
         req
     }
 }
@@ -81,8 +83,8 @@ impl StreamCtx {
         }
     }
 
-    /// The outgoing stream: the remaining deadline if the client set one, and
-    /// `hasleader`.
+    /// The outgoing stream: the remaining deadline if the client set one,
+    /// `hasleader`, and the current call's trace context.
     pub fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         if let Some(d) = self.deadline {
@@ -91,6 +93,7 @@ impl StreamCtx {
         if self.require_leader {
             req.metadata_mut().insert(REQUIRE_LEADER, MetadataValue::from_static("true"));
         }
+        crate::trace::inject(req.metadata_mut());
         req
     }
 
@@ -167,5 +170,63 @@ mod tests {
 
         // Unary calls: the client's deadline, else the default.
         assert_eq!(CallCtx::from_metadata(&metadata(&[]), default).deadline, Instant::now() + default);
+    }
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+
+    const TRACESTATE: &str = "vendor=abc,other=1";
+
+    fn client_headers(traceparent: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", http::HeaderValue::from_str(traceparent).expect("a header value"));
+        h.insert("tracestate", http::HeaderValue::from_static(TRACESTATE));
+        h
+    }
+
+    /// What a call sends to etcd: the traceparent of a unary request and of a
+    /// stream, the unary request's tracestate; and the call's own span id.
+    async fn upstream_context(client: http::HeaderMap) -> ([Option<String>; 3], String) {
+        use crate::trace::call::{scope, Call};
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let call = Call::start("etcdserverpb.KV/Range", "req-1", &client);
+        scope(call, async {
+            let get = |r: &Request<()>, k: &str| r.metadata().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let unary = CallCtx::from_metadata(&metadata(&[]), Duration::from_secs(1)).request(());
+            let stream = StreamCtx::from_metadata(&metadata(&[])).request(());
+            let own = tracing::Span::current().context().span().span_context().span_id();
+            ([get(&unary, "traceparent"), get(&stream, "traceparent"), get(&unary, "tracestate")], format!("{own}"))
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn upstream_requests_continue_the_calls_trace() {
+        let (subscriber, _provider, _ended) = crate::trace::test_subscriber();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let ([unary, stream, state], own) = upstream_context(client_headers(&format!("00-{TRACE}-{PARENT}-01"))).await;
+        // etcd's span is a child of etcdmux's span, in the caller's trace.
+        let want = format!("00-{TRACE}-{own}-01");
+        assert_ne!(own, PARENT);
+        assert_eq!(unary.as_deref(), Some(want.as_str()));
+        assert_eq!(stream.as_deref(), Some(want.as_str()));
+        assert_eq!(state.as_deref(), Some(TRACESTATE), "the caller's tracestate goes on");
+        // Outside a call (the hub's own watch) nothing is added.
+        let outside = CallCtx::from_metadata(&metadata(&[]), Duration::from_secs(1)).request(());
+        assert!(outside.metadata().get("traceparent").is_none());
+    }
+
+    #[tokio::test]
+    async fn without_spans_of_its_own_the_callers_trace_is_passed_on() {
+        // No OpenTelemetry layer (no otlp_endpoint): the caller's context as it came.
+        let sent = format!("00-{TRACE}-{PARENT}-01");
+        let ([unary, stream, state], _) = upstream_context(client_headers(&sent)).await;
+        assert_eq!(unary.as_deref(), Some(sent.as_str()));
+        assert_eq!(stream.as_deref(), Some(sent.as_str()));
+        assert_eq!(state.as_deref(), Some(TRACESTATE));
+        // A malformed one is not passed on.
+        let (sent, _) = upstream_context(client_headers(&format!("00-{TRACE}-{PARENT}"))).await;
+        assert_eq!(sent, [None, None, None]);
     }
 }

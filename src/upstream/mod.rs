@@ -7,12 +7,17 @@
 //! to repeat) are retried on `UNAVAILABLE` until the deadline; writes are retried
 //! only when the connection was never made, since etcd may have applied a write
 //! whose answer was lost.
+//!
+//! When the TLS files change ([`Upstream::reload_tls`]) the pool gets new channels;
+//! calls and streams already running keep the channel they were given (a clone), so
+//! the hub's upstream watch and keepalive streams are not broken by a rotation.
 
 pub mod call;
 pub mod classify;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -26,7 +31,8 @@ use classify::{Failure, UpstreamError};
 /// Attempts of one call per configured endpoint (plus two), when its failures may be retried.
 const MAX_ATTEMPTS_PER_ENDPOINT: u32 = 2;
 
-use crate::config::{read_pem, Config};
+use crate::certs::{BoxError, Checked, TlsPaths};
+use crate::config::{Config, UpstreamConfig};
 use crate::pb::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
     maintenance_client::MaintenanceClient, watch_client::WatchClient,
@@ -48,58 +54,102 @@ macro_rules! unary_calls {
     )*};
 }
 
-/// TLS towards etcd from `[upstream]` (validated: a CA whenever TLS is used, cert
-/// and key together); `None` without a CA. Certificates are read once, at start:
-/// rotating them needs a restart.
-fn tls_config(u: &crate::config::UpstreamConfig) -> Result<Option<ClientTlsConfig>, crate::config::ConfigError> {
-    let Some(ca) = &u.cacert else { return Ok(None) };
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca)?));
-    if let (Some(cert), Some(key)) = (&u.cert, &u.key) {
-        tls = tls.identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
+/// The files of TLS towards etcd from `[upstream]` (validated: a CA whenever TLS is
+/// used, cert and key together); `None` without a CA.
+fn tls_paths(u: &UpstreamConfig) -> Option<TlsPaths> {
+    let ca = u.cacert.clone()?;
+    Some(TlsPaths { cert: u.cert.clone(), key: u.key.clone(), ca: Some(ca) })
+}
+
+/// tonic's TLS settings from checked files.
+fn client_tls(u: &UpstreamConfig, c: &Checked) -> ClientTlsConfig {
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &c.files.ca {
+        tls = tls.ca_certificate(Certificate::from_pem(&ca.data));
+    }
+    if let (Some(cert), Some(key), Some(_)) = (&c.files.cert, &c.files.key, &c.identity) {
+        tls = tls.identity(Identity::from_pem(&cert.data, &key.data));
     }
     if let Some(name) = &u.server_name {
         tls = tls.domain_name(name.clone());
     }
-    Ok(Some(tls))
+    tls
+}
+
+/// `connections` channels to each endpoint of `u`, with `tls` for https:// ones.
+fn channels(cfg: &Config, tls: Option<&ClientTlsConfig>) -> Result<Vec<Vec<Channel>>, BoxError> {
+    let u = &cfg.upstream;
+    let mut endpoints = Vec::new();
+    for url in &u.endpoints {
+        let mut ep = Endpoint::from_shared(url.clone())?
+            .connect_timeout(cfg.connect_timeout())
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_millis(u.keepalive_interval_ms))
+            .keep_alive_timeout(Duration::from_millis(u.keepalive_interval_ms))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(16 * 1024 * 1024));
+        if let (true, Some(tls)) = (url.starts_with("https://"), tls) {
+            ep = ep.tls_config(tls.clone())?;
+        }
+        // Separate Endpoint::connect_lazy calls give separate HTTP/2 connections.
+        endpoints.push((0..u.connections).map(|_| ep.connect_lazy()).collect());
+    }
+    Ok(endpoints)
+}
+
+/// The pool's TLS: where its files are, and those its channels were built from.
+struct Tls {
+    paths: TlsPaths,
+    serving: Checked,
 }
 
 /// The pool of upstream connections.
 pub struct Upstream {
-    /// `endpoints[i]` holds the channels to endpoint `i`.
-    endpoints: Vec<Vec<Channel>>,
+    /// `endpoints[i]` holds the channels to endpoint `i`; replaced whole when the
+    /// TLS files change (callers hold clones of the channels they use).
+    endpoints: RwLock<Vec<Vec<Channel>>>,
     urls: Vec<String>,
+    /// What new channels are built from: `[upstream]` and the connect timeout.
+    cfg: Config,
+    tls: Option<Tls>,
     current: AtomicUsize,
     next: AtomicUsize,
     max_message: usize,
 }
 
 impl Upstream {
-    pub fn new(cfg: &Config) -> Result<Upstream, Box<dyn std::error::Error + Send + Sync>> {
-        let tls = tls_config(&cfg.upstream)?;
-        let mut endpoints = Vec::new();
-        for url in &cfg.upstream.endpoints {
-            let mut ep = Endpoint::from_shared(url.clone())?
-                .connect_timeout(cfg.connect_timeout())
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_millis(cfg.upstream.keepalive_interval_ms))
-                .keep_alive_timeout(Duration::from_millis(cfg.upstream.keepalive_interval_ms))
-                .keep_alive_while_idle(true)
-                .initial_stream_window_size(Some(4 * 1024 * 1024))
-                .initial_connection_window_size(Some(16 * 1024 * 1024));
-            if let (true, Some(tls)) = (url.starts_with("https://"), &tls) {
-                ep = ep.tls_config(tls.clone())?;
-            }
-            // Separate Endpoint::connect_lazy calls give separate HTTP/2 connections.
-            endpoints.push((0..cfg.upstream.connections).map(|_| ep.connect_lazy()).collect());
-        }
+    pub fn new(cfg: &Config) -> Result<Upstream, BoxError> {
+        let tls = match tls_paths(&cfg.upstream) {
+            Some(paths) => Some(Tls { serving: paths.read()?.check()?, paths }),
+            None => None,
+        };
+        let endpoints = channels(cfg, tls.as_ref().map(|t| client_tls(&cfg.upstream, &t.serving)).as_ref())?;
         metrics::gauge!(names::UPSTREAM_CONNECTIONS).set((cfg.upstream.connections) as f64);
         Ok(Upstream {
-            endpoints,
+            endpoints: RwLock::new(endpoints),
             urls: cfg.upstream.endpoints.clone(),
+            cfg: cfg.clone(),
+            tls,
             current: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
             max_message: cfg.server.max_response_bytes.max(cfg.server.max_request_bytes),
         })
+    }
+
+    /// The TLS files towards etcd and the checked contents the pool was built from
+    /// at start (for the reloader); `None` without TLS.
+    pub fn tls_files(&self) -> Option<(&TlsPaths, &Checked)> {
+        self.tls.as_ref().map(|t| (&t.paths, &t.serving))
+    }
+
+    /// New channels with the TLS of `files` for every call from now on. Calls and
+    /// streams in progress keep theirs; an old connection closes when the last of
+    /// them ends. Failover state (the current endpoint) is kept.
+    pub fn reload_tls(&self, files: &Checked) -> Result<(), BoxError> {
+        let endpoints = channels(&self.cfg, Some(&client_tls(&self.cfg.upstream, files)))?;
+        *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = endpoints;
+        Ok(())
     }
 
     /// A channel for a streaming call, and its endpoint: report the stream's errors
@@ -116,8 +166,9 @@ impl Upstream {
     }
 
     fn channel_at(&self, endpoint: usize) -> (usize, Channel) {
-        let ep = endpoint % self.endpoints.len();
-        let conns = &self.endpoints[ep];
+        let endpoints = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        let ep = endpoint % endpoints.len();
+        let conns = &endpoints[ep];
         let i = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
         (ep, conns[i].clone())
     }
@@ -183,7 +234,7 @@ impl Upstream {
                 self.fail_over(ep);
             }
             attempt += 1;
-            if !failure.may_retry(retry) || attempt >= MAX_ATTEMPTS_PER_ENDPOINT * self.endpoints.len() as u32 + 2 {
+            if !failure.may_retry(retry) || attempt >= MAX_ATTEMPTS_PER_ENDPOINT * self.urls.len() as u32 + 2 {
                 metrics::counter!(names::UPSTREAM_ERRORS, "code" => format!("{:?}", err.status().code())).increment(1);
                 return Err(err);
             }
@@ -198,7 +249,7 @@ impl Upstream {
 
     /// Moves the pool off endpoint `failed` (unless another caller already did).
     fn fail_over(&self, failed: usize) {
-        let n = self.endpoints.len();
+        let n = self.urls.len();
         if n > 1
             && self.current.compare_exchange(failed, (failed + 1) % n, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {

@@ -36,7 +36,7 @@ use crate::metrics::names;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use prost::Message;
@@ -56,6 +56,7 @@ use crate::keyspace::{KeyLayout, Piece};
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{ResponseHeader, WatchResponse};
 use crate::pb::mvccpb::Event;
+use crate::replica::Replica;
 use crate::shutdown::Tasks;
 
 /// What the hub's lock guards.
@@ -118,6 +119,8 @@ pub struct Hub {
     stop: CancellationToken,
     /// The hub's own tasks, for [`Hub::stopped`].
     tracker: TaskTracker,
+    /// The read replica the upstream watch feeds (`[cache] enabled`).
+    pub(super) replica: OnceLock<Arc<Replica>>,
 }
 
 impl Hub {
@@ -143,6 +146,7 @@ impl Hub {
             upstream_open: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            replica: OnceLock::new(),
         })
     }
 
@@ -174,7 +178,26 @@ impl Hub {
                 hub.progress_kick.notify_one();
             }
         });
-        vec![upstream, ticker]
+        let mut handles = vec![upstream, ticker];
+        if let Some(replica) = &proxy.replica {
+            let _ = self.replica.set(replica.clone());
+            let hub = Arc::downgrade(self);
+            replica.set_nudge(Box::new(move || {
+                if let Some(hub) = hub.upgrade() {
+                    hub.nudge_progress();
+                }
+            }));
+            // The first load waits for the hub's watch to stand at etcd's revision, so
+            // the hub delivers every change after the load's revision.
+            let (hub, proxy) = (self.clone(), proxy.clone());
+            handles.push(self.spawn(&proxy.tasks.clone(), async move {
+                hub.ready().await;
+                if let Some(replica) = &proxy.replica {
+                    replica.run_loader(&proxy.upstream, proxy.cfg.default_timeout()).await;
+                }
+            }));
+        }
+        handles
     }
 
     /// Spawns one of the hub's tasks: owned by `tasks`, dropped when the hub stops.

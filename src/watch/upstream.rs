@@ -197,11 +197,13 @@ impl Hub {
             let rev = resp.header.map_or(0, |h| h.revision);
             if resp.watch_id != PROGRESS_WATCH_ID {
                 st.last_rev = st.last_rev.max(rev);
+                self.replica_progress(st.last_rev);
                 if st.delivered() {
                     self.probe_completed(&mut st);
                 }
             } else if self.upstream_progress.load(Ordering::Relaxed) {
                 st.last_rev = st.last_rev.max(rev);
+                self.replica_progress(st.last_rev);
                 st.progress.answered();
                 st.delivered();
                 self.probe_completed(&mut st);
@@ -209,6 +211,9 @@ impl Hub {
             return Next::Continue;
         }
         metrics::counter!(names::WATCH_EVENTS_IN).increment(resp.events.len() as u64);
+        if let Some(replica) = self.replica.get() {
+            replica.on_events(&resp.events);
+        }
         // Every event counts for the revision reached, keys of no tenant included.
         let raw_max = resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max().unwrap_or(0);
         let events: Vec<Arc<HubEvent>> =
@@ -245,6 +250,16 @@ impl Hub {
         }
         st.ring.reset(compact_rev);
         st.last_rev = compact_rev - 1;
+        // The replica missed the compacted changes too: it loads again.
+        if let Some(replica) = self.replica.get() {
+            replica.on_gap();
+        }
+    }
+
+    fn replica_progress(&self, rev: i64) {
+        if let Some(replica) = self.replica.get() {
+            replica.on_progress(rev);
+        }
     }
 
     /// etcd lost its leader: streams that asked to require one end, as etcd ends them.

@@ -1,8 +1,9 @@
 //! Test certificates, generated at test time with rcgen: one CA, server
 //! certificates for 127.0.0.1 and client certificates with a chosen CN and SANs,
-//! written as PEM files into a temp dir.
+//! written as PEM files into a temp dir; and a directory laid out like a Secret the
+//! kubelet mounts, updated the way it rotates one.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -45,6 +46,24 @@ impl Pki {
         self.issue(name, params)
     }
 
+    /// A server certificate like [`Pki::server`], valid until January 1st of `year`.
+    #[allow(dead_code)]
+    pub fn server_until(&self, name: &str, year: i32) -> Pair {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("sans");
+        params.distinguished_name = dn(name);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        self.issue(name, params)
+    }
+
+    /// A client certificate with common name `cn`, valid until January 1st of `year`.
+    #[allow(dead_code)]
+    pub fn client_until(&self, file: &str, cn: &str, year: i32) -> Pair {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name = dn(cn);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        self.issue(file, params)
+    }
+
     /// A client certificate with common name `cn` and these SANs.
     pub fn client(&self, file: &str, cn: &str, sans: Vec<SanType>) -> Pair {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -82,4 +101,53 @@ pub fn uri(s: &str) -> SanType {
 #[allow(dead_code)]
 pub fn dns(s: &str) -> SanType {
     SanType::DnsName(s.try_into().expect("dns san"))
+}
+
+/// January 1st of `year`, 00:00 UTC, in Unix seconds.
+#[allow(dead_code)]
+pub fn jan1(year: i32) -> i64 {
+    rcgen::date_time_ymd(year, 1, 1).unix_timestamp()
+}
+
+/// A directory laid out as the kubelet mounts a Secret: `<dir>/<name>` is a symlink
+/// to `..data/<name>`, and `..data` a symlink to the current version's directory.
+/// [`SecretDir::update`] writes a new version and swaps `..data` in one rename, so
+/// the paths never change, only what they point to.
+#[allow(dead_code)]
+pub struct SecretDir {
+    dir: tempfile::TempDir,
+    version: usize,
+}
+
+#[allow(dead_code)]
+impl SecretDir {
+    /// A Secret with these files: (name in the Secret, file whose contents it gets).
+    pub fn new(files: &[(&str, &Path)]) -> SecretDir {
+        let dir = tempfile::Builder::new().prefix("etcdmux-test-secret-").tempdir().expect("temp dir");
+        let mut s = SecretDir { dir, version: 0 };
+        s.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), s.path(name)).expect("file symlink");
+        }
+        s
+    }
+
+    /// Where the Secret's file `name` is mounted.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Replaces the Secret's contents at once (the kubelet's atomic writer).
+    pub fn update(&mut self, files: &[(&str, &Path)]) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        let vdir = self.dir.path().join(&version);
+        std::fs::create_dir(&vdir).expect("version dir");
+        for (name, from) in files {
+            std::fs::copy(from, vdir.join(name)).expect("copying into the secret");
+        }
+        let tmp = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).expect("data symlink");
+        std::fs::rename(&tmp, self.dir.path().join("..data")).expect("swapping ..data");
+    }
 }

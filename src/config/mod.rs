@@ -8,15 +8,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keyspace::{Resolver, TenantName};
 
 mod migrate;
-pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
 pub use migrate::MigrateConfig;
 
-#[derive(Debug, Clone, Deserialize)]
+mod tls;
+pub use crate::keyspace::{RuleConfig, TenancyConfig, UnmatchedPolicy};
+pub use crate::trace::{LogConfig, LogFormat, TracingConfig};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_listeners", rename = "listener")]
@@ -38,12 +41,21 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    /// `[log]`: text or JSON lines on stderr, and their level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[tracing]`: W3C trace context and OTLP span export (off by default).
+    #[serde(default)]
+    pub tracing: TracingConfig,
+    /// `[migrate]`: `etcdmux migrate` (moving an existing installation into the layout).
+    #[serde(default)]
     pub migrate: MigrateConfig,
 }
 
 /// One gRPC listener. Several listeners let one etcdmux serve several sidecar
 /// apiservers, each pinned to its own static tenant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub addr: SocketAddr,
@@ -51,7 +63,8 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub static_tenant: Option<String>,
     /// TLS towards clients (etcd's names): this listener's certificate and key (PEM).
-    /// Without them the listener speaks plaintext.
+    /// Without them the listener speaks plaintext. Like `trusted_ca_file`, read again
+    /// every `server.tls_reload_interval_ms`: new connections get the new ones.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
     #[serde(default)]
@@ -84,7 +97,7 @@ impl ListenerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Prometheus `/metrics` listener; none when unset.
@@ -112,6 +125,18 @@ pub struct ServerConfig {
     /// busiest, picked by a bounded sketch; labels are kept once given); all others
     /// are summed as `tenant="other"`. 0: no per-tenant metrics.
     pub tenant_metrics_top: usize,
+    /// How often the TLS files (`[upstream]` cacert/cert/key, each listener's
+    /// cert_file/key_file/trusted_ca_file) are read to see whether they changed; new
+    /// ones are used for new connections, open ones keep theirs. Files that do not
+    /// parse or do not match keep the old ones in use and are tried again next time.
+    /// 0: read at start only. Default 10000.
+    pub tls_reload_interval_ms: u64,
+    /// A client that has not finished its TLS handshake within this is disconnected.
+    /// Default 10000.
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress on one listener; beyond it new connections wait in
+    /// the kernel's backlog until one finishes or times out. Default 1024.
+    pub tls_max_handshakes: usize,
 }
 
 impl Default for ServerConfig {
@@ -125,11 +150,14 @@ impl Default for ServerConfig {
             max_concurrent_streams: 10_000,
             shutdown_grace_ms: 10_000,
             tenant_metrics_top: 100,
+            tls_reload_interval_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            tls_max_handshakes: 1024,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// etcd client URLs (`http://host:port`). Requests go to one endpoint at a time
@@ -146,7 +174,9 @@ pub struct UpstreamConfig {
     /// HTTP/2 keepalive ping interval towards etcd.
     pub keepalive_interval_ms: u64,
     /// TLS towards etcd, for `https://` endpoints: the CA bundle (PEM) etcd's
-    /// certificate must chain to (required: the system roots are not used).
+    /// certificate must chain to (required: the system roots are not used). Like
+    /// `cert` and `key`, read again every `server.tls_reload_interval_ms`: calls
+    /// from then on use new connections, streams already open keep theirs.
     pub cacert: Option<PathBuf>,
     /// Client certificate and key (PEM) for etcd's `--client-cert-auth`; both or neither.
     pub cert: Option<PathBuf>,
@@ -172,7 +202,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LayoutConfig {
     /// Upstream prefix of the kplane-compatible layout:
@@ -196,7 +226,7 @@ impl Default for LayoutConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaseConfig {
     /// How long a lease's owner is remembered before it is read from etcd again.
@@ -212,7 +242,7 @@ impl Default for LeaseConfig {
 
 /// The watch hub: one shared upstream watch, a bounded event ring, bounded
 /// per-stream queues.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// Events kept in the shared ring (watchers starting at a revision still in the
@@ -274,7 +304,7 @@ impl Default for WatchConfig {
 
 /// Readiness (`/readyz`, `grpc.health.v1.Health`): how etcd's reachability and the
 /// watch hub's currency are checked. `/livez` needs nothing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// How often etcd is probed (a range on the layout's void key, which also reads
@@ -305,7 +335,7 @@ impl Default for HealthConfig {
 /// `RESOURCE_EXHAUSTED` "etcdserver: too many requests" (never queued); streams
 /// (Watch, LeaseKeepAlive, Snapshot) are not unary calls. HTTP/2 streams per
 /// connection are `server.max_concurrent_streams`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Unary calls in progress at once, all listeners together. Default 10000.
@@ -330,6 +360,59 @@ impl Default for LimitsConfig {
             max_watchers_per_stream: 10_000,
             http2_keepalive_interval_ms: 30_000,
             http2_keepalive_timeout_ms: 20_000,
+        }
+    }
+}
+
+/// The shared read replica (`[cache]`): one in-memory copy of the keys the watch
+/// hub watches, from which `Range` requests are answered without going to etcd.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Answer ranges from the replica. Off by default.
+    pub enabled: bool,
+    /// Past revisions kept: a range at a revision this far behind the newest is
+    /// still answered locally; older ones go to etcd. Default 10000.
+    pub window_revisions: i64,
+    /// Bytes the replica may hold (keys, values, past versions, bookkeeping). Past
+    /// versions are dropped first; a replica over budget without them stops
+    /// answering (every read goes to etcd) and loads again once under it. Default 1 GiB.
+    pub max_bytes: usize,
+    /// Keys per page of the initial load (one range at one revision per page).
+    /// Default 1000.
+    pub load_page_keys: i64,
+    /// Events held back while a load runs; more abort the load, which starts again.
+    /// Default 100000.
+    pub max_pending_events: usize,
+    /// How long a linearizable read waits for the replica to reach etcd's revision
+    /// before it goes to etcd instead. Default 1000.
+    pub max_read_wait_ms: u64,
+    /// After this long waiting, ask the watch hub to prove progress (etcd's newest
+    /// revision may lie outside the watched keys, where no event shows it).
+    /// Default 100 (on etcd before 3.4.31 / 3.5.13 a proof is a fence write).
+    pub nudge_after_ms: u64,
+    /// How often etcd is asked whether it was compacted by someone else (another
+    /// etcdmux replica, a client talking to etcd directly): one count-only range per
+    /// check. Until then, ranges at revisions etcd has compacted may be answered with
+    /// the data instead of etcd's "compacted". 0: never. Default 1000.
+    pub compaction_check_ms: u64,
+    /// Resource roots never answered from the replica (their reads go to etcd):
+    /// resource names as in the layout, e.g. `["events"]`.
+    pub exclude_resources: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            window_revisions: 10_000,
+            max_bytes: 1 << 30,
+            load_page_keys: 1000,
+            max_pending_events: 100_000,
+            max_read_wait_ms: 1000,
+            nudge_after_ms: 100,
+            compaction_check_ms: 1000,
+            exclude_resources: Vec::new(),
         }
     }
 }
@@ -428,6 +511,9 @@ impl Config {
                 h.max_probe_age_ms, h.probe_interval_ms, h.probe_timeout_ms
             ));
         }
+        if self.server.tls_handshake_timeout_ms == 0 || self.server.tls_max_handshakes == 0 {
+            return bad("server.tls_handshake_timeout_ms and tls_max_handshakes must be at least 1".into());
+        }
         let l = &self.limits;
         if l.max_unary_inflight == 0
             || l.max_unary_inflight_per_connection == 0
@@ -436,6 +522,13 @@ impl Config {
             || l.http2_keepalive_timeout_ms == 0
         {
             return bad("every limits.* setting must be at least 1".into());
+        }
+        let c = &self.cache;
+        if c.window_revisions < 0 || c.load_page_keys < 1 || c.max_pending_events == 0 || c.max_bytes == 0 {
+            return bad("cache.load_page_keys, max_pending_events and max_bytes must be at least 1, window_revisions at least 0".into());
+        }
+        if let Some(r) = c.exclude_resources.iter().find(|r| r.is_empty() || r.contains('/')) {
+            return bad(format!("cache.exclude_resources: {r:?} is not a resource name (non-empty, no '/')"));
         }
         if self.upstream.max_txn_ops < 2 {
             return bad("upstream.max_txn_ops must be at least 2".into());
@@ -460,6 +553,8 @@ impl Config {
                 TenantName::new(t).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
+        self.log.validate().map_err(ConfigError::Invalid)?;
+        self.tracing.validate().map_err(ConfigError::Invalid)?;
         self.validate_tls()?;
         self.migrate.validate(self.upstream.max_txn_ops)?;
         if !self.migrate.source_rules.is_empty() {
@@ -468,47 +563,6 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("[migrate] source_rule: {e}")))?;
         }
         Resolver::new(&self.tenancy, &[p, m]).map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
-    }
-}
-
-impl Config {
-    /// TLS settings: pairs that go together, files that exist and hold PEM.
-    fn validate_tls(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
-        let u = &self.upstream;
-        let https = u.endpoints.iter().any(|e| e.starts_with("https://"));
-        if https && u.cacert.is_none() {
-            return bad("https:// upstream endpoints need upstream.cacert (--upstream-cacert)".into());
-        }
-        if u.cert.is_some() != u.key.is_some() {
-            return bad("upstream.cert and upstream.key go together".into());
-        }
-        let upstream_tls = u.cacert.is_some() || u.cert.is_some() || u.server_name.is_some();
-        if upstream_tls && !https {
-            return bad("upstream.cacert, cert, key and server_name apply to https:// endpoints; none is".into());
-        }
-        for f in [&u.cacert, &u.cert, &u.key].into_iter().flatten() {
-            read_pem(f)?;
-        }
-        for l in &self.listeners {
-            let a = l.addr;
-            if l.cert_file.is_some() != l.key_file.is_some() {
-                return bad(format!("listener {a}: cert_file and key_file go together"));
-            }
-            if l.client_cert_auth != l.trusted_ca_file.is_some() {
-                return bad(format!("listener {a}: client_cert_auth and trusted_ca_file go together"));
-            }
-            if l.client_cert_auth && !l.is_tls() {
-                return bad(format!("listener {a}: client_cert_auth needs cert_file and key_file"));
-            }
-            for f in [&l.cert_file, &l.key_file, &l.trusted_ca_file].into_iter().flatten() {
-                read_pem(f)?;
-            }
-        }
-        if self.tenancy.identity.is_some() && !self.listeners.iter().any(|l| l.client_cert_auth) {
-            return bad("tenancy.identity is set but no listener has client_cert_auth = true".into());
-        }
-        Ok(())
     }
 }
 
@@ -546,19 +600,24 @@ mod tests {
         assert_eq!(cfg.limits.max_unary_inflight, 10_000);
         let zero = Config::parse("[limits]\nmax_watchers_per_stream = 0", "x").unwrap();
         assert!(zero.validate().is_err());
-    }
-
-    #[test]
-    fn tls_settings_go_together() {
+        assert_eq!(cfg.server.tls_reload_interval_ms, 10_000);
+        let zero = Config::parse("[server]\ntls_handshake_timeout_ms = 0", "x").unwrap();
+        assert!(zero.validate().is_err());
+        assert_eq!(cfg.log.format, LogFormat::Text);
+        assert_eq!(cfg.log.level, "info");
+        assert!(!cfg.tracing.enabled());
+        assert_eq!((cfg.tracing.service_name.as_str(), cfg.tracing.sample_ratio), ("etcdmux", 1.0));
+        let json = Config::parse("[log]\nformat = \"json\"\nlevel = \"warn,etcdmux=debug\"", "x").unwrap();
+        assert_eq!(json.log.format, LogFormat::Json);
+        json.validate().unwrap();
+        assert!(Config::parse("[log]\nformat = \"xml\"", "x").is_err());
         let refused = |text: &str| Config::parse(text, "x").unwrap().validate().unwrap_err().to_string();
-        assert!(refused("[upstream]\nendpoints = [\"https://127.0.0.1:2379\"]").contains("cacert"));
-        assert!(refused("[upstream]\ncacert = \"/nonexistent\"").contains("https://"));
-        let e = refused("[upstream]\nendpoints = [\"https://h:1\"]\ncacert = \"/nonexistent/ca.pem\"");
-        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
-        let l = |extra: &str| format!("[[listener]]\naddr = \"127.0.0.1:0\"\n{extra}");
-        assert!(refused(&l("cert_file = \"/c\"")).contains("go together"));
-        assert!(refused(&l("client_cert_auth = true")).contains("go together"));
-        assert!(refused(&l("client_cert_auth = true\ntrusted_ca_file = \"/ca\"")).contains("needs cert_file"));
-        assert!(refused(&format!("{}\n[tenancy.identity]\nfrom = \"cn\"", l(""))).contains("client_cert_auth"));
+        assert!(refused("[log]\nlevel = \"etcdmux=loud\"").contains("log.level"));
+        assert!(refused("[tracing]\nsample_ratio = 1.5").contains("sample_ratio"));
+        assert!(refused("[tracing]\notlp_endpoint = \"collector:4317\"").contains("http://"));
+        assert!(refused("[tracing]\nqueue_size = 10\nbatch_size = 20").contains("batch_size"));
+        let on = Config::parse("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"", "x").unwrap();
+        assert!(on.tracing.enabled());
+        on.validate().unwrap();
     }
 }
