@@ -109,7 +109,7 @@ bench: build
 	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --name api
 	$(CARGO_TARGET_DIR)/release/migratebench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name migrate
 
-## bench-smoke: both benchmarks at a tiny size (what CI runs), debug build
+## bench-smoke: the benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
 	$(CARGO) build --locked -p etcdmux -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
