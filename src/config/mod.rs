@@ -378,8 +378,9 @@ pub struct CacheConfig {
     /// versions are dropped first; a replica over budget without them stops
     /// answering (every read goes to etcd) and loads again once under it. Default 1 GiB.
     pub max_bytes: usize,
-    /// Keys per page of the initial load (one range at one revision per page).
-    /// Default 1000.
+    /// Keys in the first page of a load (one range at one revision per page); later
+    /// pages grow while they carry less than 4 MiB (up to 65536 keys) and shrink above
+    /// 16 MiB. Default 1000.
     pub load_page_keys: i64,
     /// Events held back while a load runs; more abort the load, which starts again.
     /// Default 100000.

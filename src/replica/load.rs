@@ -138,11 +138,12 @@ impl Replica {
         let mut store = Store::new();
         let mut header = None;
         let mut key = self.range.key.clone();
+        let mut limit = self.cfg.load_page_keys;
         loop {
             let req = RangeRequest {
                 key: key.clone(),
                 range_end: self.range.range_end.clone(),
-                limit: self.cfg.load_page_keys,
+                limit,
                 revision: store.applied(),
                 ..Default::default()
             };
@@ -154,6 +155,7 @@ impl Replica {
                 header = Some(h);
             }
             let last = resp.kvs.last().map(|kv| kv.key.clone());
+            let page_bytes: usize = resp.kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
             store.load_more(resp.kvs);
             if store.bytes() > self.cfg.max_bytes {
                 metrics::counter!(names::CACHE_OVER_BUDGET).increment(1);
@@ -162,6 +164,7 @@ impl Replica {
             if !matches!(self.lock().phase, Phase::Loading { .. }) {
                 return Err(LoadError::Interrupted);
             }
+            limit = next_page_limit(limit, page_bytes);
             match last {
                 Some(k) if resp.more => key = after(&k),
                 _ => break,
@@ -242,10 +245,42 @@ impl Replica {
     }
 }
 
+/// Bytes of keys and values a load page aims at: pages grow while they carry less
+/// (etcd walks every key from a page's start to the range's end for each page, so
+/// fewer pages load much faster), and shrink when values are large.
+const PAGE_BYTES: usize = 8 << 20;
+/// The most keys one page asks for.
+const MAX_PAGE_KEYS: i64 = 65_536;
+
+/// The next page's key limit after a page of `limit` keys carried `bytes`.
+fn next_page_limit(limit: i64, bytes: usize) -> i64 {
+    if bytes < PAGE_BYTES / 2 {
+        (limit * 2).min(MAX_PAGE_KEYS)
+    } else if bytes > PAGE_BYTES * 2 {
+        (limit / 2).max(1)
+    } else {
+        limit
+    }
+}
+
 /// The smallest key after `k`.
 fn after(k: &Bytes) -> Bytes {
     let mut next = BytesMut::with_capacity(k.len() + 1);
     next.put_slice(k);
     next.put_u8(0);
     next.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_grow_while_small_and_shrink_when_large() {
+        assert_eq!(next_page_limit(1000, 1 << 20), 2000);
+        assert_eq!(next_page_limit(60_000, 1 << 20), MAX_PAGE_KEYS);
+        assert_eq!(next_page_limit(1000, PAGE_BYTES), 1000);
+        assert_eq!(next_page_limit(1000, PAGE_BYTES * 3), 500);
+        assert_eq!(next_page_limit(1, PAGE_BYTES * 3), 1, "never below one key");
+    }
 }
