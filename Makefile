@@ -99,22 +99,29 @@ clean-run:
 	done
 	rm -rf .run .run-tls
 
-## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv)
+## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv);
+## the LIST/GET load without a watch cache, etcd direct vs etcdmux vs etcdmux with its read replica -> loadtest/results/list.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
 BENCH_MODELS ?= shared,per-project
+BENCH_LIST_PROJECTS ?= 1000,10000,30000
 bench: build
 	$(CARGO) build --release --locked -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
 	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --name api
+	$(CARGO_TARGET_DIR)/release/listbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --projects $(BENCH_LIST_PROJECTS) --name list
 
-## bench-smoke: both benchmarks at a tiny size (what CI runs), debug build
+## bench-smoke: the benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
 	$(CARGO) build --locked -p etcdmux -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
 	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --check --name api-smoke
+	$(CARGO_TARGET_DIR)/debug/listbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --projects 20 --resources 3 --objects 5 --page-limit 2 --readers 8 --write-rate 50 \
+	  --warmup-secs 1 --duration-secs 3 --check --name list-smoke
 
 ## soak: the differential and watch checkers with many more seeds
 SOAK_DIFF_SEEDS ?= 200
