@@ -19,22 +19,24 @@
 //! Upstream cost is read from etcd's own `/metrics` (`grpc_server_handled_total` by
 //! method, `etcd_mvcc_range_total`, bytes sent) and etcd's CPU from `/proc`.
 
-use std::fmt::Write as _;
+// A crate root's modules live beside it; these are listbench's own.
+#[path = "listbench/reads.rs"]
+mod reads;
+#[path = "listbench/report.rs"]
+mod report;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::Parser;
-use etcdmux::pb::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
-use etcdmux::pb::mvccpb::KeyValue;
+use etcdmux::pb::etcdserverpb::{kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
 use etcdmux_loadtest::{
-    b, bar, bounded, chain, cpu_time, labeled, loadavg, machine, ms, percentile, prefix_end, rss_kib, scrape,
-    start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, MILO_CONFIG,
+    b, bar, bounded, chain, cpu_time, labeled, loadavg, rss_kib, scrape, start_etcd, start_front, write_report, Error,
+    Etcd, Front, FrontKind, MILO_CONFIG,
 };
+use reads::{reader, value, writer, Ctx, Rng, Tally};
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
@@ -165,280 +167,6 @@ impl Shape {
             .sum();
         (keys + self.len() * self.value_bytes) as u64
     }
-}
-
-/// An object about `len` bytes long, like a Kubernetes object's JSON.
-fn value(generation: u64, len: usize) -> Bytes {
-    let mut v =
-        format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"generation":{generation}}},"data":{{"blob":""#);
-    let fill = len.saturating_sub(v.len() + 3);
-    v.extend(std::iter::repeat_n('x', fill));
-    v.push_str(r#""}}"#);
-    Bytes::from(v)
-}
-
-/// splitmix64: enough randomness for choosing keys, without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
-    }
-}
-
-/// What readers and the writer saw.
-#[derive(Default)]
-struct Tally {
-    list: Vec<Duration>,
-    get: Vec<Duration>,
-    exact: Vec<Duration>,
-    errors: u64,
-    stale: u64,
-    /// The first few failures, for the report.
-    failures: Vec<String>,
-    writes: u64,
-    conflicts: u64,
-    read_backs: u64,
-}
-
-impl Tally {
-    fn merge(&mut self, o: Tally) {
-        self.list.extend(o.list);
-        self.get.extend(o.get);
-        self.exact.extend(o.exact);
-        (self.errors, self.stale) = (self.errors + o.errors, self.stale + o.stale);
-        (self.writes, self.conflicts, self.read_backs) =
-            (self.writes + o.writes, self.conflicts + o.conflicts, self.read_backs + o.read_backs);
-        let room = 10usize.saturating_sub(self.failures.len());
-        self.failures.extend(o.failures.into_iter().take(room));
-    }
-
-    fn error(&mut self, what: String) {
-        self.errors += 1;
-        if self.failures.len() < 10 {
-            self.failures.push(what);
-        }
-    }
-
-    fn stale(&mut self, what: String) {
-        self.stale += 1;
-        if self.failures.len() < 10 {
-            self.failures.push(what);
-        }
-    }
-
-    fn reads(&self) -> usize {
-        self.list.len() + self.get.len() + self.exact.len()
-    }
-}
-
-/// Why a read's answer is wrong: `want` keys expected; `before[o]` is the revision of
-/// the newest write to object `o` that finished before the read began (0: none
-/// known), `at` the revision read at; `exact` when that revision was asked for (older
-/// writes than `before` are not known then: only writes at or below `at` are checked).
-fn check_read(kvs: &[KeyValue], want: usize, before: &[i64], at: i64, exact: bool) -> Option<String> {
-    if kvs.len() != want {
-        return Some(format!("{} keys at revision {at}, want {want}", kvs.len()));
-    }
-    for kv in kvs {
-        let key = String::from_utf8_lossy(&kv.key);
-        let Some(o) = key.rsplit_once("/obj").and_then(|(_, o)| o.parse::<usize>().ok()).filter(|&o| o < before.len())
-        else {
-            return Some(format!("unexpected key {key}"));
-        };
-        let done = before[o];
-        if kv.mod_revision > at {
-            return Some(format!("{key} at mod_revision {} in a read at revision {at}", kv.mod_revision));
-        }
-        if !exact && done > at {
-            return Some(format!("read at revision {at}, before a write to {key} at {done} that had finished"));
-        }
-        if done <= at && kv.mod_revision < done {
-            return Some(format!("{key} at mod_revision {}, a finished write made it {done}", kv.mod_revision));
-        }
-    }
-    None
-}
-
-/// A paged list of `prefix`, as the apiserver does it: `limit` per page, each page
-/// from the last key + "\0", later pages at the first page's revision (`rev` > 0:
-/// every page at `rev`). Returns the keys and the revision read at.
-async fn list(kv: &mut KvClient<Channel>, prefix: &str, limit: i64, rev: i64) -> Result<(Vec<KeyValue>, i64), Error> {
-    let (mut from, end) = (b(prefix), prefix_end(prefix));
-    let mut at = rev;
-    let mut out = Vec::new();
-    loop {
-        let req = RangeRequest { key: from, range_end: end.clone(), limit, revision: at, ..Default::default() };
-        let page = kv.range(req).await?.into_inner();
-        if at == 0 {
-            at = page.header.map_or(0, |h| h.revision);
-        }
-        let next = page.kvs.last().map(|kv| Bytes::from([&kv.key[..], b"\0"].concat()));
-        out.extend(page.kvs);
-        match next {
-            Some(k) if page.more => from = k,
-            _ => return Ok((out, at)),
-        }
-    }
-}
-
-/// What readers and the writer share.
-struct Ctx {
-    target: Target,
-    shape: Shape,
-    chans: Vec<Channel>,
-    /// Per object: the revision of its newest write that etcd answered.
-    known: Arc<Vec<AtomicI64>>,
-    /// The newest revision a read was answered at.
-    newest: AtomicI64,
-    page_limit: i64,
-    exact_lag: i64,
-    weights: [usize; 3],
-    stop: Instant,
-}
-
-impl Ctx {
-    fn kv(&self, rng: &mut Rng) -> KvClient<Channel> {
-        KvClient::new(self.chans[rng.below(self.chans.len())].clone())
-    }
-}
-
-async fn reader(ctx: Arc<Ctx>, mut rng: Rng) -> Tally {
-    let (mut t, s) = (Tally::default(), ctx.shape);
-    let [lw, gw, ew] = ctx.weights;
-    while Instant::now() < ctx.stop {
-        let mut kv = ctx.kv(&mut rng);
-        let (p, r, pick) = (rng.below(s.projects), rng.below(s.resources), rng.below(lw + gw + ew));
-        let before: Vec<i64> = (0..s.objects).map(|o| ctx.known[s.index(p, r, o)].load(Ordering::Acquire)).collect();
-        let prefix = ctx.target.prefix(p, r);
-        let started = Instant::now();
-        if pick < gw {
-            let o = rng.below(s.objects);
-            let key = ctx.target.key(p, r, o);
-            match kv.range(RangeRequest { key: b(&key), ..Default::default() }).await {
-                Ok(resp) => {
-                    t.get.push(started.elapsed());
-                    let resp = resp.into_inner();
-                    let at = resp.header.map_or(0, |h| h.revision);
-                    ctx.newest.fetch_max(at, Ordering::Relaxed);
-                    if let Some(why) = check_read(&resp.kvs, 1, &before, at, false) {
-                        t.stale(format!("GET {key}: {why}"));
-                    }
-                }
-                Err(e) => t.error(format!("GET {key}: {e}")),
-            }
-        } else {
-            let exact = pick >= gw + lw;
-            let rev = if exact {
-                (ctx.newest.load(Ordering::Relaxed) - rng.below(ctx.exact_lag as usize + 1) as i64).max(1)
-            } else {
-                0
-            };
-            match list(&mut kv, &prefix, ctx.page_limit, rev).await {
-                Ok((kvs, at)) => {
-                    let took = started.elapsed();
-                    if exact {
-                        t.exact.push(took);
-                    } else {
-                        t.list.push(took);
-                        ctx.newest.fetch_max(at, Ordering::Relaxed);
-                    }
-                    if let Some(why) = check_read(&kvs, s.objects, &before, at, exact) {
-                        t.stale(format!("LIST {prefix} (revision {rev}): {why}"));
-                    }
-                }
-                Err(e) => t.error(format!("LIST {prefix} (revision {rev}): {}", chain(&*e))),
-            }
-        }
-    }
-    t
-}
-
-/// Updates random objects at `rate` per second until `ctx.stop` (the apiserver's
-/// optimistic txn), then reads each one back through the same target: it must see
-/// the write.
-async fn writer(ctx: Arc<Ctx>, rate: u64, mut rng: Rng) -> Tally {
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
-    let mut set = JoinSet::new();
-    while Instant::now() < ctx.stop {
-        tick.tick().await;
-        let s = ctx.shape;
-        let (p, r, o) = (rng.below(s.projects), rng.below(s.resources), rng.below(s.objects));
-        let (i, key, mut kv) = (s.index(p, r, o), b(&ctx.target.key(p, r, o)), ctx.kv(&mut rng));
-        let (ctx, tally) = (ctx.clone(), tally.clone());
-        while set.len() >= 64 {
-            set.join_next().await;
-        }
-        set.spawn(async move {
-            let rev = ctx.known[i].load(Ordering::Acquire);
-            let txn = TxnRequest {
-                compare: vec![Compare {
-                    result: compare::CompareResult::Equal as i32,
-                    target: compare::CompareTarget::Mod as i32,
-                    key: key.clone(),
-                    target_union: Some(compare::TargetUnion::ModRevision(rev)),
-                    ..Default::default()
-                }],
-                success: vec![RequestOp {
-                    request: Some(request_op::Request::RequestPut(PutRequest {
-                        key: key.clone(),
-                        value: value(rev as u64, s.value_bytes),
-                        ..Default::default()
-                    })),
-                }],
-                failure: vec![RequestOp {
-                    request: Some(request_op::Request::RequestRange(RangeRequest {
-                        key: key.clone(),
-                        ..Default::default()
-                    })),
-                }],
-            };
-            let name = String::from_utf8_lossy(&key).into_owned();
-            let done = match kv.txn(txn).await {
-                Ok(resp) => {
-                    let resp = resp.into_inner();
-                    let current = match resp.responses.first().and_then(|r| r.response.as_ref()) {
-                        Some(response_op::Response::ResponseRange(rr)) => {
-                            rr.kvs.first().map_or(0, |kv| kv.mod_revision)
-                        }
-                        _ => resp.header.map_or(0, |h| h.revision),
-                    };
-                    ctx.known[i].fetch_max(current, Ordering::AcqRel);
-                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                    t.writes += 1;
-                    t.conflicts += u64::from(!resp.succeeded);
-                    current
-                }
-                Err(e) => {
-                    tally.lock().unwrap_or_else(|e| e.into_inner()).error(format!("write {name}: {e}"));
-                    return;
-                }
-            };
-            let read = kv.range(RangeRequest { key: key.clone(), ..Default::default() }).await;
-            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-            t.read_backs += 1;
-            match read {
-                Ok(resp) => {
-                    let resp = resp.into_inner();
-                    let at = resp.header.map_or(0, |h| h.revision);
-                    let mut before = vec![0; s.objects];
-                    before[o] = done;
-                    if let Some(why) = check_read(&resp.kvs, 1, &before, at, false) {
-                        t.stale(format!("read-back of {name}: {why}"));
-                    }
-                }
-                Err(e) => t.error(format!("read-back of {name}: {e}")),
-            }
-        });
-    }
-    while set.join_next().await.is_some() {}
-    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-    std::mem::take(&mut *t)
 }
 
 async fn connect(url: &str, n: usize) -> Result<Vec<Channel>, Error> {
@@ -593,6 +321,7 @@ async fn measure(
         newest: AtomicI64::new(newest),
         page_limit: args.page_limit,
         exact_lag: args.exact_lag,
+        loaded_at: known.iter().map(|k| k.load(Ordering::Acquire)).max().unwrap_or(1),
         weights: [args.list_weight, args.get_weight, args.exact_weight],
         stop,
     };
@@ -704,130 +433,10 @@ async fn run_point(args: &Args, targets: &[Target], shape: Shape) -> Result<Poin
     Ok(Point { shape, raw: shape.raw_bytes(), load, etcd_db, rows })
 }
 
-fn mib(bytes: f64) -> f64 {
-    bytes / 1048576.0
-}
-
-fn lat(v: &[Duration]) -> String {
-    format!("{} / {}", ms(percentile(v, 0.5)), ms(percentile(v, 0.99)))
-}
-
-fn point_report(pt: &Point, out: &mut String) -> std::fmt::Result {
-    let s = pt.shape;
-    writeln!(
-        out,
-        "## {} projects: {} objects, {:.0} MiB of keys and values (etcd's db {:.0} MiB at the end), written through etcdmux in {:.0?}\n",
-        s.projects, s.len(), mib(pt.raw as f64), pt.etcd_db, pt.load
-    )?;
-    writeln!(out, "| target | reads/s | LIST p50 / p99 ms | GET p50 / p99 ms | exact-revision LIST p50 / p99 ms | reads failed / stale | writes (conflicts) | load avg |\n|---|---|---|---|---|---|---|---|")?;
-    for (target, row) in &pt.rows {
-        match row {
-            Err(e) => writeln!(out, "| {} | failed: {e} | | | | | | |", target.name())?,
-            Ok(r) => writeln!(
-                out,
-                "| {} | {:.0} | {} | {} | {} | {} / {} | {} ({}) | {:.1} |",
-                target.name(),
-                r.t.reads() as f64 / r.secs,
-                lat(&r.t.list),
-                lat(&r.t.get),
-                lat(&r.t.exact),
-                r.t.errors,
-                r.t.stale,
-                r.t.writes,
-                r.t.conflicts,
-                r.loadavg
-            )?,
-        }
-    }
-    writeln!(out, "\n| target | etcd Range/s | etcd Txn/s | etcd unary calls/s | etcd Range per read | etcd ranges executed/s | etcd sent MiB/s | etcd CPU s/s | proxy CPU s/s | loadgen CPU s/s | etcd RSS MiB | proxy RSS MiB | replica MiB (× raw) | replica hit ratio | read-index calls/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-    for (target, row) in &pt.rows {
-        let Ok(r) = row else { continue };
-        let reads = r.t.reads().max(1) as f64;
-        let forwarded: f64 = r.forwarded.iter().map(|(_, n)| n).sum();
-        let (cache, hit, ri) = if *target == Target::Cache {
-            (
-                format!("{:.0} ({:.2}×)", mib(r.cache_bytes), r.cache_bytes / pt.raw.max(1) as f64),
-                format!("{:.1}%", 100.0 * r.hits / (r.hits + forwarded).max(1.0)),
-                format!("{:.0}", r.read_index_calls / r.secs),
-            )
-        } else {
-            ("".into(), "".into(), "".into())
-        };
-        let proxy = |v: f64| if *target == Target::Direct { "".to_string() } else { format!("{v:.2}") };
-        writeln!(
-            out,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} | {:.1} | {:.2} | {} | {:.2} | {:.0} | {} | {cache} | {hit} | {ri} |",
-            target.name(),
-            r.range / r.secs,
-            r.txn / r.secs,
-            r.unary / r.secs,
-            r.range / reads,
-            r.mvcc_ranges / r.secs,
-            mib(r.sent) / r.secs,
-            r.etcd_cpu,
-            proxy(r.front_cpu),
-            r.loadgen_cpu,
-            r.etcd_rss,
-            proxy(r.front_rss)
-        )?;
-    }
-    writeln!(out)?;
-    for (target, row) in &pt.rows {
-        let Ok(r) = row else { continue };
-        if *target == Target::Cache {
-            let fwd: Vec<String> =
-                r.forwarded.iter().filter(|(_, n)| *n > 0.0).map(|(w, n)| format!("{w} {n:.0}")).collect();
-            writeln!(
-                out,
-                "- replica: live {:.1?} after etcdmux started (holding {:.0} keys at the end); ranges answered locally {:.0}, sent to etcd {} during the measurement.",
-                r.cache_ready.unwrap_or_default(),
-                r.cache_keys,
-                r.hits,
-                if fwd.is_empty() { "none".to_string() } else { fwd.join(", ") }
-            )?;
-        }
-        if !r.t.failures.is_empty() {
-            writeln!(out, "- {} failures (first {}): {}", target.name(), r.t.failures.len(), r.t.failures.join("; "))?;
-        }
-    }
-    writeln!(out)
-}
-
-/// The issue's goals, judged at the largest point where both targets ran.
-fn goals(points: &[Point]) -> String {
-    fn pick(pt: &Point, t: Target) -> Option<&Row> {
-        pt.rows.iter().find(|(x, _)| *x == t).and_then(|(_, r)| r.as_ref().ok())
-    }
-    let Some((pt, direct, cache)) =
-        points.iter().rev().find_map(|pt| Some((pt, pick(pt, Target::Direct)?, pick(pt, Target::Cache)?)))
-    else {
-        return "No scale point has both etcd direct and the replica measured.\n".into();
-    };
-    let (dp, cp) = (percentile(&direct.t.list, 0.99), percentile(&cache.t.list, 0.99));
-    let (dr, cr) = (direct.range / direct.secs, cache.range / cache.secs);
-    let per = |r: &Row| r.range / r.t.reads().max(1) as f64;
-    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
-    format!(
-        "At {} projects: LIST p99 {} ms with the replica vs {} ms on etcd direct: {}. etcd Range calls {:.0}/s with the replica vs {:.0}/s direct ({:.1}× fewer), {:.4} vs {:.3} per client read ({:.0}× fewer): goal ≥ 10×: {}.\n",
-        pt.shape.projects,
-        ms(cp),
-        ms(dp),
-        verdict(cp < dp),
-        cr,
-        dr,
-        dr / cr.max(f64::MIN_POSITIVE),
-        per(cache),
-        per(direct),
-        per(direct) / per(cache).max(f64::MIN_POSITIVE),
-        verdict(dr >= 10.0 * cr && per(direct) >= 10.0 * per(cache)),
-    )
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
     let targets = args.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
     let (mut points, mut failed) = (Vec::new(), Vec::new());
     for &projects in &args.projects {
         let shape = Shape { projects, resources: args.resources, objects: args.objects, value_bytes: args.value_bytes };
@@ -839,24 +448,7 @@ async fn main() -> Result<(), Error> {
             Err(e) => failed.push(format!("{projects} projects: {}", chain(&*e))),
         }
     }
-    let mut r = String::new();
-    writeln!(r, "# LIST traffic without a watch cache: etcd direct vs etcdmux vs etcdmux with its read replica\n")?;
-    writeln!(r, "Machine: {}.\n\nCommand: `{command}`\n", machine())?;
-    writeln!(
-        r,
-        "Per project: {} resources × {} objects of {} bytes. Readers: {} in flight (closed loop) on {} connection(s), by weight {} paged LIST of one (project, resource) (limit {}, each page from the last key + \"\\0\", later pages at the first page's revision) : {} GET of one object (linearizable) : {} LIST at an exact revision (up to {} revisions before the newest a read saw). One writer updates random objects at {}/s (optimistic txn) and reads each back. {} s warm-up, then {} s measured, per target.\n",
-        args.resources, args.objects, args.value_bytes, args.readers, args.connections, args.list_weight, args.page_limit,
-        args.get_weight, args.exact_weight, args.exact_lag, args.write_rate, args.warmup_secs, args.duration_secs
-    )?;
-    writeln!(r, "Each scale point: a fresh etcd; the data written once through an etcdmux with Milo's rules (`{}`); then the targets **one after another against that same etcd**, each through a fresh etcdmux process (etcd direct reads the layout's upstream keys, `/registry/<resource>/clusters/<project>/...`). The replica target runs with `[cache] enabled = true, max_bytes = {} MiB`, other keys at their defaults, and is measured once its load finished. Every read is checked against the writes that finished before it began.\n", args.etcdmux_config.display(), args.cache_max_mib)?;
-    writeln!(r, "## Goals\n\n{}", goals(&points))?;
-    for pt in &points {
-        point_report(pt, &mut r)?;
-    }
-    for f in &failed {
-        writeln!(r, "- **failed**: {f}")?;
-    }
-    writeln!(r, "## Reading these numbers\n\n- The machine's cores are shared by etcd, the proxy and the load generator (its CPU is in the table), and by whatever else ran (the load average column); latencies include queueing for them. A target that needs less CPU leaves more to the others.\n- Reads are a closed loop: a faster target is asked more per second, so compare rates and latencies together, and upstream calls per read.\n- Targets run one after another on one etcd: later ones find etcd's pages warm, and the writer's updates add versions (etcd is not compacted).\n- \"etcd Range per read\" counts every Range call etcd answered (etcdmux's own probes, read-index calls and compaction checks included) per client read; \"ranges executed\" also counts ranges inside txns. The replica's hit ratio is over upstream-form ranges (a paged LIST is one per page; the writer's read-backs included).\n")?;
+    let r = report::report(&args, &points, &failed)?;
     let path = write_report(&args.name, &r)?;
     println!("{r}");
     eprintln!("listbench: report written to {}", path.display());
@@ -882,42 +474,9 @@ async fn main() -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    fn kv(o: usize, rev: i64) -> KeyValue {
-        KeyValue { key: b(&Target::Mux.key(3, 1, o)), mod_revision: rev, ..Default::default() }
-    }
-
-    #[test]
-    fn a_read_that_holds_every_finished_write_passes() {
-        assert_eq!(check_read(&[kv(0, 5), kv(1, 9)], 2, &[5, 7], 10, false), None);
-        assert_eq!(check_read(&[kv(1, 9)], 1, &[0, 9], 9, false), None, "a GET of one object");
-    }
-
-    #[test]
-    fn a_read_missing_a_finished_write_is_stale() {
-        let stale = check_read(&[kv(0, 5), kv(1, 6)], 2, &[5, 7], 10, false);
-        assert!(stale.is_some_and(|s| s.contains("a finished write made it 7")));
-        let behind = check_read(&[kv(0, 5), kv(1, 6)], 2, &[5, 7], 6, false);
-        assert!(behind.is_some_and(|s| s.contains("before a write")), "read at a revision older than a finished write");
-    }
-
-    #[test]
-    fn lists_must_hold_every_object_at_or_below_their_revision() {
-        assert!(check_read(&[kv(0, 5)], 2, &[5, 5], 10, false).is_some_and(|s| s.contains("want 2")));
-        assert!(check_read(&[kv(0, 5), kv(1, 12)], 2, &[0, 0], 10, true).is_some_and(|s| s.contains("mod_revision 12")));
-        let other = KeyValue { key: b("/projects/p3/res1/default/x"), ..Default::default() };
-        assert!(check_read(&[other], 1, &[0], 10, false).is_some_and(|s| s.contains("unexpected key")));
-    }
-
-    #[test]
-    fn exact_reads_check_only_writes_at_or_below_their_revision() {
-        assert_eq!(check_read(&[kv(0, 5), kv(1, 6)], 2, &[5, 20], 10, true), None, "a write after the revision");
-        assert!(check_read(&[kv(0, 5), kv(1, 6)], 2, &[5, 8], 10, true).is_some(), "a write before it");
-    }
-
     #[test]
     fn the_data_is_what_the_report_says() {
         let s = Shape { projects: 2, resources: 2, objects: 3, value_bytes: 1024 };
-        assert_eq!(value(7, 1024).len(), 1024);
         let keys: usize =
             (0..2).flat_map(|p| (0..2).flat_map(move |r| (0..3).map(move |o| Target::Direct.key(p, r, o).len()))).sum();
         assert_eq!(s.raw_bytes(), (keys + 12 * 1024) as u64);
