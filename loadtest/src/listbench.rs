@@ -58,9 +58,14 @@ struct Args {
     objects: usize,
     #[arg(long, default_value_t = 1024)]
     value_bytes: usize,
-    /// Reads in flight (closed loop).
+    /// Readers: reads in flight at most.
     #[arg(long, default_value_t = 32)]
     readers: usize,
+    /// Reads per second offered, all readers together (each reader paced; a late one
+    /// skips the turns it missed). 0: closed loop, each reader reads again as soon as
+    /// it is answered.
+    #[arg(long, default_value_t = 0)]
+    read_rate: u64,
     /// Client connections the reads and writes are spread over.
     #[arg(long, default_value_t = 2)]
     connections: usize,
@@ -237,6 +242,12 @@ struct Row {
     hits: f64,
     forwarded: Vec<(&'static str, f64)>,
     read_index_calls: f64,
+    /// Linearizable reads that waited for the replica to apply etcd's revision, and
+    /// their total wait in seconds.
+    waits: f64,
+    waited: f64,
+    /// Ranges answered locally as linearizable reads.
+    linearizable: f64,
     /// Time from the etcdmux start to a live replica.
     cache_ready: Option<Duration>,
     loadavg: f64,
@@ -287,7 +298,9 @@ async fn run_load(args: &Args, ctx: Ctx, secs: u64, seed: u64) -> Tally {
     let ctx = Arc::new(Ctx { stop: Instant::now() + Duration::from_secs(secs), ..ctx });
     let mut set = JoinSet::new();
     for i in 0..args.readers.max(1) {
-        set.spawn(reader(ctx.clone(), Rng(seed ^ (i as u64 + 1) << 20)));
+        // Paced readers take turns evenly spread over the period.
+        let offset = ctx.pace.map_or(Duration::ZERO, |p| p * i as u32 / args.readers.max(1) as u32);
+        set.spawn(reader(ctx.clone(), Rng(seed ^ (i as u64 + 1) << 20), offset));
     }
     set.spawn(writer(ctx.clone(), args.write_rate, Rng(seed ^ 0xabcdef)));
     let mut all = Tally::default();
@@ -321,6 +334,7 @@ async fn measure(
         newest: AtomicI64::new(newest),
         page_limit: args.page_limit,
         exact_lag: args.exact_lag,
+        pace: (args.read_rate > 0).then(|| Duration::from_secs_f64(args.readers.max(1) as f64 / args.read_rate as f64)),
         loaded_at: known.iter().map(|k| k.load(Ordering::Acquire)).max().unwrap_or(1),
         weights: [args.list_weight, args.get_weight, args.exact_weight],
         stop,
@@ -366,6 +380,9 @@ async fn measure(
     row.forwarded =
         FORWARD_REASONS.iter().map(|&r| (r, delta("etcdmux_cache_forwarded_total", &[("reason", r)]))).collect();
     row.read_index_calls = delta("etcdmux_cache_read_index_calls_total", &[]);
+    row.linearizable = delta("etcdmux_cache_hits_total", &[("consistency", "linearizable")]);
+    row.waits = delta("etcdmux_cache_read_wait_seconds_count", &[]);
+    row.waited = delta("etcdmux_cache_read_wait_seconds_sum", &[]);
     row.cache_bytes = labeled(&m1, "etcdmux_cache_bytes", &[]);
     row.cache_keys = labeled(&m1, "etcdmux_cache_keys", &[]);
     row.t.merge(t);

@@ -146,6 +146,8 @@ pub struct Ctx {
     pub newest: AtomicI64,
     pub page_limit: i64,
     pub exact_lag: i64,
+    /// Each reader's period when the rate is fixed (`None`: closed loop).
+    pub pace: Option<Duration>,
     /// The revision the data was complete at: exact-revision lists read after it.
     pub loaded_at: i64,
     pub weights: [usize; 3],
@@ -158,10 +160,21 @@ impl Ctx {
     }
 }
 
-pub async fn reader(ctx: Arc<Ctx>, mut rng: Rng) -> Tally {
+pub async fn reader(ctx: Arc<Ctx>, mut rng: Rng, offset: Duration) -> Tally {
     let (mut t, s) = (Tally::default(), ctx.shape);
     let [lw, gw, ew] = ctx.weights;
-    while Instant::now() < ctx.stop {
+    let mut turns = ctx.pace.map(|p| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + offset, p);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        i
+    });
+    loop {
+        if let Some(turns) = &mut turns {
+            turns.tick().await;
+        }
+        if Instant::now() >= ctx.stop {
+            break;
+        }
         let mut kv = ctx.kv(&mut rng);
         let (p, r, pick) = (rng.below(s.projects), rng.below(s.resources), rng.below(lw + gw + ew));
         let before: Vec<i64> = (0..s.objects).map(|o| ctx.known[s.index(p, r, o)].load(Ordering::Acquire)).collect();

@@ -12,12 +12,21 @@ use super::{Args, Point, Row, Target};
 pub fn report(args: &Args, points: &[Point], failed: &[String]) -> Result<String, std::fmt::Error> {
     let mut r = String::new();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let loop_note = if args.read_rate == 0 {
+        "Reads are a closed loop: a faster target is asked more per second, so compare rates and latencies together, and upstream calls per read."
+    } else {
+        "Reads are offered at a fixed rate: a target that keeps up is asked the same as the others; one that does not shows a lower rate achieved."
+    };
+    let pacing = match args.read_rate {
+        0 => "closed loop (each reads again once answered)".to_string(),
+        n => format!("**{n} reads/s offered** (each reader paced, a late one skips its missed turns; latency is from when a read was sent)"),
+    };
     writeln!(r, "# LIST traffic without a watch cache: etcd direct vs etcdmux vs etcdmux with its read replica\n")?;
     writeln!(r, "Machine: {}.\n\nCommand: `{command}`\n", machine())?;
     writeln!(
         r,
-        "Per project: {} resources × {} objects of {} bytes. Readers: {} in flight (closed loop) on {} connection(s), by weight {} paged LIST of one (project, resource) (limit {}, each page from the last key + \"\\0\", later pages at the first page's revision) : {} GET of one object (linearizable) : {} LIST at an exact revision (up to {} revisions before the newest a read saw). One writer updates random objects at {}/s (optimistic txn) and reads each back. {} s warm-up, then {} s measured, per target.\n",
-        args.resources, args.objects, args.value_bytes, args.readers, args.connections, args.list_weight, args.page_limit,
+        "Per project: {} resources × {} objects of {} bytes. Readers: {} in flight at most, {}, on {} connection(s), by weight {} paged LIST of one (project, resource) (limit {}, each page from the last key + \"\\0\", later pages at the first page's revision) : {} GET of one object (linearizable) : {} LIST at an exact revision (up to {} revisions before the newest a read saw). One writer updates random objects at {}/s (optimistic txn) and reads each back. {} s warm-up, then {} s measured, per target.\n",
+        args.resources, args.objects, args.value_bytes, args.readers, pacing, args.connections, args.list_weight, args.page_limit,
         args.get_weight, args.exact_weight, args.exact_lag, args.write_rate, args.warmup_secs, args.duration_secs
     )?;
     writeln!(r, "Each scale point: a fresh etcd; the data written once through an etcdmux with Milo's rules (`{}`); then the targets **one after another against that same etcd**, each through a fresh etcdmux process (etcd direct reads the layout's upstream keys, `/registry/<resource>/clusters/<project>/...`). The replica target runs with `[cache] enabled = true, max_bytes = {} MiB`, other keys at their defaults, and is measured once its load finished. Every read is checked against the writes that finished before it began.\n", args.etcdmux_config.display(), args.cache_max_mib)?;
@@ -28,7 +37,7 @@ pub fn report(args: &Args, points: &[Point], failed: &[String]) -> Result<String
     for f in failed {
         writeln!(r, "- **failed**: {f}")?;
     }
-    writeln!(r, "## Reading these numbers\n\n- The machine's cores are shared by etcd, the proxy and the load generator (its CPU is in the table), and by whatever else ran (the load average column); latencies include queueing for them. A target that needs less CPU leaves more to the others.\n- Reads are a closed loop: a faster target is asked more per second, so compare rates and latencies together, and upstream calls per read.\n- Targets run one after another on one etcd: later ones find etcd's pages warm, and the writer's updates add versions (etcd is not compacted).\n- \"etcd Range per read\" counts every Range call etcd answered (etcdmux's own probes, read-index calls and compaction checks included) per client read; \"ranges executed\" also counts ranges inside txns. The replica's hit ratio is over upstream-form ranges (a paged LIST is one per page; the writer's read-backs included).\n")?;
+    writeln!(r, "## Reading these numbers\n\n- The machine's cores are shared by etcd, the proxy and the load generator (its CPU is in the table), and by whatever else ran (the load average column); latencies include queueing for them. A target that needs less CPU leaves more to the others.\n- {}\n- Targets run one after another on one etcd: later ones find etcd's pages warm, and the writer's updates add versions (etcd is not compacted).\n- \"etcd Range per read\" counts every Range call etcd answered (etcdmux's own probes, read-index calls and compaction checks included) per client read; \"ranges executed\" also counts ranges inside txns. The replica's hit ratio is over upstream-form ranges (a paged LIST is one per page; the writer's read-backs included).\n", loop_note)?;
     Ok(r)
 }
 
@@ -107,11 +116,15 @@ fn point_report(pt: &Point, out: &mut String) -> std::fmt::Result {
                 r.forwarded.iter().filter(|(_, n)| *n > 0.0).map(|(w, n)| format!("{w} {n:.0}")).collect();
             writeln!(
                 out,
-                "- replica: live {:.1?} after etcdmux started (holding {:.0} keys at the end); ranges answered locally {:.0}, sent to etcd {} during the measurement.",
+                "- replica: live {:.1?} after etcdmux started (holding {:.0} keys at the end); during the measurement, ranges answered locally {:.0}, sent to etcd {}; {:.0} linearizable reads ({:.0} per read-index call) of which {:.0} waited for the replica to reach etcd's revision (mean wait {:.2} ms).",
                 r.cache_ready.unwrap_or_default(),
                 r.cache_keys,
                 r.hits,
-                if fwd.is_empty() { "none".to_string() } else { fwd.join(", ") }
+                if fwd.is_empty() { "none".to_string() } else { fwd.join(", ") },
+                r.linearizable,
+                r.linearizable / r.read_index_calls.max(1.0),
+                r.waits,
+                1000.0 * r.waited / r.waits.max(1.0)
             )?;
         }
         if !r.t.failures.is_empty() {
