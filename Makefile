@@ -99,15 +99,19 @@ clean-run:
 	done
 	rm -rf .run .run-tls
 
-## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md
+## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md;
+## the LIST/GET load without a watch cache, etcd direct vs etcdmux vs etcdmux with its read replica -> loadtest/results/list.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
 BENCH_MODELS ?= shared,per-project
+BENCH_LIST_PROJECTS ?= 1000,10000,30000
 bench: build
 	$(CARGO) build --release --locked -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
 	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --name api
 	$(CARGO_TARGET_DIR)/release/migratebench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name migrate
+	$(CARGO_TARGET_DIR)/release/listbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --projects $(BENCH_LIST_PROJECTS) --name list
 
 ## bench-smoke: the benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
@@ -118,6 +122,9 @@ bench-smoke: deps
 	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --check --name api-smoke
 	$(CARGO_TARGET_DIR)/debug/migratebench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 20 --rates 0 --baseline-secs 1 --name migrate-smoke
+	$(CARGO_TARGET_DIR)/debug/listbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --projects 20 --resources 3 --objects 5 --page-limit 2 --readers 8 --write-rate 50 \
+	  --warmup-secs 1 --duration-secs 3 --check --name list-smoke
 
 ## soak: the differential and watch checkers with many more seeds
 SOAK_DIFF_SEEDS ?= 200

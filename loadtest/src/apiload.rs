@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,13 +37,13 @@ use etcdmux::pb::etcdserverpb::{
 };
 use etcdmux_loadtest::plot::{self, Chart, Series};
 use etcdmux_loadtest::{
-    b, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile, prefix_end, raise_fd_limit,
-    rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, MILO_CONFIG,
+    b, bar, bounded, chain, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile,
+    prefix_end, raise_fd_limit, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind,
+    MILO_CONFIG,
 };
-use indicatif::{ProgressBar, ProgressStyle};
 use plotters::style::RGBColor;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -184,40 +183,6 @@ fn key(p: usize, r: usize, o: usize) -> String {
 
 fn prefix(p: usize, r: usize) -> String {
     format!("/projects/p{p}/res{r}/")
-}
-
-fn bar(len: usize, label: String) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64).with_prefix(label);
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>36} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}") {
-        pb.set_style(style);
-    }
-    pb
-}
-
-/// Runs `f(0..n)` with at most `limit` in flight; stops at the first error.
-async fn bounded<T, F, Fut>(n: usize, limit: usize, pb: &ProgressBar, f: F) -> Result<Vec<T>, Error>
-where
-    T: Send + 'static,
-    F: Fn(usize) -> Fut,
-    Fut: Future<Output = Result<T, Error>> + Send + 'static,
-{
-    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
-    let mut set = JoinSet::new();
-    let mut next = 0;
-    while next < n || !set.is_empty() {
-        while next < n && set.len() < limit.max(1) {
-            let fut = f(next);
-            let i = next;
-            set.spawn(async move { (i, fut.await) });
-            next += 1;
-        }
-        if let Some(done) = set.join_next().await {
-            let (i, r) = done?;
-            out[i] = Some(r?);
-            pb.inc(1);
-        }
-    }
-    Ok(out.into_iter().flatten().collect())
 }
 
 /// Per (project, resource) delivery bookkeeping, shared with the watch readers.
@@ -561,17 +526,6 @@ async fn load(
 
 /// Open files a process needs besides one per project connection.
 const FD_MARGIN: u64 = 1000;
-
-/// An error with its sources: tonic's "transport error" alone says little.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let _ = write!(s, ": {inner}");
-        src = inner.source();
-    }
-    s
-}
 
 /// Samples RSS every half second; returns why the point must stop when the machine
 /// is about to run out of memory.

@@ -2,12 +2,15 @@
 //! under test on loopback ports in a temp dir, reading `/metrics` and a process's RSS
 //! and CPU, and describing the machine for the report.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 pub use etcdmux_testkit::{cpu_time, free_port, Etcd, Proc};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::task::JoinSet;
 
 pub mod plot;
 
@@ -46,6 +49,8 @@ impl FrontKind {
 pub struct Front {
     pub proc: Option<Proc>,
     pub url: String,
+    /// etcdmux's `/metrics` (`None` for the other kinds).
+    pub metrics_url: Option<String>,
 }
 
 /// The sum of a Prometheus metric's samples (all label sets) at `url`'s `/metrics`;
@@ -54,6 +59,39 @@ pub async fn metric(url: &str, name: &str) -> f64 {
     let (url, name) = (url.to_string(), name.to_string());
     let scrape = tokio::task::spawn_blocking(move || etcdmux_testkit::scrape_metric(&url, &name));
     scrape.await.ok().flatten().unwrap_or(0.0)
+}
+
+/// The whole `/metrics` text at `url` (empty when nothing answers 200), for reading
+/// several metrics from one scrape with [`labeled`].
+pub async fn scrape(url: &str) -> String {
+    let url = format!("{url}/metrics");
+    let get = tokio::task::spawn_blocking(move || etcdmux_testkit::http_get(&url, Duration::from_secs(5)));
+    match get.await {
+        Ok(Ok((200, body))) => body,
+        _ => String::new(),
+    }
+}
+
+/// The sum of metric `name`'s samples in Prometheus `text` whose labels include every
+/// `label="value"` pair of `with`; 0 when none do.
+pub fn labeled(text: &str, name: &str, with: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.rsplit_once('}')?,
+                None if rest.starts_with(' ') => ("", rest),
+                None => return None, // a longer name, or a comment
+            };
+            let has = |(k, v): &(&str, &str)| labels.split(',').any(|l| l == format!("{k}=\"{v}\""));
+            with.iter().all(has).then(|| value.split_whitespace().next()?.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The one-minute load average: other work on the machine during a measurement.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
@@ -146,8 +184,9 @@ pub const MILO_CONFIG: &str = "config/milo.toml";
 pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: &str) -> Result<Front, Error> {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
+    let mut metrics_url = None;
     let child = match kind {
-        FrontKind::Direct => return Ok(Front { proc: None, url: etcd.client_url.clone() }),
+        FrontKind::Direct => return Ok(Front { proc: None, url: etcd.client_url.clone(), metrics_url: None }),
         FrontKind::GrpcProxy => Command::new("etcd")
             .args([
                 "grpc-proxy",
@@ -167,11 +206,13 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
                 .map_err(|e| format!("reading {} (run from the repository root): {e}", config.display()))?;
             let config = dir.join(format!("etcdmux-{port}.toml"));
             std::fs::write(&config, format!("{base}\n{extra_toml}\n"))?;
+            let metrics = format!("127.0.0.1:{}", free_port());
+            metrics_url = Some(format!("http://{metrics}"));
             Command::new(bin)
                 .arg("--config")
                 .arg(&config)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &etcd.client_url])
-                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--metrics-listen", &metrics])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -179,11 +220,58 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
                 .map_err(|e| format!("starting {} (make build first): {e}", bin.display()))?
         }
     };
-    let front = Front { proc: Some(Proc(child)), url };
+    let front = Front { proc: Some(Proc(child)), url, metrics_url };
     if !wait_port(port).await {
         return Err(format!("{} did not accept connections", kind.name()).into());
     }
     Ok(front)
+}
+
+/// A progress bar on stderr.
+pub fn bar(len: usize, label: String) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64).with_prefix(label);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>36} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}") {
+        pb.set_style(style);
+    }
+    pb
+}
+
+/// Runs `f(0..n)` with at most `limit` in flight; stops at the first error.
+pub async fn bounded<T, F, Fut>(n: usize, limit: usize, pb: &ProgressBar, f: F) -> Result<Vec<T>, Error>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T, Error>> + Send + 'static,
+{
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    let mut set = JoinSet::new();
+    let mut next = 0;
+    while next < n || !set.is_empty() {
+        while next < n && set.len() < limit.max(1) {
+            let fut = f(next);
+            let i = next;
+            set.spawn(async move { (i, fut.await) });
+            next += 1;
+        }
+        if let Some(done) = set.join_next().await {
+            let (i, r) = done?;
+            out[i] = Some(r?);
+            pb.inc(1);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// An error with its sources: tonic's "transport error" alone says little.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -228,4 +316,26 @@ pub fn write_report(name: &str, report: &str) -> Result<PathBuf, Error> {
     let path = dir.join(format!("{name}.md"));
     std::fs::write(&path, report)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labeled_sums_the_samples_with_every_label_asked_for() {
+        let text = "# HELP grpc_server_handled_total x\n\
+            grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Range\",grpc_type=\"unary\"} 7\n\
+            grpc_server_handled_total{grpc_code=\"Unavailable\",grpc_method=\"Range\",grpc_type=\"unary\"} 2\n\
+            grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"RangeX\",grpc_type=\"unary\"} 100\n\
+            grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Txn\",grpc_type=\"unary\"} 3\n\
+            grpc_server_handled_total_bucket{grpc_method=\"Range\"} 50\n\
+            etcd_mvcc_range_total 11\n";
+        assert_eq!(labeled(text, "grpc_server_handled_total", &[("grpc_method", "Range")]), 9.0);
+        let ok_range = [("grpc_method", "Range"), ("grpc_code", "OK")];
+        assert_eq!(labeled(text, "grpc_server_handled_total", &ok_range), 7.0);
+        assert_eq!(labeled(text, "grpc_server_handled_total", &[]), 112.0);
+        assert_eq!(labeled(text, "etcd_mvcc_range_total", &[]), 11.0);
+        assert_eq!(labeled(text, "etcd_mvcc_range", &[]), 0.0, "a prefix of a name is not the name");
+    }
 }
