@@ -384,3 +384,35 @@ async fn a_write_outside_the_watched_keys_is_reflected_in_the_next_read() {
     let seen = after.header.map_or(0, |h| h.revision);
     assert!(seen >= global, "the read after a write at {global} answered at {seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_over_budget_at_start_loads_what_fits_and_the_rest_on_demand() {
+    let etcd = Etcd::start();
+    let other = start_mux(&etcd, MILO_TOML).await;
+    let mut w = kv(&other.url).await;
+    for t in 0..20 {
+        for i in 0..3 {
+            put(&mut w, &format!("/projects/s{t}/pods/ns/{i}"), &"v".repeat(400)).await;
+        }
+    }
+    // About 30 KB of data, a budget of about half.
+    let (relay, running, url) = mux_behind_relay(&etcd, "max_bytes = 16000\n").await;
+    wait_loaded(&running).await;
+    let mut c = kv(&url).await;
+    for t in 0..20 {
+        let p = format!("/projects/s{t}/pods/");
+        let mine = c.range(prefix(&p)).await.expect("list").into_inner();
+        let theirs = w.range(prefix(&p)).await.expect("list").into_inner();
+        same(mine, theirs, 0, &p);
+    }
+    // Some pieces were loaded at start and are answered without etcd.
+    relay.pause();
+    let mut from_memory = 0;
+    for t in 0..20 {
+        if serializable(&mut c, prefix(&format!("/projects/s{t}/pods/"))).await.is_ok() {
+            from_memory += 1;
+        }
+    }
+    relay.resume();
+    assert!((1..20).contains(&from_memory), "part of the data is held ({from_memory} of 20 pieces)");
+}

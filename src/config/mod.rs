@@ -374,9 +374,10 @@ pub struct CacheConfig {
     /// Past revisions kept: a range at a revision this far behind the newest is
     /// still answered locally; older ones go to etcd. Default 10000.
     pub window_revisions: i64,
-    /// Bytes the replica may hold (keys, values, past versions, bookkeeping). Past
-    /// versions are dropped first; a replica over budget without them stops
-    /// answering (every read goes to etcd) and loads again once under it. Default 1 GiB.
+    /// Bytes the replica may hold (keys, values, past versions, bookkeeping). Over
+    /// it, past versions are dropped, then the coldest pieces (one tenant's keys in
+    /// one resource) are evicted to 90% of it; a load over it keeps the pieces that
+    /// fit. An evicted piece's reads go to etcd and load it again. Default 1 GiB.
     pub max_bytes: usize,
     /// Keys in the first page of a load (one range at one revision per page); later
     /// pages grow while they carry less than 4 MiB (up to 65536 keys) and shrink above

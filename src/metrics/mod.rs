@@ -283,7 +283,7 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         names::CACHE_OVER_BUDGET,
         Kind::Counter,
         Unit::Count,
-        "Times the read replica exceeded cache.max_bytes even without past versions and evictable pieces, and was emptied (it loads again)",
+        "Times the read replica ran over cache.max_bytes with nothing left to evict (emptied; it loads again), or a load met more data than it (it kept what fits)",
     ),
     (
         names::CACHE_EVICTIONS,

@@ -8,15 +8,17 @@
 //! are skipped. The loader starts only once the hub's watch stands at etcd's
 //! revision, so the hub delivers everything after the load's revision.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::pieces::Pieces;
+use super::pieces::{Pieces, Route};
 use super::{Phase, Replica, Store};
 use crate::keyspace::prefix_end;
 use crate::metrics::names;
 use crate::pb::etcdserverpb::RangeRequest;
+use crate::pb::mvccpb::Event;
 use crate::upstream::classify::{EtcdError, UpstreamError};
 use crate::upstream::{CallCtx, Retry, Upstream};
 
@@ -25,8 +27,6 @@ use crate::upstream::{CallCtx, Retry, Upstream};
 pub enum LoadError {
     #[error("reading from etcd: {0}")]
     Upstream(#[from] UpstreamError),
-    #[error("the data ({bytes} bytes) exceeds cache.max_bytes ({max})")]
-    OverBudget { bytes: usize, max: usize },
     #[error("interrupted (a gap in the watch feed, or too many events held back)")]
     Interrupted,
 }
@@ -139,6 +139,8 @@ impl Replica {
         let mut header = None;
         let mut key = self.range.key.clone();
         let mut limit = self.cfg.load_page_keys;
+        // Over budget, the pieces not loaded: reads of them go to etcd and ask for them.
+        let mut absent: HashSet<Bytes> = HashSet::new();
         loop {
             let req = RangeRequest {
                 key: key.clone(),
@@ -156,10 +158,26 @@ impl Replica {
             }
             let last = resp.kvs.last().map(|kv| kv.key.clone());
             let page_bytes: usize = resp.kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
-            store.load_more(resp.kvs);
-            if store.bytes() > self.cfg.max_bytes {
-                metrics::counter!(names::CACHE_OVER_BUDGET).increment(1);
-                return Err(LoadError::OverBudget { bytes: store.bytes(), max: self.cfg.max_bytes });
+            if absent.is_empty() {
+                store.load_more(resp.kvs);
+                if store.bytes() > self.cfg.max_bytes / 10 * 9 {
+                    metrics::counter!(names::CACHE_OVER_BUDGET).increment(1);
+                    // The piece this page ended in may be loaded in part: drop it too.
+                    if let Some(id) = last.as_ref().and_then(|k| self.piece_id(k)) {
+                        store.remove_piece(&id);
+                        absent.insert(id);
+                    }
+                }
+            } else {
+                // Keys of no piece (the root index, lease records) are always held.
+                for kv in resp.kvs {
+                    match self.piece_id(&kv.key) {
+                        Some(id) => {
+                            absent.insert(id);
+                        }
+                        None => store.load_more([kv]),
+                    }
+                }
             }
             if !matches!(self.lock().phase, Phase::Loading { .. }) {
                 return Err(LoadError::Interrupted);
@@ -180,13 +198,21 @@ impl Replica {
                 pieces.seen(&id);
             }
         }
+        for id in &absent {
+            pieces.seen(id);
+            pieces.evicted(id);
+        }
+        if !absent.is_empty() {
+            tracing::warn!(
+                left = absent.len(),
+                max = self.cfg.max_bytes,
+                "cache: data over budget; pieces left out until read"
+            );
+        }
         for (rev, events) in pending {
-            for kv in events.iter().filter_map(|e| e.kv.as_ref()) {
-                if let Some(id) = self.piece_id(&kv.key) {
-                    pieces.seen(&id);
-                }
-            }
-            store.apply(rev, &events);
+            let keep: Vec<Event> =
+                events.into_iter().filter(|ev| matches!(self.route(&mut pieces, rev, ev), Route::Apply)).collect();
+            store.apply(rev, &keep);
         }
         st.pieces = pieces;
         store.advance(progress);
