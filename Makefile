@@ -100,7 +100,8 @@ clean-run:
 	rm -rf .run .run-tls
 
 ## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md;
-## the LIST/GET load without a watch cache, etcd direct vs etcdmux vs etcdmux with its read replica -> loadtest/results/list.md
+## the LIST/GET load without a watch cache, etcd direct vs etcdmux vs etcdmux with its read replica, closed loop and
+## at 1,500 reads/s -> loadtest/results/{list,list-1500rps}.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
 BENCH_MODELS ?= shared,per-project
 BENCH_LIST_PROJECTS ?= 1000,10000,30000
@@ -112,6 +113,8 @@ bench: build
 	$(CARGO_TARGET_DIR)/release/migratebench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name migrate
 	$(CARGO_TARGET_DIR)/release/listbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_LIST_PROJECTS) --name list
+	$(CARGO_TARGET_DIR)/release/listbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --projects $(BENCH_LIST_PROJECTS) --read-rate 1500 --name list-1500rps
 
 ## bench-smoke: the benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
