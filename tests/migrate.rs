@@ -25,18 +25,7 @@ use common::*;
 use etcd_client::{Client, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use rand::{Rng, SeedableRng};
 
-const RESOURCES: [&str; 10] = [
-    "pods",
-    "configmaps",
-    "secrets",
-    "services",
-    "serviceaccounts",
-    "events",
-    "apps.k8s.io/deployments",
-    "apps.k8s.io/replicasets",
-    "rbac.authorization.k8s.io/roles",
-    "resourcemanager.miloapis.com/projects",
-];
+const RESOURCES: [&str; 10] = MILO_RESOURCES;
 
 /// The output of one `etcdmux migrate` run.
 #[derive(Debug)]
@@ -78,6 +67,23 @@ async fn migrate(args: &[&str]) -> Run {
     })
     .await
     .expect("join")
+}
+
+/// A source and a target etcd, and the config of a migration between them.
+struct Pair {
+    source: Etcd,
+    target: Etcd,
+    dir: tempfile::TempDir,
+    cfg: String,
+}
+
+impl Pair {
+    fn start(extra: &str) -> Pair {
+        let (source, target) = (Etcd::start(), Etcd::start());
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let cfg = config(dir.path(), &target.client_url, extra).to_str().expect("a UTF-8 path").to_string();
+        Pair { source, target, dir, cfg }
+    }
 }
 
 /// A Milo config whose upstream (the migration's target) is `target`, plus `extra`.
@@ -197,11 +203,8 @@ async fn checkpoint_field(c: &mut Client, id: &str, field: &str) -> Option<u64> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_milo_installation_migrates_online_under_writes() {
     const PROJECTS: usize = 1000;
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     let mut leases = Vec::new();
@@ -301,11 +304,8 @@ async fn a_milo_installation_migrates_online_under_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_copy_killed_halfway_resumes_where_it_was() {
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     let total = seed(&mut src, 300, 3, &[]).await as u64;
@@ -350,11 +350,8 @@ async fn a_copy_killed_halfway_resumes_where_it_was() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicts_unmatched_keys_and_bad_input_are_refused_clearly() {
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     seed(&mut src, 5, 2, &[]).await;
@@ -366,11 +363,11 @@ async fn conflicts_unmatched_keys_and_bad_input_are_refused_clearly() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("source etcd http://127.0.0.1:1: unreachable"), "{}", r.stderr);
     assert!(t.elapsed() < Duration::from_secs(20));
-    let bad_target = config(dir.path(), "http://127.0.0.1:1", "");
+    let bad_target = config(pair.dir.path(), "http://127.0.0.1:1", "");
     let r = migrate(&["copy", "--config", bad_target.to_str().unwrap(), "--source", src_url]).await;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("target etcd http://127.0.0.1:1: unreachable"), "{}", r.stderr);
-    let cfg = config(dir.path(), &target.client_url, "");
+    let cfg = config(pair.dir.path(), &target.client_url, "");
     let cfg = cfg.to_str().unwrap();
     let r = migrate(&["copy", "--config", cfg, "--source", src_url, "--id", "a/b"]).await;
     assert_eq!(r.code, 2, "{}", r.all());
@@ -422,7 +419,7 @@ async fn conflicts_unmatched_keys_and_bad_input_are_refused_clearly() {
     migrate(&["verify", "--config", cfg, "--source", src_url]).await.ok();
     assert_eq!(dump(&mut mux, "/projects/p0002/").await.len(), 1, "a skipped project is left as it was");
     assert_eq!(dump(&mut mux, "/projects/p0003/").await, dump(&mut src, "/projects/p0003/").await);
-    let list = dir.path().join("projects.txt");
+    let list = pair.dir.path().join("projects.txt");
     std::fs::write(&list, "# the second batch\np0002\n").unwrap();
     let overwrite = [
         "copy",
@@ -451,11 +448,8 @@ async fn conflicts_unmatched_keys_and_bad_input_are_refused_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cleanup_deletes_only_after_cutover_and_survives_an_interruption() {
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     seed(&mut src, 100, 3, &[]).await;
@@ -567,11 +561,8 @@ async fn one_etcd_with_a_kplane_shaped_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_compacted_under_the_tail_fails_clearly_then_restarts() {
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     seed(&mut src, 20, 2, &[]).await;
@@ -596,11 +587,8 @@ async fn a_source_compacted_under_the_tail_fails_clearly_then_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_kept_alive_in_the_source_stays_alive_in_the_target_until_sigterm() {
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "[migrate]\nlease_sync_interval_ms = 1000");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("[migrate]\nlease_sync_interval_ms = 1000");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     let lease = src.lease_grant(6, None).await.unwrap().id();
@@ -637,11 +625,8 @@ async fn a_lease_kept_alive_in_the_source_stays_alive_in_the_target_until_sigter
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_reports_every_difference() {
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     let lease = src.lease_grant(600, None).await.unwrap().id();
@@ -679,11 +664,8 @@ async fn verify_reports_every_difference() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_expiring_during_cutover_is_not_a_write() {
-    let source = Etcd::start();
-    let target = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &target.client_url, "");
-    let cfg = cfg.to_str().unwrap();
+    let pair = Pair::start("");
+    let (source, target, cfg) = (&pair.source, &pair.target, pair.cfg.as_str());
     let src_url = source.client_url.as_str();
     let mut src = client(src_url).await;
     seed(&mut src, 3, 1, &[]).await;

@@ -50,18 +50,7 @@ struct Args {
     name: String,
 }
 
-const RESOURCES: [&str; 10] = [
-    "pods",
-    "configmaps",
-    "secrets",
-    "services",
-    "serviceaccounts",
-    "events",
-    "apps.k8s.io/deployments",
-    "apps.k8s.io/replicasets",
-    "rbac.authorization.k8s.io/roles",
-    "resourcemanager.miloapis.com/projects",
-];
+use etcdmux_testkit::MILO_RESOURCES as RESOURCES;
 
 fn put_op(key: String, value: Bytes, lease: i64) -> RequestOp {
     RequestOp {

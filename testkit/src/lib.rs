@@ -73,6 +73,21 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 pub use cluster::Cluster;
+
+/// Ten resources of a Milo project, Kubernetes' and API-group ones, as the
+/// migration tests and benchmarks seed them.
+pub const MILO_RESOURCES: [&str; 10] = [
+    "pods",
+    "configmaps",
+    "secrets",
+    "services",
+    "serviceaccounts",
+    "events",
+    "apps.k8s.io/deployments",
+    "apps.k8s.io/replicasets",
+    "rbac.authorization.k8s.io/roles",
+    "resourcemanager.miloapis.com/projects",
+];
 pub use etcd::{Etcd, EtcdBuilder};
 pub use http::{http_get, scrape_metric, sum_metric};
 pub use relay::Relay;
