@@ -259,13 +259,6 @@ async fn run(mux_toml: &str, prefix: &[u8], keys: &'static [&'static [u8]], seed
     }
 }
 
-/// etcdmux's config with the read replica on. Reads wait for the replica without
-/// asking the hub for progress (on etcd < 3.4.31 that is a fence write, a revision
-/// the direct etcd would not have); a read that waits too long goes to etcd.
-fn with_cache(toml: &str) -> String {
-    format!("{toml}\n[cache]\nenabled = true\nnudge_after_ms = 2000\nmax_read_wait_ms = 2000\n")
-}
-
 /// Ranges answered by the replica so far, in this test process.
 fn cache_hits() -> f64 {
     let handle = etcdmux::metrics::install().expect("metrics recorder");
@@ -281,14 +274,14 @@ fn seeds(base: u64, default: u64) -> impl Iterator<Item = u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn milo_rules_match_direct_etcd() {
     for seed in seeds(1, 3) {
-        run(common::MILO_TOML, b"/projects/p", SLASH_KEYS, seed, 250, true).await;
+        run(&common::without_cache(common::MILO_TOML), b"/projects/p", SLASH_KEYS, seed, 250, true).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_tenant_matches_direct_etcd() {
     for seed in seeds(1001, 2) {
-        run(&common::static_toml("tenant-a"), b"", BARE_KEYS, seed, 250, false).await;
+        run(&common::without_cache(&common::static_toml("tenant-a")), b"", BARE_KEYS, seed, 250, false).await;
     }
 }
 
@@ -298,12 +291,12 @@ async fn static_tenant_matches_direct_etcd() {
 async fn with_the_read_replica_etcdmux_matches_direct_etcd() {
     let before = cache_hits();
     for seed in seeds(2001, 3) {
-        run(&with_cache(common::MILO_TOML), b"/projects/p", SLASH_KEYS, seed, 250, true).await;
+        run(&common::compared_with_etcd(common::MILO_TOML), b"/projects/p", SLASH_KEYS, seed, 250, true).await;
     }
     let milo = cache_hits() - before;
     assert!(milo > 100.0, "ranges were answered by the replica ({milo})");
     for seed in seeds(3001, 2) {
-        run(&with_cache(&common::static_toml("tenant-a")), b"", BARE_KEYS, seed, 250, false).await;
+        run(&common::compared_with_etcd(&common::static_toml("tenant-a")), b"", BARE_KEYS, seed, 250, false).await;
     }
     let bare = cache_hits() - before - milo;
     assert!(bare > 50.0, "ranges were answered by the replica ({bare})");

@@ -434,7 +434,9 @@ async fn a_write_etcd_may_have_applied_is_sent_once() {
     common::init_tracing();
     let (fake, fake_url) = stand_in().await;
     let etcd = Etcd::start();
-    let (_mux, url) = start_with(MILO_TOML, vec![fake_url, etcd.client_url.clone()]).await;
+    // Without the read replica: the read must reach the stand-in, not the replica
+    // fed by the second endpoint.
+    let (_mux, url) = start_with(&common::without_cache(MILO_TOML), vec![fake_url, etcd.client_url.clone()]).await;
     let mut kv = KvClient::new(channel(&url).await);
 
     let mut put = Request::new(put_req("/projects/p/pods/ns/a"));

@@ -386,7 +386,7 @@ async fn kv_commands_match_direct_etcd() {
     common::init_tracing();
     let etcd_a = Etcd::start();
     let etcd_b = Etcd::start();
-    let mux = common::start_mux(&etcd_a, MILO_TOML).await;
+    let mux = common::start_mux(&etcd_a, &common::compared_with_etcd(MILO_TOML)).await;
     let p = Pair { mux: mux.url.clone(), direct: etcd_b.client_url.clone() };
     // etcdctl blocks the thread; the mux runs on the other worker.
     tokio::task::spawn_blocking(move || {
@@ -479,7 +479,7 @@ async fn lease_commands_match_direct_etcd() {
     common::init_tracing();
     let etcd_a = Etcd::start();
     let etcd_b = Etcd::start();
-    let mux = common::start_mux(&etcd_a, MILO_TOML).await;
+    let mux = common::start_mux(&etcd_a, &common::compared_with_etcd(MILO_TOML)).await;
     let (mux_url, direct_url) = (mux.url.clone(), etcd_b.client_url.clone());
     tokio::task::spawn_blocking(move || {
         for ep in [&mux_url, &direct_url] {
@@ -742,7 +742,7 @@ async fn watch_live_events_match_direct_etcd() {
     common::init_tracing();
     let etcd_a = Etcd::start();
     let etcd_b = Etcd::start();
-    let mux = common::start_mux(&etcd_a, MILO_TOML).await;
+    let mux = common::start_mux(&etcd_a, &common::compared_with_etcd(MILO_TOML)).await;
     let p = Pair { mux: mux.url.clone(), direct: etcd_b.client_url.clone() };
     tokio::task::spawn_blocking(move || {
         let sentinel = "/projects/demo/pods/default/sentinel";

@@ -40,6 +40,9 @@ use reads::{reader, value, writer, Ctx, Rng, Tally};
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
+/// etcdmux without its read replica (on by default).
+const NO_CACHE: &str = "[cache]\nenabled = false\n";
+
 #[derive(Parser, Debug)]
 #[command(about = "LIST/GET load without a watch cache: etcd direct vs etcdmux vs etcdmux with its read replica")]
 struct Args {
@@ -408,7 +411,7 @@ async fn run_point(args: &Args, targets: &[Target], shape: Shape) -> Result<Poin
     let known: Arc<Vec<AtomicI64>> = Arc::new((0..shape.len()).map(|_| AtomicI64::new(0)).collect());
     let started = Instant::now();
     {
-        let loader = start_front(&etcd, &mux, dir.path(), "").await?;
+        let loader = start_front(&etcd, &mux, dir.path(), NO_CACHE).await?;
         load_data(&loader.url, shape, &known, args.load_concurrency).await?;
     }
     let load = started.elapsed();
@@ -419,7 +422,7 @@ async fn run_point(args: &Args, targets: &[Target], shape: Shape) -> Result<Poin
             let extra = format!("[cache]\nenabled = true\nmax_bytes = {}\n", args.cache_max_mib << 20);
             let (kind, extra) = match target {
                 Target::Direct => (FrontKind::Direct, String::new()),
-                Target::Mux => (mux.clone(), String::new()),
+                Target::Mux => (mux.clone(), NO_CACHE.to_string()),
                 Target::Cache => (mux.clone(), extra),
             };
             let t0 = Instant::now();

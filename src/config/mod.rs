@@ -369,7 +369,7 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// Answer ranges from the replica. Off by default.
+    /// Answer ranges from the replica. On by default; off sends every range to etcd.
     pub enabled: bool,
     /// Past revisions kept: a range at a revision this far behind the newest is
     /// still answered locally; older ones go to etcd. Default 10000.
@@ -406,7 +406,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            enabled: false,
+            enabled: true,
             window_revisions: 10_000,
             max_bytes: 1 << 30,
             load_page_keys: 1000,

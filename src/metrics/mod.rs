@@ -269,7 +269,7 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Ranges the read replica sent to etcd, by reason (outside, excluded, not_loaded, lagging, before_window, \
-         after_applied, compacted, sort, read_index_failed, require_leader)",
+         after_applied, compacted, sort, read_index_failed, etcd_behind, require_leader)",
     ),
     (
         names::CACHE_BYTES,

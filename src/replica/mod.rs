@@ -330,6 +330,14 @@ impl Replica {
             let Some(h) = self.read_index.current(|| self.fetch_revision(up, ctx)).await else {
                 return forward("read_index_failed");
             };
+            // Within one etcd cluster a linearizable read index is never below a
+            // revision already seen: etcd went back (another cluster behind the same
+            // endpoints, a restore from a backup), and only etcd knows its keys now.
+            let applied = *self.applied.borrow();
+            if h.revision < applied {
+                tracing::warn!(read_index = h.revision, applied, "etcd's revision is behind the replica's");
+                return forward("etcd_behind");
+            }
             if !self.wait_applied(h.revision).await {
                 return forward("lagging");
             }

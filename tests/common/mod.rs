@@ -101,6 +101,19 @@ pub async fn start_mux_with_metrics(etcd: &Etcd, toml: &str) -> (Mux, SocketAddr
     (Mux { addr: running.addrs[0], running: Some(running), url }, metrics)
 }
 
+/// `toml` for an etcdmux compared revision for revision with a second etcd: the
+/// read replica waits for etcd's revision without asking the hub for progress (on
+/// etcd < 3.4.31 that proof is a fence write, a revision the other etcd would not
+/// have); a read that waits too long goes to etcd.
+pub fn compared_with_etcd(toml: &str) -> String {
+    format!("{toml}\n[cache]\nenabled = true\nnudge_after_ms = 2000\nmax_read_wait_ms = 2000\n")
+}
+
+/// `toml` with the read replica off: every range goes to etcd.
+pub fn without_cache(toml: &str) -> String {
+    format!("{toml}\n[cache]\nenabled = false\n")
+}
+
 /// An etcd-client connected to `url` (etcd or etcdmux).
 pub async fn client(url: &str) -> etcd_client::Client {
     etcd_client::Client::connect([url], None).await.unwrap_or_else(|e| panic!("connecting to {url}: {e}"))
