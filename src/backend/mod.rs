@@ -15,6 +15,7 @@
 //! mean the same whatever the backend.
 
 pub mod etcd;
+pub mod sql;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::pb::etcdserverpb::{
     AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
@@ -116,7 +117,11 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// The backend `cfg` asks for.
-pub fn open(cfg: &Config, _tasks: &Tasks) -> Result<Arc<dyn Backend>, crate::certs::BoxError> {
-    Ok(Arc::new(etcd::EtcdBackend::new(cfg)?))
+/// The backend `cfg` asks for. A SQL backend starts its background work (the
+/// change feed's notifier, lease expiry, compaction) on `tasks`.
+pub fn open(cfg: &Config, tasks: &Tasks) -> Result<Arc<dyn Backend>, crate::certs::BoxError> {
+    Ok(match cfg.backend.kind {
+        BackendKind::Etcd => Arc::new(etcd::EtcdBackend::new(cfg)?),
+        BackendKind::Sql => Arc::new(sql::SqlBackend::new(cfg, tasks)?),
+    })
 }
