@@ -24,7 +24,8 @@ pub fn fetch_all(req: &RangeRequest) -> bool {
 /// Rows to fetch for `req`: `None` for all of them.
 pub fn fetch_limit(req: &RangeRequest) -> Option<i64> {
     if req.count_only {
-        return Some(0);
+        // One row carries the total.
+        return Some(1);
     }
     if fetch_all(req) || req.limit <= 0 {
         return None;

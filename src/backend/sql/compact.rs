@@ -15,14 +15,15 @@ use super::SqlInner;
 use crate::metrics::names;
 use crate::upstream::classify::UpstreamError;
 
-const SUPERSEDED: &str = "DELETE FROM etcdmux_kv WHERE (key, mod_revision) IN (
-       SELECT k.key, k.mod_revision FROM etcdmux_kv k
-       WHERE k.mod_revision < $1
+const SUPERSEDED: &str = "DELETE FROM etcdmux_kv WHERE (key, mod_revision, seq) IN (
+       SELECT k.key, k.mod_revision, k.seq FROM etcdmux_kv k
+       WHERE k.mod_revision <= $1
          AND EXISTS (SELECT 1 FROM etcdmux_kv n
-                     WHERE n.key = k.key AND n.mod_revision > k.mod_revision AND n.mod_revision <= $1)
+                     WHERE n.key = k.key AND (n.mod_revision, n.seq) > (k.mod_revision, k.seq)
+                       AND n.mod_revision <= $1)
        LIMIT $2)";
-const TOMBSTONES: &str = "DELETE FROM etcdmux_kv WHERE (key, mod_revision) IN (
-       SELECT key, mod_revision FROM etcdmux_kv WHERE deleted AND mod_revision <= $1 LIMIT $2)";
+const TOMBSTONES: &str = "DELETE FROM etcdmux_kv WHERE (key, mod_revision, seq) IN (
+       SELECT key, mod_revision, seq FROM etcdmux_kv WHERE deleted AND mod_revision <= $1 LIMIT $2)";
 const PENDING: &str = "SELECT compact_revision, compacted_revision FROM etcdmux_head WHERE id = 1";
 const DONE: &str = "UPDATE etcdmux_head SET compacted_revision = $1 WHERE id = 1 AND compacted_revision < $1";
 

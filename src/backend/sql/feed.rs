@@ -123,7 +123,7 @@ macro_rules! events_sql {
              LEFT JOIN LATERAL (
                SELECT q.create_revision, q.mod_revision, q.version, q.lease, q.value, q.deleted
                FROM etcdmux_kv q WHERE q.key = e.key AND q.mod_revision < e.mod_revision
-               ORDER BY q.mod_revision DESC LIMIT 1
+               ORDER BY q.mod_revision DESC, q.seq DESC LIMIT 1
              ) p ON true
              ORDER BY e.mod_revision, e.seq"
         )

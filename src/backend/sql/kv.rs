@@ -84,7 +84,7 @@ macro_rules! read_sql {
                WHERE ",
             $cond,
             " AND k.mod_revision <= (SELECT CASE WHEN $3::BIGINT > 0 THEN $3::BIGINT ELSE revision END FROM h)
-               ORDER BY k.key, k.mod_revision DESC
+               ORDER BY k.key, k.mod_revision DESC, k.seq DESC
              )
              SELECT h.revision, h.compact_revision, l.key, l.create_revision, l.mod_revision, l.version, l.lease,
                     l.value, l.total

@@ -45,7 +45,8 @@ const RENEW: &str = "WITH u AS (
 /// The keys whose newest version is attached to a lease.
 pub const KEYS: &str = "SELECT k.key FROM etcdmux_kv k
      WHERE k.lease = $1 AND NOT k.deleted
-       AND NOT EXISTS (SELECT 1 FROM etcdmux_kv n WHERE n.key = k.key AND n.mod_revision > k.mod_revision)
+       AND NOT EXISTS (SELECT 1 FROM etcdmux_kv n
+                       WHERE n.key = k.key AND (n.mod_revision, n.seq) > (k.mod_revision, k.seq))
      ORDER BY k.key";
 const DROP: &str = "DELETE FROM etcdmux_lease WHERE id = $1";
 const DROP_EXPIRED: &str = "DELETE FROM etcdmux_lease WHERE id = $1 AND expires_at <= now()";

@@ -8,7 +8,8 @@
 //!   its raft log, which makes the revision sequence gap-free and in commit order;
 //! - `etcdmux_kv`: every version of every key (`mod_revision` is the revision that
 //!   wrote it, a delete is a row with `deleted`), until compaction; `seq` orders the
-//!   changes inside one revision (a txn's puts and deletes, as etcd's events);
+//!   changes inside one revision (a txn's puts and deletes, as etcd's events, and
+//!   etcd's sub-revision: one txn may put a key and then delete it);
 //! - `etcdmux_lease`: leases, their TTL and expiry time (the database's clock);
 //! - `etcdmux_lock`: named locks with a holder and an expiry (lease expiry).
 //!
@@ -43,7 +44,7 @@ const STEPS: &[&[&str]] = &[&[
         lease BIGINT NOT NULL,
         value BYTEA NOT NULL,
         deleted BOOLEAN NOT NULL,
-        PRIMARY KEY (key, mod_revision)
+        PRIMARY KEY (key, mod_revision, seq)
     )",
     "CREATE INDEX IF NOT EXISTS etcdmux_kv_by_revision ON etcdmux_kv (mod_revision, seq)",
     "CREATE INDEX IF NOT EXISTS etcdmux_kv_by_lease ON etcdmux_kv (lease) WHERE lease <> 0",
