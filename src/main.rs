@@ -293,7 +293,8 @@ fn backend_init(cli: &Cli, dsn: Option<String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Some(dsn) = dsn.or_else(|| cli.backend_dsn.clone()).or_else(|| Some(cfg.backend.dsn.clone()).filter(|d| !d.is_empty()))
+    let Some(dsn) =
+        dsn.or_else(|| cli.backend_dsn.clone()).or_else(|| Some(cfg.backend.dsn.clone()).filter(|d| !d.is_empty()))
     else {
         eprintln!("etcdmux backend init: no database: pass --backend-dsn DSN (or backend.dsn in --config)");
         return ExitCode::FAILURE;

@@ -152,7 +152,9 @@ fn only_the_etcd_backend_calls_etcd() {
             continue;
         }
         let code = code_only(&std::fs::read_to_string(&f).expect("reading source"));
-        for call in ["kv_call(", "lease_call(", "maintenance_call(", "cluster_call(", "stream_channel(", "Upstream::new("] {
+        for call in
+            ["kv_call(", "lease_call(", "maintenance_call(", "cluster_call(", "stream_channel(", "Upstream::new("]
+        {
             assert!(!code.contains(call), "{rel} calls etcd directly ({call}): go through the Backend");
         }
     }

@@ -85,7 +85,9 @@ impl BackendConfig {
             return bad(format!("backend.pool_size ({}) must be between 1 and 1024", self.pool_size));
         }
         if self.connect_timeout_ms == 0 || self.poll_interval_ms == 0 || self.lease_check_interval_ms == 0 {
-            return bad("backend.connect_timeout_ms, poll_interval_ms and lease_check_interval_ms must be at least 1".into());
+            return bad(
+                "backend.connect_timeout_ms, poll_interval_ms and lease_check_interval_ms must be at least 1".into()
+            );
         }
         if self.feed_batch < 1 || self.feed_buffer == 0 || self.compaction_batch < 1 {
             return bad("backend.feed_batch, feed_buffer and compaction_batch must be at least 1".into());

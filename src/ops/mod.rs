@@ -25,6 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tonic::Request;
 
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::keyspace::{prefix_end, ClientPrefix, KeyLayout, Piece, Resolver, Scope, TenantName};
@@ -32,7 +33,6 @@ use crate::pb::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, 
 use crate::pb::mvccpb::KeyValue;
 use crate::replica::Replica;
 use crate::shutdown::Tasks;
-use crate::backend::Backend;
 use crate::upstream::CallCtx;
 use index::RootIndex;
 use lease::LeaseOwners;

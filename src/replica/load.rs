@@ -15,12 +15,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::pieces::{Pieces, Route};
 use super::{Phase, Replica, Store};
+use crate::backend::Backend;
 use crate::keyspace::prefix_end;
 use crate::metrics::names;
 use crate::pb::etcdserverpb::RangeRequest;
 use crate::pb::mvccpb::Event;
 use crate::upstream::classify::{EtcdError, UpstreamError};
-use crate::backend::Backend;
 use crate::upstream::CallCtx;
 
 /// Why a load did not finish.

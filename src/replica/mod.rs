@@ -33,12 +33,12 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use crate::backend::Backend;
 use crate::config::CacheConfig;
 use crate::keyspace::{prefix_end, KeyLayout, Piece};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use crate::pb::mvccpb::Event;
-use crate::backend::Backend;
 use crate::upstream::CallCtx;
 use pieces::{Pieces, Route};
 use read_index::ReadIndex;

@@ -30,7 +30,9 @@ use super::kv::{header, span, Span};
 use super::pool::{failure, Pool};
 use super::SqlInner;
 use crate::metrics::names;
-use crate::pb::etcdserverpb::{watch_create_request::FilterType, watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::pb::etcdserverpb::{
+    watch_create_request::FilterType, watch_request, WatchCreateRequest, WatchRequest, WatchResponse,
+};
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
 use crate::shutdown::Tasks;
 use crate::upstream::classify::UpstreamError;
@@ -362,7 +364,8 @@ async fn request(
             if let Some(i) = watchers.iter().position(|w| w.id == c.watch_id) {
                 watchers.remove(i);
                 let (head, _) = fresh_head(inner).await?;
-                let resp = WatchResponse { header: header(head), watch_id: c.watch_id, canceled: true, ..Default::default() };
+                let resp =
+                    WatchResponse { header: header(head), watch_id: c.watch_id, canceled: true, ..Default::default() };
                 let _ = send(out, resp).await;
             }
             Ok(())

@@ -22,8 +22,8 @@ use tokio_postgres::Row;
 use super::answer::{compare_holds, fetch_limit, range_answer};
 use super::pool::Conn;
 use crate::pb::etcdserverpb::{
-    request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::pb::mvccpb::KeyValue;
 use crate::upstream::classify::{EtcdError, UpstreamError};
@@ -401,7 +401,8 @@ impl<'c> Tx<'c> {
         Box::pin(async move {
             let ok = path.get(*at).copied().unwrap_or(false);
             *at += 1;
-            let mut resp = TxnResponse { header: Some(ResponseHeader::default()), succeeded: ok, responses: Vec::new() };
+            let mut resp =
+                TxnResponse { header: Some(ResponseHeader::default()), succeeded: ok, responses: Vec::new() };
             for op in if ok { &txn.success } else { &txn.failure } {
                 use response_op::Response as R;
                 let r = match &op.request {

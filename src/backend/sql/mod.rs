@@ -34,12 +34,11 @@ use super::{Backend, Call, Open, Responses};
 use crate::config::{BackendConfig, Config};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{
-    alarm_request::AlarmAction, AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse,
-    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
-    LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
-    LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, MemberListRequest, MemberListResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse, WatchRequest,
-    WatchResponse,
+    alarm_request::AlarmAction, AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, MemberListRequest, MemberListResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse, WatchRequest, WatchResponse,
 };
 use crate::shutdown::Tasks;
 use crate::upstream::classify::{EtcdError, Failure, UpstreamError};
@@ -288,7 +287,9 @@ impl Backend for SqlBackend {
         Box::pin(async move {
             if !kv::writes(req) {
                 let inner = &self.inner;
-                return inner.read(ctx, move |mut conn| Box::pin(async move { inner.read_txn(&mut conn, req).await })).await;
+                return inner
+                    .read(ctx, move |mut conn| Box::pin(async move { inner.read_txn(&mut conn, req).await }))
+                    .await;
             }
             match self.inner.write(ctx, Write::Txn(req)).await? {
                 Done::Txn(t) => Ok(t),
@@ -367,7 +368,12 @@ impl Backend for SqlBackend {
                 let rev: i64 = row.try_get(0)?;
                 let Some(granted) = row.try_get::<_, Option<i64>>(1)? else {
                     // etcd answers a lease it does not know with TTL -1, not an error.
-                    return Ok(LeaseTimeToLiveResponse { header: header(rev), id: req.id, ttl: -1, ..Default::default() });
+                    return Ok(LeaseTimeToLiveResponse {
+                        header: header(rev),
+                        id: req.id,
+                        ttl: -1,
+                        ..Default::default()
+                    });
                 };
                 let left: f64 = row.try_get::<_, Option<f64>>(2)?.unwrap_or(0.0);
                 let keys = if req.keys { lease::keys(&mut conn, req.id).await? } else { Vec::new() };
