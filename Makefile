@@ -11,7 +11,7 @@ ifneq ($(wildcard $(HOME)/.cargo/bin),)
 export PATH := $(PATH):$(HOME)/.cargo/bin
 endif
 
-DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core
+DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core postgresql postgresql-client
 # The benchmark plots' labels are drawn with this font.
 PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
@@ -24,6 +24,8 @@ deps:
 	  command -v "$$bin" >/dev/null 2>&1 || missing="$$missing $$bin"; \
 	done; \
 	[ -f $(PLOT_FONT) ] || missing="$$missing $(PLOT_FONT)"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v psql >/dev/null 2>&1 || missing="$$missing psql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "deps: missing:$$missing; installing $(DEB_PACKAGES)"; \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
@@ -48,9 +50,9 @@ deps:
 build: deps
 	$(CARGO) build --release --locked
 
-## run: start a local etcd (127.0.0.1:2379) and etcdmux (127.0.0.1:23790) in the background
+## run: start a local etcd (127.0.0.1:2379) and etcdmux (127.0.0.1:23790) in the background; BACKEND=sql: a local PostgreSQL (127.0.0.1:5433) instead of etcd
 run: build
-	./scripts/run.sh
+	BACKEND=$(or $(BACKEND),etcd) ./scripts/run.sh
 
 ## run-tls: the same with TLS everywhere (etcd 127.0.0.1:22379 requiring client certificates, etcdmux with mTLS on
 ## 127.0.0.1:23792, certificates from a generated test CA in .run-tls/pki)
@@ -86,7 +88,7 @@ check-chart:
 
 ## clean-run: stop what `make run` and `make run-tls` started and remove .run/ and .run-tls/
 clean-run:
-	@for pidfile in .run/etcdmux.pid .run/etcd.pid .run-tls/etcdmux.pid .run-tls/etcd.pid; do \
+	@for pidfile in .run/etcdmux.pid .run/etcd.pid .run/postgres.pid .run-tls/etcdmux.pid .run-tls/etcd.pid; do \
 	  name="$$(basename "$$pidfile" .pid)"; \
 	  [ -f "$$pidfile" ] || continue; \
 	  pid="$$(cat "$$pidfile")"; \

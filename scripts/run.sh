@@ -16,6 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TLS=${TLS:-0}
+# BACKEND=sql (make run BACKEND=sql): etcdmux on a local PostgreSQL (127.0.0.1:5433,
+# data in .run/pg) instead of etcd; its schema from `etcdmux backend init`.
+BACKEND=${BACKEND:-etcd}
+PG_PORT=5433
 MUX_HOST=127.0.0.1
 CONFIG=config/milo.toml
 BIN="${CARGO_TARGET_DIR:-target}/release/etcdmux"
@@ -113,11 +117,46 @@ fi
 etcd_tls=()
 [[ $TLS == 1 ]] && etcd_tls=(--cacert "$PKI/ca.pem" --cert "$PKI/etcdmux.pem" --key "$PKI/etcdmux-key.pem")
 
+# --- PostgreSQL (BACKEND=sql) -----------------------------------------------------
+start_postgres() {
+    local bin
+    bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    [[ -x $bin/postgres ]] || die "PostgreSQL not found: run \`make deps BACKEND=sql\` (apt-get install postgresql)"
+    # PostgreSQL refuses to run as root: then it runs as nobody.
+    local as=()
+    [[ $(id -u) == 0 ]] && as=(setpriv --reuid=nobody --regid=nogroup --clear-groups)
+    PG_DSN="host=127.0.0.1 port=$PG_PORT user=etcdmux dbname=postgres"
+    if [[ -n $(live_pid postgres) ]]; then
+        echo "run: reusing PostgreSQL from a previous run"
+        return
+    fi
+    mkdir -p "$RUN_DIR/pg"
+    [[ $(id -u) == 0 ]] && chown nobody:nogroup "$RUN_DIR/pg"
+    if [[ ! -f $RUN_DIR/pg/data/PG_VERSION ]]; then
+        "${as[@]}" "$bin/initdb" -D "$RUN_DIR/pg/data" -U etcdmux --auth=trust -E UTF8 >"$RUN_DIR/pg-init.log" 2>&1 \
+            || { tail_log "$RUN_DIR/pg-init.log"; die "initdb failed"; }
+    fi
+    echo "run: starting PostgreSQL on 127.0.0.1:$PG_PORT (data: $RUN_DIR/pg/data, log: $RUN_DIR/postgres.log)"
+    spawn "$RUN_DIR/postgres.log" "$RUN_DIR/postgres.pid" "${as[@]}" "$bin/postgres" -D "$RUN_DIR/pg/data" \
+        -p "$PG_PORT" -h 127.0.0.1 -k "$(cd "$RUN_DIR/pg" && pwd)"
+    for _ in $(seq 1 100); do
+        "$bin/pg_isready" -h 127.0.0.1 -p "$PG_PORT" -q && break
+        sleep 0.2
+    done
+    "$bin/pg_isready" -h 127.0.0.1 -p "$PG_PORT" -q || { tail_log "$RUN_DIR/postgres.log"; die "PostgreSQL did not start"; }
+}
+if [[ $BACKEND == sql ]]; then
+    start_postgres
+    "$BIN" backend init --backend-dsn "$PG_DSN" || die "etcdmux backend init failed"
+fi
+
 # --- etcd -------------------------------------------------------------------------
 etcd_health() { ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URL" "${etcd_tls[@]}" --dial-timeout=1s --command-timeout=2s endpoint health >/dev/null 2>&1; }
 
 etcd_pid=$(live_pid etcd)
-if [[ -n $etcd_pid ]]; then
+if [[ $BACKEND == sql ]]; then
+    : # no etcd: keys live in PostgreSQL
+elif [[ -n $etcd_pid ]]; then
     echo "run: reusing etcd from a previous run (pid $etcd_pid)"
 else
     for port in "$ETCD_PORT" "$PEER_PORT"; do
@@ -148,7 +187,7 @@ fi
 
 healthy=false
 for _ in $(seq 1 60); do
-    if etcd_health; then healthy=true; break; fi
+    if [[ $BACKEND == sql ]] || etcd_health; then healthy=true; break; fi
     kill -0 "$etcd_pid" 2>/dev/null || { tail_log "$RUN_DIR/etcd.log"; die "etcd exited"; }
     sleep 0.5
 done
@@ -202,6 +241,7 @@ fi
 "$BIN" check-config "$CONFIG" >/dev/null || die "$CONFIG is not valid (see above)"
 
 echo "run: starting etcdmux ($CONFIG, log: $RUN_DIR/etcdmux.log)"
+[[ $BACKEND == sql ]] && mux_args+=(--backend sql --backend-dsn "$PG_DSN")
 spawn "$RUN_DIR/etcdmux.log" "$RUN_DIR/etcdmux.pid" "$BIN" "${mux_args[@]}"
 mux_pid=$(<"$RUN_DIR/etcdmux.pid")
 

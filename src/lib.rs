@@ -29,6 +29,9 @@
 //! ops/         the Proxy and what it does: validate (etcd's request checks, before
 //!              anything goes upstream), range, merge, write, txn/{check, translate,
 //!              fit, answer}, index, lease
+//! backend/     the storage behind the services: the Backend interface (etcd's
+//!              protobuf messages as its vocabulary); etcd.rs the etcd cluster through
+//!              upstream/; sql/ a PostgreSQL-protocol database with etcd's data model
 //! upstream/    the etcd connection pool (its channels rebuilt when the TLS files
 //!              change), call and stream context (deadlines), classify (what a
 //!              failure means)
@@ -51,8 +54,9 @@
 //! ```
 //!
 //! Dependencies between top-level modules point one way (checked by a test in
-//! `tests/architecture.rs`): `grpc → health → watch → ops → upstream, keyspace`; `config →
-//! keyspace`; `error → upstream, keyspace`; `grpc, upstream → certs → metrics, shutdown`;
+//! `tests/architecture.rs`): `grpc → health → watch → ops → replica → backend → upstream,
+//! keyspace`; `config → keyspace`; only `backend` (and `migrate`, and the etcd-only admin
+//! calls in `grpc`) call etcd; `error → upstream, keyspace`; `grpc, upstream → certs → metrics, shutdown`;
 //! `keyspace` depends on nothing; `migrate → ops, upstream, config, keyspace` and
 //! nothing depends on `migrate`.
 //!
@@ -61,8 +65,8 @@
 //! `grpc::kv` takes a `Range` with the listener's [`keyspace::Scope`] and the
 //! client's deadline ([`upstream::CallCtx`]) → [`ops::Proxy::range`] resolves the
 //! tenant ([`keyspace::Resolver`]), plans upstream ranges ([`keyspace::KeyLayout`]),
-//! reads them through [`upstream::Upstream`] (retries and failover decided by
-//! [`upstream::classify`]), merges ([`ops::merge`]) and renders keys back into the
+//! reads them through the [`backend::Backend`] (for etcd: [`upstream::Upstream`],
+//! retries and failover decided by [`upstream::classify`]), merges ([`ops::merge`]) and renders keys back into the
 //! client's form → `grpc::answer` turns the result or [`error::Error`] into the gRPC
 //! answer.
 //!
@@ -76,6 +80,7 @@
 //!
 //! `docs/architecture.md` states the invariants each module keeps.
 
+pub mod backend;
 pub mod certs;
 pub mod codec;
 pub mod config;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use etcdmux::config::{Config, ListenerConfig, LogFormat};
+use etcdmux::config::{BackendKind, Config, ListenerConfig, LogFormat};
 
 #[derive(Parser, Debug)]
 #[command(name = "etcdmux", version, about = "Multi-tenant etcd v3 gRPC proxy")]
@@ -20,6 +20,12 @@ struct Cli {
     /// gRPC listen address; replaces the first listener's address.
     #[arg(long, env = "ETCDMUX_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Where keys are stored: `etcd` (the --upstream cluster) or `sql` (backend.kind).
+    #[arg(long, env = "ETCDMUX_BACKEND", value_parser = ["etcd", "sql"])]
+    backend: Option<String>,
+    /// The SQL database: a libpq string or postgres:// URL (backend.dsn).
+    #[arg(long, env = "ETCDMUX_BACKEND_DSN")]
+    backend_dsn: Option<String>,
     /// etcd endpoints, comma-separated (http://host:port).
     #[arg(long, env = "ETCDMUX_UPSTREAM", value_delimiter = ',')]
     upstream: Vec<String>,
@@ -78,6 +84,20 @@ enum Command {
     /// Move an existing installation's keys into the shared layout: plan, copy, verify, cutover, cleanup.
     #[command(subcommand)]
     Migrate(Box<etcdmux::migrate::MigrateCommand>),
+    /// The SQL backend's database: `init` creates or migrates its schema.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BackendCommand {
+    /// Create the schema in an empty database, or migrate an older one to this
+    /// version's (idempotent; safe to run on every deploy).
+    Init {
+        /// The database (else backend.dsn of --config).
+        #[arg(long = "backend-dsn", env = "ETCDMUX_BACKEND_DSN")]
+        dsn: Option<String>,
+    },
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {
@@ -93,6 +113,14 @@ fn load(cli: &Cli) -> Result<Config, String> {
     }
     if !cli.upstream.is_empty() {
         cfg.upstream.endpoints = cli.upstream.clone();
+    }
+    match cli.backend.as_deref() {
+        Some("sql") => cfg.backend.kind = BackendKind::Sql,
+        Some(_) => cfg.backend.kind = BackendKind::Etcd,
+        None => {}
+    }
+    if let Some(dsn) = &cli.backend_dsn {
+        cfg.backend.dsn.clone_from(dsn);
     }
     if let Some(t) = &cli.static_tenant {
         for l in &mut cfg.listeners {
@@ -163,6 +191,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::Backend(BackendCommand::Init { dsn })) = &cli.command {
+        return backend_init(&cli, dsn.clone());
     }
     if let Some(Command::Migrate(cmd)) = cli.command {
         return migrate(*cmd);
@@ -245,6 +276,45 @@ fn migrate(cmd: etcdmux::migrate::MigrateCommand) -> ExitCode {
         Err(e) => {
             eprintln!("etcdmux migrate: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `etcdmux backend init`: the schema created or migrated; what was done on stdout.
+fn backend_init(cli: &Cli, dsn: Option<String>) -> ExitCode {
+    let cfg = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Config::parse("", "defaults"),
+    };
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("etcdmux backend init: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(dsn) =
+        dsn.or_else(|| cli.backend_dsn.clone()).or_else(|| Some(cfg.backend.dsn.clone()).filter(|d| !d.is_empty()))
+    else {
+        eprintln!("etcdmux backend init: no database: pass --backend-dsn DSN (or backend.dsn in --config)");
+        return ExitCode::FAILURE;
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("etcdmux backend init: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let timeout = std::time::Duration::from_millis(cfg.backend.connect_timeout_ms);
+    match rt.block_on(etcdmux::backend::sql::schema::init(&dsn, timeout)) {
+        Ok(report) => {
+            let _ = writeln!(std::io::stdout(), "{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("etcdmux backend init: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -129,6 +129,35 @@ fn the_documented_direction_holds() {
     for serving in ["grpc", "watch", "health"] {
         assert!(!deps("migrate").contains(serving), "migrate must not depend on {serving}");
     }
+    // Storage sits below everything that serves: the services reach it only
+    // through the Backend interface.
+    for high in ["ops", "replica", "watch", "health", "grpc", "migrate"] {
+        assert!(!deps("backend").contains(high), "backend must not depend on {high}");
+    }
+}
+
+/// The etcd pool is called only by the etcd backend, by `etcdmux migrate` (etcd to
+/// etcd) and by the etcd-only administration calls in `grpc` (defragment, hashes,
+/// snapshot, membership): everything else goes through `crate::backend::Backend`,
+/// so a second backend serves it all.
+#[test]
+fn only_the_etcd_backend_calls_etcd() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let allowed = ["backend/etcd.rs", "upstream/", "migrate/", "grpc/maintenance.rs", "grpc/mod.rs"];
+    for f in files {
+        let rel = f.strip_prefix(&src).expect("under src").to_string_lossy().replace('\\', "/");
+        if allowed.iter().any(|a| rel.starts_with(a)) {
+            continue;
+        }
+        let code = code_only(&std::fs::read_to_string(&f).expect("reading source"));
+        for call in
+            ["kv_call(", "lease_call(", "maintenance_call(", "cluster_call(", "stream_channel(", "Upstream::new("]
+        {
+            assert!(!code.contains(call), "{rel} calls etcd directly ({call}): go through the Backend");
+        }
+    }
 }
 
 #[test]

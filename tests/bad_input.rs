@@ -174,8 +174,16 @@ async fn errors_match_etcd_and_write_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_tenants_may_not_compact_or_write_globals() {
-    let etcd = common::Etcd::start();
-    let mux = common::start_mux(&etcd, &common::static_toml("p")).await;
+    static_tenants_may_not_compact_or_write_globals_on(common::Store::Etcd).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_sql_backend_static_tenants_may_not_compact_or_write_globals() {
+    static_tenants_may_not_compact_or_write_globals_on(common::Store::Sql).await
+}
+
+async fn static_tenants_may_not_compact_or_write_globals_on(store: common::Store) {
+    let (mux, _behind) = common::start_on(store, &common::static_toml("p")).await;
     let mut m = KvClient::connect(mux.url.clone()).await.unwrap();
     m.put(PutRequest { key: b("/pods/a"), value: b("v"), ..Default::default() }).await.unwrap();
     let (code, msg) = err(m.compact(CompactionRequest { revision: 1, physical: false }).await);

@@ -1,5 +1,6 @@
 //! Differential test: the same randomized sequence of KV operations is sent to
-//! etcdmux (in front of etcd A) and straight to etcd B, with the client keys used
+//! etcdmux (in front of etcd A, or on the SQL backend in a PostgreSQL) and straight
+//! to etcd B, with the client keys used
 //! as a plain prefix there. Root-index puts ride inside the same upstream txn, so
 //! revisions stay in step and whole responses must be equal: kvs, count, more,
 //! deleted, prev_kvs, txn branches, header revisions and error texts. Only the
@@ -12,7 +13,7 @@
 
 mod common;
 
-use common::{norm_header, norm_ops, show, Out};
+use common::{norm_header, norm_ops, show, Out, Store};
 
 use bytes::Bytes;
 use etcdmux::pb::etcdserverpb::{
@@ -205,10 +206,21 @@ async fn apply(c: &mut KvClient<Channel>, op: &request_op::Request) -> Out {
 }
 
 async fn run(mux_toml: &str, prefix: &[u8], keys: &'static [&'static [u8]], seed: u64, steps: usize, admin: bool) {
+    run_on(Store::Etcd, mux_toml, prefix, keys, seed, steps, admin).await
+}
+
+async fn run_on(
+    store: Store,
+    mux_toml: &str,
+    prefix: &[u8],
+    keys: &'static [&'static [u8]],
+    seed: u64,
+    steps: usize,
+    admin: bool,
+) {
     common::init_tracing();
-    let etcd_a = common::Etcd::start();
+    let (mux, behind) = common::start_on(store, mux_toml).await;
     let etcd_b = common::Etcd::start();
-    let mux = common::start_mux(&etcd_a, mux_toml).await;
     let mut via_mux = KvClient::connect(mux.url.clone()).await.expect("connect etcdmux");
     let mut direct = KvClient::connect(etcd_b.client_url.clone()).await.expect("connect etcd");
     let mut g = Gen { rng: StdRng::seed_from_u64(seed), prefix: prefix.to_vec(), keys, rev: 1, admin };
@@ -238,23 +250,34 @@ async fn run(mux_toml: &str, prefix: &[u8], keys: &'static [&'static [u8]], seed
             }
         }
     }
-    // Tenant-closed upstream: etcd A holds only layout and index keys.
-    let mut raw = KvClient::connect(etcd_a.client_url.clone()).await.expect("connect etcd A");
-    let all = raw
-        .range(RangeRequest {
-            key: Bytes::from_static(b"\0"),
-            range_end: Bytes::from_static(b"\0"),
-            keys_only: true,
-            ..Default::default()
-        })
-        .await
-        .expect("raw range")
-        .into_inner();
-    for kv in all.kvs {
+    // Tenant-closed upstream: the store holds only layout and index keys.
+    let stored: Vec<Vec<u8>> = match &behind {
+        common::StoreGuard::Etcd(etcd_a) => {
+            let mut raw = KvClient::connect(etcd_a.client_url.clone()).await.expect("connect etcd A");
+            let all = raw
+                .range(RangeRequest {
+                    key: Bytes::from_static(b"\0"),
+                    range_end: Bytes::from_static(b"\0"),
+                    keys_only: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("raw range")
+                .into_inner();
+            all.kvs.into_iter().map(|kv| kv.key.to_vec()).collect()
+        }
+        common::StoreGuard::Sql(pg) => pg
+            .psql("SELECT DISTINCT encode(key, 'hex') FROM etcdmux_kv")
+            .lines()
+            .map(|h| (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex")).collect())
+            .collect(),
+    };
+    assert!(!stored.is_empty(), "the workload stored nothing");
+    for key in stored {
         assert!(
-            kv.key.starts_with(b"/registry/") || kv.key.starts_with(b"/etcdmux/"),
+            key.starts_with(b"/registry/") || key.starts_with(b"/etcdmux/"),
             "unexpected upstream key {:?}",
-            String::from_utf8_lossy(&kv.key)
+            String::from_utf8_lossy(&key)
         );
     }
 }
@@ -282,6 +305,22 @@ async fn milo_rules_match_direct_etcd() {
 async fn static_tenant_matches_direct_etcd() {
     for seed in seeds(1001, 2) {
         run(&common::without_cache(&common::static_toml("tenant-a")), b"", BARE_KEYS, seed, 250, false).await;
+    }
+}
+
+/// The SQL backend answers as etcd does, response for response (header revisions
+/// and error texts included), in both layouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_sql_backend_milo_rules_match_direct_etcd() {
+    for seed in seeds(4001, 3) {
+        run_on(Store::Sql, common::MILO_TOML, b"/projects/p", SLASH_KEYS, seed, 250, true).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_sql_backend_static_tenant_matches_direct_etcd() {
+    for seed in seeds(5001, 2) {
+        run_on(Store::Sql, &common::static_toml("tenant-a"), b"", BARE_KEYS, seed, 250, false).await;
     }
 }
 

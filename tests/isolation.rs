@@ -1,6 +1,7 @@
 //! Tenant isolation: tenants writing the same keys never see each other's data
 //! through any RPC — ranges with crafted ends, deletes, txn compares, lease calls —
-//! whether tenants come from key-path rules or from static listeners.
+//! whether tenants come from key-path rules or from static listeners, on both
+//! storage backends (etcd, and SQL in a PostgreSQL).
 
 mod common;
 
@@ -33,8 +34,16 @@ fn keys(resp: &etcd_client::GetResponse) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_tenants_share_nothing() {
-    let etcd = common::Etcd::start();
-    let mux = common::start_mux(&etcd, TWO_STATIC).await;
+    static_tenants_share_nothing_on(common::Store::Etcd).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_sql_backend_static_tenants_share_nothing() {
+    static_tenants_share_nothing_on(common::Store::Sql).await
+}
+
+async fn static_tenants_share_nothing_on(store: common::Store) {
+    let (mux, behind) = common::start_on(store, TWO_STATIC).await;
     let addrs = &mux.running.as_ref().unwrap().addrs;
     let mut a = common::client(&format!("http://{}", addrs[0])).await;
     let mut b = common::client(&format!("http://{}", addrs[1])).await;
@@ -88,18 +97,36 @@ async fn static_tenants_share_nothing() {
     assert!(a.get("/leak", None).await.unwrap().kvs().is_empty());
 
     // Upstream, every key lives in the layout or etcdmux's meta space.
-    let mut raw = common::client(&etcd.client_url).await;
-    let up = raw.get("\0", Some(GetOptions::new().with_range("\0").with_keys_only())).await.unwrap();
-    for k in keys(&up) {
+    let stored: Vec<String> = match &behind {
+        common::StoreGuard::Etcd(etcd) => {
+            let mut raw = common::client(&etcd.client_url).await;
+            let up = raw.get("\0", Some(GetOptions::new().with_range("\0").with_keys_only())).await.unwrap();
+            keys(&up)
+        }
+        common::StoreGuard::Sql(pg) => pg
+            .psql("SELECT DISTINCT convert_from(key, 'SQL_ASCII') FROM etcdmux_kv")
+            .lines()
+            .map(String::from)
+            .collect(),
+    };
+    for k in &stored {
         assert!(k.starts_with("/registry/") || k.starts_with("/etcdmux/"), "stray upstream key {k:?}");
     }
-    assert!(keys(&up).contains(&"/registry/only-b/clusters/b/secret".to_string()));
+    assert!(stored.contains(&"/registry/only-b/clusters/b/secret".to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_path_tenants_are_closed() {
-    let etcd = common::Etcd::start();
-    let mux = common::start_mux(&etcd, common::MILO_TOML).await;
+    key_path_tenants_are_closed_on(common::Store::Etcd).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_sql_backend_key_path_tenants_are_closed() {
+    key_path_tenants_are_closed_on(common::Store::Sql).await
+}
+
+async fn key_path_tenants_are_closed_on(store: common::Store) {
+    let (mux, _behind) = common::start_on(store, common::MILO_TOML).await;
     let mut c = common::client(&mux.url).await;
     for p in ["p", "q", "p2"] {
         c.put(format!("/projects/{p}/pods/ns/x"), p, None).await.unwrap();

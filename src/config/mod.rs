@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::keyspace::{Resolver, TenantName};
 
+mod backend;
+pub use backend::{BackendConfig, BackendKind};
+
 mod migrate;
 pub use migrate::MigrateConfig;
 
@@ -26,6 +29,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub server: ServerConfig,
+    /// `[backend]`: etcd (`[upstream]`) or a SQL database.
+    #[serde(default)]
+    pub backend: BackendConfig,
     #[serde(default)]
     pub upstream: UpstreamConfig,
     #[serde(default)]
@@ -476,7 +482,8 @@ impl Config {
         if self.listeners.is_empty() {
             return bad("at least one [[listener]] is required".into());
         }
-        if self.upstream.endpoints.is_empty() {
+        self.backend.validate()?;
+        if self.backend.kind == BackendKind::Etcd && self.upstream.endpoints.is_empty() {
             return bad("upstream.endpoints must name at least one etcd endpoint".into());
         }
         for e in &self.upstream.endpoints {

@@ -55,11 +55,7 @@ impl Cluster for ClusterService {
         // Anyone may ask, but an unmapped client certificate is refused everything.
         self.scope.of(&self.proxy.resolver, &req)?;
         let msg = req.into_inner();
-        let up = self
-            .proxy
-            .upstream
-            .cluster_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.member_list(r).await })
-            .await?;
+        let up = self.proxy.backend.member_list(&ctx, &msg).await?;
         let urls = self.proxy.cfg.advertise_urls();
         let id = member_id(&urls);
         let member =

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::answer;
 use super::tls::ScopeSource;
+use crate::backend::Responses;
 use crate::error::{Error, Result};
 use crate::keyspace::Scope;
 use crate::ops::Proxy;
@@ -132,12 +133,12 @@ impl Relay {
         let mut up_tx: Option<mpsc::Sender<LeaseKeepAliveRequest>> = None;
         // The upstream stream and the endpoint it runs on (its failures move the
         // pool off a dead endpoint, as unary calls do).
-        let mut upstream: Option<(usize, Streaming<LeaseKeepAliveResponse>)> = None;
+        let mut upstream: Option<Responses<LeaseKeepAliveResponse>> = None;
         let mut last_header: Option<ResponseHeader> = None;
         loop {
             let up_next = async {
                 match upstream.as_mut() {
-                    Some((ep, s)) => s.message().await.inspect_err(|e| proxy.upstream.report(*ep, e)),
+                    Some(s) => s.message().await,
                     None => std::future::pending().await,
                 }
             };
@@ -164,15 +165,7 @@ impl Relay {
                     let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
                     let _ = tx.send(ka).await;
                     up_tx = Some(tx);
-                    let (ep, ch) = proxy.upstream.stream_channel();
-                    let mut client = proxy.upstream.lease(ch);
-                    match client.lease_keep_alive(self.ctx.request(ReceiverStream::new(rx))).await {
-                        Ok(s) => upstream = Some((ep, s.into_inner())),
-                        Err(s) => {
-                            proxy.upstream.report(ep, &s);
-                            return Err(s);
-                        }
-                    }
+                    upstream = Some(proxy.backend.lease_keep_alive(&self.ctx, rx).await?);
                 }
                 resp = up_next => match resp? {
                     Some(r) => {

@@ -45,11 +45,7 @@ impl Maintenance for MaintenanceService {
         if AlarmAction::try_from(msg.action) != Ok(AlarmAction::Get) {
             self.proxy.resolver.require_admin(&scope, "changing alarms")?;
         }
-        let resp = self
-            .proxy
-            .upstream
-            .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.alarm(r).await })
-            .await?;
+        let resp = self.proxy.backend.alarm(&ctx, &msg).await?;
         Ok(Response::new(resp))
     }
 
@@ -58,11 +54,7 @@ impl Maintenance for MaintenanceService {
         // Anyone may ask, but an unmapped client certificate is refused everything.
         self.scope.of(&self.proxy.resolver, &req)?;
         let msg = req.into_inner();
-        let mut resp = self
-            .proxy
-            .upstream
-            .maintenance_call(&ctx, Retry::Safe, &msg, |mut c, r| async move { c.status(r).await })
-            .await?;
+        let mut resp = self.proxy.backend.status(&ctx, &msg).await?;
         resp.version = self.proxy.cfg.server.advertised_version.clone();
         // etcdmux is the one member clients see (MemberList), and so the leader.
         let id = member_id(&self.proxy.cfg.advertise_urls());
@@ -96,13 +88,11 @@ impl Maintenance for MaintenanceService {
         self.proxy.resolver.require_admin(&scope, "Snapshot")?;
         // A stream: no deadline unless the client sent one (a large snapshot takes long).
         let ctx = StreamCtx::from_request(&req);
-        let (ep, ch) = self.proxy.upstream.stream_channel();
-        let mut client = self.proxy.upstream.maintenance(ch);
-        let stream = client
-            .snapshot(ctx.request(req.into_inner()))
-            .await
-            .inspect_err(|s| self.proxy.upstream.report(ep, s))?
-            .into_inner();
+        let up = super::etcd_only(&self.proxy, "Snapshot")?;
+        let (ep, ch) = up.stream_channel();
+        let mut client = up.maintenance(ch);
+        let stream =
+            client.snapshot(ctx.request(req.into_inner())).await.inspect_err(|s| up.report(ep, s))?.into_inner();
         Ok(Response::new(Box::pin(stream.map(|r| r))))
     }
 }

@@ -16,8 +16,9 @@ use tonic::{Response, Status};
 
 use crate::error::Result;
 
-/// The body of an admin-only call, forwarded unchanged: `$call` is the upstream
-/// helper (`maintenance_call`, `cluster_call`) and `$method` the client method.
+/// The body of an admin-only call, forwarded unchanged to the etcd cluster: `$call`
+/// is the upstream helper (`maintenance_call`, `cluster_call`) and `$method` the
+/// client method. Other backends have no etcd cluster to administer: `UNIMPLEMENTED`.
 macro_rules! admin_forward {
     ($self:ident, $req:ident, $call:ident, $method:ident, $what:literal, $retry:expr) => {{
         let ctx = $self.proxy.ctx(&$req);
@@ -25,8 +26,8 @@ macro_rules! admin_forward {
             let scope = $self.scope.of(&$self.proxy.resolver, &$req)?;
             $self.proxy.resolver.require_admin(&scope, $what)?;
             let msg = $req.into_inner();
-            let resp =
-                $self.proxy.upstream.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
+            let up = $crate::grpc::etcd_only(&$self.proxy, $what)?;
+            let resp = up.$call(&ctx, $retry, &msg, |mut c, r| async move { c.$method(r).await }).await?;
             Ok::<_, $crate::error::Error>(resp)
         };
         $crate::grpc::answer(fut).await
@@ -45,6 +46,14 @@ pub mod server;
 pub mod span;
 pub mod tls;
 pub mod watch;
+
+/// The etcd cluster behind the proxy, for `what` (an etcd administration call);
+/// refused on a backend that is not etcd.
+pub fn etcd_only<'a>(proxy: &'a crate::ops::Proxy, what: &str) -> Result<&'a crate::upstream::Upstream> {
+    proxy.backend.etcd().ok_or_else(|| {
+        crate::error::Error::Unsupported(format!("{what} administers an etcd cluster; this etcdmux stores in SQL"))
+    })
+}
 
 /// Runs one unary call's work and turns the result into the gRPC answer: the one
 /// place where etcdmux's errors become statuses. (The call's span is

@@ -131,9 +131,9 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     };
     hub.start(proxy.clone());
     let reload_every = Duration::from_millis(proxy.cfg.server.tls_reload_interval_ms);
-    if let Some((paths, serving)) = proxy.upstream.tls_files() {
+    if let Some((paths, serving)) = proxy.backend.etcd().and_then(|up| up.tls_files()) {
         let p = proxy.clone();
-        let apply: Apply = Box::new(move |files| p.upstream.reload_tls(files));
+        let apply: Apply = Box::new(move |files| p.backend.etcd().map_or(Ok(()), |up| up.reload_tls(files)));
         Reloader::new("upstream", "upstream".into(), paths.clone(), serving, apply).spawn(&proxy.tasks, reload_every);
     }
     let handshake_timeout = Duration::from_millis(proxy.cfg.server.tls_handshake_timeout_ms);

@@ -27,7 +27,7 @@ use crate::config::HealthConfig;
 use crate::metrics::names;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::RangeRequest;
-use crate::upstream::{CallCtx, Retry};
+use crate::upstream::CallCtx;
 use crate::watch::Hub;
 use ready::{Bounds, Lag, Observed, Readiness};
 
@@ -156,7 +156,7 @@ impl Health {
     async fn probe(&self, proxy: &Proxy) {
         let ctx = CallCtx::from_metadata(&Default::default(), Duration::from_millis(self.cfg.probe_timeout_ms));
         let req = RangeRequest { key: proxy.layout.void_key(), ..Default::default() };
-        let res = proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await;
+        let res = proxy.backend.range(&ctx, &req).await;
         let now = Instant::now();
         let hub_rev = self.hub.sync().last_rev;
         let mut p = self.probes();

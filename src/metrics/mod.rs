@@ -28,6 +28,13 @@ pub mod names {
     pub const UPSTREAM_RETRIES: &str = "etcdmux_upstream_retries_total";
     pub const UPSTREAM_FAILOVERS: &str = "etcdmux_upstream_failovers_total";
     pub const UPSTREAM_CONNECTIONS: &str = "etcdmux_upstream_connections";
+    pub const BACKEND_POOL_OPEN: &str = "etcdmux_backend_pool_connections";
+    pub const BACKEND_POOL_WAITING: &str = "etcdmux_backend_pool_waiting";
+    pub const BACKEND_RETRIES: &str = "etcdmux_backend_retries_total";
+    pub const BACKEND_REVISION: &str = "etcdmux_backend_revision";
+    pub const BACKEND_EXPIRY_LOCK: &str = "etcdmux_backend_lease_expiry_lock_held";
+    pub const BACKEND_LEASES_EXPIRED: &str = "etcdmux_backend_leases_expired_total";
+    pub const BACKEND_COMPACTED_ROWS: &str = "etcdmux_backend_compacted_rows_total";
     pub const ROOT_INDEX_CACHED: &str = "etcdmux_root_index_cached";
     pub const ACCEPT_ERRORS: &str = "etcdmux_accept_errors_total";
     pub const TLS_RELOADS: &str = "etcdmux_tls_reloads_total";
@@ -111,6 +118,33 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
     (names::UPSTREAM_RETRIES, Kind::Counter, Unit::Count, "Upstream calls sent again after a failure that allowed it"),
     (names::UPSTREAM_FAILOVERS, Kind::Counter, Unit::Count, "Moves of the upstream pool to the next etcd endpoint"),
     (names::UPSTREAM_CONNECTIONS, Kind::Gauge, Unit::Count, "HTTP/2 connections kept to the current etcd endpoint"),
+    (
+        names::BACKEND_POOL_OPEN,
+        Kind::Gauge,
+        Unit::Count,
+        "SQL backend: database connections open (at most backend.pool_size)",
+    ),
+    (
+        names::BACKEND_POOL_WAITING,
+        Kind::Gauge,
+        Unit::Count,
+        "SQL backend: calls waiting for a free database connection",
+    ),
+    (
+        names::BACKEND_RETRIES,
+        Kind::Counter,
+        Unit::Count,
+        "SQL backend: calls run again (a read after a lost connection, a transaction the database aborted)",
+    ),
+    (names::BACKEND_REVISION, Kind::Gauge, Unit::Count, "SQL backend: the store's revision as the change feed last read it"),
+    (
+        names::BACKEND_EXPIRY_LOCK,
+        Kind::Gauge,
+        Unit::Count,
+        "SQL backend: 1 while this etcdmux holds the lease-expiry lock (expires leases, finishes compactions)",
+    ),
+    (names::BACKEND_LEASES_EXPIRED, Kind::Counter, Unit::Count, "SQL backend: leases this etcdmux revoked on expiry"),
+    (names::BACKEND_COMPACTED_ROWS, Kind::Counter, Unit::Count, "SQL backend: history rows deleted by compaction"),
     (names::ROOT_INDEX_CACHED, Kind::Gauge, Unit::Count, "Root-index keys this process knows exist in etcd"),
     (
         names::ACCEPT_ERRORS,

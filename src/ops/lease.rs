@@ -19,7 +19,7 @@ use crate::pb::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
     LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, PutRequest, RangeRequest,
 };
-use crate::upstream::{CallCtx, Retry};
+use crate::upstream::CallCtx;
 
 /// Remembers lease owners for a short while: KeepAlive and puts with a lease check
 /// ownership on every call.
@@ -57,7 +57,7 @@ impl Proxy {
             return Ok(Some(owner));
         }
         let req = RangeRequest { key: self.layout.lease_owner_key(id), ..Default::default() };
-        let resp = self.upstream.kv_call(ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
+        let resp = self.backend.range(ctx, &req).await?;
         let Some(kv) = resp.kvs.first() else { return Ok(None) };
         let owner = std::str::from_utf8(&kv.value).ok().and_then(|s| TenantName::new(s).ok());
         if let Some(o) = &owner {
@@ -85,23 +85,16 @@ impl Proxy {
         req: LeaseGrantRequest,
     ) -> Result<LeaseGrantResponse> {
         crate::trace::record_tenant(scope.principal.as_str());
-        let resp = self
-            .upstream
-            .lease_call(ctx, Retry::OnlyUnsent, &req, |mut c, r| async move { c.lease_grant(r).await })
-            .await?;
+        let resp = self.backend.lease_grant(ctx, &req).await?;
         if !resp.error.is_empty() {
             return Ok(resp);
         }
         let record = owner_record(&self.layout, resp.id, &scope.principal);
-        let written =
-            self.upstream.kv_call(ctx, Retry::OnlyUnsent, &record, |mut c, r| async move { c.put(r).await }).await;
+        let written = self.backend.put(ctx, &record).await;
         if let Err(e) = written {
             // A lease nobody owns would only be usable by the admin: take it back.
             let revoke = LeaseRevokeRequest { id: resp.id };
-            let _ = self
-                .upstream
-                .lease_call(ctx, Retry::Safe, &revoke, |mut c, r| async move { c.lease_revoke(r).await })
-                .await;
+            let _ = self.backend.lease_revoke(ctx, &revoke).await;
             return Err(e.into());
         }
         self.leases.cache.insert(resp.id, scope.principal.clone()).await;
@@ -116,8 +109,7 @@ impl Proxy {
         req: LeaseRevokeRequest,
     ) -> Result<LeaseRevokeResponse> {
         self.check_lease(scope, ctx, req.id).await?;
-        let resp =
-            self.upstream.lease_call(ctx, Retry::Safe, &req, |mut c, r| async move { c.lease_revoke(r).await }).await?;
+        let resp = self.backend.lease_revoke(ctx, &req).await?;
         self.leases.cache.invalidate(&req.id).await;
         Ok(resp)
     }
@@ -129,10 +121,7 @@ impl Proxy {
         req: LeaseTimeToLiveRequest,
     ) -> Result<LeaseTimeToLiveResponse> {
         self.check_lease(scope, ctx, req.id).await?;
-        let mut resp = self
-            .upstream
-            .lease_call(ctx, Retry::Safe, &req, |mut c, r| async move { c.lease_time_to_live(r).await })
-            .await?;
+        let mut resp = self.backend.lease_time_to_live(ctx, &req).await?;
         let owner_key = self.layout.lease_owner_key(req.id);
         let admin = self.resolver.is_admin(scope);
         resp.keys = std::mem::take(&mut resp.keys)
@@ -159,15 +148,13 @@ impl Proxy {
         ctx: &CallCtx,
         req: LeaseLeasesRequest,
     ) -> Result<LeaseLeasesResponse> {
-        let mut resp =
-            self.upstream.lease_call(ctx, Retry::Safe, &req, |mut c, r| async move { c.lease_leases(r).await }).await?;
+        let mut resp = self.backend.lease_leases(ctx, &req).await?;
         if self.resolver.is_admin(scope) {
             return Ok(resp);
         }
         let range = self.layout.lease_owner_range();
         let owners = RangeRequest { key: range.key, range_end: range.range_end, ..Default::default() };
-        let owners =
-            self.upstream.kv_call(ctx, Retry::Safe, &owners, |mut c, r| async move { c.range(r).await }).await?;
+        let owners = self.backend.range(ctx, &owners).await?;
         let mine: std::collections::HashSet<i64> = owners
             .kvs
             .iter()

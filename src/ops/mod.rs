@@ -1,5 +1,5 @@
 //! What etcdmux does with a request, independent of gRPC: the [`Proxy`] (config,
-//! tenant resolver, key layout, upstream pool, root index, lease owners; one per
+//! tenant resolver, key layout, storage backend, root index, lease owners; one per
 //! process, behind an `Arc`) and its operations, one concern per file:
 //!
 //! - [`range`]: Range, single-root and cross-root;
@@ -25,6 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tonic::Request;
 
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::keyspace::{prefix_end, ClientPrefix, KeyLayout, Piece, Resolver, Scope, TenantName};
@@ -32,7 +33,7 @@ use crate::pb::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, 
 use crate::pb::mvccpb::KeyValue;
 use crate::replica::Replica;
 use crate::shutdown::Tasks;
-use crate::upstream::{CallCtx, Upstream};
+use crate::upstream::CallCtx;
 use index::RootIndex;
 use lease::LeaseOwners;
 
@@ -40,7 +41,8 @@ pub struct Proxy {
     pub cfg: Config,
     pub resolver: Resolver,
     pub layout: KeyLayout,
-    pub upstream: Upstream,
+    /// The storage: etcd, or a SQL database (`[backend]`).
+    pub backend: Arc<dyn Backend>,
     pub index: RootIndex,
     pub leases: LeaseOwners,
     /// The shared read replica (`[cache] enabled`), fed by the watch hub.
@@ -56,7 +58,8 @@ impl Proxy {
         crate::metrics::per_tenant::configure(cfg.server.tenant_metrics_top);
         let resolver = Resolver::new(&cfg.tenancy, &[&cfg.layout.prefix, &cfg.layout.meta_prefix])?;
         let layout = KeyLayout::new(&cfg.layout.prefix, &cfg.layout.meta_prefix);
-        let upstream = Upstream::new(&cfg)?;
+        let tasks = Tasks::new();
+        let backend = crate::backend::open(&cfg, &tasks)?;
         let index = RootIndex::new(cfg.layout.root_cache_capacity);
         let leases = LeaseOwners::new(&cfg.leases);
         let replica = cfg.cache.enabled.then(|| {
@@ -71,7 +74,7 @@ impl Proxy {
                 .collect();
             Arc::new(Replica::new(&cfg.cache, layout.clone(), excluded))
         });
-        Ok(Arc::new(Proxy { cfg, resolver, layout, upstream, index, leases, replica, tasks: Tasks::new() }))
+        Ok(Arc::new(Proxy { cfg, resolver, layout, backend, index, leases, replica, tasks }))
     }
 
     /// The upstream call context (deadline, `hasleader`) of an incoming unary

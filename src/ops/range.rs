@@ -51,11 +51,11 @@ impl Proxy {
     /// One upstream range: from the read replica when it can answer, else from etcd.
     pub(super) async fn up_range(&self, ctx: &CallCtx, req: &RangeRequest) -> Result<RangeResponse> {
         if let Some(replica) = &self.replica {
-            if let Some(resp) = replica.range(&self.upstream, ctx, req).await {
+            if let Some(resp) = replica.range(&*self.backend, ctx, req).await {
                 return Ok(resp);
             }
         }
-        Ok(self.upstream.kv_call(ctx, Retry::Safe, req, |mut c, r| async move { c.range(r).await }).await?)
+        Ok(self.backend.range(ctx, req).await?)
     }
 
     /// A range over several slots: read the index, then every piece at the index's
@@ -80,7 +80,7 @@ impl Proxy {
         let replica = self.replica.as_ref()?;
         let mut out = Vec::with_capacity(reqs.len());
         for r in reqs {
-            out.push(replica.range(&self.upstream, ctx, r).await?);
+            out.push(replica.range(&*self.backend, ctx, r).await?);
         }
         Some(out)
     }

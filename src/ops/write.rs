@@ -72,11 +72,11 @@ impl Proxy {
     }
 
     async fn up_put(&self, ctx: &CallCtx, req: &PutRequest) -> Result<PutResponse> {
-        Ok(self.upstream.kv_call(ctx, Retry::OnlyUnsent, req, |mut c, r| async move { c.put(r).await }).await?)
+        Ok(self.backend.put(ctx, req).await?)
     }
 
     pub async fn up_txn(&self, ctx: &CallCtx, req: &TxnRequest, retry: Retry) -> Result<TxnResponse> {
-        Ok(self.upstream.kv_call(ctx, retry, req, |mut c, r| async move { c.txn(r).await }).await?)
+        Ok(self.backend.txn(ctx, retry, req).await?)
     }
 
     pub async fn delete_range(
@@ -162,17 +162,13 @@ impl Proxy {
     }
 
     async fn up_delete(&self, ctx: &CallCtx, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
-        Ok(self
-            .upstream
-            .kv_call(ctx, Retry::OnlyUnsent, req, |mut c, r| async move { c.delete_range(r).await })
-            .await?)
+        Ok(self.backend.delete_range(ctx, req).await?)
     }
 
     pub async fn compact(&self, scope: &Scope, ctx: &CallCtx, req: CompactionRequest) -> Result<CompactionResponse> {
         // History is shared by every tenant: only the admin may drop it.
         self.resolver.require_admin(scope, "Compact")?;
-        let resp =
-            self.upstream.kv_call(ctx, Retry::OnlyUnsent, &req, |mut c, r| async move { c.compact(r).await }).await?;
+        let resp = self.backend.compact(ctx, &req).await?;
         if let Some(replica) = &self.replica {
             replica.on_compacted(req.revision);
         }

@@ -15,12 +15,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::pieces::{Pieces, Route};
 use super::{Phase, Replica, Store};
+use crate::backend::Backend;
 use crate::keyspace::prefix_end;
 use crate::metrics::names;
 use crate::pb::etcdserverpb::RangeRequest;
 use crate::pb::mvccpb::Event;
 use crate::upstream::classify::{EtcdError, UpstreamError};
-use crate::upstream::{CallCtx, Retry, Upstream};
+use crate::upstream::CallCtx;
 
 /// Why a load did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +36,7 @@ impl Replica {
     /// Loads when the replica is empty (at start, after a gap, after going over
     /// budget), backing off after failures, and looks for compactions made
     /// elsewhere every `compaction_check_ms`, forever: run it as an owned task.
-    pub async fn run_loader(&self, up: &Upstream, timeout: Duration) {
+    pub async fn run_loader(&self, up: &dyn Backend, timeout: Duration) {
         let base = Duration::from_millis(100);
         let mut backoff = base;
         let every = Duration::from_millis(self.cfg.compaction_check_ms.max(1));
@@ -91,7 +92,7 @@ impl Replica {
     /// not see (another etcdmux replica's, or a client's straight to etcd): one range
     /// at the floor when there is none, a binary search over the window when there
     /// is. Ranges below it then get etcd's answer again.
-    async fn check_compaction(&self, up: &Upstream, timeout: Duration) -> Result<(), UpstreamError> {
+    async fn check_compaction(&self, up: &dyn Backend, timeout: Duration) -> Result<(), UpstreamError> {
         let (floor, applied) = {
             let st = self.lock();
             if !matches!(st.phase, Phase::Live) {
@@ -118,10 +119,10 @@ impl Replica {
     }
 
     /// Whether etcd refuses a range at `rev` as compacted.
-    async fn compacted_at(&self, up: &Upstream, timeout: Duration, rev: i64) -> Result<bool, UpstreamError> {
+    async fn compacted_at(&self, up: &dyn Backend, timeout: Duration, rev: i64) -> Result<bool, UpstreamError> {
         let req = RangeRequest { key: self.range.key.clone(), count_only: true, revision: rev, ..Default::default() };
         let ctx = CallCtx::from_metadata(&Default::default(), timeout);
-        match up.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await {
+        match up.range(&ctx, &req).await {
             Ok(_) => Ok(false),
             Err(e) if e.etcd() == Some(EtcdError::Compacted) => Ok(true),
             Err(e) => Err(e),
@@ -129,7 +130,7 @@ impl Replica {
     }
 
     /// One load; returns the number of keys loaded.
-    async fn load(&self, up: &Upstream, timeout: Duration) -> Result<usize, LoadError> {
+    async fn load(&self, up: &dyn Backend, timeout: Duration) -> Result<usize, LoadError> {
         {
             let mut st = self.lock();
             st.phase = Phase::Loading { pending: Vec::new(), progress: 0 };
@@ -150,7 +151,7 @@ impl Replica {
                 ..Default::default()
             };
             let ctx = CallCtx::from_metadata(&Default::default(), timeout);
-            let resp = up.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
+            let resp = up.range(&ctx, &req).await?;
             if header.is_none() {
                 let h = resp.header.unwrap_or_default();
                 store.load(h.revision, []);
@@ -229,7 +230,7 @@ impl Replica {
 impl Replica {
     /// Loads one evicted piece a read asked for: its keys at one revision, then the
     /// events held back meanwhile (see [`super::pieces`]).
-    async fn load_piece(&self, up: &Upstream, timeout: Duration, id: &Bytes) -> Result<(), LoadError> {
+    async fn load_piece(&self, up: &dyn Backend, timeout: Duration, id: &Bytes) -> Result<(), LoadError> {
         let mut under = id.to_vec();
         under.push(b'/');
         let range_end = prefix_end(&under);
@@ -243,7 +244,7 @@ impl Replica {
                 ..Default::default()
             };
             let ctx = CallCtx::from_metadata(&Default::default(), timeout);
-            let resp = up.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
+            let resp = up.range(&ctx, &req).await?;
             if at == 0 {
                 at = resp.header.map_or(0, |h| h.revision);
             }

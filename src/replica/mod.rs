@@ -33,12 +33,13 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use crate::backend::Backend;
 use crate::config::CacheConfig;
 use crate::keyspace::{prefix_end, KeyLayout, Piece};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use crate::pb::mvccpb::Event;
-use crate::upstream::{CallCtx, Retry, Upstream};
+use crate::upstream::CallCtx;
 use pieces::{Pieces, Route};
 use read_index::ReadIndex;
 pub use store::{Answer, Store, Why};
@@ -301,7 +302,7 @@ impl Replica {
 
     /// Answers an upstream range from the replica, or `None` if it must go to etcd.
     /// `req` has passed etcd's checks.
-    pub async fn range(&self, up: &Upstream, ctx: &CallCtx, req: &RangeRequest) -> Option<RangeResponse> {
+    pub async fn range(&self, up: &dyn Backend, ctx: &CallCtx, req: &RangeRequest) -> Option<RangeResponse> {
         let forward = |why: &'static str| {
             metrics::counter!(names::CACHE_FORWARDED, "reason" => why).increment(1);
             None
@@ -387,7 +388,7 @@ impl Replica {
     }
 
     /// etcd's current header: a one-key range on a key etcdmux never writes.
-    async fn fetch_revision(&self, up: &Upstream, ctx: &CallCtx) -> Option<ResponseHeader> {
+    async fn fetch_revision(&self, up: &dyn Backend, ctx: &CallCtx) -> Option<ResponseHeader> {
         metrics::counter!(names::CACHE_READ_INDEX_CALLS).increment(1);
         let req = RangeRequest {
             key: self.range.key.clone(),
@@ -395,7 +396,7 @@ impl Replica {
             count_only: true,
             ..Default::default()
         };
-        let resp = up.kv_call(ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await;
+        let resp = up.range(ctx, &req).await;
         resp.ok().and_then(|r| r.header)
     }
 
@@ -452,7 +453,7 @@ mod tests {
     #[tokio::test]
     async fn a_reloaded_piece_is_not_read_before_its_load() {
         let cfg = Config::parse("[cache]\nenabled = true", "test").expect("config");
-        let up = Upstream::new(&cfg).expect("a lazy upstream");
+        let up = crate::backend::etcd::EtcdBackend::new(&cfg).expect("a lazy upstream");
         let layout = KeyLayout::new("/registry", "/etcdmux");
         let r = Replica::new(&cfg.cache, layout.clone(), Vec::new());
         let (a, b) = (TenantName::new("a").expect("name"), TenantName::new("b").expect("name"));

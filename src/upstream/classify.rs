@@ -11,7 +11,9 @@
 //!   the same way).
 //!
 //! Transport failures are recognized by the types in the error's source chain
-//! (tonic's `ConnectError`, h2 and hyper errors, I/O errors), never by message text.
+//! (tonic's `ConnectError`, h2 and hyper errors, I/O errors, and [`Unreachable`] for
+//! a backend that is not etcd), never by message text. A backend that answers as
+//! etcd would makes its errors with [`UpstreamError::etcd`] from the same table.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -100,6 +102,21 @@ impl EtcdError {
     }
 }
 
+/// A backend other than etcd (a database) could not be reached. `sent`: the request
+/// may have reached it, so a write is never sent again.
+#[derive(Debug)]
+pub struct Unreachable {
+    pub sent: bool,
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.sent { "connection lost" } else { "not connected" })
+    }
+}
+
+impl StdError for Unreachable {}
+
 /// What a failed upstream call means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -148,6 +165,9 @@ fn transport_failure(status: &Status) -> Option<Failure> {
         if e.is::<tonic::ConnectError>() {
             return Some(Failure::NotSent);
         }
+        if let Some(u) = e.downcast_ref::<Unreachable>() {
+            return Some(if u.sent { Failure::ConnectionLost } else { Failure::NotSent });
+        }
         if e.is::<tonic::TimeoutExpired>() {
             return Some(Failure::Deadline);
         }
@@ -192,6 +212,30 @@ impl UpstreamError {
     /// etcd's answer to a missed deadline, as its clients see it.
     pub fn deadline() -> UpstreamError {
         UpstreamError { failure: Failure::Deadline, status: Status::deadline_exceeded("context deadline exceeded") }
+    }
+
+    /// etcd's answer `e`, with etcd's code and text, from a backend that answers as
+    /// etcd would. `None` for the kinds without one text (`Unavailable`, `Other`).
+    pub fn etcd_error(e: EtcdError) -> Option<UpstreamError> {
+        let (code, text, _) = ETCD_ERRORS.iter().find(|(_, _, k)| *k == e)?;
+        Some(UpstreamError { failure: Failure::Etcd(e), status: Status::new(*code, *text) })
+    }
+
+    /// [`Self::etcd_error`] for the kinds of [`ETCD_ERRORS`].
+    pub fn answered(e: EtcdError) -> UpstreamError {
+        Self::etcd_error(e).unwrap_or_else(|| UpstreamError::new(Status::unavailable("etcdserver: unavailable")))
+    }
+
+    /// A backend that could not be reached (see [`Unreachable`]): `UNAVAILABLE` with `cause`.
+    pub fn unreachable(sent: bool, cause: String) -> UpstreamError {
+        UpstreamError::new(Self::unreachable_status(sent, cause))
+    }
+
+    /// The status of [`Self::unreachable`], for streams (classified the same way).
+    pub fn unreachable_status(sent: bool, cause: String) -> Status {
+        let mut s = Status::unavailable(cause);
+        s.set_source(std::sync::Arc::new(Unreachable { sent }));
+        s
     }
 
     pub fn failure(&self) -> Failure {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::event::HubEvent;
@@ -15,7 +14,7 @@ use super::watcher::Watcher;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_request, PutRequest, WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::pb::mvccpb::Event;
-use crate::upstream::{CallCtx, Retry};
+use crate::upstream::{CallCtx, StreamCtx};
 
 /// Consecutive failed catch-up attempts before the watcher is cancelled.
 const CATCH_UP_ATTEMPTS: u32 = 8;
@@ -67,15 +66,7 @@ impl Hub {
             ..Default::default()
         };
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
-        let (ep, ch) = proxy.upstream.stream_channel();
-        let mut client = proxy.upstream.watch(ch);
-        let mut stream = match client.watch(tonic::Request::new(ReceiverStream::new(rx))).await {
-            Ok(s) => s.into_inner(),
-            Err(s) => {
-                proxy.upstream.report(ep, &s);
-                return Err(s);
-            }
-        };
+        let mut stream = proxy.backend.watch(&StreamCtx { deadline: None, require_leader: false }, rx).await?;
         // The catch-up must learn when it has seen everything before the ring. etcd
         // 3.4 answers a progress request even before an old watch has caught up, so
         // instead a fence key inside the watched range is written once the watch
@@ -83,11 +74,7 @@ impl Hub {
         // the ring covers.
         let fence = PutRequest { key: self.layout.fence_key(), ..Default::default() };
         let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
-        proxy
-            .upstream
-            .kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await })
-            .await
-            .map_err(|e| e.into_status())?;
+        proxy.backend.put(&ctx, &fence).await.map_err(|e| e.into_status())?;
         loop {
             tokio::select! {
                 msg = stream.message() => {

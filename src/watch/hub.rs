@@ -193,7 +193,7 @@ impl Hub {
             handles.push(self.spawn(&proxy.tasks.clone(), async move {
                 hub.ready().await;
                 if let Some(replica) = &proxy.replica {
-                    replica.run_loader(&proxy.upstream, proxy.cfg.default_timeout()).await;
+                    replica.run_loader(&*proxy.backend, proxy.cfg.default_timeout()).await;
                 }
             }));
         }

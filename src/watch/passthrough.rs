@@ -22,12 +22,9 @@ pub(super) async fn passthrough(proxy: Arc<Proxy>, sink: Arc<StreamSink>, id: i6
         let _ = tx.send(req).await;
         // A relayed watch lives as long as its client's: no deadline.
         let ctx = StreamCtx { deadline: None, require_leader: sink.require_leader };
-        let call = ctx.request(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let (ep, ch) = proxy.upstream.stream_channel();
-        let mut stream = match proxy.upstream.watch(ch).watch(call).await {
-            Ok(s) => s.into_inner(),
-            Err(s) => {
-                proxy.upstream.report(ep, &s);
+        let mut stream = match proxy.backend.watch(&ctx, rx).await {
+            Ok(s) => s,
+            Err(_) => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
                 continue;
@@ -38,7 +35,6 @@ pub(super) async fn passthrough(proxy: Arc<Proxy>, sink: Arc<StreamSink>, id: i6
                 Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(s) => {
-                    proxy.upstream.report(ep, &s);
                     if Failure::of(&s) == Failure::Etcd(EtcdError::NoLeader) && sink.require_leader {
                         sink.end(s);
                         return;

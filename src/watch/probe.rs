@@ -34,7 +34,7 @@ use super::sink::StreamSink;
 use crate::metrics::names;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_request, PutRequest, WatchProgressRequest, WatchRequest, WatchResponse};
-use crate::upstream::{CallCtx, Retry};
+use crate::upstream::CallCtx;
 
 /// Keeps a gauge one higher while it lives.
 struct Running(metrics::Gauge);
@@ -167,11 +167,7 @@ impl Hub {
         loop {
             attempt += 1;
             let ctx = CallCtx::from_metadata(&Default::default(), deadline.saturating_duration_since(Instant::now()));
-            match proxy
-                .upstream
-                .kv_call(&ctx, Retry::OnlyUnsent, &fence, |mut c, r| async move { c.put(r).await })
-                .await
-            {
+            match proxy.backend.put(&ctx, &fence).await {
                 Ok(resp) => {
                     metrics::counter!(names::WATCH_PROGRESS_FENCES).increment(1);
                     let rev = resp.header.map_or(0, |h| h.revision);

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
 use super::event::HubEvent;
@@ -21,7 +20,7 @@ use crate::pb::etcdserverpb::{
 };
 use crate::upstream::call::StreamCtx;
 use crate::upstream::classify::{EtcdError, Failure, UpstreamError};
-use crate::upstream::{CallCtx, Retry};
+use crate::upstream::CallCtx;
 
 /// How long an upstream progress request may stay the oldest unanswered before
 /// another is sent.
@@ -37,15 +36,14 @@ impl Hub {
     pub(super) async fn etcd_version(proxy: &Proxy) -> Option<String> {
         let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
         let req = crate::pb::etcdserverpb::StatusRequest {};
-        let resp =
-            proxy.upstream.maintenance_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.status(r).await }).await;
+        let resp = proxy.backend.status(&ctx, &req).await;
         resp.ok().map(|r| r.version)
     }
 
     pub(super) async fn current_header(proxy: &Proxy) -> Result<ResponseHeader, UpstreamError> {
         let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
         let req = RangeRequest { key: proxy.layout.void_key(), ..Default::default() };
-        let resp = proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await?;
+        let resp = proxy.backend.range(&ctx, &req).await?;
         Ok(resp.header.unwrap_or_default())
     }
 
@@ -58,7 +56,7 @@ impl Hub {
         }
         let ctx = CallCtx::from_metadata(&Default::default(), proxy.cfg.default_timeout());
         let req = RangeRequest { key: proxy.layout.void_key(), revision: rev, ..Default::default() };
-        match proxy.upstream.kv_call(&ctx, Retry::Safe, &req, |mut c, r| async move { c.range(r).await }).await {
+        match proxy.backend.range(&ctx, &req).await {
             Ok(_) => Ok(false),
             Err(e) if e.etcd() == Some(EtcdError::Compacted) => Ok(true),
             Err(s) => Err(s),
@@ -134,16 +132,8 @@ impl Hub {
         };
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
         // The hub's watch never ends on its own, and must hear when etcd loses its leader.
-        let req = StreamCtx { deadline: None, require_leader: true }.request(ReceiverStream::new(rx));
-        let (ep, ch) = proxy.upstream.stream_channel();
-        let mut client = proxy.upstream.watch(ch);
-        let mut stream = match client.watch(req).await {
-            Ok(s) => s.into_inner(),
-            Err(s) => {
-                proxy.upstream.report(ep, &s);
-                return Err(s);
-            }
-        };
+        let ctx = StreamCtx { deadline: None, require_leader: true };
+        let mut stream = proxy.backend.watch(&ctx, rx).await?;
         metrics::gauge!(names::WATCH_UPSTREAM_WATCHES).set(1.0);
         self.upstream_open.store(true, Ordering::Relaxed);
         {
@@ -161,7 +151,7 @@ impl Hub {
             tokio::select! {
                 _ = self.progress_kick.notified() => self.issue_probe(proxy, &tx),
                 _ = resend.tick() => oldest = self.resend_request(oldest, &tx),
-                msg = stream.message() => match msg.inspect_err(|s| proxy.upstream.report(ep, s))? {
+                msg = stream.message() => match msg? {
                     Some(resp) => {
                         *backoff = base;
                         if let Next::Reopen = self.on_upstream(resp) {

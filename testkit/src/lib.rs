@@ -22,6 +22,10 @@
 //! * [`Cluster`]: N etcd members on loopback that form one cluster; kill members to
 //!   make it lose quorum, restart them to get it back.
 //!
+//! * [`Postgres`]: a PostgreSQL server owned by a test (`initdb` in a temp dir, a
+//!   free port; run as `nobody` when the tests run as root), killed and restarted
+//!   in place, its client connections dropped; killed on drop.
+//!
 //! * [`Relay`]: a TCP relay in front of an address, for an upstream that goes away:
 //!   [`Relay::cut`] drops every connection, [`Relay::pause`] / [`Relay::resume`]
 //!   refuse new ones for a while, [`Relay::stop`] closes the port for good.
@@ -67,6 +71,7 @@
 mod cluster;
 mod etcd;
 mod http;
+mod postgres;
 mod relay;
 
 use std::process::{Child, Command, Output, Stdio};
@@ -90,6 +95,7 @@ pub const MILO_RESOURCES: [&str; 10] = [
 ];
 pub use etcd::{Etcd, EtcdBuilder};
 pub use http::{http_get, scrape_metric, sum_metric};
+pub use postgres::{postgres_bin, Postgres};
 pub use relay::Relay;
 
 const DEPS_HINT: &str = "run `make deps` (apt-get install etcd-server etcd-client)";

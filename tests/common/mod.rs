@@ -69,6 +69,59 @@ pub async fn start_mux(etcd: &Etcd, toml: &str) -> Mux {
     Mux { addr: running.addrs[0], running: Some(running), url }
 }
 
+/// Starts etcdmux in-process with config `toml` on the SQL backend in `pg` (its
+/// schema created first), every listener on 127.0.0.1:0, no metrics listener.
+pub async fn start_mux_sql(pg: &Postgres, toml: &str) -> Mux {
+    init_schema(&pg.dsn).await;
+    let mut cfg = etcdmux::config::Config::parse(toml, "test config").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    cfg.backend.kind = etcdmux::config::BackendKind::Sql;
+    cfg.backend.dsn = pg.dsn.clone();
+    for l in &mut cfg.listeners {
+        l.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    }
+    cfg.server.metrics_listen = None;
+    cfg.validate().unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    let running = etcdmux::grpc::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
+    let url = format!("http://127.0.0.1:{}", running.addrs[0].port());
+    Mux { addr: running.addrs[0], running: Some(running), url }
+}
+
+/// `etcdmux backend init` on the database at `dsn`.
+pub async fn init_schema(dsn: &str) {
+    etcdmux::backend::sql::schema::init(dsn, std::time::Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("backend init: {e}"));
+}
+
+/// Which storage a parameterized test runs etcdmux on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Etcd,
+    Sql,
+}
+
+/// etcdmux on `store` (a private etcd or PostgreSQL, kept alive by the returned guard).
+pub async fn start_on(store: Store, toml: &str) -> (Mux, StoreGuard) {
+    match store {
+        Store::Etcd => {
+            let etcd = Etcd::start();
+            let mux = start_mux(&etcd, toml).await;
+            (mux, StoreGuard::Etcd(etcd))
+        }
+        Store::Sql => {
+            let pg = Postgres::start();
+            let mux = start_mux_sql(&pg, toml).await;
+            (mux, StoreGuard::Sql(pg))
+        }
+    }
+}
+
+/// The storage behind a [`start_on`] etcdmux.
+pub enum StoreGuard {
+    Etcd(Etcd),
+    Sql(Postgres),
+}
+
 /// Starts etcdmux in-process with config `toml` and these upstream endpoints, in
 /// order (every listener on 127.0.0.1:0, no metrics listener); returns it and the
 /// URL of its first listener.

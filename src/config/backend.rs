@@ -1,0 +1,104 @@
+//! `[backend]`: where keys are stored — the etcd cluster of `[upstream]`, or a
+//! PostgreSQL-protocol SQL database (PostgreSQL, CockroachDB, YugabyteDB).
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// Which storage serves the etcd API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The etcd cluster of `[upstream]`.
+    #[default]
+    Etcd,
+    /// A SQL database (`dsn`), with etcd's data model in tables `etcdmux_*`.
+    Sql,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// `"etcd"` (the `[upstream]` cluster) or `"sql"` (the database at `dsn`).
+    /// Default "etcd". Flag `--backend`.
+    pub kind: BackendKind,
+    /// The database, as a libpq key/value string (`host=/run/pg port=5432 user=etcdmux
+    /// dbname=etcdmux`) or a `postgres://user:pass@host:port/db` URL. Required with
+    /// `kind = "sql"`. No TLS to the database: run it on a trusted network or a local
+    /// socket. Default "". Flag `--backend-dsn`.
+    pub dsn: String,
+    /// Database connections each etcdmux holds at most, for all calls together (the
+    /// change feed's LISTEN connection is one more). A call waits for a free one until
+    /// its deadline. Default 16.
+    pub pool_size: usize,
+    /// How long opening one database connection may take. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// How often the change feed reads the database's revision when no notification
+    /// woke it (the fallback to LISTEN/NOTIFY, and the only way on engines without
+    /// it). Default 100.
+    pub poll_interval_ms: u64,
+    /// Wake the change feed with LISTEN/NOTIFY (PostgreSQL, YugabyteDB); set false on
+    /// CockroachDB, which has neither, and the feed polls. Default true.
+    pub notify: bool,
+    /// Rows the change feed reads per query (a revision is never split: a query
+    /// stops at a revision boundary). Default 1000.
+    pub feed_batch: i64,
+    /// Watch responses queued per watch stream before its reader waits for the
+    /// consumer. Default 64.
+    pub feed_buffer: usize,
+    /// History rows one compaction statement deletes; writers are never held up for
+    /// longer than one batch. Default 1000.
+    pub compaction_batch: i64,
+    /// How often expired leases are looked for (by the one etcdmux that holds the
+    /// expiry lock). Default 500.
+    pub lease_check_interval_ms: u64,
+    /// How long the lease-expiry lock is held without being renewed: after a crash,
+    /// another etcdmux takes expiry over this long later. Default 5000.
+    pub lease_lock_ttl_ms: u64,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            kind: BackendKind::Etcd,
+            dsn: String::new(),
+            pool_size: 16,
+            connect_timeout_ms: 5000,
+            poll_interval_ms: 100,
+            notify: true,
+            feed_batch: 1000,
+            feed_buffer: 64,
+            compaction_batch: 1000,
+            lease_check_interval_ms: 500,
+            lease_lock_ttl_ms: 5000,
+        }
+    }
+}
+
+impl BackendConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.kind == BackendKind::Sql && self.dsn.trim().is_empty() {
+            return bad("backend.kind = \"sql\" needs backend.dsn (--backend-dsn)".into());
+        }
+        if self.pool_size == 0 || self.pool_size > 1024 {
+            return bad(format!("backend.pool_size ({}) must be between 1 and 1024", self.pool_size));
+        }
+        if self.connect_timeout_ms == 0 || self.poll_interval_ms == 0 || self.lease_check_interval_ms == 0 {
+            return bad(
+                "backend.connect_timeout_ms, poll_interval_ms and lease_check_interval_ms must be at least 1".into()
+            );
+        }
+        if self.feed_batch < 1 || self.feed_buffer == 0 || self.compaction_batch < 1 {
+            return bad("backend.feed_batch, feed_buffer and compaction_batch must be at least 1".into());
+        }
+        if self.lease_lock_ttl_ms <= self.lease_check_interval_ms {
+            return bad(format!(
+                "backend.lease_lock_ttl_ms ({}) must exceed lease_check_interval_ms ({}), or the expiry lock lapses \
+                 between renewals",
+                self.lease_lock_ttl_ms, self.lease_check_interval_ms
+            ));
+        }
+        Ok(())
+    }
+}
