@@ -15,7 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core post
 # The benchmark plots' labels are drawn with this font.
 PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: deps build run run-tls test lint check-config check-chart clean-run bench bench-smoke soak
+.PHONY: deps build run run-tls test lint check-config check-chart clean-run bench bench-smoke soak mem-profile
 
 ## deps: install etcd, etcdctl, protoc and the plot font (Debian/Ubuntu) if missing; check for cargo
 deps:
@@ -130,6 +130,18 @@ bench-smoke: deps
 	$(CARGO_TARGET_DIR)/debug/listbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 20 --resources 3 --objects 5 --page-limit 2 --readers 8 --write-rate 50 \
 	  --warmup-secs 1 --duration-secs 3 --check --name list-smoke
+	$(CARGO_TARGET_DIR)/debug/streammem --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux --streams 200 --watches 2 \
+	  --name streammem-smoke
+
+## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
+## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream
+MEM_STREAMS ?= 20000
+MEM_WATCHES ?= 1
+mem-profile: deps
+	CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/dhat $(CARGO) build --release --locked --features dhat-heap --bin etcdmux
+	$(CARGO) build --release --locked -p etcdmux-loadtest --bin streammem
+	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/dhat/release/etcdmux \
+	  --streams $(MEM_STREAMS) --watches $(MEM_WATCHES) --name streammem
 
 ## soak: the differential and watch checkers with many more seeds
 SOAK_DIFF_SEEDS ?= 200

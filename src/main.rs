@@ -177,7 +177,17 @@ fn load(cli: &Cli) -> Result<Config, String> {
     Ok(cfg)
 }
 
+/// With `--features dhat-heap` every allocation is recorded by call site; the
+/// profile is written when `main` returns (after a SIGTERM), to `ETCDMUX_DHAT_OUT`.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 fn main() -> ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::builder()
+        .file_name(std::env::var("ETCDMUX_DHAT_OUT").unwrap_or_else(|_| "dhat-heap.json".to_string()))
+        .build();
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Config::load(file).and_then(|c| c.validate().map(|_| c)) {
