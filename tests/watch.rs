@@ -1107,3 +1107,73 @@ async fn hub_resume_at_a_compacted_revision_cancels_only_affected_watchers() {
     assert!(!s.log.lock().unwrap().iter().any(|r| r.watch_id == 2 && r.canceled), "watcher 2 was not cancelled");
     running.shutdown().await;
 }
+
+/// etcd's Range calls answered so far (from its `/metrics`).
+fn etcd_ranges(etcd: &common::Etcd) -> f64 {
+    let (_, text) =
+        common::http_get(&format!("{}/metrics", etcd.metrics_url), Duration::from_secs(5)).expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains("grpc_method=\"Range\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Regression test (src/watch/upstream.rs, `Hub::now`): every watch created with
+/// start_revision 0 asked etcd for its revision with a Range of its own; creates
+/// that arrive together now share one call, and still start after every write that
+/// finished before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_created_together_share_one_revision_call() {
+    common::init_tracing();
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, &common::without_cache(common::MILO_TOML)).await;
+    let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
+    let n = 200;
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        streams.push(TestStream::open(&mux.url).await);
+    }
+    kv.put(PutRequest { key: b("/projects/p0/res/before"), value: b("v"), ..Default::default() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = etcd_ranges(&etcd);
+    for (i, s) in streams.iter_mut().enumerate() {
+        let prefix = format!("/projects/p{i}/res/");
+        let spec = Spec {
+            id: 1,
+            key: b(&prefix),
+            range_end: prefix_end(prefix.as_bytes()),
+            start: 0,
+            prev_kv: false,
+            no_put: false,
+            no_delete: false,
+        };
+        s.create(spec).await;
+    }
+    let created = |s: &TestStream| s.log.lock().unwrap().iter().any(|r| r.created);
+    for _ in 0..300 {
+        if streams.iter().all(created) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(streams.iter().all(created), "every watch was created");
+    let calls = etcd_ranges(&etcd) - before;
+    assert!(calls < (n / 2) as f64, "{calls} Range calls to etcd for {n} watches created together");
+    // They start after the write that came before them, and see the next one.
+    kv.put(PutRequest { key: b("/projects/p0/res/after"), value: b("v"), ..Default::default() }).await.unwrap();
+    for _ in 0..100 {
+        let keys: Vec<Vec<u8>> = streams[0]
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.key.to_vec())))
+            .collect();
+        if !keys.is_empty() {
+            assert_eq!(keys, vec![b"/projects/p0/res/after".to_vec()], "events of stream 0");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("stream 0 never saw the write after its create");
+}

@@ -56,6 +56,7 @@ use crate::keyspace::{KeyLayout, Piece};
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{ResponseHeader, WatchResponse};
 use crate::pb::mvccpb::Event;
+use crate::replica::read_index::ReadIndex;
 use crate::replica::Replica;
 use crate::shutdown::Tasks;
 
@@ -121,6 +122,9 @@ pub struct Hub {
     tracker: TaskTracker,
     /// The read replica the upstream watch feeds (`[cache] enabled`).
     pub(super) replica: OnceLock<Arc<Replica>>,
+    /// etcd's current revision for watches created with start_revision 0: one
+    /// upstream call shared by the creates that arrive together.
+    pub(super) now_index: ReadIndex,
 }
 
 impl Hub {
@@ -147,6 +151,7 @@ impl Hub {
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
             replica: OnceLock::new(),
+            now_index: ReadIndex::default(),
         })
     }
 

@@ -63,9 +63,16 @@ impl Hub {
         }
     }
 
-    /// The revision a watch with start_revision 0 starts at: etcd's current + 1.
+    /// The revision a watch with start_revision 0 starts at: etcd's current + 1,
+    /// from a call sent after this was asked (so never older than etcd's revision
+    /// when the create arrived), shared by the creates that arrive meanwhile. If
+    /// that call failed, one of this create's own tells why.
     pub async fn now(&self, proxy: &Proxy) -> Result<i64, UpstreamError> {
-        Ok(Self::current_header(proxy).await?.revision + 1)
+        let shared = self.now_index.current(|| async { Self::current_header(proxy).await.ok() }).await;
+        match shared {
+            Some(h) => Ok(h.revision + 1),
+            None => Ok(Self::current_header(proxy).await?.revision + 1),
+        }
     }
 
     pub(super) async fn run_upstream(self: Arc<Self>, proxy: Arc<Proxy>) {
