@@ -104,6 +104,33 @@ pub async fn check(client: &tokio_postgres::Client) -> Result<(), SchemaError> {
     }
 }
 
+/// At start: refuses a database whose schema version is not [`VERSION`] (not created
+/// yet, older, or newer). A database that cannot be reached is no reason to refuse:
+/// etcdmux starts, answers `UNAVAILABLE` and is not ready until it can (as with an
+/// etcd that is down), so that is only logged.
+pub async fn verify(dsn: &str, timeout: Duration) -> Result<(), SchemaError> {
+    let mut cfg: tokio_postgres::Config = dsn.parse().map_err(SchemaError::Dsn)?;
+    cfg.connect_timeout(timeout);
+    let (client, connection) = match tokio::time::timeout(timeout, cfg.connect(NoTls)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "sql backend: the database is unreachable; its schema is not checked");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!("sql backend: connecting to the database timed out; its schema is not checked");
+            return Ok(());
+        }
+    };
+    tokio::select! {
+        r = check(&client) => r,
+        _ = connection => {
+            tracing::warn!("sql backend: the database closed the connection; its schema is not checked");
+            Ok(())
+        }
+    }
+}
+
 /// `etcdmux backend init`: creates the schema, or migrates it step by step to
 /// [`VERSION`]. Safe to run again, and from several processes at once (every step
 /// is idempotent). Returns what it did.
