@@ -265,3 +265,65 @@ fn backend_init_creates_is_idempotent_and_refuses_unknown_versions() {
     assert!(err.contains("connecting to the database"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A measurement, not a check of speed (run with `--ignored --nocapture`): a range at
+/// the newest revision over keys with many versions each, and a delete of many keys,
+/// on the SQL backend. Checks only that the answers are right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a timing; run with --ignored --nocapture"]
+async fn timing_of_newest_ranges_and_big_deletes() {
+    use etcdmux::pb::etcdserverpb::{kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
+    const KEYS: usize = 2000;
+    const VERSIONS: usize = 10;
+    let pg = Postgres::start();
+    let mux = common::start_mux_sql(&pg, &common::without_cache(common::MILO_TOML)).await;
+    let ch = tonic::transport::Endpoint::from_shared(mux.url.clone()).expect("url").connect().await.expect("connect");
+    let mut kv = KvClient::new(ch);
+    let key = |i: usize| format!("/projects/p/pods/ns/k{i:05}");
+    for v in 0..VERSIONS {
+        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
+            let success = chunk
+                .iter()
+                .map(|&i| RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: key(i).into(),
+                        value: format!("v{v}").into(),
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            kv.txn(TxnRequest { success, ..Default::default() }).await.expect("txn");
+        }
+    }
+    let list = RangeRequest {
+        key: "/projects/p/pods/".into(),
+        range_end: "/projects/p/pods0".into(),
+        limit: 500,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    for _ in 0..20 {
+        let r = kv.range(list.clone()).await.expect("range").into_inner();
+        assert_eq!((r.kvs.len(), r.count, r.more), (500, KEYS as i64, true));
+    }
+    let range_ms = t.elapsed().as_secs_f64() * 1000.0 / 20.0;
+    let t = Instant::now();
+    for i in 0..200 {
+        let r = kv.range(RangeRequest { key: key(i * 7).into(), ..Default::default() }).await.expect("get");
+        assert_eq!(r.into_inner().kvs.len(), 1);
+    }
+    let get_ms = t.elapsed().as_secs_f64() * 1000.0 / 200.0;
+    let t = Instant::now();
+    let del = etcdmux::pb::etcdserverpb::DeleteRangeRequest {
+        key: "/projects/p/pods/".into(),
+        range_end: "/projects/p/pods0".into(),
+        ..Default::default()
+    };
+    let d = kv.delete_range(del).await.expect("delete").into_inner();
+    let delete_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(d.deleted, KEYS as i64);
+    println!(
+        "sql timing ({KEYS} keys x {VERSIONS} versions): list of 500 at newest {range_ms:.1} ms, get {get_ms:.2} ms, \
+         delete of {KEYS} keys {delete_ms:.0} ms"
+    );
+}
