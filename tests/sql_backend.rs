@@ -75,10 +75,8 @@ async fn expire_three(c: &mut etcd_client::Client, prefix: &str) -> i64 {
         let r = c.put(format!("{prefix}{k}"), "v", Some(PutOptions::new().with_lease(lease))).await.expect("put");
         last = r.header().expect("header").revision();
     }
-    let mut events = c
-        .watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(last + 1)))
-        .await
-        .expect("watch");
+    let mut events =
+        c.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(last + 1))).await.expect("watch");
     let resp = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             let r = events.message().await.expect("watch stream").expect("watch answer");
@@ -161,11 +159,11 @@ fn ttl_band(ttl: i64, granted: i64) -> String {
 }
 
 async fn lease_script(url: &str) -> Vec<common::Out> {
-    use etcdmux::pb::etcdserverpb::{
-        kv_client::KvClient, lease_client::LeaseClient, LeaseGrantRequest, LeaseKeepAliveRequest,
-        LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest,
-    };
     use common::{norm_header, show};
+    use etcdmux::pb::etcdserverpb::{
+        kv_client::KvClient, lease_client::LeaseClient, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest,
+        LeaseTimeToLiveRequest, PutRequest,
+    };
     let ch = tonic::transport::Endpoint::from_shared(url.to_string()).expect("url").connect().await.expect("connect");
     let mut l = LeaseClient::new(ch.clone());
     let mut kv = KvClient::new(ch);
@@ -229,15 +227,16 @@ fn backend_init_creates_is_idempotent_and_refuses_unknown_versions() {
 
     let first = init();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "etcdmux schema: version 0 -> 1");
+    let want = etcdmux::backend::sql::schema::VERSION;
+    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), format!("etcdmux schema: version 0 -> {want}"));
     let tables = pg.psql("SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables WHERE table_name LIKE 'etcdmux_%'");
-    assert_eq!(tables.trim(), "etcdmux_head,etcdmux_kv,etcdmux_lease,etcdmux_lock,etcdmux_schema");
+    assert_eq!(tables.trim(), "etcdmux_head,etcdmux_kv,etcdmux_latest,etcdmux_lease,etcdmux_lock,etcdmux_schema");
 
     // A write, then init again: nothing changes, the data is kept.
     pg.psql("UPDATE etcdmux_head SET revision = 42");
     let again = init();
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
-    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "etcdmux schema: version 1, up to date");
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), format!("etcdmux schema: version {want}, up to date"));
     assert_eq!(pg.psql("SELECT revision FROM etcdmux_head").trim(), "42");
 
     // A schema from a newer etcdmux: init refuses and leaves it; so does etcdmux.
@@ -245,7 +244,7 @@ fn backend_init_creates_is_idempotent_and_refuses_unknown_versions() {
     let newer = init();
     assert!(!newer.status.success());
     let err = String::from_utf8_lossy(&newer.stderr);
-    assert!(err.contains("schema version 99") && err.contains("needs 1"), "{err}");
+    assert!(err.contains("schema version 99") && err.contains(&format!("needs {want}")), "{err}");
     assert_eq!(pg.psql("SELECT version FROM etcdmux_schema").trim(), "99");
     let serve = Command::new(MUX)
         .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--static-tenant", "t"])
