@@ -494,6 +494,8 @@ mod tests {
             key: key.slice(..key.len() - 1),
             range_end: prefix_end(&key.slice(..key.len() - 1)),
             revision: rev,
+            // Serializable: answered without asking the (absent) etcd for its revision.
+            serializable: true,
             ..Default::default()
         };
         assert_eq!(r.range(&up, &ctx, &at(&a1, 10)).await, None, "before piece a's load: etcd's to answer");
