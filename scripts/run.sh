@@ -276,17 +276,24 @@ The shared layout in etcd itself:
 Stop both with: make clean-run
 EOF
 else
+    if [[ $BACKEND == sql ]]; then
+        store="PostgreSQL on 127.0.0.1:$PG_PORT   (pid $(<"$RUN_DIR/postgres.pid"), log $RUN_DIR/postgres.log)
+  see the tables: psql -h 127.0.0.1 -p $PG_PORT -U etcdmux -d postgres -c 'SELECT * FROM etcdmux_head'"
+    else
+        store="upstream: etcd on $ETCD_URL   (pid $etcd_pid, log $RUN_DIR/etcd.log)
+See the shared layout in etcd itself:
+  ETCDCTL_API=3 etcdctl --endpoints $ETCD_URL get --prefix /registry/"
+    fi
     cat <<EOF
 
 etcdmux is running on $MUX_URL   (pid $mux_pid, log $RUN_DIR/etcdmux.log)
   metrics:  http://$MUX_HOST:$METRICS_PORT/metrics   readiness: http://$MUX_HOST:$METRICS_PORT/readyz
-  upstream: etcd on $ETCD_URL   (pid $etcd_pid, log $RUN_DIR/etcd.log)
+  $store
 
 Try it (tenant "demo" via /projects/demo/...):
   ETCDCTL_API=3 etcdctl --endpoints $MUX_URL put /projects/demo/pods/default/web hello
   ETCDCTL_API=3 etcdctl --endpoints $MUX_URL get --prefix /projects/demo/
-See the shared layout in etcd itself:
-  ETCDCTL_API=3 etcdctl --endpoints $ETCD_URL get --prefix /registry/
+  ETCDCTL_API=3 etcdctl --endpoints $MUX_HOST:$MUX_PORT endpoint status -w table   # (etcdctl 3.4: host:port, no http://)
 TLS everywhere (etcd with client certificates, mTLS to etcdmux): make run-tls
 
 Stop both with: make clean-run

@@ -172,8 +172,39 @@ async fn key_path_tenants_are_closed_on(store: common::Store) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_belong_to_their_tenant() {
-    let etcd = common::Etcd::start();
-    let mux = common::start_mux(&etcd, TWO_STATIC).await;
+    leases_belong_to_their_tenant_on(common::Store::Etcd).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_sql_backend_leases_belong_to_their_tenant() {
+    leases_belong_to_their_tenant_on(common::Store::Sql).await
+}
+
+/// Another etcdmux on the same storage.
+async fn another_mux(store: &common::StoreGuard, toml: &str) -> common::Mux {
+    match store {
+        common::StoreGuard::Etcd(etcd) => common::start_mux(etcd, toml).await,
+        common::StoreGuard::Sql(pg) => common::start_mux_sql(pg, toml).await,
+    }
+}
+
+/// etcdmux's lease owner records in the storage itself.
+async fn owner_records(store: &common::StoreGuard) -> usize {
+    match store {
+        common::StoreGuard::Etcd(etcd) => {
+            let mut raw = common::client(&etcd.client_url).await;
+            let owners = raw.get("/etcdmux/leases/", Some(GetOptions::new().with_prefix())).await.unwrap();
+            owners.count() as usize
+        }
+        common::StoreGuard::Sql(pg) => {
+            let n = pg.psql("SELECT count(*) FROM etcdmux_latest WHERE key >= '/etcdmux/leases/'::BYTEA AND key < '/etcdmux/leases0'::BYTEA");
+            n.trim().parse().expect("a count")
+        }
+    }
+}
+
+async fn leases_belong_to_their_tenant_on(store: common::Store) {
+    let (mux, storage) = common::start_on(store, TWO_STATIC).await;
     let addrs = &mux.running.as_ref().unwrap().addrs;
     let mut a = common::client(&format!("http://{}", addrs[0])).await;
     let mut b = common::client(&format!("http://{}", addrs[1])).await;
@@ -214,8 +245,8 @@ async fn leases_belong_to_their_tenant() {
     let a_list: Vec<i64> = a.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
     assert_eq!(a_list, vec![lease]);
 
-    // Ownership lives in etcd: a fresh etcdmux on the same etcd enforces it too.
-    let mux2 = common::start_mux(&etcd, TWO_STATIC).await;
+    // Ownership lives in the storage: a fresh etcdmux on the same one enforces it too.
+    let mux2 = another_mux(&storage, TWO_STATIC).await;
     let addrs2 = &mux2.running.as_ref().unwrap().addrs;
     let mut b2 = common::client(&format!("http://{}", addrs2[1])).await;
     assert_eq!(status_of(b2.lease_revoke(lease).await.unwrap_err()), tonic::Code::NotFound);
@@ -223,9 +254,7 @@ async fn leases_belong_to_their_tenant() {
     // Revoking removes the keys and the owner record.
     a.lease_revoke(lease).await.unwrap();
     assert!(a.get("/pods/ns/leased", None).await.unwrap().kvs().is_empty());
-    let mut raw = common::client(&etcd.client_url).await;
-    let owners = raw.get("/etcdmux/leases/", Some(GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!(owners.count(), 1, "only b's lease record is left");
+    assert_eq!(owner_records(&storage).await, 1, "only b's lease record is left");
 }
 
 /// The root index lives in etcd: what one etcdmux replica writes, another one's

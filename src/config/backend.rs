@@ -55,6 +55,11 @@ pub struct BackendConfig {
     /// How long the lease-expiry lock is held without being renewed: after a crash,
     /// another etcdmux takes expiry over this long later. Default 5000.
     pub lease_lock_ttl_ms: u64,
+    /// Largest write (the encoded put, delete or txn, keys in their stored form) the
+    /// SQL backend applies; larger ones get etcd's "etcdserver: request is too large",
+    /// as etcd refuses them (its `--max-request-bytes`, whose default this is).
+    /// Default 1572864 (1.5 MiB).
+    pub max_request_bytes: usize,
 }
 
 impl Default for BackendConfig {
@@ -71,6 +76,7 @@ impl Default for BackendConfig {
             compaction_batch: 1000,
             lease_check_interval_ms: 500,
             lease_lock_ttl_ms: 5000,
+            max_request_bytes: 1536 * 1024,
         }
     }
 }
@@ -88,6 +94,9 @@ impl BackendConfig {
             return bad(
                 "backend.connect_timeout_ms, poll_interval_ms and lease_check_interval_ms must be at least 1".into()
             );
+        }
+        if self.max_request_bytes == 0 {
+            return bad("backend.max_request_bytes must be at least 1".into());
         }
         if self.feed_batch < 1 || self.feed_buffer == 0 || self.compaction_batch < 1 {
             return bad("backend.feed_batch, feed_buffer and compaction_batch must be at least 1".into());

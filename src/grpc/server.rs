@@ -116,6 +116,10 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         l.addr = listener.local_addr()?;
         listeners.push(listener);
     }
+    if cfg.backend.kind == crate::config::BackendKind::Sql {
+        let timeout = Duration::from_millis(cfg.backend.connect_timeout_ms);
+        crate::backend::sql::schema::verify(&cfg.backend.dsn, timeout).await?;
+    }
     let proxy = Proxy::new(cfg)?;
     // Everything that can fail comes before the first task is spawned.
     let scopes =

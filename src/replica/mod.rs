@@ -319,14 +319,16 @@ impl Replica {
                 return forward(why);
             }
         }
-        let (kind, header) = if req.revision > 0 {
-            ("revision", None)
-        } else if req.serializable {
+        // A range at a revision is linearizable too unless serializable: its data is
+        // the revision's, but etcd's header is its current revision, which the
+        // replica may not have applied yet (found by the differential test on SQL).
+        let kind = if req.revision > 0 { "revision" } else { "linearizable" };
+        let (kind, header) = if req.serializable {
             if ctx.require_leader {
                 // etcd refuses it without a leader; only etcd knows.
                 return forward("require_leader");
             }
-            ("serializable", None)
+            (if req.revision > 0 { kind } else { "serializable" }, None)
         } else {
             let Some(h) = self.read_index.current(|| self.fetch_revision(up, ctx)).await else {
                 return forward("read_index_failed");
@@ -342,7 +344,7 @@ impl Replica {
             if !self.wait_applied(h.revision).await {
                 return forward("lagging");
             }
-            ("linearizable", Some(h))
+            (kind, Some(h))
         };
         let mut st = self.lock();
         if let Some(h) = header {
@@ -363,8 +365,8 @@ impl Replica {
         // applied it): exactly what etcd would have answered when R was read, even if
         // the replica has moved on since (a progress fence, later writes).
         let at = match header {
-            Some(h) if h.revision >= st.store.floor() => h.revision,
             _ if req.revision > 0 => req.revision,
+            Some(h) if h.revision >= st.store.floor() => h.revision,
             _ => st.store.applied(),
         };
         if at < piece_floor {
@@ -372,7 +374,11 @@ impl Replica {
         }
         match st.store.range(&RangeRequest { revision: at, ..req.clone() }) {
             Answer::Served(mut resp) => {
-                let revision = if req.revision > 0 { st.store.applied() } else { at };
+                let revision = match header {
+                    Some(h) if req.revision > 0 => h.revision,
+                    _ if req.revision > 0 => st.store.applied(),
+                    _ => at,
+                };
                 resp.header = Some(ResponseHeader { revision, ..st.header });
                 drop(st);
                 metrics::counter!(names::CACHE_HITS, "consistency" => kind).increment(1);
@@ -488,6 +494,8 @@ mod tests {
             key: key.slice(..key.len() - 1),
             range_end: prefix_end(&key.slice(..key.len() - 1)),
             revision: rev,
+            // Serializable: answered without asking the (absent) etcd for its revision.
+            serializable: true,
             ..Default::default()
         };
         assert_eq!(r.range(&up, &ctx, &at(&a1, 10)).await, None, "before piece a's load: etcd's to answer");

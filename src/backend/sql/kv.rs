@@ -101,6 +101,59 @@ const READ_ONE: &str = read_sql!("k.key = $1 AND $2::BYTEA IS NOT NULL");
 const READ_FROM: &str = read_sql!("k.key >= $1 AND $2::BYTEA IS NOT NULL");
 const READ_BETWEEN: &str = read_sql!("k.key >= $1 AND k.key < $2");
 
+/// As [`read_sql`] at the newest revision (`$3` = 0), from `etcdmux_latest`: one
+/// row per live key instead of a walk over every version kept.
+macro_rules! read_latest_sql {
+    ($cond:literal) => {
+        concat!(
+            "WITH h AS (SELECT revision, compact_revision FROM etcdmux_head WHERE id = 1)
+             SELECT h.revision, h.compact_revision, l.key, l.create_revision, l.mod_revision, l.version, l.lease,
+                    l.value, l.total
+             FROM h LEFT JOIN (
+               SELECT k.key, k.create_revision, k.mod_revision, k.version, k.lease, k.value, count(*) OVER () AS total
+               FROM etcdmux_latest k WHERE ",
+            $cond,
+            " AND $3::BIGINT = 0 ORDER BY k.key LIMIT $4
+             ) l ON true
+             ORDER BY l.key"
+        )
+    };
+}
+
+const LATEST_ONE: &str = read_latest_sql!("k.key = $1 AND $2::BYTEA IS NOT NULL");
+const LATEST_FROM: &str = read_latest_sql!("k.key >= $1 AND $2::BYTEA IS NOT NULL");
+const LATEST_BETWEEN: &str = read_latest_sql!("k.key >= $1 AND k.key < $2");
+
+/// Deletes the live keys of a range in one statement: gone from `etcdmux_latest`,
+/// a tombstone each in the history at revision `$3`, numbered from `seq` `$4` in key
+/// order; returns their last versions in key order.
+macro_rules! delete_sql {
+    ($cond:literal) => {
+        concat!(
+            "WITH d AS (
+               DELETE FROM etcdmux_latest k WHERE ",
+            $cond,
+            " RETURNING k.key, k.create_revision, k.mod_revision, k.version, k.lease, k.value),
+             n AS (SELECT d.*, row_number() OVER (ORDER BY d.key) AS i FROM d),
+             t AS (INSERT INTO etcdmux_kv (key, mod_revision, seq, create_revision, version, lease, value, deleted)
+                   SELECT n.key, $3::BIGINT, $4::INT + (n.i - 1)::INT, 0, 0, 0, ''::BYTEA, true FROM n)
+             SELECT key, create_revision, mod_revision, version, lease, value FROM n ORDER BY key"
+        )
+    };
+}
+
+const DELETE_ONE: &str = delete_sql!("k.key = $1 AND $2::BYTEA IS NOT NULL");
+const DELETE_FROM: &str = delete_sql!("k.key >= $1 AND $2::BYTEA IS NOT NULL");
+const DELETE_BETWEEN: &str = delete_sql!("k.key >= $1 AND k.key < $2");
+/// As the deletes above, for the keys whose newest version is attached to lease `$1`
+/// (`$2` unused); only the keys are returned.
+const DELETE_LEASED: &str =
+    "WITH d AS (DELETE FROM etcdmux_latest WHERE lease = $1 AND $2::BYTEA IS NOT NULL RETURNING key),
+       n AS (SELECT d.key, row_number() OVER (ORDER BY d.key) AS i FROM d),
+       t AS (INSERT INTO etcdmux_kv (key, mod_revision, seq, create_revision, version, lease, value, deleted)
+             SELECT n.key, $3::BIGINT, $4::INT + (n.i - 1)::INT, 0, 0, 0, ''::BYTEA, true FROM n)
+     SELECT key, 0::BIGINT, 0::BIGINT, 0::BIGINT, 0::BIGINT, ''::BYTEA FROM n ORDER BY key";
+
 /// The rows of one read: the head's revision and compact revision, the live keys
 /// and their total.
 pub struct Read {
@@ -132,10 +185,13 @@ pub async fn read(
     rev: i64,
     limit: Option<i64>,
 ) -> Result<Read, tokio_postgres::Error> {
-    let sql = match span(range_end) {
-        Span::One => READ_ONE,
-        Span::From => READ_FROM,
-        Span::Between => READ_BETWEEN,
+    let sql = match (span(range_end), rev) {
+        (Span::One, 0) => LATEST_ONE,
+        (Span::From, 0) => LATEST_FROM,
+        (Span::Between, 0) => LATEST_BETWEEN,
+        (Span::One, _) => READ_ONE,
+        (Span::From, _) => READ_FROM,
+        (Span::Between, _) => READ_BETWEEN,
     };
     let stmt = conn.stmt(sql).await?;
     let params: [&(dyn ToSql + Sync); 4] = [&key, &range_end, &rev, &limit];
@@ -187,8 +243,15 @@ fn check_revision(rev: i64, head: i64, compact: i64) -> Result<(), UpstreamError
 const LOCK_HEAD: &str = "SELECT revision, compact_revision FROM etcdmux_head WHERE id = 1 FOR UPDATE";
 const HEAD: &str = "SELECT revision, compact_revision FROM etcdmux_head WHERE id = 1";
 const MOVE_HEAD: &str = "UPDATE etcdmux_head SET revision = $1 WHERE id = 1";
-const INSERT: &str = "INSERT INTO etcdmux_kv (key, mod_revision, seq, create_revision, version, lease, value, deleted)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+/// A put: its history row, and the key's newest version replaced.
+const INSERT: &str = "WITH h AS (
+       INSERT INTO etcdmux_kv (key, mod_revision, seq, create_revision, version, lease, value, deleted)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, false))
+     INSERT INTO etcdmux_latest (key, create_revision, mod_revision, version, lease, value)
+     VALUES ($1, $4, $2, $5, $6, $7)
+     ON CONFLICT (key) DO UPDATE SET create_revision = excluded.create_revision,
+       mod_revision = excluded.mod_revision, version = excluded.version, lease = excluded.lease,
+       value = excluded.value";
 const LEASE_EXISTS: &str = "SELECT 1 FROM etcdmux_lease WHERE id = $1";
 
 /// One write transaction: the head locked at `begin`, changes so far.
@@ -233,13 +296,13 @@ impl<'c> Tx<'c> {
         Ok(self.rev())
     }
 
-    /// The live keys of a range as this transaction sees them (its own changes too).
+    /// The live keys of a range as this transaction sees them (its own changes too:
+    /// the newest versions are this transaction's).
     async fn live(&mut self, key: &[u8], range_end: &[u8]) -> Result<Vec<KeyValue>, tokio_postgres::Error> {
         if span(range_end) == Span::Between && range_end <= key {
             return Ok(Vec::new());
         }
-        let rev = self.rev();
-        Ok(read(self.conn, key, range_end, rev, None).await?.kvs)
+        Ok(read(self.conn, key, range_end, 0, None).await?.kvs)
     }
 
     async fn lease_exists(&mut self, id: i64) -> Result<bool, tokio_postgres::Error> {
@@ -247,17 +310,40 @@ impl<'c> Tx<'c> {
         Ok(self.conn.client.query_opt(&stmt, &[&id]).await?.is_some())
     }
 
-    /// Writes one change at the transaction's revision.
-    async fn change(&mut self, kv: &KeyValue, deleted: bool) -> Result<(), tokio_postgres::Error> {
+    /// Writes one put at the transaction's revision.
+    async fn change(&mut self, kv: &KeyValue) -> Result<(), tokio_postgres::Error> {
         let rev = self.begin + 1;
         let seq = self.changes;
         self.changes += 1;
         let stmt = self.conn.stmt(INSERT).await?;
         let (key, value): (&[u8], &[u8]) = (&kv.key, &kv.value);
-        let params: [&(dyn ToSql + Sync); 8] =
-            [&key, &rev, &seq, &kv.create_revision, &kv.version, &kv.lease, &value, &deleted];
+        let params: [&(dyn ToSql + Sync); 7] = [&key, &rev, &seq, &kv.create_revision, &kv.version, &kv.lease, &value];
         self.conn.client.execute(&stmt, &params).await?;
         Ok(())
+    }
+
+    /// Runs one of the delete statements (one round trip, however many keys) at the
+    /// transaction's revision; the deleted keys' last versions, in key order.
+    async fn delete_with(
+        &mut self,
+        sql: &'static str,
+        a: &(dyn ToSql + Sync),
+        b: &(dyn ToSql + Sync),
+    ) -> Result<Vec<KeyValue>, tokio_postgres::Error> {
+        let rev = self.begin + 1;
+        let seq = self.changes;
+        let stmt = self.conn.stmt(sql).await?;
+        let rows = self.conn.client.query(&stmt, &[a, b, &rev, &seq]).await?;
+        let gone = rows.iter().filter_map(|r| kv_of(r, 0).transpose()).collect::<Result<Vec<_>, _>>()?;
+        self.changes += i32::try_from(gone.len()).unwrap_or(i32::MAX);
+        Ok(gone)
+    }
+
+    /// Deletes every key attached to lease `id` (its newest version's lease), in key
+    /// order, at the transaction's revision; how many.
+    pub async fn delete_leased(&mut self, id: i64) -> Result<usize, tokio_postgres::Error> {
+        let none: &[u8] = &[];
+        Ok(self.delete_with(DELETE_LEASED, &id, &none).await?.len())
     }
 
     /// etcd's `Put`: the lease must exist; `ignore_*` needs the key.
@@ -284,22 +370,24 @@ impl<'c> Tx<'c> {
                 _ => req.value.clone(),
             },
         };
-        self.change(&kv, false).await?;
+        self.change(&kv).await?;
         Ok(PutResponse { header: header(rev), prev_kv: prev.filter(|_| req.prev_kv) })
     }
 
-    /// Deletes `kv.key` at the transaction's revision.
-    pub async fn tombstone(&mut self, kv: &KeyValue) -> Result<(), tokio_postgres::Error> {
-        let tomb = KeyValue { key: kv.key.clone(), mod_revision: self.begin + 1, ..Default::default() };
-        self.change(&tomb, true).await
-    }
-
-    /// etcd's `DeleteRange`: a tombstone for every live key of the range.
+    /// etcd's `DeleteRange`: a tombstone for every live key of the range, in one
+    /// statement.
     pub async fn delete(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse, TxError> {
-        let live = self.live(&req.key, &req.range_end).await?;
-        for kv in &live {
-            self.tombstone(kv).await?;
-        }
+        let live = if span(&req.range_end) == Span::Between && req.range_end <= req.key {
+            Vec::new()
+        } else {
+            let sql = match span(&req.range_end) {
+                Span::One => DELETE_ONE,
+                Span::From => DELETE_FROM,
+                Span::Between => DELETE_BETWEEN,
+            };
+            let (key, end): (&[u8], &[u8]) = (&req.key, &req.range_end);
+            self.delete_with(sql, &key, &end).await?
+        };
         let deleted = live.len() as i64;
         Ok(DeleteRangeResponse {
             header: header(self.rev()),
@@ -321,7 +409,9 @@ impl<'c> Tx<'c> {
         if span(&req.range_end) == Span::Between && req.range_end <= req.key {
             return Ok(RangeResponse { header: header(cur), ..Default::default() });
         }
-        let r = read(self.conn, &req.key, &req.range_end, rev, fetch_limit(req)).await?;
+        // At the transaction's own revision: the newest versions (0).
+        let at = if rev == cur { 0 } else { rev };
+        let r = read(self.conn, &req.key, &req.range_end, at, fetch_limit(req)).await?;
         let mut resp = range_answer(req, r.kvs, r.count);
         resp.header = header(cur);
         Ok(resp)

@@ -22,7 +22,6 @@ use super::pool::{failure, Conn};
 use super::{SqlInner, Write};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
-use crate::pb::mvccpb::KeyValue;
 use crate::upstream::classify::{EtcdError, UpstreamError};
 
 /// etcd's largest TTL (`MaxLeaseTTL`).
@@ -43,11 +42,7 @@ const RENEW: &str = "WITH u AS (
        WHERE id = $1 AND expires_at > now() RETURNING ttl)
      SELECT (SELECT revision FROM etcdmux_head WHERE id = 1), (SELECT ttl FROM u)";
 /// The keys whose newest version is attached to a lease.
-pub const KEYS: &str = "SELECT k.key FROM etcdmux_kv k
-     WHERE k.lease = $1 AND NOT k.deleted
-       AND NOT EXISTS (SELECT 1 FROM etcdmux_kv n
-                       WHERE n.key = k.key AND (n.mod_revision, n.seq) > (k.mod_revision, k.seq))
-     ORDER BY k.key";
+pub const KEYS: &str = "SELECT key FROM etcdmux_latest WHERE lease = $1 ORDER BY key";
 const DROP: &str = "DELETE FROM etcdmux_lease WHERE id = $1";
 const DROP_EXPIRED: &str = "DELETE FROM etcdmux_lease WHERE id = $1 AND expires_at <= now()";
 const EXPIRED: &str = "SELECT id FROM etcdmux_lease WHERE expires_at <= now() ORDER BY expires_at LIMIT 100";
@@ -74,9 +69,7 @@ pub async fn revoke(tx: &mut Tx<'_>, id: i64, only_expired: bool) -> Result<bool
     if tx.conn.client.execute(&stmt, &[&id]).await? == 0 {
         return Ok(false);
     }
-    for key in keys(tx.conn, id).await? {
-        tx.tombstone(&KeyValue { key, ..Default::default() }).await?;
-    }
+    tx.delete_leased(id).await?;
     Ok(true)
 }
 

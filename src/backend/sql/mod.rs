@@ -149,6 +149,16 @@ impl SqlInner {
     /// Runs one write transaction: sent again only when it never reached the
     /// database or the database aborted it.
     pub async fn write(&self, ctx: &CallCtx, w: Write<'_>) -> Result<Done, UpstreamError> {
+        // etcd measures its raft request; the request itself is that, bar a few bytes.
+        let size = match &w {
+            Write::Put(p) => prost::Message::encoded_len(*p),
+            Write::Delete(d) => prost::Message::encoded_len(*d),
+            Write::Txn(t) => prost::Message::encoded_len(*t),
+            _ => 0,
+        };
+        if size > self.cfg.max_request_bytes {
+            return Err(UpstreamError::answered(EtcdError::RequestTooLarge));
+        }
         let mut attempt = 0u32;
         loop {
             let res = tokio::time::timeout_at(ctx.deadline, async {

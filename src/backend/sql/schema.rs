@@ -10,6 +10,8 @@
 //!   wrote it, a delete is a row with `deleted`), until compaction; `seq` orders the
 //!   changes inside one revision (a txn's puts and deletes, as etcd's events, and
 //!   etcd's sub-revision: one txn may put a key and then delete it);
+//! - `etcdmux_latest` (version 2): the newest version of every live key, written in
+//!   the same transaction as its history row (reads at the newest revision);
 //! - `etcdmux_lease`: leases, their TTL and expiry time (the database's clock);
 //! - `etcdmux_lock`: named locks with a holder and an expiry (lease expiry).
 //!
@@ -22,20 +24,21 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// The schema this etcdmux reads and writes.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// The steps from version `i` to `i + 1`, each statement on its own (some engines
 /// take one DDL statement per transaction).
-const STEPS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS etcdmux_head (
+const STEPS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE IF NOT EXISTS etcdmux_head (
         id INT PRIMARY KEY,
         revision BIGINT NOT NULL,
         compact_revision BIGINT NOT NULL,
         compacted_revision BIGINT NOT NULL
     )",
-    "INSERT INTO etcdmux_head (id, revision, compact_revision, compacted_revision) VALUES (1, 1, 0, 0)
+        "INSERT INTO etcdmux_head (id, revision, compact_revision, compacted_revision) VALUES (1, 1, 0, 0)
         ON CONFLICT DO NOTHING",
-    "CREATE TABLE IF NOT EXISTS etcdmux_kv (
+        "CREATE TABLE IF NOT EXISTS etcdmux_kv (
         key BYTEA NOT NULL,
         mod_revision BIGINT NOT NULL,
         seq INT NOT NULL,
@@ -46,19 +49,41 @@ const STEPS: &[&[&str]] = &[&[
         deleted BOOLEAN NOT NULL,
         PRIMARY KEY (key, mod_revision, seq)
     )",
-    "CREATE INDEX IF NOT EXISTS etcdmux_kv_by_revision ON etcdmux_kv (mod_revision, seq)",
-    "CREATE INDEX IF NOT EXISTS etcdmux_kv_by_lease ON etcdmux_kv (lease) WHERE lease <> 0",
-    "CREATE TABLE IF NOT EXISTS etcdmux_lease (
+        "CREATE INDEX IF NOT EXISTS etcdmux_kv_by_revision ON etcdmux_kv (mod_revision, seq)",
+        "CREATE INDEX IF NOT EXISTS etcdmux_kv_by_lease ON etcdmux_kv (lease) WHERE lease <> 0",
+        "CREATE TABLE IF NOT EXISTS etcdmux_lease (
         id BIGINT PRIMARY KEY,
         ttl BIGINT NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL
     )",
-    "CREATE TABLE IF NOT EXISTS etcdmux_lock (
+        "CREATE TABLE IF NOT EXISTS etcdmux_lock (
         name TEXT PRIMARY KEY,
         holder TEXT NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL
     )",
-]];
+    ],
+    &[
+        // 2: the newest version of every live key, kept in every write transaction,
+        // so that reads at the newest revision (and a put's look at the key) do not
+        // walk the history. Filled from the history once (stop every etcdmux of the
+        // older version first: they would not keep it).
+        "CREATE TABLE IF NOT EXISTS etcdmux_latest (
+        key BYTEA PRIMARY KEY,
+        create_revision BIGINT NOT NULL,
+        mod_revision BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        lease BIGINT NOT NULL,
+        value BYTEA NOT NULL
+    )",
+        "CREATE INDEX IF NOT EXISTS etcdmux_latest_by_lease ON etcdmux_latest (lease) WHERE lease <> 0",
+        "INSERT INTO etcdmux_latest (key, create_revision, mod_revision, version, lease, value)
+        SELECT key, create_revision, mod_revision, version, lease, value FROM (
+            SELECT DISTINCT ON (key) key, create_revision, mod_revision, version, lease, value, deleted
+            FROM etcdmux_kv ORDER BY key, mod_revision DESC, seq DESC) n
+        WHERE NOT deleted
+        ON CONFLICT (key) DO NOTHING",
+    ],
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -101,6 +126,33 @@ pub async fn check(client: &tokio_postgres::Client) -> Result<(), SchemaError> {
         VERSION => Ok(()),
         found if found < VERSION => Err(SchemaError::Version { found, want: VERSION, hint: "to create or migrate it" }),
         found => Err(SchemaError::Version { found, want: VERSION, hint: "with a newer etcdmux, or run that one" }),
+    }
+}
+
+/// At start: refuses a database whose schema version is not [`VERSION`] (not created
+/// yet, older, or newer). A database that cannot be reached is no reason to refuse:
+/// etcdmux starts, answers `UNAVAILABLE` and is not ready until it can (as with an
+/// etcd that is down), so that is only logged.
+pub async fn verify(dsn: &str, timeout: Duration) -> Result<(), SchemaError> {
+    let mut cfg: tokio_postgres::Config = dsn.parse().map_err(SchemaError::Dsn)?;
+    cfg.connect_timeout(timeout);
+    let (client, connection) = match tokio::time::timeout(timeout, cfg.connect(NoTls)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "sql backend: the database is unreachable; its schema is not checked");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!("sql backend: connecting to the database timed out; its schema is not checked");
+            return Ok(());
+        }
+    };
+    tokio::select! {
+        r = check(&client) => r,
+        _ = connection => {
+            tracing::warn!("sql backend: the database closed the connection; its schema is not checked");
+            Ok(())
+        }
     }
 }
 
