@@ -21,20 +21,23 @@
 mod report;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use etcdmux::pb::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    compare, kv_client::KvClient, request_op, response_op, watch_client::WatchClient, watch_request, Compare,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
 use etcdmux_loadtest::{
-    b, chain, cpu_time, labeled, loadavg, scrape, start_etcd, start_front, value, write_report, Error, FrontKind, Rng,
-    MILO_CONFIG,
+    b, chain, cpu_time, labeled, loadavg, prefix_end, scrape, start_etcd, start_front, value, write_report, Error,
+    FrontKind, Rng, MILO_CONFIG,
 };
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -109,6 +112,14 @@ pub struct Args {
     pub put_weight: usize,
     #[arg(long, default_value_t = 1)]
     pub txn_weight: usize,
+    /// Also hold one watch (prev_kv) per (project, resource) on one stream during the
+    /// load, as an apiserver's watch cache does, and count the events it receives.
+    #[arg(long)]
+    pub watch: bool,
+    /// The deadline each request carries (`grpc-timeout`), as the apiserver's requests
+    /// carry theirs (its default request timeout is 60 s); 0: none.
+    #[arg(long, default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
     #[arg(long, default_value_t = 3)]
     pub warmup_secs: u64,
     #[arg(long, default_value_t = 10)]
@@ -170,8 +181,11 @@ pub struct Measured {
     pub secs: f64,
     /// CPU seconds over the window: etcd, the proxy (none for direct), this process.
     pub cpu: [f64; 3],
-    /// Unary calls etcd answered over the window.
-    pub etcd_calls: f64,
+    /// etcd's counters over the window: unary calls answered, keys put, ranges
+    /// executed, watch events sent (see [`ETCD_COUNTERS`]).
+    pub etcd: [f64; 4],
+    /// Watch events received over the window (with `--watch`).
+    pub events: u64,
     pub loadavg: f64,
 }
 
@@ -186,6 +200,15 @@ impl Measured {
     }
 }
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What every client of a cell shares.
 struct Ctx {
     chans: Vec<Channel>,
@@ -196,10 +219,20 @@ struct Ctx {
     clients: usize,
     /// Cumulative weights of range, put, txn.
     mix: [usize; 3],
+    timeout: Option<Duration>,
     stop: Instant,
 }
 
 impl Ctx {
+    /// A request with the configured deadline.
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = self.timeout {
+            r.set_timeout(t);
+        }
+        r
+    }
+
     fn pick(&self, rng: &mut Rng) -> Op {
         let n = rng.below(self.mix[2]);
         OPS.into_iter().zip(self.mix).find(|(_, w)| n < *w).map_or(Op::Range, |(op, _)| op)
@@ -248,13 +281,13 @@ async fn client(ctx: Arc<Ctx>, c: usize, mut rng: Rng) -> Tally {
             break;
         }
         let out: Result<(), tonic::Status> = match op {
-            Op::Range => kv.range(RangeRequest { key: k.clone(), ..Default::default() }).await.map(drop),
-            Op::Put => kv.put(put_req(k, &ctx.value)).await.map(|r| {
+            Op::Range => kv.range(ctx.req(RangeRequest { key: k.clone(), ..Default::default() })).await.map(drop),
+            Op::Put => kv.put(ctx.req(put_req(k, &ctx.value))).await.map(|r| {
                 ctx.revs[i].store(r.into_inner().header.map_or(0, |h| h.revision), Ordering::Relaxed);
             }),
             Op::Txn => {
                 let rev = ctx.revs[i].load(Ordering::Relaxed);
-                kv.txn(update_txn(k, &ctx.value, rev)).await.map(|r| {
+                kv.txn(ctx.req(update_txn(k, &ctx.value, rev))).await.map(|r| {
                     let r = r.into_inner();
                     let now = if r.succeeded {
                         r.header.map_or(0, |h| h.revision)
@@ -344,9 +377,49 @@ async fn seed(
     Ok(())
 }
 
-/// The unary calls etcd has answered so far.
-async fn etcd_calls(metrics: &str) -> f64 {
-    labeled(&scrape(metrics).await, "grpc_server_handled_total", &[("grpc_type", "unary")])
+/// What etcd did, from its `/metrics`: unary calls answered, keys put (also inside
+/// txns), ranges executed (likewise), events sent to watchers.
+pub const ETCD_COUNTERS: [&str; 4] =
+    ["grpc_server_handled_total", "etcd_mvcc_put_total", "etcd_mvcc_range_total", "etcd_debugging_mvcc_events_total"];
+
+async fn etcd_counters(metrics: &str) -> [f64; 4] {
+    let text = scrape(metrics).await;
+    let unary = labeled(&text, ETCD_COUNTERS[0], &[("grpc_type", "unary")]);
+    [
+        unary,
+        labeled(&text, ETCD_COUNTERS[1], &[]),
+        labeled(&text, ETCD_COUNTERS[2], &[]),
+        labeled(&text, ETCD_COUNTERS[3], &[]),
+    ]
+}
+
+/// One stream with a watch (prev_kv) per prefix, from the current revision, once
+/// every watch is created; the events it receives are counted in `events`.
+async fn watch_all(ch: &Channel, prefixes: &[String], events: Arc<AtomicU64>) -> Result<JoinHandle<()>, Error> {
+    let (tx, rx) = mpsc::channel(prefixes.len().max(1));
+    for p in prefixes {
+        let create = WatchCreateRequest { key: b(p), range_end: prefix_end(p), prev_kv: true, ..Default::default() };
+        tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await?;
+    }
+    let mut stream = WatchClient::new(ch.clone()).watch(ReceiverStream::new(rx)).await?.into_inner();
+    let mut created = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while created < prefixes.len() {
+        let next = tokio::time::timeout_at(deadline.into(), stream.message()).await;
+        match next {
+            Ok(Ok(Some(w))) if w.canceled => return Err(format!("watch canceled: {}", w.cancel_reason).into()),
+            Ok(Ok(Some(w))) => created += usize::from(w.created),
+            Ok(Ok(None)) => return Err("the watch stream ended".into()),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(format!("{created} of {} watches created within 60 s", prefixes.len()).into()),
+        }
+    }
+    Ok(tokio::spawn(async move {
+        let _keep_open = tx;
+        while let Ok(Some(w)) = stream.message().await {
+            events.fetch_add(w.events.len() as u64, Ordering::Relaxed);
+        }
+    }))
 }
 
 /// One cell: a fresh etcd and proxy, the keys, the warm-up, the measured window.
@@ -366,6 +439,15 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
     let value = value(0, args.value_bytes);
     let revs: Arc<Vec<AtomicI64>> = Arc::new(keys.iter().map(|_| AtomicI64::new(0)).collect());
     seed(&chans[0], &keys, args.resources * args.objects, &value, &revs).await?;
+    let events = Arc::new(AtomicU64::new(0));
+    let watch = if args.watch {
+        let prefixes: Vec<String> = (0..args.projects)
+            .flat_map(|p| (0..args.resources).map(move |r| format!("/projects/p{p}/res{r}/")))
+            .collect();
+        Some(AbortOnDrop(watch_all(&chans[0], &prefixes, events.clone()).await?))
+    } else {
+        None
+    };
     let weights = match workload {
         Workload::Range => [1, 0, 0],
         Workload::Put => [0, 1, 0],
@@ -383,21 +465,23 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         value: value.clone(),
         clients,
         mix,
+        timeout: (args.request_timeout_ms > 0).then(|| Duration::from_millis(args.request_timeout_ms)),
         stop,
     };
     // Warm-up: connections, the proxy's caches, etcd's pages; its failures count.
     let warm = run_clients(ctx(Instant::now() + Duration::from_secs(args.warmup_secs)), 1).await;
     let front_pid = front.proc.as_ref().map(|p| p.pid());
     let cpu = || [cpu_time(etcd.pid()), front_pid.map_or(Duration::ZERO, cpu_time), cpu_time(std::process::id())];
-    let calls0 = etcd_calls(&etcd.metrics_url).await;
+    let e0 = etcd_counters(&etcd.metrics_url).await;
     let load0 = loadavg();
-    let (t0, c0) = (Instant::now(), cpu());
+    let (t0, c0, ev0) = (Instant::now(), cpu(), events.load(Ordering::Relaxed));
     let stop = t0 + Duration::from_secs(args.duration_secs);
     let load = tokio::spawn(run_clients(ctx(stop), 2));
     tokio::time::sleep_until(stop.into()).await;
-    let c1 = cpu();
+    let (c1, ev1) = (cpu(), events.load(Ordering::Relaxed));
+    drop(watch);
     let mut t = load.await?;
-    let calls1 = etcd_calls(&etcd.metrics_url).await;
+    let e1 = etcd_counters(&etcd.metrics_url).await;
     t.errors += warm.errors;
     t.failures.extend(warm.failures.into_iter().take(5usize.saturating_sub(t.failures.len())));
     for v in &mut t.lat {
@@ -407,7 +491,8 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         t,
         secs: (stop - t0).as_secs_f64(),
         cpu: std::array::from_fn(|i| c1[i].saturating_sub(c0[i]).as_secs_f64()),
-        etcd_calls: calls1 - calls0,
+        etcd: std::array::from_fn(|i| e1[i] - e0[i]),
+        events: ev1 - ev0,
         loadavg: load0.max(loadavg()),
     })
 }
@@ -487,6 +572,7 @@ mod tests {
             value: Bytes::new(),
             clients: 1,
             mix,
+            timeout: None,
             stop: Instant::now(),
         }
     }

@@ -46,17 +46,22 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
         args.projects, args.resources, args.objects, args.value_bytes, args.connections, args.range_weight,
         args.put_weight, args.txn_weight, args.warmup_secs, args.duration_secs, args.rounds.max(1)
     )?;
+    if args.watch {
+        writeln!(r, "**With watches**: during every cell a client stream holds one watch (prev_kv) per (project, resource), {} in all, as an apiserver's watch caches do; the events it receives are counted (each put or successful txn is one event).\n", args.projects * args.resources)?;
+    } else {
+        writeln!(r, "**Without client watches**: etcdmux still keeps its own upstream watch (with prev_kv) for its watch hub, so each write through it costs etcd one watch event and one prev_kv read that the other targets do not pay here; run with `--watch` for the apiserver's case, where every target carries the watches.\n")?;
+    }
     writeln!(r, "CPU per 1,000 requests: CPU time (user + system, `/proc/<pid>/stat`) over the measured window divided by the requests answered in it, in milliseconds. etcd, the proxy and the load generator share the machine's cores, and other work on the machine shows in the load average column (the highest one-minute load average seen at the window's start or end).\n")?;
     writeln!(r, "## Goals\n\netcdmux ≥ {VS_DIRECT}× etcd direct and ≥ {VS_GRPC_PROXY}× grpc-proxy in requests per second at equal clients, and the lower CPU per request of the two proxies (median rounds).\n")?;
     writeln!(r, "{}", goals(args, rows))?;
     for &clients in &args.clients {
         writeln!(r, "## {clients} clients\n")?;
-        writeln!(r, "| workload | target | requests/s | spread over rounds | × direct | p50 / p99 ms | p99 range / put / txn ms | proxy CPU ms per 1,000 | etcd CPU ms per 1,000 | load generator CPU ms per 1,000 | etcd calls per request | errors | txn conflicts | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(r, "| workload | target | requests/s | spread over rounds | × direct | p50 / p99 ms | p99 range / put / txn ms | proxy CPU ms per 1,000 | etcd CPU ms per 1,000 | load generator CPU ms per 1,000 | etcd calls / puts / ranges / watch events per request | events received per request | errors | txn conflicts | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for &workload in &args.workloads {
             let direct = median(rows, clients, workload, Target::Direct).map(|(m, _, _)| m.ops_per_sec());
             for &target in &args.targets {
                 let Some((m, lo, hi)) = median(rows, clients, workload, target) else {
-                    writeln!(r, "| {workload:?} | {} | failed | | | | | | | | | | | |", target.name())?;
+                    writeln!(r, "| {workload:?} | {} | failed | | | | | | | | | | | | |", target.name())?;
                     continue;
                 };
                 let all = m.t.all();
@@ -72,11 +77,16 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
                     })
                     .collect();
                 let ratio = direct.map_or(String::new(), |d| format!("{:.2}", m.ops_per_sec() / d.max(1e-9)));
+                let received = if args.watch {
+                    format!("{:.2}", m.events as f64 / m.t.ops().max(1) as f64)
+                } else {
+                    "–".to_string()
+                };
                 let proxy =
                     if target == Target::Direct { "–".to_string() } else { format!("{:.1}", m.cpu_per_kop(1)) };
                 writeln!(
                     r,
-                    "| {workload:?} | {} | {:.0} | {lo:.0}–{hi:.0} | {ratio} | {} / {} | {} | {proxy} | {:.1} | {:.1} | {:.2} | {} | {} | {:.1} |",
+                    "| {workload:?} | {} | {:.0} | {lo:.0}–{hi:.0} | {ratio} | {} / {} | {} | {proxy} | {:.1} | {:.1} | {} | {received} | {} | {} | {:.1} |",
                     target.name(),
                     m.ops_per_sec(),
                     ms(percentile(&all, 0.5)),
@@ -84,7 +94,7 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
                     by_op.join(" / "),
                     m.cpu_per_kop(0),
                     m.cpu_per_kop(2),
-                    m.etcd_calls / m.t.ops().max(1) as f64,
+                    per_op(m),
                     m.t.errors,
                     m.t.conflicts,
                     m.loadavg
@@ -109,6 +119,12 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
         writeln!(r, "## Failures\n\n{}\n", failures.join("\n"))?;
     }
     Ok(r)
+}
+
+/// etcd's work per client request: calls, puts, ranges, watch events.
+fn per_op(m: &Measured) -> String {
+    let n = m.t.ops().max(1) as f64;
+    m.etcd.iter().map(|v| format!("{:.2}", v / n)).collect::<Vec<_>>().join(" / ")
 }
 
 /// One line per (clients, workload) where etcdmux and another target were measured.
