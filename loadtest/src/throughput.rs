@@ -95,12 +95,13 @@ pub struct Args {
     /// Targets, comma-separated: direct, grpc-proxy, etcdmux.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
     pub targets: Vec<Target>,
-    /// Keys: projects × resources × objects.
-    #[arg(long, default_value_t = 100)]
+    /// Keys: projects × resources × objects. Projects are etcdmux's tenants: with more
+    /// of them than `server.tenant_metrics_top` (100), most share the `other` label.
+    #[arg(long, default_value_t = 1000)]
     pub projects: usize,
     #[arg(long, default_value_t = 10)]
     pub resources: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub objects: usize,
     /// Bytes per value written.
     #[arg(long, default_value_t = 1024)]
@@ -129,6 +130,12 @@ pub struct Args {
     pub rounds: usize,
     #[arg(long, default_value = "throughput")]
     name: String,
+    /// Record a CPU profile of etcdmux during each of its measured windows (`perf
+    /// record -g --call-graph dwarf`) and draw it with `scripts/flamegraph.py` into
+    /// `loadtest/results/<name>-<clients>c-<workload>.{svg,txt}`. The profiler's cost
+    /// shows in that run's figures.
+    #[arg(long)]
+    profile: bool,
     /// Exit non-zero when a request failed or a cell could not run.
     #[arg(long)]
     check: bool,
@@ -476,10 +483,18 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
     let load0 = loadavg();
     let (t0, c0, ev0) = (Instant::now(), cpu(), events.load(Ordering::Relaxed));
     let stop = t0 + Duration::from_secs(args.duration_secs);
+    let perf = match (args.profile, target, front_pid) {
+        (true, Target::Etcdmux, Some(pid)) => Some(Profile::start(pid, args.duration_secs)?),
+        _ => None,
+    };
     let load = tokio::spawn(run_clients(ctx(stop), 2));
     tokio::time::sleep_until(stop.into()).await;
     let (c1, ev1) = (cpu(), events.load(Ordering::Relaxed));
     drop(watch);
+    if let Some(p) = perf {
+        let out = format!("loadtest/results/{}-{clients}c-{}", args.name, format!("{workload:?}").to_lowercase());
+        p.finish(&out, &format!("etcdmux, {clients} clients, {workload:?}")).await?;
+    }
     let mut t = load.await?;
     let e1 = etcd_counters(&etcd.metrics_url).await;
     t.errors += warm.errors;
@@ -495,6 +510,53 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         events: ev1 - ev0,
         loadavg: load0.max(loadavg()),
     })
+}
+
+/// `perf record` of one process over the measured window.
+struct Profile {
+    child: std::process::Child,
+    data: tempfile::NamedTempFile,
+}
+
+impl Profile {
+    fn start(pid: u32, secs: u64) -> Result<Profile, Error> {
+        let data = tempfile::NamedTempFile::new()?;
+        let child = std::process::Command::new("perf")
+            .args(["record", "-F", "499", "-g", "--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+            .arg(data.path())
+            .args(["--", "sleep", &secs.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting perf (Debian: linux-perf): {e}"))?;
+        Ok(Profile { child, data })
+    }
+
+    /// Waits for the recording, then folds and draws it into `out`.{svg,folded,txt}.
+    async fn finish(mut self, out: &str, title: &str) -> Result<(), Error> {
+        let (out, title) = (out.to_string(), title.to_string());
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            self.child.wait()?;
+            let script = std::process::Command::new("perf")
+                .args(["script", "-i"])
+                .arg(self.data.path())
+                .stderr(std::process::Stdio::null())
+                .output()?;
+            let mut draw = std::process::Command::new("python3")
+                .args(["scripts/flamegraph.py", "--title", &title, &out])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()?;
+            if let Some(mut stdin) = draw.stdin.take() {
+                std::io::Write::write_all(&mut stdin, &script.stdout)?;
+            }
+            if !draw.wait()?.success() {
+                return Err(format!("scripts/flamegraph.py failed for {out}").into());
+            }
+            Ok(())
+        })
+        .await?
+    }
 }
 
 /// The commit this binary was run from, for the report (empty outside a git checkout).
