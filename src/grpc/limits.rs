@@ -98,6 +98,7 @@ impl Limits {
     }
 
     /// Connections with calls in progress (for tests).
+    #[cfg(test)]
     fn connections(&self) -> usize {
         self.per_conn.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
     }
