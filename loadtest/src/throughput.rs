@@ -31,6 +31,7 @@ use etcdmux::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, response_op, watch_client::WatchClient, watch_request, Compare,
     PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
+use etcdmux::upstream::body::WholeBody;
 use etcdmux_loadtest::{
     b, chain, cpu_time, labeled, loadavg, prefix_end, scrape, start_etcd, start_front, value, write_report, Error,
     FrontKind, Rng, MILO_CONFIG,
@@ -95,6 +96,12 @@ pub struct Args {
     /// Targets, comma-separated: direct, grpc-proxy, etcdmux.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
     pub targets: Vec<Target>,
+    /// Requests per second offered, all clients together (each client paced, a late
+    /// one skips its missed turns); 0: as fast as they go. At a fixed rate every
+    /// target gets the same work, so CPU per request compares without the batching a
+    /// faster target gets in a closed loop.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Keys: projects × resources × objects. Projects are etcdmux's tenants: with more
     /// of them than `server.tenant_metrics_top` (100), most share the `other` label.
     #[arg(long, default_value_t = 1000)]
@@ -227,6 +234,8 @@ struct Ctx {
     /// Cumulative weights of range, put, txn.
     mix: [usize; 3],
     timeout: Option<Duration>,
+    /// Each client's interval between requests (`--rate`); `None`: back to back.
+    pace: Option<Duration>,
     stop: Instant,
 }
 
@@ -274,9 +283,22 @@ fn update_txn(key: &Bytes, value: &Bytes, rev: i64) -> TxnRequest {
 /// One client: requests back to back until the window closes.
 async fn client(ctx: Arc<Ctx>, c: usize, mut rng: Rng) -> Tally {
     let mut t = Tally::default();
-    let mut kv = KvClient::new(ctx.chans[c % ctx.chans.len()].clone());
+    // Each request in two HTTP/2 frames, as Go's gRPC clients (the apiserver's) send
+    // them; tonic alone adds an empty frame to end every request.
+    let mut kv = KvClient::new(WholeBody::new(ctx.chans[c % ctx.chans.len()].clone()));
     let own: Vec<usize> = (c..ctx.keys.len()).step_by(ctx.clients).collect();
+    // Paced clients take turns evenly spread over the interval; a late one skips the
+    // turns it missed.
+    let mut turns = ctx.pace.map(|p| {
+        let offset = p * c as u32 / ctx.clients as u32;
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + offset, p);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        i
+    });
     loop {
+        if let Some(t) = &mut turns {
+            t.tick().await;
+        }
         let op = ctx.pick(&mut rng);
         let i = match op {
             Op::Range => rng.below(ctx.keys.len()),
@@ -473,6 +495,7 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         clients,
         mix,
         timeout: (args.request_timeout_ms > 0).then(|| Duration::from_millis(args.request_timeout_ms)),
+        pace: (args.rate > 0).then(|| Duration::from_secs_f64(clients as f64 / args.rate as f64)),
         stop,
     };
     // Warm-up: connections, the proxy's caches, etcd's pages; its failures count.
@@ -635,6 +658,7 @@ mod tests {
             clients: 1,
             mix,
             timeout: None,
+            pace: None,
             stop: Instant::now(),
         }
     }

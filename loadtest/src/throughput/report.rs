@@ -42,8 +42,8 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
     )?;
     writeln!(
         r,
-        "Keys: {} projects × {} resources × {} objects = {keys} Milo keys (`/projects/<p>/<resource>/default/<obj>`, the same for every target), values of {} bytes. Each client sends its next request as soon as the last is answered; the clients are spread over {} gRPC connection(s). Workloads: **range** a linearizable GET of a random key; **put** a random key of the client's own; **txn** the apiserver's optimistic update of one of its keys (`mod_revision == rev` → put, else range); **mixed** range : put : txn = {} : {} : {} drawn at random per request. Every cell runs on a fresh etcd and a fresh proxy: the keys are written through it, {} s warm-up, then {} s measured; requests answered after the window are not counted. {} round(s), the targets' order rotated each round; tables show the median round by requests per second and the spread of all rounds.\n",
-        args.projects, args.resources, args.objects, args.value_bytes, args.connections, args.range_weight,
+        "Keys: {} projects × {} resources × {} objects = {keys} Milo keys (`/projects/<p>/<resource>/default/<obj>`, the same for every target), values of {} bytes. {}; the clients are spread over {} gRPC connection(s) and send each request in two HTTP/2 frames, as Go's gRPC clients (the apiserver's) do. Workloads: **range** a linearizable GET of a random key; **put** a random key of the client's own; **txn** the apiserver's optimistic update of one of its keys (`mod_revision == rev` → put, else range); **mixed** range : put : txn = {} : {} : {} drawn at random per request. Every cell runs on a fresh etcd and a fresh proxy: the keys are written through it, {} s warm-up, then {} s measured; requests answered after the window are not counted. {} round(s), the targets' order rotated each round; tables show the median round by requests per second and the spread of all rounds.\n",
+        args.projects, args.resources, args.objects, args.value_bytes, pacing(args), args.connections, args.range_weight,
         args.put_weight, args.txn_weight, args.warmup_secs, args.duration_secs, args.rounds.max(1)
     )?;
     if args.watch {
@@ -119,6 +119,13 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
         writeln!(r, "## Failures\n\n{}\n", failures.join("\n"))?;
     }
     Ok(r)
+}
+
+fn pacing(args: &Args) -> String {
+    match args.rate {
+        0 => "Each client sends its next request as soon as the last is answered".to_string(),
+        n => format!("**{n} requests/s offered** in all, each client paced (a late one skips its missed turns; latency counts from the send)"),
+    }
 }
 
 /// etcd's work per client request: calls, puts, ranges, watch events.
