@@ -104,7 +104,7 @@ clean-run:
 ## at 1,500 reads/s -> loadtest/results/{list,list-1500rps}.md; throughput with fixed clients (range, put, txn, mixed),
 ## as fast as they go and at a fixed rate, with and without the apiserver's watches -> loadtest/results/throughput*.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
-BENCH_MODELS ?= shared,per-project
+BENCH_MODELS ?= shared,per-project,milo-pool,go-client
 BENCH_LIST_PROJECTS ?= 1000,10000,30000
 BENCH_THROUGHPUT_CLIENTS ?= 16,64
 BENCH_THROUGHPUT_ROUNDS ?= 3
@@ -131,7 +131,8 @@ bench-smoke: deps
 	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
 	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
-	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --check --name api-smoke
+	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project,milo-pool,go-client \
+	  --pool-size 4 --check --name api-smoke
 	$(CARGO_TARGET_DIR)/debug/migratebench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 20 --rates 0 --baseline-secs 1 --name migrate-smoke
 	$(CARGO_TARGET_DIR)/debug/listbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
