@@ -56,6 +56,8 @@ pub enum Target {
     Direct,
     GrpcProxy,
     Etcdmux,
+    /// Another etcdmux binary (`--baseline`), e.g. a build before a change.
+    Baseline,
 }
 
 impl Target {
@@ -64,6 +66,7 @@ impl Target {
             Target::Direct => "etcd direct",
             Target::GrpcProxy => "etcd grpc-proxy",
             Target::Etcdmux => "etcdmux",
+            Target::Baseline => "etcdmux baseline",
         }
     }
 }
@@ -82,7 +85,11 @@ pub const OPS: [Op; 3] = [Op::Range, Op::Put, Op::Txn];
 #[command(about = "Throughput with fixed clients: etcd direct vs etcd grpc-proxy vs etcdmux")]
 pub struct Args {
     #[arg(long, default_value = "target/release/etcdmux")]
-    etcdmux: PathBuf,
+    pub etcdmux: PathBuf,
+    /// Another etcdmux binary measured as the target `baseline` (same config), to
+    /// compare two builds in one run.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     /// etcdmux's config; listener, upstream and metrics addresses are set per run.
     #[arg(long, default_value = MILO_CONFIG)]
     etcdmux_config: PathBuf,
@@ -95,7 +102,7 @@ pub struct Args {
     /// Workloads, comma-separated: range, put, txn, mixed.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "range,put,txn,mixed")]
     pub workloads: Vec<Workload>,
-    /// Targets, comma-separated: direct, grpc-proxy, etcdmux.
+    /// Targets, comma-separated: direct, grpc-proxy, etcdmux, baseline.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
     pub targets: Vec<Target>,
     /// Requests per second offered, all clients together (each client paced, a late
@@ -280,6 +287,10 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         Target::Direct => FrontKind::Direct,
         Target::GrpcProxy => FrontKind::GrpcProxy,
         Target::Etcdmux => FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() },
+        Target::Baseline => {
+            let bin = args.baseline.clone().ok_or("the baseline target needs --baseline <etcdmux binary>")?;
+            FrontKind::Etcdmux { bin, config: args.etcdmux_config.clone() }
+        }
     };
     let front = start_front(&etcd, &kind, dir.path(), "").await?;
     let chans = connect(&front.url, args.connections).await?;

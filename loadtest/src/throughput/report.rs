@@ -52,8 +52,19 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
         writeln!(r, "**Without client watches**: etcdmux still keeps its own upstream watch (with prev_kv) for its watch hub, so each write through it costs etcd one watch event and one prev_kv read that the other targets do not pay here; run with `--watch` for the apiserver's case, where every target carries the watches.\n")?;
     }
     writeln!(r, "CPU per 1,000 requests: CPU time (user + system, `/proc/<pid>/stat`) over the measured window divided by the requests answered in it, in milliseconds. etcd, the proxy and the load generator share the machine's cores, and other work on the machine shows in the load average column (the highest one-minute load average seen at the window's start or end).\n")?;
+    if let Some(b) = &args.baseline {
+        writeln!(
+            r,
+            "**etcdmux baseline** is `{}`, measured beside `{}` (etcdmux) with the same config.\n",
+            b.display(),
+            args.etcdmux.display()
+        )?;
+    }
     writeln!(r, "## Goals\n\netcdmux ≥ {VS_DIRECT}× etcd direct and ≥ {VS_GRPC_PROXY}× grpc-proxy in requests per second at equal clients, and the lower CPU per request of the two proxies (median rounds).\n")?;
     writeln!(r, "{}", goals(args, rows))?;
+    if args.baseline.is_some() {
+        writeln!(r, "## etcdmux against the baseline\n\n{}", against_baseline(args, rows))?;
+    }
     for &clients in &args.clients {
         writeln!(r, "## {clients} clients\n")?;
         writeln!(r, "| workload | target | requests/s | spread over rounds | × direct | p50 / p99 ms | p99 range / put / txn ms | proxy CPU ms per 1,000 | etcd CPU ms per 1,000 | load generator CPU ms per 1,000 | etcd calls / puts / ranges / watch events per request | events received per request | errors | txn conflicts | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
@@ -132,6 +143,34 @@ fn pacing(args: &Args) -> String {
 fn per_op(m: &Measured) -> String {
     let n = m.t.ops().max(1) as f64;
     m.etcd.iter().map(|v| format!("{:.2}", v / n)).collect::<Vec<_>>().join(" / ")
+}
+
+/// Requests per second and CPU per request of etcdmux against the baseline build.
+fn against_baseline(args: &Args, rows: &[Row]) -> String {
+    let mut s = String::from("| clients | workload | requests/s: etcdmux / baseline | proxy CPU ms per 1,000: etcdmux / baseline | etcd CPU ms per 1,000: etcdmux / baseline |\n|---|---|---|---|---|\n");
+    for &clients in &args.clients {
+        for &workload in &args.workloads {
+            let (Some((m, ..)), Some((b, ..))) =
+                (median(rows, clients, workload, Target::Etcdmux), median(rows, clients, workload, Target::Baseline))
+            else {
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "| {clients} | {workload:?} | {:.0} / {:.0} ({:+.0}%) | {:.1} / {:.1} ({:+.0}%) | {:.1} / {:.1} ({:+.0}%) |",
+                m.ops_per_sec(),
+                b.ops_per_sec(),
+                (m.ops_per_sec() / b.ops_per_sec().max(1e-9) - 1.0) * 100.0,
+                m.cpu_per_kop(1),
+                b.cpu_per_kop(1),
+                (m.cpu_per_kop(1) / b.cpu_per_kop(1).max(1e-9) - 1.0) * 100.0,
+                m.cpu_per_kop(0),
+                b.cpu_per_kop(0),
+                (m.cpu_per_kop(0) / b.cpu_per_kop(0).max(1e-9) - 1.0) * 100.0,
+            );
+        }
+    }
+    s
 }
 
 /// One line per (clients, workload) where etcdmux and another target were measured.
