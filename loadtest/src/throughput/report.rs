@@ -13,12 +13,7 @@ const VS_GRPC_PROXY: f64 = 1.2;
 
 /// The median round of a cell (by requests per second) and the spread of all its
 /// rounds; `None` when no round measured.
-pub fn median<'a>(
-    rows: &'a [Row],
-    clients: usize,
-    workload: Workload,
-    target: Target,
-) -> Option<(&'a Measured, f64, f64)> {
+pub fn median(rows: &[Row], clients: usize, workload: Workload, target: Target) -> Option<(&Measured, f64, f64)> {
     let mut ok: Vec<&Measured> = rows
         .iter()
         .filter(|r| r.clients == clients && r.workload == workload && r.target == target)
