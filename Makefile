@@ -103,10 +103,13 @@ clean-run:
 
 ## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md;
 ## the LIST/GET load without a watch cache, etcd direct vs etcdmux vs etcdmux with its read replica, closed loop and
-## at 1,500 reads/s -> loadtest/results/{list,list-1500rps}.md
+## at 1,500 reads/s -> loadtest/results/{list,list-1500rps}.md; throughput with fixed clients (range, put, txn, mixed),
+## as fast as they go and at a fixed rate, with and without the apiserver's watches -> loadtest/results/throughput*.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
-BENCH_MODELS ?= shared,per-project
+BENCH_MODELS ?= shared,per-project,milo-pool,go-client
 BENCH_LIST_PROJECTS ?= 1000,10000,30000
+BENCH_THROUGHPUT_CLIENTS ?= 16,64
+BENCH_THROUGHPUT_ROUNDS ?= 3
 bench: build
 	$(CARGO) build --release --locked -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
@@ -117,6 +120,12 @@ bench: build
 	  --projects $(BENCH_LIST_PROJECTS) --name list
 	$(CARGO_TARGET_DIR)/release/listbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_LIST_PROJECTS) --read-rate 1500 --name list-1500rps
+	$(CARGO_TARGET_DIR)/release/throughput --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --clients $(BENCH_THROUGHPUT_CLIENTS) --rounds $(BENCH_THROUGHPUT_ROUNDS) --name throughput
+	$(CARGO_TARGET_DIR)/release/throughput --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --clients $(BENCH_THROUGHPUT_CLIENTS) --rounds $(BENCH_THROUGHPUT_ROUNDS) --watch --name throughput-watch
+	$(CARGO_TARGET_DIR)/release/throughput --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --clients 32 --rate 2000 --rounds $(BENCH_THROUGHPUT_ROUNDS) --name throughput-2000rps
 
 ## bench-smoke: the benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
@@ -124,7 +133,8 @@ bench-smoke: deps
 	$(CARGO_TARGET_DIR)/debug/watchbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
 	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
-	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project --check --name api-smoke
+	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project,milo-pool,go-client \
+	  --pool-size 4 --check --name api-smoke
 	$(CARGO_TARGET_DIR)/debug/migratebench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 20 --rates 0 --baseline-secs 1 --name migrate-smoke
 	$(CARGO_TARGET_DIR)/debug/listbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
@@ -132,6 +142,8 @@ bench-smoke: deps
 	  --warmup-secs 1 --duration-secs 3 --check --name list-smoke
 	$(CARGO_TARGET_DIR)/debug/streammem --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux --streams 200 --watches 2 \
 	  --name streammem-smoke
+	$(CARGO_TARGET_DIR)/debug/throughput --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --clients 4 --projects 20 --resources 3 --warmup-secs 1 --duration-secs 2 --watch --check --name throughput-smoke
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
 ## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream

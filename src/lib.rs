@@ -34,7 +34,7 @@
 //!              upstream/; sql/ a PostgreSQL-protocol database with etcd's data model
 //! upstream/    the etcd connection pool (its channels rebuilt when the TLS files
 //!              change), call and stream context (deadlines), classify (what a
-//!              failure means)
+//!              failure means), body (unary requests in two HTTP/2 frames)
 //! grpc/        server (shutdown order), accept, tls (listener TLS, swapped on
 //!              rotation; the scope of a request from its client certificate),
 //!              handshake (bounded, timed TLS accepts), the span layer (a span and

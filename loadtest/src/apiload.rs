@@ -11,19 +11,28 @@
 //! on `compact_rev_key` and a `Compact`. Every write's event must reach its watcher
 //! exactly once.
 //!
-//! Two connection models: one shared connection carrying one watch stream per
-//! (project, resource) (Milo after its shared-client change), or one connection per
-//! project (before it).
+//! Four client models (`--models`): one shared connection carrying one watch stream
+//! per (project, resource) (`shared`); one connection per project (`per-project`);
+//! Milo's apiserver today, a pool of 32 connections with the (project, resource)
+//! storages round-robined over it and one watch stream per storage (`milo-pool`);
+//! and the stock Go client on that pool, every watch of a connection on one stream,
+//! created one at a time as etcd's Go client does (`go-client`).
 //!
 //! A watchdog samples the RSS of etcd, the proxy and this process; when the machine
 //! runs out of memory the point stops and is reported as failing, with the peaks.
 //! The report (`loadtest/results/<name>.md`), a CSV of every row and the plots
 //! (`<name>-{rss,watchers,write-p99,delivery-p99}.{svg,png}`) are written at the end.
 
+// A crate root's modules live beside it; these are apiload's own.
+#[path = "apiload/report.rs"]
+mod report;
+#[path = "apiload/watches.rs"]
+mod watches;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,28 +40,29 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use etcdmux::pb::etcdserverpb::{
-    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, response_op, watch_client::WatchClient,
-    watch_request, CompactionRequest, Compare, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-    WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, response_op, CompactionRequest, Compare,
+    LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use etcdmux_loadtest::plot::{self, Chart, Series};
 use etcdmux_loadtest::{
     b, bar, bounded, chain, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile,
-    prefix_end, raise_fd_limit, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind,
-    MILO_CONFIG,
+    raise_fd_limit, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, MILO_CONFIG,
 };
-use plotters::style::RGBColor;
-use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
+use report::{ceilings, csv, plots, table_row};
+use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Model {
     /// One connection, one watch stream per (project, resource).
     Shared,
-    /// One connection per project.
+    /// One connection per project, one watch stream per (project, resource).
     PerProject,
+    /// Milo's apiserver today: a pool of `--pool-size` connections, the (project,
+    /// resource) storages round-robined over it, one watch stream per storage.
+    MiloPool,
+    /// The stock Go client on the same pool: every watch of a connection on one
+    /// stream (watches with equal context metadata share a stream in etcd's client).
+    GoClient,
 }
 
 impl Model {
@@ -60,6 +70,25 @@ impl Model {
         match self {
             Model::Shared => "shared connection",
             Model::PerProject => "connection per project",
+            Model::MiloPool => "Milo's pool, a stream per storage",
+            Model::GoClient => "Go client's pool, a stream per connection",
+        }
+    }
+
+    /// Client connections at `projects` projects.
+    fn connections(self, projects: usize, pool: usize) -> usize {
+        match self {
+            Model::Shared => 1,
+            Model::PerProject => projects,
+            Model::MiloPool | Model::GoClient => pool.max(1),
+        }
+    }
+
+    /// The connection of storage (p, r) among `conns`.
+    fn connection_of(self, p: usize, r: usize, resources: usize, conns: usize) -> usize {
+        match self {
+            Model::Shared | Model::PerProject => p % conns,
+            Model::MiloPool | Model::GoClient => (p * resources + r) % conns,
         }
     }
 }
@@ -85,9 +114,12 @@ struct Args {
     write_rate: u64,
     #[arg(long, default_value_t = 20)]
     duration_secs: u64,
-    /// Connection models to run, comma-separated.
+    /// Connection models to run, comma-separated: shared, per-project, milo-pool, go-client.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "shared")]
     models: Vec<Model>,
+    /// Connections of the pool models (Milo's apiserver keeps 32 etcd clients).
+    #[arg(long, default_value_t = 32)]
+    pool_size: usize,
     /// A target degrades at a scale point when its write or delivery p99 exceeds this.
     #[arg(long, default_value_t = 100)]
     p99_bound_ms: u64,
@@ -128,6 +160,9 @@ struct Row {
     front_cpu: f64,
     loadgen_cpu: f64,
     setup: Duration,
+    /// Client connections and watch streams open during the load.
+    conns: usize,
+    streams: usize,
     write_throughput: f64,
     /// The slowest writes and when they started, relative to the compactor.
     slowest: String,
@@ -185,117 +220,6 @@ fn prefix(p: usize, r: usize) -> String {
     format!("/projects/p{p}/res{r}/")
 }
 
-/// Per (project, resource) delivery bookkeeping, shared with the watch readers.
-#[derive(Default)]
-struct Delivery {
-    revisions: HashMap<(usize, usize), Vec<i64>>,
-    latencies: Vec<Duration>,
-}
-
-/// One client watch: its request sender and the task reading its responses.
-struct Watch {
-    tx: mpsc::Sender<WatchRequest>,
-    reader: JoinHandle<()>,
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-/// Shared by the watch readers.
-struct Shared {
-    t0: Instant,
-    delivery: Mutex<Delivery>,
-    progress: AtomicU64,
-}
-
-/// Lists (p, r) page by page, then opens its watch from the list revision + 1 and
-/// waits for `created`. Returns the watch, the list time and the keys it saw.
-async fn list_and_watch(
-    ch: Channel,
-    p: usize,
-    r: usize,
-    shared: Arc<Shared>,
-) -> Result<(Watch, Duration, Vec<(Bytes, i64)>), Error> {
-    let mut kv = KvClient::new(ch.clone());
-    let (mut from, end) = (b(&prefix(p, r)), prefix_end(&prefix(p, r)));
-    let started = Instant::now();
-    let mut rev = 0;
-    let mut seen = Vec::new();
-    loop {
-        let page = kv
-            .range(RangeRequest {
-                key: from.clone(),
-                range_end: end.clone(),
-                limit: 500,
-                revision: rev,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        if rev == 0 {
-            rev = page.header.map_or(0, |h| h.revision);
-        }
-        seen.extend(page.kvs.iter().map(|kv| (kv.key.clone(), kv.mod_revision)));
-        match (page.more, page.kvs.last()) {
-            (true, Some(last)) => from = Bytes::from([&last.key[..], b"\0"].concat()),
-            _ => break,
-        }
-    }
-    let list_time = started.elapsed();
-    let (tx, rx) = mpsc::channel(16);
-    let create = WatchCreateRequest {
-        key: b(&prefix(p, r)),
-        range_end: end,
-        start_revision: rev + 1,
-        prev_kv: true,
-        progress_notify: true,
-        ..Default::default()
-    };
-    tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await?;
-    let (created_tx, created_rx) = oneshot::channel();
-    // The call is not awaited before the create is queued: etcd sends the response
-    // headers with its first answer.
-    let reader = tokio::spawn(async move {
-        let mut created_tx = Some(created_tx);
-        let Ok(resp) = WatchClient::new(ch).watch(ReceiverStream::new(rx)).await else { return };
-        let mut s = resp.into_inner();
-        while let Ok(Some(w)) = s.message().await {
-            if w.created {
-                if let Some(c) = created_tx.take() {
-                    let _ = c.send(());
-                }
-            } else if w.events.is_empty() {
-                shared.progress.fetch_add(1, Ordering::Relaxed);
-            }
-            if w.events.is_empty() {
-                continue;
-            }
-            let now = shared.t0.elapsed();
-            let mut d = shared.delivery.lock().unwrap_or_else(|e| e.into_inner());
-            for e in &w.events {
-                let Some(kv) = &e.kv else { continue };
-                d.revisions.entry((p, r)).or_default().push(kv.mod_revision);
-                let sent = std::str::from_utf8(&kv.value)
-                    .ok()
-                    .and_then(|v| v.strip_prefix("t="))
-                    .and_then(|v| v.parse::<u64>().ok());
-                if let Some(sent) = sent {
-                    d.latencies.push(now.saturating_sub(Duration::from_nanos(sent)));
-                }
-            }
-        }
-    });
-    let watch = Watch { tx, reader };
-    match tokio::time::timeout(Duration::from_secs(60), created_rx).await {
-        Ok(Ok(())) => Ok((watch, list_time, seen)),
-        Ok(Err(_)) => Err(format!("watch on {} ended before it was created", prefix(p, r)).into()),
-        Err(_) => Err(format!("watch on {} not created within 60 s", prefix(p, r)).into()),
-    }
-}
-
 async fn connect(url: &str, source: Option<IpAddr>) -> Result<Channel, Error> {
     Ok(Endpoint::from_shared(url.to_string())?.tcp_nodelay(true).local_address(source).connect().await?)
 }
@@ -311,10 +235,7 @@ async fn load(
 ) -> Result<Row, Error> {
     let mut row = Row::default();
     let t_setup = Instant::now();
-    let conns = match model {
-        Model::Shared => 1,
-        Model::PerProject => projects,
-    };
+    let conns = model.connections(projects, args.pool_size);
     let pb = bar(conns, format!("{label} connect"));
     let url = front.url.clone();
     let channels = bounded(conns, args.setup_concurrency, &pb, |i| {
@@ -327,13 +248,13 @@ async fn load(
     .await?;
     pb.finish_and_clear();
     let channels = Arc::new(channels);
-    let chan = |p: usize| channels[p % channels.len()].clone();
+    let (resources, objects) = (args.resources, args.objects);
+    let chan = |p: usize, r: usize| channels[model.connection_of(p, r, resources, channels.len())].clone();
 
     // Seed: one txn of puts per project.
     let pb = bar(projects, format!("{label} seed"));
-    let (resources, objects) = (args.resources, args.objects);
     bounded(projects, args.setup_concurrency, &pb, |p| {
-        let ch = chan(p);
+        let ch = chan(p, 0);
         async move {
             let ops = (0..resources)
                 .flat_map(|r| (0..objects).map(move |o| (r, o)))
@@ -352,22 +273,41 @@ async fn load(
     .await?;
     pb.finish_and_clear();
 
-    // Lists, then watches from each list's revision + 1.
-    let shared = Arc::new(Shared { t0: Instant::now(), delivery: Mutex::default(), progress: AtomicU64::new(0) });
+    // Lists, then watches from each list's revision + 1: on a stream of their own,
+    // or (the Go client) on their connection's one stream.
+    let shared = Arc::new(watches::Shared::new());
+    let groups: Arc<Vec<watches::SharedStream>> = Arc::new(match model {
+        Model::GoClient => channels.iter().map(|ch| watches::SharedStream::open(ch.clone(), shared.clone())).collect(),
+        _ => Vec::new(),
+    });
     let watches = projects * resources;
     let pb = bar(watches, format!("{label} list+watch"));
     let setups = bounded(watches, args.setup_concurrency, &pb, |i| {
-        list_and_watch(chan(i / resources), i / resources, i % resources, shared.clone())
+        let (p, r, ch, shared, groups) =
+            (i / resources, i % resources, chan(i / resources, i % resources), shared.clone(), groups.clone());
+        let conn = model.connection_of(p, r, resources, channels.len());
+        async move {
+            let (rev, took, seen) = watches::list(ch.clone(), p, r).await?;
+            let own = match groups.get(conn) {
+                Some(group) => {
+                    group.create(p, r, rev + 1).await?;
+                    None
+                }
+                None => Some(watches::own_stream(ch, p, r, rev + 1, shared).await?),
+            };
+            Ok((own, took, seen))
+        }
     })
     .await?;
     pb.finish_and_clear();
     let mut known: HashMap<Bytes, i64> = HashMap::new();
     let mut streams = Vec::with_capacity(watches);
-    for (watch, took, seen) in setups {
+    for (own, took, seen) in setups {
         row.list.push(took);
         known.extend(seen);
-        streams.push(watch);
+        streams.extend(own);
     }
+    (row.conns, row.streams) = (channels.len(), streams.len() + groups.len());
     row.setup = t_setup.elapsed();
 
     // The write load.
@@ -394,7 +334,7 @@ async fn load(
         tick.tick().await;
         pb.inc(1);
         if next_lease <= Instant::now() {
-            match LeaseClient::new(chan(0)).lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await {
+            match LeaseClient::new(chan(0, 0)).lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await {
                 Ok(l) => lease_id = l.into_inner().id,
                 Err(_) => other_errors += 1,
             }
@@ -403,16 +343,15 @@ async fn load(
         if !compacted && i >= total / 2 {
             compacted = true;
             compact_at = load_start.elapsed();
-            if compact(&chan(0)).await.is_err() {
+            if compact(&chan(0, 0)).await.is_err() {
                 other_errors += 1;
             }
         }
         if i % 200 == 0 {
             // The apiserver's consistent reads ask for progress on its streams.
-            for w in streams.iter().step_by((streams.len() / 10).max(1)) {
-                let _ = w.tx.try_send(WatchRequest {
-                    request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                });
+            let all: Vec<&watches::Stream> = streams.iter().chain(groups.iter().map(|g| &g.stream)).collect();
+            for w in all.iter().step_by((all.len() / 10).max(1)) {
+                w.progress();
             }
         }
         let p = (i as usize * 7919) % projects;
@@ -420,7 +359,7 @@ async fn load(
         let o = (i as usize) % (objects + 3);
         let k = b(&key(p, r, o));
         let permit = inflight.clone().acquire_owned().await?;
-        let (known, expected, results, ch) = (known.clone(), expected.clone(), results.clone(), chan(p));
+        let (known, expected, results, ch) = (known.clone(), expected.clone(), results.clone(), chan(p, r));
         let lease = if r == 0 { lease_id } else { 0 };
         tokio::spawn(async move {
             let rev = known.lock().unwrap_or_else(|e| e.into_inner()).get(&k).copied().unwrap_or(0);
@@ -553,9 +492,9 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
     let peaks = Peaks::default();
     let label = format!("{} {projects}p", kind.name());
     let result = async {
-        let needed = match model {
-            Model::Shared => 0,
-            Model::PerProject => projects as u64 + FD_MARGIN,
+        let needed = match model.connections(projects, args.pool_size) {
+            1 => 0,
+            n => n as u64 + FD_MARGIN,
         };
         if needed > fd_limit {
             return Err(format!(
@@ -672,163 +611,6 @@ async fn compact(ch: &Channel) -> Result<(), tonic::Status> {
     Ok(())
 }
 
-fn table_row(o: &Outcome) -> String {
-    let status = match (o.degraded.is_empty(), o.not_run()) {
-        (true, _) => "ok".to_string(),
-        (false, true) => o.degraded.join("; "),
-        (false, false) => format!("**degraded**: {}", o.degraded.join("; ")),
-    };
-    let mem = format!("{:.0} | {:.0} | {:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
-    match &o.result {
-        Err(_) => format!("| {} | {status} | | | | | | | | | {mem} | | |", o.target),
-        Ok(r) => format!(
-            "| {} | {status} | {:.1?} | {} | {}/{}/{} ({:.0}/s) | {}/{} | {}/{} | {} / {} / {} | {} | {mem} | {:.0} | {:.0} |",
-            o.target,
-            r.setup,
-            ms(percentile(&r.list, 0.99)),
-            ms(percentile(&r.write, 0.5)),
-            ms(percentile(&r.write, 0.99)),
-            ms(percentile(&r.write, 0.999)),
-            r.write_throughput,
-            ms(percentile(&r.delivery, 0.5)),
-            ms(percentile(&r.delivery, 0.99)),
-            r.delivered,
-            r.expected,
-            r.etcd_watchers,
-            r.etcd_streams,
-            r.etcd_conns,
-            r.progress_replies,
-            r.front_cpu,
-            r.loadgen_cpu,
-        ),
-    }
-}
-
-/// Per (model, target): the largest scale point that held and the first that did not.
-fn ceilings(outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) -> String {
-    let mut s = String::new();
-    for &model in models {
-        for &target in targets {
-            let (mut points, skipped): (Vec<&Outcome>, Vec<&Outcome>) =
-                outcomes.iter().filter(|o| o.model == model && o.target == target).partition(|o| !o.not_run());
-            points.sort_by_key(|o| o.projects);
-            let first_bad = points.iter().find(|o| !o.degraded.is_empty());
-            let last_ok = points.iter().take_while(|o| o.degraded.is_empty()).last();
-            let line = match (last_ok, first_bad) {
-                (_, None) => {
-                    format!("held at every point measured, up to {} projects", points.last().map_or(0, |o| o.projects))
-                }
-                (Some(ok), Some(bad)) => format!(
-                    "held up to {} projects; degraded at {}: {}",
-                    ok.projects,
-                    bad.projects,
-                    bad.degraded.join("; ")
-                ),
-                (None, Some(bad)) => {
-                    format!("degraded already at {} projects: {}", bad.projects, bad.degraded.join("; "))
-                }
-            };
-            let skipped: Vec<String> = skipped.iter().map(|o| o.projects.to_string()).collect();
-            let skipped = if skipped.is_empty() {
-                String::new()
-            } else {
-                format!(" (not measurable here at {} projects: see the table)", skipped.join(", "))
-            };
-            let _ = writeln!(s, "- {target}, {}: {line}{skipped}", model.name());
-        }
-    }
-    s
-}
-
-fn color(target: &str) -> RGBColor {
-    match target {
-        "etcd direct" => RGBColor(200, 40, 40),
-        "etcd grpc-proxy" => RGBColor(40, 80, 200),
-        _ => RGBColor(20, 150, 60),
-    }
-}
-
-/// The four charts: one line per (target, model), failed points left out except
-/// from the memory chart, where the peak before the failure is what it shows.
-fn plots(
-    name: &str,
-    outcomes: &[Outcome],
-    models: &[Model],
-    targets: &[&'static str],
-) -> Result<Vec<(String, PathBuf)>, Error> {
-    type Value = fn(&Outcome) -> Option<f64>;
-    let charts: [(&str, &str, &str, Value); 4] = [
-        ("rss", "Memory: etcd + proxy peak RSS", "MiB", |o| Some(o.etcd_mib + o.front_mib)),
-        ("watchers", "Watchers in etcd", "etcd_debugging_mvcc_watcher_total", |o| {
-            o.result.as_ref().ok().map(|r| r.etcd_watchers)
-        }),
-        ("write-p99", "Write (optimistic txn) p99", "ms", |o| {
-            o.result.as_ref().ok().map(|r| percentile(&r.write, 0.99).as_secs_f64() * 1000.0)
-        }),
-        ("delivery-p99", "Watch event delivery p99", "ms", |o| {
-            o.result.as_ref().ok().map(|r| percentile(&r.delivery, 0.99).as_secs_f64() * 1000.0)
-        }),
-    ];
-    let mut written = Vec::new();
-    for (file, title, y_label, value) in charts {
-        let mut series = Vec::new();
-        for &model in models {
-            for &target in targets {
-                let mut points: Vec<(f64, f64)> = outcomes
-                    .iter()
-                    .filter(|o| o.model == model && o.target == target)
-                    .filter_map(|o| Some((o.projects as f64, value(o)?)))
-                    .collect();
-                points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                let label = if models.len() > 1 { format!("{target} ({})", model.name()) } else { target.to_string() };
-                series.push(Series { label, color: color(target), dashed: model == Model::PerProject, points });
-            }
-        }
-        let stem = Path::new("loadtest/results").join(format!("{name}-{file}"));
-        let chart = Chart { title, x_label: "projects", y_label, series };
-        for path in plot::write(&stem, &chart)? {
-            written.push((title.to_string(), path));
-        }
-    }
-    Ok(written)
-}
-
-fn csv(outcomes: &[Outcome]) -> String {
-    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,etcd_watchers,etcd_watch_streams,etcd_conns,etcd_peak_rss_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct\n");
-    for o in outcomes {
-        let status = if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ").replace(',', " ") };
-        let head = format!("{:?},{},{},{status}", o.model, o.projects, o.target);
-        let mem = format!("{:.0},{:.0},{:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
-        let _ = match &o.result {
-            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,{mem},,"),
-            Ok(r) => {
-                let p = |v: &[Duration], q| percentile(v, q).as_secs_f64() * 1000.0;
-                writeln!(
-                    s,
-                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{mem},{:.0},{:.0}",
-                    r.setup.as_secs_f64(),
-                    p(&r.list, 0.99),
-                    p(&r.write, 0.5),
-                    p(&r.write, 0.99),
-                    p(&r.write, 0.999),
-                    p(&r.delivery, 0.5),
-                    p(&r.delivery, 0.99),
-                    r.delivered,
-                    r.expected,
-                    r.duplicates,
-                    r.errors,
-                    r.etcd_watchers,
-                    r.etcd_streams,
-                    r.etcd_conns,
-                    r.front_cpu,
-                    r.loadgen_cpu
-                )
-            }
-        };
-    }
-    s
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
@@ -876,7 +658,7 @@ async fn main() -> Result<(), Error> {
     writeln!(report, "## Where each target degrades\n\n{}", ceilings(&outcomes, &args.models, &target_names))?;
     match plots(&args.name, &outcomes, &args.models, &target_names) {
         Ok(paths) => {
-            writeln!(report, "## Plots\n\nSolid lines: one shared connection; dashed: one connection per project.\n")?;
+            writeln!(report, "## Plots\n\nOne colour per target, lighter for each model after the first; dashed: the models with one connection per project or per pool member ({}).\n", args.models.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "))?;
             for (title, path) in paths.iter().filter(|(_, p)| p.extension().is_some_and(|e| e == "svg")) {
                 let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
                 writeln!(report, "![{title}]({file})")?;
@@ -888,11 +670,11 @@ async fn main() -> Result<(), Error> {
             writeln!(report, "Plots were not written: {e}\n")?;
         }
     }
-    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak RSS of etcd, of the proxy and of the load generator; proxy CPU (etcd's for the direct target) and load generator CPU during the write load, in % of one core.\n")?;
+    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; client connections / watch streams the load generator opened; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak RSS of etcd, of the proxy and of the load generator; proxy CPU (etcd's for the direct target) and load generator CPU during the write load, in % of one core.\n")?;
     for &model in &args.models {
         for &projects in &args.projects {
             writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
-            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | etcd watchers / streams / conns | progress replies | etcd MiB | proxy MiB | loadgen MiB | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | client conns / streams | etcd watchers / streams / conns | progress replies | etcd MiB | proxy MiB | loadgen MiB | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
             let point: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.projects == projects).collect();
             for o in &point {
                 writeln!(report, "{}", table_row(o))?;
@@ -986,6 +768,23 @@ mod tests {
         assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[500], 3, 3, 0)))).is_none(), "slow is not a bug");
         assert!(correctness_failures(&outcome("etcdmux", 10, Err("out of memory".into()))).is_none());
         assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[1], 3, 2, 0)))).is_some());
+    }
+
+    #[test]
+    fn pool_models_round_robin_the_storages_over_the_pool() {
+        for m in [Model::MiloPool, Model::GoClient] {
+            assert_eq!(m.connections(30_000, 32), 32);
+            let mut per = vec![0; 32];
+            for p in 0..100 {
+                for r in 0..10 {
+                    per[m.connection_of(p, r, 10, 32)] += 1;
+                }
+            }
+            assert!(per.iter().all(|&n| n == 31 || n == 32), "{per:?}");
+        }
+        assert_eq!(Model::Shared.connections(30_000, 32), 1);
+        assert_eq!(Model::PerProject.connections(300, 32), 300);
+        assert_eq!(Model::PerProject.connection_of(7, 3, 10, 300), 7, "a project's storages share its connection");
     }
 
     #[test]

@@ -24,6 +24,29 @@ pub fn prefix_end(p: &str) -> Bytes {
     etcdmux::keyspace::prefix_end(p.as_bytes())
 }
 
+/// An object about `len` bytes long, like a Kubernetes object's JSON.
+pub fn value(generation: u64, len: usize) -> Bytes {
+    let mut v =
+        format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"generation":{generation}}},"data":{{"blob":""#);
+    let fill = len.saturating_sub(v.len() + 3);
+    v.extend(std::iter::repeat_n('x', fill));
+    v.push_str(r#""}}"#);
+    Bytes::from(v)
+}
+
+/// splitmix64: enough randomness for choosing keys, without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
+    }
+}
+
 /// What sits between the load and etcd.
 #[derive(Debug, Clone)]
 pub enum FrontKind {
@@ -337,5 +360,12 @@ mod tests {
         assert_eq!(labeled(text, "grpc_server_handled_total", &[]), 112.0);
         assert_eq!(labeled(text, "etcd_mvcc_range_total", &[]), 11.0);
         assert_eq!(labeled(text, "etcd_mvcc_range", &[]), 0.0, "a prefix of a name is not the name");
+    }
+
+    #[test]
+    fn values_are_as_long_as_asked() {
+        assert_eq!(value(7, 1024).len(), 1024);
+        assert!(value(7, 10).len() > 10, "asked for less than the envelope: the envelope");
+        assert!(value(7, 10).ends_with(b"\"}}"));
     }
 }

@@ -33,10 +33,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use etcdmux::pb::etcdserverpb::{kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
 use etcdmux_loadtest::{
-    b, bar, bounded, chain, cpu_time, labeled, loadavg, rss_kib, scrape, start_etcd, start_front, write_report, Error,
-    Etcd, Front, FrontKind, MILO_CONFIG,
+    b, bar, bounded, chain, cpu_time, labeled, loadavg, rss_kib, scrape, start_etcd, start_front, value, write_report,
+    Error, Etcd, Front, FrontKind, Rng, MILO_CONFIG,
 };
-use reads::{reader, value, writer, Ctx, Rng, Tally};
+use reads::{reader, writer, Ctx, Tally};
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 

@@ -4,63 +4,113 @@
 //! sizes; the layer records them under the tenant's label when the call ends.
 
 use crate::metrics::names;
-use crate::metrics::per_tenant::{self, CallTenant};
+use crate::metrics::per_tenant::{self, CallTenant, TenantSeries};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use metrics::{Counter, Gauge, Histogram};
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+/// The layer and the series it records into. Handles are looked up in the recorder
+/// once per method (and tenant label), not on every call: a lookup builds and hashes
+/// the series' key, which showed as several percent of etcdmux's CPU per request.
+/// Build it after the recorder is installed (the handles belong to the recorder that
+/// was current when each was first used).
+#[derive(Clone, Default)]
+pub struct GrpcMetricsLayer {
+    series: Arc<Series>,
+}
+
+impl GrpcMetricsLayer {
+    pub fn new() -> GrpcMetricsLayer {
+        GrpcMetricsLayer::default()
+    }
+}
 
 impl<S> Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner }
+        GrpcMetrics { inner, series: self.series.clone() }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    series: Arc<Series>,
 }
 
-/// The method label: known etcd methods as they are, anything else as `other`, so a
-/// client cannot grow the label set.
-fn method_label(path: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "/etcdserverpb.KV/Range",
-        "/etcdserverpb.KV/Put",
-        "/etcdserverpb.KV/DeleteRange",
-        "/etcdserverpb.KV/Txn",
-        "/etcdserverpb.KV/Compact",
-        "/etcdserverpb.Watch/Watch",
-        "/etcdserverpb.Lease/LeaseGrant",
-        "/etcdserverpb.Lease/LeaseRevoke",
-        "/etcdserverpb.Lease/LeaseKeepAlive",
-        "/etcdserverpb.Lease/LeaseTimeToLive",
-        "/etcdserverpb.Lease/LeaseLeases",
-        "/etcdserverpb.Maintenance/Status",
-        "/etcdserverpb.Maintenance/Alarm",
-        "/etcdserverpb.Maintenance/Defragment",
-        "/etcdserverpb.Maintenance/Hash",
-        "/etcdserverpb.Maintenance/HashKV",
-        "/etcdserverpb.Maintenance/Snapshot",
-        "/etcdserverpb.Maintenance/MoveLeader",
-        "/etcdserverpb.Maintenance/Downgrade",
-        "/etcdserverpb.Cluster/MemberList",
-        "/etcdserverpb.Cluster/MemberAdd",
-        "/etcdserverpb.Cluster/MemberRemove",
-        "/etcdserverpb.Cluster/MemberUpdate",
-        "/etcdserverpb.Cluster/MemberPromote",
-    ];
-    KNOWN.iter().find(|k| **k == path).copied().unwrap_or("other")
+/// The method labels: known etcd methods as they are, anything else as `other`, so
+/// a client cannot grow the label set. A method's number is its place here.
+const METHODS: &[&str] = &[
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.KV/Put",
+    "/etcdserverpb.KV/DeleteRange",
+    "/etcdserverpb.KV/Txn",
+    "/etcdserverpb.KV/Compact",
+    "/etcdserverpb.Watch/Watch",
+    "/etcdserverpb.Lease/LeaseGrant",
+    "/etcdserverpb.Lease/LeaseRevoke",
+    "/etcdserverpb.Lease/LeaseKeepAlive",
+    "/etcdserverpb.Lease/LeaseTimeToLive",
+    "/etcdserverpb.Lease/LeaseLeases",
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.Maintenance/Alarm",
+    "/etcdserverpb.Maintenance/Defragment",
+    "/etcdserverpb.Maintenance/Hash",
+    "/etcdserverpb.Maintenance/HashKV",
+    "/etcdserverpb.Maintenance/Snapshot",
+    "/etcdserverpb.Maintenance/MoveLeader",
+    "/etcdserverpb.Maintenance/Downgrade",
+    "/etcdserverpb.Cluster/MemberList",
+    "/etcdserverpb.Cluster/MemberAdd",
+    "/etcdserverpb.Cluster/MemberRemove",
+    "/etcdserverpb.Cluster/MemberUpdate",
+    "/etcdserverpb.Cluster/MemberPromote",
+    OTHER,
+];
+
+const OTHER: &str = "other";
+
+/// The number of a call's method in [`METHODS`] (the last, `other`, for any other path).
+fn method_number(path: &str) -> usize {
+    METHODS.iter().position(|k| *k == path).unwrap_or(METHODS.len() - 1)
+}
+
+/// Handles of the series a method's calls are recorded in.
+struct MethodSeries {
+    inflight: Gauge,
+    duration: Histogram,
+    ok: Counter,
+}
+
+/// What the layer records into: per method, registered on its first call.
+struct Series {
+    methods: Vec<OnceLock<MethodSeries>>,
+    tenants: TenantSeries,
+}
+
+impl Default for Series {
+    fn default() -> Series {
+        Series { methods: METHODS.iter().map(|_| OnceLock::new()).collect(), tenants: TenantSeries::default() }
+    }
+}
+
+impl Series {
+    fn method(&self, n: usize) -> &MethodSeries {
+        let method = METHODS[n];
+        self.methods[n].get_or_init(|| MethodSeries {
+            inflight: metrics::gauge!(names::GRPC_INFLIGHT, "method" => method),
+            duration: metrics::histogram!(names::GRPC_REQUEST_DURATION, "method" => method),
+            ok: metrics::counter!(names::GRPC_REQUESTS, "method" => method, "code" => "0"),
+        })
+    }
 }
 
 impl<S, B, RB> Service<http::Request<B>> for GrpcMetrics<S>
@@ -76,7 +126,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let call = Call::start(method_label(req.uri().path()));
+        let call = Call::start(self.series.clone(), method_number(req.uri().path()));
         let inner = per_tenant::scope(call.tenant.clone(), self.inner.call(req));
         MetricsFuture { inner, call }
     }
@@ -86,7 +136,8 @@ where
 /// exactly once: answered ([`Call::finish`]), or dropped unanswered (the client's
 /// deadline passed or it reset the stream), which counts as CANCELLED.
 struct Call {
-    method: &'static str,
+    series: Arc<Series>,
+    method: usize,
     start: Instant,
     done: bool,
     /// What the handler reported: tenant, message sizes.
@@ -97,28 +148,32 @@ struct Call {
 const CANCELLED: &str = "1";
 
 impl Call {
-    fn start(method: &'static str) -> Call {
-        metrics::gauge!(names::GRPC_INFLIGHT, "method" => method).increment(1.0);
-        Call { method, start: Instant::now(), done: false, tenant: Arc::default() }
+    fn start(series: Arc<Series>, method: usize) -> Call {
+        series.method(method).inflight.increment(1.0);
+        Call { series, method, start: Instant::now(), done: false, tenant: Arc::default() }
     }
 
-    fn finish(&mut self, code: String) {
+    fn finish(&mut self, code: &str) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let method = self.method;
-        metrics::gauge!(names::GRPC_INFLIGHT, "method" => method).decrement(1.0);
-        metrics::histogram!(names::GRPC_REQUEST_DURATION, "method" => method)
-            .record(self.start.elapsed().as_secs_f64());
-        self.tenant.finish(method, &code);
-        metrics::counter!(names::GRPC_REQUESTS, "method" => method, "code" => code).increment(1);
+        let m = self.series.method(self.method);
+        m.inflight.decrement(1.0);
+        m.duration.record(self.start.elapsed().as_secs_f64());
+        self.tenant.finish(&self.series.tenants, self.method, METHODS, code);
+        if code == "0" {
+            m.ok.increment(1);
+        } else {
+            let method = METHODS[self.method];
+            metrics::counter!(names::GRPC_REQUESTS, "method" => method, "code" => code.to_string()).increment(1);
+        }
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
         if !self.done {
-            self.finish(CANCELLED.to_string());
+            self.finish(CANCELLED);
         }
     }
 }
@@ -142,13 +197,8 @@ where
         let out = std::task::ready!(this.inner.poll(cx));
         // An error answer is "trailers only": its grpc-status is in the headers.
         let code = match &out {
-            Ok(resp) => resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "0".to_string()),
-            Err(_) => "transport".to_string(),
+            Ok(resp) => resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0"),
+            Err(_) => "transport",
         };
         this.call.finish(code);
         Poll::Ready(out)
@@ -189,7 +239,7 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             let never =
                 service_fn(|_: http::Request<()>| std::future::pending::<Result<http::Response<()>, Infallible>>());
-            let mut svc = GrpcMetricsLayer.layer(never);
+            let mut svc = GrpcMetricsLayer::new().layer(never);
             let mut fut = Box::pin(svc.call(request()));
             let waker = futures::task::noop_waker();
             assert!(fut.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
@@ -202,7 +252,7 @@ mod tests {
                 resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("5"));
                 Ok::<_, Infallible>(resp)
             });
-            let mut svc = GrpcMetricsLayer.layer(answer);
+            let mut svc = GrpcMetricsLayer::new().layer(answer);
             futures::executor::block_on(svc.call(request())).expect("answered");
         });
         let text = handle.render();

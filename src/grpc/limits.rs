@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -41,18 +42,18 @@ fn is_stream(path: &str) -> bool {
 /// One client connection: (local, remote) address.
 type ConnKey = (Option<SocketAddr>, Option<SocketAddr>);
 
-#[derive(Debug, Default)]
-struct Counts {
-    global: usize,
-    per_conn: HashMap<ConnKey, usize>,
-}
+/// Shards of the per-connection table: calls on different connections rarely take
+/// the same lock (one process-wide lock per call was the alternative).
+const SHARDS: usize = 16;
 
-/// The bounds and what is in progress, shared by every listener.
+/// The bounds and what is in progress, shared by every listener. The global count is
+/// an atomic; the per-connection counts live in [`SHARDS`] tables by remote port.
 #[derive(Debug)]
 pub struct Limits {
     max_global: usize,
     max_conn: usize,
-    counts: Mutex<Counts>,
+    global: AtomicUsize,
+    per_conn: [Mutex<HashMap<ConnKey, usize>>; SHARDS],
 }
 
 impl Limits {
@@ -60,34 +61,46 @@ impl Limits {
         Arc::new(Limits {
             max_global: cfg.max_unary_inflight,
             max_conn: cfg.max_unary_inflight_per_connection,
-            counts: Mutex::default(),
+            global: AtomicUsize::new(0),
+            per_conn: std::array::from_fn(|_| Mutex::default()),
         })
     }
 
-    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, k: &ConnKey) -> std::sync::MutexGuard<'_, HashMap<ConnKey, usize>> {
+        let port = k.1.map_or(0, |a| a.port()) as usize;
+        self.per_conn[port % SHARDS].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A permit for one unary call on `conn`, or the scope of the bound it would pass.
     fn try_acquire(self: &Arc<Self>, conn: Option<ConnKey>) -> Result<Permit, &'static str> {
-        let mut c = self.counts();
-        if c.global >= self.max_global {
+        // Taken first and given back on refusal: the bound is never passed, though a
+        // call racing a refused one may see the count one too high for a moment.
+        if self.global.fetch_add(1, Ordering::AcqRel) >= self.max_global {
+            self.global.fetch_sub(1, Ordering::AcqRel);
             return Err("global");
         }
         if let Some(k) = conn {
-            let n = c.per_conn.entry(k).or_insert(0);
+            let mut shard = self.shard(&k);
+            let n = shard.entry(k).or_insert(0);
             if *n >= self.max_conn {
+                drop(shard);
+                self.global.fetch_sub(1, Ordering::AcqRel);
                 return Err("connection");
             }
             *n += 1;
         }
-        c.global += 1;
         Ok(Permit { limits: self.clone(), conn })
     }
 
     /// Unary calls in progress (for tests).
     pub fn in_progress(&self) -> usize {
-        self.counts().global
+        self.global.load(Ordering::Acquire)
+    }
+
+    /// Connections with calls in progress (for tests).
+    #[cfg(test)]
+    fn connections(&self) -> usize {
+        self.per_conn.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
     }
 }
 
@@ -99,13 +112,13 @@ struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut c = self.limits.counts();
-        c.global = c.global.saturating_sub(1);
+        self.limits.global.fetch_sub(1, Ordering::AcqRel);
         if let Some(k) = self.conn {
-            if let Some(n) = c.per_conn.get_mut(&k) {
+            let mut shard = self.limits.shard(&k);
+            if let Some(n) = shard.get_mut(&k) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    c.per_conn.remove(&k);
+                    shard.remove(&k);
                 }
             }
         }
@@ -237,7 +250,39 @@ mod tests {
         assert!(matches!(svc.call(request("/etcdserverpb.Watch/Watch", 3)), Either::Left(_)));
         drop((a1, a2, b1));
         assert_eq!(limits.in_progress(), 0);
-        assert!(limits.counts().per_conn.is_empty(), "no entry outlives its calls");
+        assert_eq!(limits.connections(), 0, "no entry outlives its calls");
         assert!(matches!(svc.call(request(RANGE, 1)), Either::Left(_)));
+    }
+
+    /// Calls on many threads at once: the global bound is never passed, and every
+    /// count goes back to zero.
+    #[test]
+    fn concurrent_calls_never_pass_the_bounds_and_leave_nothing_behind() {
+        let cfg = LimitsConfig { max_unary_inflight: 8, max_unary_inflight_per_connection: 3, ..Default::default() };
+        let limits = Limits::new(&cfg);
+        let threads: Vec<_> = (0..8u16)
+            .map(|t| {
+                let limits = limits.clone();
+                std::thread::spawn(move || {
+                    let (mut granted, mut most) = (0, 0);
+                    for i in 0..20_000u16 {
+                        let remote = SocketAddr::from(([127, 0, 0, 1], 1000 + (t * 7 + i) % 5));
+                        if let Ok(p) = limits.try_acquire(Some((None, Some(remote)))) {
+                            granted += 1;
+                            most = most.max(limits.in_progress());
+                            drop(p);
+                        }
+                    }
+                    (granted, most)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (granted, most) = t.join().expect("a thread");
+            assert!(granted > 0);
+            assert!(most <= 8, "{most} calls in progress with a bound of 8");
+        }
+        assert_eq!(limits.in_progress(), 0);
+        assert_eq!(limits.connections(), 0);
     }
 }

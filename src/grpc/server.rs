@@ -148,6 +148,8 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     let max_out = proxy.cfg.server.max_response_bytes;
     // One set of unary-call bounds for all listeners together.
     let limits = Limits::new(&proxy.cfg.limits);
+    // After the recorder (Health::start): the layer keeps handles into it.
+    let metrics_layer = GrpcMetricsLayer::new();
     let keepalive = Duration::from_millis(proxy.cfg.limits.http2_keepalive_interval_ms);
     let keepalive_timeout = Duration::from_millis(proxy.cfg.limits.http2_keepalive_timeout_ms);
     for (((listener, l), scope), tls) in listeners.into_iter().zip(proxy.cfg.listeners.iter()).zip(scopes).zip(tls) {
@@ -161,7 +163,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         // Outermost: a call refused by the limits has a span and a request id too.
         let router = Server::builder()
             .layer(CallSpanLayer)
-            .layer(GrpcMetricsLayer)
+            .layer(metrics_layer.clone())
             .layer(LimitsLayer::new(limits.clone()))
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)
             .http2_keepalive_interval(Some(keepalive))

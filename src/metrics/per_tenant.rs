@@ -9,9 +9,10 @@
 //! refused before resolution) and streams (Watch, LeaseKeepAlive) have no per-tenant
 //! request series; watchers and their events are counted by the hub.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use metrics::{Counter, Gauge, SharedString};
 use tokio::task::futures::TaskLocalFuture;
@@ -87,18 +88,65 @@ pub fn report_bytes_out(size: impl FnOnce() -> usize) {
 }
 
 impl CallTenant {
-    /// Records the call (ended with grpc-status `code`) under its tenant's label.
-    pub fn finish(&self, method: &'static str, code: &str) {
+    /// Records the call (method number `method` of `names`, ended with grpc-status
+    /// `code`) under its tenant's label, with the handles in `series`.
+    pub fn finish(&self, series: &TenantSeries, method: usize, names: &[&'static str], code: &str) {
         let Some(tenant) = self.label.get() else { return };
-        metrics::counter!(names::TENANT_REQUESTS, "tenant" => tenant.clone(), "method" => method, "code" => code.to_string())
-            .increment(1);
-        if code != "0" {
-            metrics::counter!(names::TENANT_ERRORS, "tenant" => tenant.clone()).increment(1);
+        let Some(name) = names.get(method).copied() else { return };
+        let handles = series.of(tenant, names.len());
+        if code == "0" {
+            handles.ok[method]
+                .get_or_init(|| metrics::counter!(names::TENANT_REQUESTS, "tenant" => tenant.clone(), "method" => name, "code" => "0"))
+                .increment(1);
+        } else {
+            metrics::counter!(names::TENANT_REQUESTS, "tenant" => tenant.clone(), "method" => name, "code" => code.to_string())
+                .increment(1);
+            handles
+                .errors
+                .get_or_init(|| metrics::counter!(names::TENANT_ERRORS, "tenant" => tenant.clone()))
+                .increment(1);
         }
-        for (direction, n) in [("in", &self.bytes_in), ("out", &self.bytes_out)] {
-            let n = n.load(Ordering::Relaxed);
-            metrics::counter!(names::TENANT_BYTES, "tenant" => tenant.clone(), "direction" => direction).increment(n);
+        handles.bytes_in.increment(self.bytes_in.load(Ordering::Relaxed));
+        handles.bytes_out.increment(self.bytes_out.load(Ordering::Relaxed));
+    }
+}
+
+/// The request series of each tenant label, looked up in the recorder once per label
+/// (and method) rather than on every call: a lookup builds and hashes the series' key.
+/// Bounded by the labels [`TopTenants`] gives (`top` + `other`).
+#[derive(Default)]
+pub struct TenantSeries {
+    by_label: RwLock<HashMap<SharedString, Arc<LabelSeries>>>,
+}
+
+struct LabelSeries {
+    bytes_in: Counter,
+    bytes_out: Counter,
+    /// Registered on the first error, like every series here: none at 0 before.
+    errors: OnceLock<Counter>,
+    /// Calls answered OK, per method number (registered on the first).
+    ok: Vec<OnceLock<Counter>>,
+}
+
+impl TenantSeries {
+    fn of(&self, tenant: &SharedString, methods: usize) -> Arc<LabelSeries> {
+        if let Some(s) = self.by_label.read().unwrap_or_else(|p| p.into_inner()).get(tenant) {
+            return s.clone();
         }
+        let mut map = self.by_label.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(tenant.clone())
+            .or_insert_with(|| {
+                let bytes = |direction: &'static str| {
+                    metrics::counter!(names::TENANT_BYTES, "tenant" => tenant.clone(), "direction" => direction)
+                };
+                Arc::new(LabelSeries {
+                    bytes_in: bytes("in"),
+                    bytes_out: bytes("out"),
+                    errors: OnceLock::new(),
+                    ok: (0..methods).map(|_| OnceLock::new()).collect(),
+                })
+            })
+            .clone()
     }
 }
 

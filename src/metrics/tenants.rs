@@ -16,7 +16,8 @@
 //! Limitation: slots are never given back, so when all `top` are taken by early
 //! tenants, a tenant that becomes heavy later is counted in `other`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Arc;
 
 use metrics::SharedString;
@@ -27,7 +28,7 @@ pub const OTHER: &str = "other";
 /// A tenant needs at least this many guaranteed hits to be given a label.
 pub const MIN_HITS: u64 = 2;
 
-/// Largest sketch, whatever `top` is (each miss scans it for its minimum).
+/// Largest sketch, whatever `top` is.
 pub const MAX_SKETCH: usize = 4096;
 
 /// The labelled tenants and the sketch that picks them.
@@ -80,41 +81,100 @@ impl TopTenants {
 }
 
 /// Space-saving: `capacity` counters; a new item replaces the smallest one and
-/// inherits its count as its error bound.
+/// inherits its count as its error bound. The counters are also kept ordered by
+/// count, so finding the smallest is O(log n), not a scan of the table (a scan per
+/// call from an untracked tenant showed as 2.8 % of etcdmux's CPU with 30,000
+/// projects). Items are tracked by a 64-bit hash of their name, so a miss allocates
+/// nothing; two tenants sharing a hash (about 1 in 10^15 for a full sketch) would
+/// share a counter, and one of them could get a label a little early.
 struct SpaceSaving {
     capacity: usize,
-    /// item → (count, error bound); count − error ≤ true count ≤ count.
-    counts: HashMap<Box<str>, (u64, u64)>,
+    hasher: RandomState,
+    /// item hash → its counter; count − error ≤ true count ≤ count.
+    counts: HashMap<u64, Counter, BuildHasherDefault<Prehashed>>,
+    /// (count, seq) → item hash, smallest first: the next one to replace. `seq`
+    /// orders equal counts by arrival (the oldest is replaced first).
+    order: BTreeMap<(u64, u64), u64>,
+    next_seq: u64,
     /// Hits observed.
     seen: u64,
 }
 
+struct Counter {
+    count: u64,
+    error: u64,
+    seq: u64,
+}
+
+/// The keys of [`SpaceSaving::counts`] are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 impl SpaceSaving {
     fn new(capacity: usize) -> SpaceSaving {
-        SpaceSaving { capacity: capacity.max(1), counts: HashMap::new(), seen: 0 }
+        SpaceSaving {
+            capacity: capacity.max(1),
+            hasher: RandomState::new(),
+            counts: HashMap::default(),
+            order: BTreeMap::new(),
+            next_seq: 0,
+            seen: 0,
+        }
+    }
+
+    fn id(&self, item: &str) -> u64 {
+        self.hasher.hash_one(item)
     }
 
     /// Counts one hit of `item`; answers its guaranteed count.
     fn observe(&mut self, item: &str) -> u64 {
         self.seen += 1;
-        if let Some((c, e)) = self.counts.get_mut(item) {
-            *c += 1;
-            return *c - *e;
+        let id = self.id(item);
+        if let Some(c) = self.counts.get_mut(&id) {
+            self.order.remove(&(c.count, c.seq));
+            c.count += 1;
+            self.order.insert((c.count, c.seq), id);
+            return c.count - c.error;
         }
         let mut floor = 0;
         if self.counts.len() >= self.capacity {
-            let smallest = self.counts.iter().min_by_key(|(_, (c, _))| *c).map(|(k, (c, _))| (k.clone(), *c));
-            if let Some((k, c)) = smallest {
-                self.counts.remove(&k);
-                floor = c;
+            if let Some(((count, _), smallest)) = self.order.pop_first() {
+                self.counts.remove(&smallest);
+                floor = count;
             }
         }
-        self.counts.insert(item.into(), (floor + 1, floor));
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.insert((floor + 1, seq), id);
+        self.counts.insert(id, Counter { count: floor + 1, error: floor, seq });
         1
     }
 
     fn forget(&mut self, item: &str) {
-        self.counts.remove(item);
+        if let Some(c) = self.counts.remove(&self.id(item)) {
+            self.order.remove(&(c.count, c.seq));
+        }
+    }
+
+    #[cfg(test)]
+    fn count(&self, item: &str) -> Option<(u64, u64)> {
+        self.counts.get(&self.id(item)).map(|c| (c.count, c.error))
     }
 }
 
@@ -182,6 +242,50 @@ mod tests {
         assert_eq!(t.hit("b").as_deref(), Some(OTHER));
         assert_eq!(t.hit("b").as_deref(), Some(OTHER), "two hits are no share of 100k");
         assert_eq!(t.labelled(), 1);
+    }
+
+    /// The sketch's bounds hold on a skewed stream, its two views agree, and a full
+    /// sketch replaces its smallest counter (the oldest among equals).
+    #[test]
+    fn the_sketch_keeps_its_bounds_and_replaces_the_smallest() {
+        let mut s = SpaceSaving::new(8);
+        let mut truth: HashMap<String, u64> = HashMap::new();
+        let mut x = 12345u64;
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Skewed: t1 about half the stream, t2 a sixth, t3 a twelfth, …
+            let r = (x >> 33) % 1000;
+            let item = format!("t{}", 1000 / (r + 1));
+            *truth.entry(item.clone()).or_default() += 1;
+            s.observe(&item);
+        }
+        assert_eq!(s.counts.len(), 8);
+        assert_eq!(s.order.len(), s.counts.len(), "one ordered entry per counter");
+        for (id, c) in &s.counts {
+            assert_eq!(s.order.get(&(c.count, c.seq)), Some(id));
+        }
+        let mut tracked = 0;
+        for (item, &t) in &truth {
+            if let Some((count, error)) = s.count(item) {
+                tracked += 1;
+                assert!(count - error <= t && t <= count, "{item}: {count} - {error} vs {t}");
+            }
+        }
+        assert_eq!(tracked, 8);
+        // Items with more than 1/capacity of the stream are always tracked.
+        assert!(["t1", "t2", "t3"].iter().all(|k| s.count(k).is_some()));
+
+        let mut s = SpaceSaving::new(2);
+        for item in ["a", "a", "b", "c"] {
+            s.observe(item);
+        }
+        // b (count 1) was the smallest: c took its place with error 1.
+        assert!(s.count("a").is_some() && s.count("b").is_none());
+        assert_eq!(s.count("c"), Some((2, 1)));
+        s.observe("d"); // c and a both count 2: a arrived first, so a goes
+        assert!(s.count("a").is_none() && s.count("c").is_some() && s.count("d").is_some());
+        s.forget("d");
+        assert_eq!((s.counts.len(), s.order.len()), (1, 1));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! calls and streams already running keep the channel they were given (a clone), so
 //! the hub's upstream watch and keepalive streams are not broken by a rotation.
 
+pub mod body;
 pub mod call;
 pub mod classify;
 
@@ -25,6 +26,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 
 use crate::metrics::names;
+use body::WholeBody;
 pub use call::{parse_grpc_timeout, CallCtx, Retry, StreamCtx, REQUIRE_LEADER};
 use classify::{Failure, UpstreamError};
 
@@ -41,18 +43,27 @@ use crate::pb::etcdserverpb::{
 /// Defines `$name(ctx, retry, req, f)`: one call on a `$client` with retries, where
 /// `f` gets the client and the outgoing request (deadline and metadata set).
 macro_rules! unary_calls {
-    ($($(#[$doc:meta])* $name:ident => $make:ident, $client:ident;)*) => {$(
+    ($($(#[$doc:meta])* $name:ident => $client:ident;)*) => {$(
         $(#[$doc])*
         pub async fn $name<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, UpstreamError>
         where
             Req: Clone,
-            F: Fn($client<Channel>, Request<Req>) -> Fut,
+            F: Fn($client<Unary>, Request<Req>) -> Fut,
             Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
         {
-            self.call(ctx, retry, |ch| f(self.$make(ch), ctx.request(req.clone()))).await
+            self.call(ctx, retry, |ch| {
+                let client = $client::new(WholeBody::new(ch))
+                    .max_decoding_message_size(self.max_message)
+                    .max_encoding_message_size(self.max_message);
+                f(client, ctx.request(req.clone()))
+            })
+            .await
         }
     )*};
 }
+
+/// The channel unary calls go through: each request in two HTTP/2 frames ([`body`]).
+pub type Unary = WholeBody<Channel>;
 
 /// The files of TLS towards etcd from `[upstream]` (validated: a CA whenever TLS is
 /// used, cert and key together); `None` without a CA.
@@ -197,13 +208,13 @@ impl Upstream {
 
     unary_calls! {
         /// One KV call with retries: `f` gets a client and the outgoing request.
-        kv_call => kv, KvClient;
+        kv_call => KvClient;
         /// One Lease call with retries.
-        lease_call => lease, LeaseClient;
+        lease_call => LeaseClient;
         /// One Maintenance call with retries.
-        maintenance_call => maintenance, MaintenanceClient;
+        maintenance_call => MaintenanceClient;
         /// One Cluster call with retries.
-        cluster_call => cluster, ClusterClient;
+        cluster_call => ClusterClient;
     }
 
     /// Runs `f` against a channel, with the deadline of `ctx`, retrying as `retry`

@@ -10,34 +10,11 @@ use etcdmux::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use etcdmux::pb::mvccpb::KeyValue;
-use etcdmux_loadtest::{b, chain, prefix_end, Error};
+use etcdmux_loadtest::{b, chain, prefix_end, value, Error, Rng};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use super::{Shape, Target};
-
-/// An object about `len` bytes long, like a Kubernetes object's JSON.
-pub fn value(generation: u64, len: usize) -> Bytes {
-    let mut v =
-        format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"generation":{generation}}},"data":{{"blob":""#);
-    let fill = len.saturating_sub(v.len() + 3);
-    v.extend(std::iter::repeat_n('x', fill));
-    v.push_str(r#""}}"#);
-    Bytes::from(v)
-}
-
-/// splitmix64: enough randomness for choosing keys, without a dependency.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
-    }
-}
 
 /// What readers and the writer saw.
 #[derive(Default)]
@@ -339,12 +316,5 @@ mod tests {
     fn exact_reads_check_only_writes_at_or_below_their_revision() {
         assert_eq!(check_read(&[kv(0, 5), kv(1, 6)], 2, &[5, 20], 10, true), None, "a write after the revision");
         assert!(check_read(&[kv(0, 5), kv(1, 6)], 2, &[5, 8], 10, true).is_some(), "a write before it");
-    }
-
-    #[test]
-    fn values_are_as_long_as_asked() {
-        assert_eq!(value(7, 1024).len(), 1024);
-        assert!(value(7, 10).len() > 10, "asked for less than the envelope: the envelope");
-        assert!(value(7, 10).ends_with(b"\"}}"));
     }
 }

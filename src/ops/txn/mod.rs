@@ -73,17 +73,22 @@ impl Proxy {
     /// One attempt: translate (after reading the tenant's index when a range or
     /// delete spans roots), check, send, answer.
     async fn txn_attempt(&self, scope: &Scope, ctx: &CallCtx, req: &TxnRequest) -> Result<Attempt<TxnResponse>> {
-        let (tr, ..) = self.translate(scope, req, None)?;
-        let index = match (&tr.owner, tr.needs_index) {
+        let first = self.translate(scope, req, None)?;
+        let index = match (&first.0.owner, first.0.needs_index) {
             (_, false) => None,
             (Some(Owner::Tenant(t)), true) => {
                 let mut snap = self.read_index(ctx, t, 0).await?;
-                snap.slots.extend(tr.put_slots);
+                snap.slots.extend(first.0.put_slots.iter().cloned());
                 Some(snap)
             }
             (_, true) => return Err(Error::Internal("cross-root op without a tenant".to_string())),
         };
-        let (tr, compare, mut success, mut failure) = self.translate(scope, req, index.as_ref())?;
+        // Without a cross-root op the first translation is the plan: planned again
+        // only with the index it asked for.
+        let (tr, compare, mut success, mut failure) = match &index {
+            None => first,
+            Some(_) => self.translate(scope, req, index.as_ref())?,
+        };
         if tr.needs_index {
             return Err(Error::Internal("txn planned with the index still needs it".to_string()));
         }

@@ -1,0 +1,182 @@
+//! The apiload report: the table row of a point, where each target degrades, the
+//! plots and the CSV.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcdmux_loadtest::plot::{self, Chart, Series};
+use etcdmux_loadtest::{ms, percentile, Error};
+use plotters::style::RGBColor;
+
+use super::{Model, Outcome};
+
+pub fn table_row(o: &Outcome) -> String {
+    let status = match (o.degraded.is_empty(), o.not_run()) {
+        (true, _) => "ok".to_string(),
+        (false, true) => o.degraded.join("; "),
+        (false, false) => format!("**degraded**: {}", o.degraded.join("; ")),
+    };
+    let mem = format!("{:.0} | {:.0} | {:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+    match &o.result {
+        Err(_) => format!("| {} | {status} | | | | | | | | | | {mem} | | |", o.target),
+        Ok(r) => format!(
+            "| {} | {status} | {:.1?} | {} | {}/{}/{} ({:.0}/s) | {}/{} | {}/{} | {} / {} | {} / {} / {} | {} | {mem} | {:.0} | {:.0} |",
+            o.target,
+            r.setup,
+            ms(percentile(&r.list, 0.99)),
+            ms(percentile(&r.write, 0.5)),
+            ms(percentile(&r.write, 0.99)),
+            ms(percentile(&r.write, 0.999)),
+            r.write_throughput,
+            ms(percentile(&r.delivery, 0.5)),
+            ms(percentile(&r.delivery, 0.99)),
+            r.delivered,
+            r.expected,
+            r.conns,
+            r.streams,
+            r.etcd_watchers,
+            r.etcd_streams,
+            r.etcd_conns,
+            r.progress_replies,
+            r.front_cpu,
+            r.loadgen_cpu,
+        ),
+    }
+}
+
+/// Per (model, target): the largest scale point that held and the first that did not.
+pub fn ceilings(outcomes: &[Outcome], models: &[Model], targets: &[&'static str]) -> String {
+    let mut s = String::new();
+    for &model in models {
+        for &target in targets {
+            let (mut points, skipped): (Vec<&Outcome>, Vec<&Outcome>) =
+                outcomes.iter().filter(|o| o.model == model && o.target == target).partition(|o| !o.not_run());
+            points.sort_by_key(|o| o.projects);
+            let first_bad = points.iter().find(|o| !o.degraded.is_empty());
+            let last_ok = points.iter().take_while(|o| o.degraded.is_empty()).last();
+            let line = match (last_ok, first_bad) {
+                (_, None) => {
+                    format!("held at every point measured, up to {} projects", points.last().map_or(0, |o| o.projects))
+                }
+                (Some(ok), Some(bad)) => format!(
+                    "held up to {} projects; degraded at {}: {}",
+                    ok.projects,
+                    bad.projects,
+                    bad.degraded.join("; ")
+                ),
+                (None, Some(bad)) => {
+                    format!("degraded already at {} projects: {}", bad.projects, bad.degraded.join("; "))
+                }
+            };
+            let skipped: Vec<String> = skipped.iter().map(|o| o.projects.to_string()).collect();
+            let skipped = if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" (not measurable here at {} projects: see the table)", skipped.join(", "))
+            };
+            let _ = writeln!(s, "- {target}, {}: {line}{skipped}", model.name());
+        }
+    }
+    s
+}
+
+fn color(target: &str) -> RGBColor {
+    match target {
+        "etcd direct" => RGBColor(200, 40, 40),
+        "etcd grpc-proxy" => RGBColor(40, 80, 200),
+        _ => RGBColor(20, 150, 60),
+    }
+}
+
+/// `c` lightened for the `nth` model, so the models of one target stay apart.
+fn lighter(c: RGBColor, nth: usize) -> RGBColor {
+    let share = [0.0, 0.35, 0.55, 0.7][nth.min(3)];
+    let mix = |v: u8| (f64::from(v) + (255.0 - f64::from(v)) * share) as u8;
+    RGBColor(mix(c.0), mix(c.1), mix(c.2))
+}
+
+/// The four charts: one line per (target, model), failed points left out except
+/// from the memory chart, where the peak before the failure is what it shows.
+pub fn plots(
+    name: &str,
+    outcomes: &[Outcome],
+    models: &[Model],
+    targets: &[&'static str],
+) -> Result<Vec<(String, PathBuf)>, Error> {
+    type Value = fn(&Outcome) -> Option<f64>;
+    let charts: [(&str, &str, &str, Value); 4] = [
+        ("rss", "Memory: etcd + proxy peak RSS", "MiB", |o| Some(o.etcd_mib + o.front_mib)),
+        ("watchers", "Watchers in etcd", "etcd_debugging_mvcc_watcher_total", |o| {
+            o.result.as_ref().ok().map(|r| r.etcd_watchers)
+        }),
+        ("write-p99", "Write (optimistic txn) p99", "ms", |o| {
+            o.result.as_ref().ok().map(|r| percentile(&r.write, 0.99).as_secs_f64() * 1000.0)
+        }),
+        ("delivery-p99", "Watch event delivery p99", "ms", |o| {
+            o.result.as_ref().ok().map(|r| percentile(&r.delivery, 0.99).as_secs_f64() * 1000.0)
+        }),
+    ];
+    let mut written = Vec::new();
+    for (file, title, y_label, value) in charts {
+        let mut series = Vec::new();
+        for &model in models {
+            for &target in targets {
+                let mut points: Vec<(f64, f64)> = outcomes
+                    .iter()
+                    .filter(|o| o.model == model && o.target == target)
+                    .filter_map(|o| Some((o.projects as f64, value(o)?)))
+                    .collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let label = if models.len() > 1 { format!("{target} ({})", model.name()) } else { target.to_string() };
+                let nth = models.iter().position(|m| *m == model).unwrap_or(0);
+                let dashed = matches!(model, Model::PerProject | Model::MiloPool | Model::GoClient);
+                series.push(Series { label, color: lighter(color(target), nth), dashed, points });
+            }
+        }
+        let stem = Path::new("loadtest/results").join(format!("{name}-{file}"));
+        let chart = Chart { title, x_label: "projects", y_label, series };
+        for path in plot::write(&stem, &chart)? {
+            written.push((title.to_string(), path));
+        }
+    }
+    Ok(written)
+}
+
+pub fn csv(outcomes: &[Outcome]) -> String {
+    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,client_conns,client_streams,etcd_watchers,etcd_watch_streams,etcd_conns,etcd_peak_rss_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct\n");
+    for o in outcomes {
+        let status = if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ").replace(',', " ") };
+        let head = format!("{:?},{},{},{status}", o.model, o.projects, o.target);
+        let mem = format!("{:.0},{:.0},{:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+        let _ = match &o.result {
+            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,,,{mem},,"),
+            Ok(r) => {
+                let p = |v: &[Duration], q| percentile(v, q).as_secs_f64() * 1000.0;
+                writeln!(
+                    s,
+                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{mem},{:.0},{:.0}",
+                    r.setup.as_secs_f64(),
+                    p(&r.list, 0.99),
+                    p(&r.write, 0.5),
+                    p(&r.write, 0.99),
+                    p(&r.write, 0.999),
+                    p(&r.delivery, 0.5),
+                    p(&r.delivery, 0.99),
+                    r.delivered,
+                    r.expected,
+                    r.duplicates,
+                    r.errors,
+                    r.conns,
+                    r.streams,
+                    r.etcd_watchers,
+                    r.etcd_streams,
+                    r.etcd_conns,
+                    r.front_cpu,
+                    r.loadgen_cpu
+                )
+            }
+        };
+    }
+    s
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Folds `perf script` output (a profile recorded with -g) into one line per stack,
+and draws it as a flamegraph SVG; prints the heaviest functions, self and total.
+
+    perf record -F 499 -g --call-graph dwarf -p PID -o perf.data -- sleep 20
+    perf script -i perf.data | scripts/flamegraph.py --title "etcdmux, mixed" out
+
+writes out.folded, out.svg and out.txt (the summary). No dependencies.
+"""
+import argparse
+import collections
+import html
+import re
+import sys
+import zlib
+
+FRAME = re.compile(r"^\s*[0-9a-f]+\s+(.*?)(?:\+0x[0-9a-f]+)?(?:\s+\(([^)]*)\))?$")
+
+
+def fold(lines):
+    """Stacks (root first) and their sample counts."""
+    stacks = collections.Counter()
+    cur = []
+    for line in lines:
+        line = line.rstrip("\n")
+        if not line.strip() or not line[0].isspace():
+            if cur:
+                stacks[tuple(reversed(cur))] += 1
+            cur = []
+            continue
+        m = FRAME.match(line)
+        if m:
+            name = m.group(1).strip() or "[unknown]"
+            if name == "[unknown]" and m.group(2):
+                name = "[" + m.group(2).rsplit("/", 1)[-1] + "]"
+            cur.append(name.replace(";", ":"))
+    if cur:
+        stacks[tuple(reversed(cur))] += 1
+    return stacks
+
+
+def summary(stacks, n=40):
+    total = sum(stacks.values()) or 1
+    own, incl = collections.Counter(), collections.Counter()
+    for st, c in stacks.items():
+        own[st[-1]] += c
+        for f in set(st):
+            incl[f] += c
+    out = [f"{total} samples", "", "self %   function"]
+    out += [f"{100 * c / total:6.2f}   {f[:150]}" for f, c in own.most_common(n)]
+    out += ["", "total %  function"]
+    out += [f"{100 * c / total:6.2f}   {f[:150]}" for f, c in incl.most_common(n)]
+    return "\n".join(out) + "\n"
+
+
+def color(name):
+    h = zlib.crc32(name.encode())
+    if name.startswith("[k]") or "kernel" in name or name.startswith(("do_", "__x64", "entry_SYSCALL", "tcp_", "sock_")):
+        return f"rgb({200 + h % 55},{120 + h % 60},{40 + h % 40})"
+    return f"rgb({220 + h % 35},{80 + h % 120},{30 + h % 50})"
+
+
+def svg(stacks, title, width=1600, row=16):
+    """A flamegraph: the root at the bottom, each frame as wide as its samples."""
+    total = sum(stacks.values()) or 1
+    tree = {}
+    for st, c in stacks.items():
+        node = tree
+        for f in st:
+            e = node.setdefault(f, [0, {}])
+            e[0] += c
+            node = e[1]
+    depth = max((len(s) for s in stacks), default=0)
+    height = (depth + 3) * row
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="monospace" font-size="11">',
+        f'<rect width="100%" height="100%" fill="#fafafa"/><text x="10" y="14" font-size="13">{html.escape(title)} ({total} samples)</text>',
+    ]
+    scale = (width - 20) / total
+
+    def draw(node, x, level):
+        for name, (c, kids) in sorted(node.items()):
+            w = c * scale
+            if w >= 0.3:
+                y = height - (level + 1) * row
+                label = html.escape(name)
+                pct = 100 * c / total
+                parts.append(
+                    f'<g><title>{label} ({c} samples, {pct:.2f}%)</title>'
+                    f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 1}" fill="{color(name)}"/>'
+                )
+                chars = int(w / 6.5)
+                if chars >= 3:
+                    text = name if len(name) <= chars else name[: chars - 2] + ".."
+                    parts.append(f'<text x="{x + 2:.1f}" y="{y + row - 4}">{html.escape(text)}</text>')
+                parts.append("</g>")
+                draw(kids, x, level + 1)
+            x += w
+
+    draw(tree, 10.0, 0)
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="output path without extension")
+    ap.add_argument("--title", default="profile")
+    a = ap.parse_args()
+    stacks = fold(sys.stdin)
+    with open(a.out + ".folded", "w") as f:
+        for st, c in stacks.most_common():
+            f.write(";".join(st) + f" {c}\n")
+    with open(a.out + ".svg", "w") as f:
+        f.write(svg(stacks, a.title))
+    with open(a.out + ".txt", "w") as f:
+        f.write(summary(stacks))
+    print(f"{sum(stacks.values())} samples -> {a.out}.svg, .folded, .txt")
+
+
+if __name__ == "__main__":
+    main()
