@@ -341,7 +341,10 @@ impl Replica {
                 tracing::warn!(read_index = h.revision, applied, "etcd's revision is behind the replica's");
                 return forward("etcd_behind");
             }
-            if !self.wait_applied(h.revision).await {
+            // A range at a revision needs etcd's revision only for its header: its
+            // data is fixed once the replica has applied that revision (checked
+            // below), so it does not wait for the replica to reach the read index.
+            if req.revision == 0 && !self.wait_applied(h.revision).await {
                 return forward("lagging");
             }
             (kind, Some(h))
