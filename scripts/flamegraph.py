@@ -5,7 +5,8 @@ and draws it as a flamegraph SVG; prints the heaviest functions, self and total.
     perf record -F 499 -g --call-graph dwarf -p PID -o perf.data -- sleep 20
     perf script -i perf.data | scripts/flamegraph.py --title "etcdmux, mixed" out
 
-writes out.folded, out.svg and out.txt (the summary). No dependencies.
+writes out.folded (unless --no-folded), out.svg and out.txt (the summary);
+`--from-folded` reads a .folded file instead. No dependencies.
 """
 import argparse
 import collections
@@ -81,7 +82,7 @@ def svg(stacks, title, width=1600, row=16):
     def draw(node, x, level):
         for name, (c, kids) in sorted(node.items()):
             w = c * scale
-            if w >= 0.3:
+            if w >= 1.0:
                 y = height - (level + 1) * row
                 label = html.escape(name)
                 pct = 100 * c / total
@@ -106,16 +107,26 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="output path without extension")
     ap.add_argument("--title", default="profile")
+    ap.add_argument("--from-folded", action="store_true", help="stdin holds folded stacks, not perf script output")
+    ap.add_argument("--no-folded", action="store_true", help="do not write out.folded (it is large)")
     a = ap.parse_args()
-    stacks = fold(sys.stdin)
-    with open(a.out + ".folded", "w") as f:
-        for st, c in stacks.most_common():
-            f.write(";".join(st) + f" {c}\n")
+    if a.from_folded:
+        stacks = collections.Counter()
+        for line in sys.stdin:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            if stack and n.isdigit():
+                stacks[tuple(stack.split(";"))] += int(n)
+    else:
+        stacks = fold(sys.stdin)
+    if not a.no_folded:
+        with open(a.out + ".folded", "w") as f:
+            for st, c in stacks.most_common():
+                f.write(";".join(st) + f" {c}\n")
     with open(a.out + ".svg", "w") as f:
         f.write(svg(stacks, a.title))
     with open(a.out + ".txt", "w") as f:
         f.write(summary(stacks))
-    print(f"{sum(stacks.values())} samples -> {a.out}.svg, .folded, .txt")
+    print(f"{sum(stacks.values())} samples -> {a.out}.svg, .txt")
 
 
 if __name__ == "__main__":

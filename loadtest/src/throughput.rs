@@ -148,8 +148,8 @@ pub struct Args {
     name: String,
     /// Record a CPU profile of etcdmux during each of its measured windows (`perf
     /// record -g --call-graph dwarf`) and draw it with `scripts/flamegraph.py` into
-    /// `loadtest/results/<name>-<clients>c-<workload>.{svg,txt}`. The profiler's cost
-    /// shows in that run's figures.
+    /// `loadtest/results/<name>-<clients>c-<workload>.{svg,txt}` (a flamegraph and
+    /// the heaviest functions). The profiler's cost shows in that run's figures.
     #[arg(long)]
     profile: bool,
     /// Exit non-zero when a request failed or a cell could not run.
@@ -398,7 +398,7 @@ impl Profile {
                 .stderr(std::process::Stdio::null())
                 .output()?;
             let mut draw = std::process::Command::new("python3")
-                .args(["scripts/flamegraph.py", "--title", &title, &out])
+                .args(["scripts/flamegraph.py", "--no-folded", "--title", &title, &out])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
                 .spawn()?;

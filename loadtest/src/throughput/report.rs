@@ -55,7 +55,12 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
             args.etcdmux.display()
         )?;
     }
-    writeln!(r, "## Goals\n\netcdmux ≥ {VS_DIRECT}× etcd direct and ≥ {VS_GRPC_PROXY}× grpc-proxy in requests per second at equal clients, and the lower CPU per request of the two proxies (median rounds).\n")?;
+    let judged = if args.rate == 0 {
+        ""
+    } else {
+        " At a fixed offered rate the request rates only say whether a target kept up: here only CPU per request is judged."
+    };
+    writeln!(r, "## Goals\n\netcdmux ≥ {VS_DIRECT}× etcd direct and ≥ {VS_GRPC_PROXY}× grpc-proxy in requests per second at equal clients, and the lower CPU per request of the two proxies (median rounds).{judged}\n")?;
     writeln!(r, "{}", goals(args, rows))?;
     if args.baseline.is_some() {
         writeln!(r, "## etcdmux against the baseline\n\n{}", against_baseline(args, rows))?;
@@ -184,10 +189,13 @@ fn goals(args: &Args, rows: &[Row]) -> String {
             let mut missed = Vec::new();
             let vs_direct = direct.map(|d| mux.ops_per_sec() / d.ops_per_sec().max(1e-9));
             let vs_proxy = proxy.map(|p| mux.ops_per_sec() / p.ops_per_sec().max(1e-9));
-            if let Some(x) = vs_direct.filter(|&x| x < VS_DIRECT) {
+            // At a fixed offered rate every target that keeps up answers the same:
+            // only CPU per request is judged.
+            let closed = args.rate == 0;
+            if let Some(x) = vs_direct.filter(|&x| closed && x < VS_DIRECT) {
                 missed.push(format!("{:.0}% short of {VS_DIRECT}× direct", (VS_DIRECT - x) / VS_DIRECT * 100.0));
             }
-            if let Some(x) = vs_proxy.filter(|&x| x < VS_GRPC_PROXY) {
+            if let Some(x) = vs_proxy.filter(|&x| closed && x < VS_GRPC_PROXY) {
                 missed.push(format!(
                     "{:.0}% short of {VS_GRPC_PROXY}× grpc-proxy",
                     (VS_GRPC_PROXY - x) / VS_GRPC_PROXY * 100.0
