@@ -88,12 +88,12 @@ pub fn report_bytes_out(size: impl FnOnce() -> usize) {
 }
 
 impl CallTenant {
-    /// Records the call (method number `method` of `names`, ended with grpc-status
-    /// `code`) under its tenant's label, with the handles in `series`.
-    pub fn finish(&self, series: &TenantSeries, method: usize, names: &[&'static str], code: &str) {
+    /// Records the call (number `method` of the labels `methods`, ended with
+    /// grpc-status `code`) under its tenant's label, with the handles in `series`.
+    pub fn finish(&self, series: &TenantSeries, method: usize, methods: &[&'static str], code: &str) {
         let Some(tenant) = self.label.get() else { return };
-        let Some(name) = names.get(method).copied() else { return };
-        let handles = series.of(tenant, names.len());
+        let Some(name) = methods.get(method).copied() else { return };
+        let handles = series.of(tenant, methods.len());
         if code == "0" {
             handles.ok[method]
                 .get_or_init(|| metrics::counter!(names::TENANT_REQUESTS, "tenant" => tenant.clone(), "method" => name, "code" => "0"))
