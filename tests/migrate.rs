@@ -285,6 +285,10 @@ async fn a_milo_installation_migrates_online_under_writes() {
 
     // A watch through etcdmux sees later writes.
     let mut ws = mux.watch("/projects/p0007/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    // etcd-client returns once the stream is open, before the create is served: a
+    // write sent now could land before the watch's start revision, here as in etcd.
+    let created = tokio::time::timeout(Duration::from_secs(10), ws.message()).await.expect("created within 10 s");
+    assert!(created.unwrap().expect("created").created());
     mux.put("/projects/p0007/pods/ns/after-cutover", "v", None).await.unwrap();
     let seen = tokio::time::timeout(Duration::from_secs(10), async {
         while let Ok(Some(r)) = ws.message().await {
