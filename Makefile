@@ -104,12 +104,14 @@ clean-run:
 ## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md;
 ## the LIST/GET load without a watch cache, etcd direct vs etcdmux vs etcdmux with its read replica, closed loop and
 ## at 1,500 reads/s -> loadtest/results/{list,list-1500rps}.md; throughput with fixed clients (range, put, txn, mixed),
-## as fast as they go and at a fixed rate, with and without the apiserver's watches -> loadtest/results/throughput*.md
+## as fast as they go and at a fixed rate, with and without the apiserver's watches -> loadtest/results/throughput*.md;
+## what the root index's keys cost etcd at compaction (30,000 projects) -> loadtest/results/rootindex.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
 BENCH_MODELS ?= shared,per-project,milo-pool,go-client
 BENCH_LIST_PROJECTS ?= 1000,10000,30000
 BENCH_THROUGHPUT_CLIENTS ?= 16,64
 BENCH_THROUGHPUT_ROUNDS ?= 3
+BENCH_ROOTINDEX_PROJECTS ?= 30000
 bench: build
 	$(CARGO) build --release --locked -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
@@ -126,6 +128,8 @@ bench: build
 	  --clients $(BENCH_THROUGHPUT_CLIENTS) --rounds $(BENCH_THROUGHPUT_ROUNDS) --watch --name throughput-watch
 	$(CARGO_TARGET_DIR)/release/throughput --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --clients 32 --rate 2000 --rounds $(BENCH_THROUGHPUT_ROUNDS) --name throughput-2000rps
+	$(CARGO_TARGET_DIR)/release/rootindex --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --projects $(BENCH_ROOTINDEX_PROJECTS) --name rootindex
 
 ## bench-smoke: the benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
@@ -144,6 +148,8 @@ bench-smoke: deps
 	  --name streammem-smoke
 	$(CARGO_TARGET_DIR)/debug/throughput --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --clients 4 --projects 20 --resources 3 --warmup-secs 1 --duration-secs 2 --watch --check --name throughput-smoke
+	$(CARGO_TARGET_DIR)/debug/rootindex --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --projects 50 --duration-secs 2 --compactions 1 --name rootindex-smoke
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
 ## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream
