@@ -149,7 +149,7 @@ bench-smoke: deps
 	$(CARGO_TARGET_DIR)/debug/throughput --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --clients 4 --projects 20 --resources 3 --warmup-secs 1 --duration-secs 2 --watch --check --name throughput-smoke
 	$(CARGO_TARGET_DIR)/debug/rootindex --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
-	  --projects 50 --duration-secs 2 --compactions 1 --name rootindex-smoke
+	  --projects 50 --gap-secs 1 --compactions 2 --rounds 1 --name rootindex-smoke
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
 ## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream

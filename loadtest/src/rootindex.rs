@@ -17,6 +17,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,11 +52,12 @@ struct Args {
     /// Updates per second during the load, both etcds alike.
     #[arg(long, default_value_t = 200)]
     write_rate: u64,
-    #[arg(long, default_value_t = 30)]
-    duration_secs: u64,
-    /// Physical compactions during the load, evenly spaced.
-    #[arg(long, default_value_t = 5)]
+    /// Physical compactions during the load, one after another.
+    #[arg(long, default_value_t = 3)]
     compactions: usize,
+    /// Seconds of writes before each compaction and after the last.
+    #[arg(long, default_value_t = 5)]
+    gap_secs: u64,
     /// Seeding transactions in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -165,45 +167,52 @@ async fn load(etcd: &Etcd, keys: Arc<Vec<Bytes>>, a: &Args) -> Result<Run, Error
     let (db0, rss0) = (db_mib(&mut m).await?, rss_kib(etcd.pid()) as f64 / 1024.0);
     let (ip0, dp0) = (pause(etcd, INDEX_PAUSE), pause(etcd, DB_PAUSE));
 
-    let n = (a.write_rate * a.duration_secs) as usize;
     let every = Duration::from_secs_f64(1.0 / a.write_rate.max(1) as f64);
     let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (kv, keys, len) = (kv.clone(), keys.clone(), a.value_bytes);
+        let (kv, keys, len, stop) = (kv.clone(), keys.clone(), a.value_bytes, stop.clone());
         tokio::spawn(async move {
             // Open loop: each write starts at its time, however long earlier ones take,
             // and its latency counts from that time.
             let mut set = tokio::task::JoinSet::new();
             let mut rng = Rng(7);
-            for i in 0..n {
-                let due = start + every * i as u32;
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let due = start + every * i;
                 tokio::time::sleep_until(due.into()).await;
                 let (mut kv, key) = (kv.clone(), keys[rng.below(keys.len())].clone());
                 set.spawn(async move {
-                    kv.put(PutRequest { key, value: value(2 + i as u64, len), ..Default::default() }).await?;
+                    kv.put(PutRequest { key, value: value(2 + u64::from(i), len), ..Default::default() }).await?;
                     Ok::<_, tonic::Status>((due - start, due.elapsed()))
                 });
+                i += 1;
             }
-            let mut out = Vec::with_capacity(n);
+            let mut out = Vec::new();
             while let Some(r) = set.join_next().await {
                 out.push(r.map_err(|e| e.to_string())??);
             }
             Ok::<_, Error>(out)
         })
     };
-    let gap = Duration::from_secs(a.duration_secs) / (a.compactions as u32 + 1);
+    // Compactions one after another, `gap_secs` of writes before each and after the
+    // last: each compacts the writes since the previous one.
+    let gap = Duration::from_secs(a.gap_secs);
     let mut windows = Vec::new();
     let mut compact_ms = Vec::new();
     for c in 1..=a.compactions {
-        tokio::time::sleep_until((start + gap * c as u32).into()).await;
-        let rev = kv.range(RangeRequest { key: b("\0"), ..Default::default() }).await?.into_inner();
-        let rev = rev.header.map_or(0, |h| h.revision);
+        tokio::time::sleep(gap).await;
+        let r = kv.range(RangeRequest { key: b("\0"), ..Default::default() }).await?.into_inner();
+        let rev = r.header.map_or(0, |h| h.revision);
         let t = Instant::now();
         kv.compact(CompactionRequest { revision: rev, physical: true }).await?;
         compact_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        eprintln!("rootindex: compaction {c} at revision {rev}: {:.0} ms", compact_ms[c - 1]);
         // Writes started from the compaction's start to one second after it ended.
         windows.push((t - start, t.elapsed() + Duration::from_secs(1) + (t - start)));
     }
+    tokio::time::sleep(gap).await;
+    stop.store(true, Ordering::Relaxed);
     let writes = writer.await??;
     let near_compaction = |at: Duration| windows.iter().any(|(s, e)| at >= *s && at <= *e);
     let mut all: Vec<Duration> = writes.iter().map(|w| w.1).collect();
@@ -290,8 +299,8 @@ async fn main() -> Result<(), Error> {
     writeln!(report, "Machine: {}. Both etcds run on this machine; the load generator shares the cores.\n", machine())?;
     writeln!(
         report,
-        "Data: {} projects × {} resources × {} objects of {} B, written through etcdmux (config/milo.toml) into the first etcd, which therefore also holds one root-index key per (project, resource): {index} index keys. The second etcd holds a copy of every key but those. Then each etcd in turn (the other idle) takes {} updates/s of random existing objects for {} s, open loop (a write's latency counts from its scheduled start), sent straight to etcd, with {} physical compactions evenly spaced.\n",
-        a.projects, a.resources, a.objects, a.value_bytes, a.write_rate, a.duration_secs, a.compactions
+        "Data: {} projects × {} resources × {} objects of {} B, written through etcdmux (config/milo.toml) into the first etcd, which therefore also holds one root-index key per (project, resource): {index} index keys. The second etcd holds a copy of every key but those. Then each etcd in turn (the other idle) takes {} updates/s of random existing objects, open loop (a write's latency counts from its scheduled start), sent straight to etcd, with {} physical compactions one after another, {} s of writes before each and after the last: each compacts the writes since the one before (the first, also the seeding).\n",
+        a.projects, a.resources, a.objects, a.value_bytes, a.write_rate, a.compactions, a.gap_secs
     )?;
     writeln!(report, "Columns: keys in etcd; database size in use (MiB) and etcd RSS (MiB) before → after the load; each compaction RPC (ms); etcd's own mean index-compaction pause and db-compaction pause per batch (ms; `etcd_debugging_mvcc_*_compaction_pause_duration_milliseconds`); write p50/p99/max (ms) over the whole load and for writes started from a compaction's start to 1 s after it ended (write count in parentheses).\n")?;
     writeln!(report, "| round: etcd | keys | db MiB | RSS MiB | compaction RPC ms | index pause ms | db pause ms | writes p50/p99/max | near compaction p50/p99/max |")?;
