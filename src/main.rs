@@ -317,7 +317,14 @@ fn backend_init(cli: &Cli, dsn: Option<String>) -> ExitCode {
         }
     };
     let timeout = std::time::Duration::from_millis(cfg.backend.connect_timeout_ms);
-    match rt.block_on(etcdmux::backend::sql::schema::init(&dsn, timeout)) {
+    let tls = match etcdmux::backend::sql::tls::DbTls::from_config(&cfg.backend) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("etcdmux backend init: backend TLS: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(etcdmux::backend::sql::schema::init(&dsn, &tls, timeout)) {
         Ok(report) => {
             let _ = writeln!(std::io::stdout(), "{report}");
             ExitCode::SUCCESS

@@ -1,9 +1,11 @@
 //! `[backend]`: where keys are stored — the etcd cluster of `[upstream]`, or a
 //! PostgreSQL-protocol SQL database (PostgreSQL, CockroachDB, YugabyteDB).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{read_pem, ConfigError};
 
 /// Which storage serves the etcd API.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -24,9 +26,22 @@ pub struct BackendConfig {
     pub kind: BackendKind,
     /// The database, as a libpq key/value string (`host=/run/pg port=5432 user=etcdmux
     /// dbname=etcdmux`) or a `postgres://user:pass@host:port/db` URL. Required with
-    /// `kind = "sql"`. No TLS to the database: run it on a trusted network or a local
-    /// socket. Default "". Flag `--backend-dsn`.
+    /// `kind = "sql"`. Its `sslmode` (`disable`, `prefer`, `require`) says whether TLS
+    /// is used, as libpq's does; TLS needs `cacert`. Default "". Flag `--backend-dsn`.
     pub dsn: String,
+    /// CA bundle (PEM) the database's certificate must chain to. Set, etcdmux offers
+    /// TLS to the database (the DSN's `sslmode` decides whether it insists) and
+    /// always verifies the certificate and its name: `server_name`, else the DSN's
+    /// host. Unset, it connects without TLS. Default none.
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for the database's `clientcert`/`cert` auth; with
+    /// `key`. Default none.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM). Default none.
+    pub key: Option<PathBuf>,
+    /// The name the database's certificate must carry, when not the DSN's host (a
+    /// database reached by IP or through a proxy). Default none.
+    pub server_name: Option<String>,
     /// Database connections each etcdmux holds at most, for all calls together (the
     /// change feed's LISTEN connection is one more). A call waits for a free one until
     /// its deadline. Default 16.
@@ -67,6 +82,10 @@ impl Default for BackendConfig {
         BackendConfig {
             kind: BackendKind::Etcd,
             dsn: String::new(),
+            cacert: None,
+            cert: None,
+            key: None,
+            server_name: None,
             pool_size: 16,
             connect_timeout_ms: 5000,
             poll_interval_ms: 100,
@@ -100,6 +119,24 @@ impl BackendConfig {
         }
         if self.feed_batch < 1 || self.feed_buffer == 0 || self.compaction_batch < 1 {
             return bad("backend.feed_batch, feed_buffer and compaction_batch must be at least 1".into());
+        }
+        if self.kind == BackendKind::Sql && self.cacert.is_none() {
+            let require = self
+                .dsn
+                .parse::<tokio_postgres::Config>()
+                .is_ok_and(|c| matches!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Require));
+            if require {
+                return bad("backend.dsn has sslmode=require, which needs TLS: set backend.cacert".into());
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return bad("backend.cert and backend.key go together".into());
+        }
+        if self.cacert.is_none() && (self.cert.is_some() || self.server_name.is_some()) {
+            return bad("backend.cert, key and server_name are TLS settings: they need backend.cacert".into());
+        }
+        for f in [&self.cacert, &self.cert, &self.key].into_iter().flatten() {
+            read_pem(f)?;
         }
         if self.lease_lock_ttl_ms <= self.lease_check_interval_ms {
             return bad(format!(

@@ -118,7 +118,8 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     }
     if cfg.backend.kind == crate::config::BackendKind::Sql {
         let timeout = Duration::from_millis(cfg.backend.connect_timeout_ms);
-        crate::backend::sql::schema::verify(&cfg.backend.dsn, timeout).await?;
+        let tls = crate::backend::sql::tls::DbTls::from_config(&cfg.backend)?;
+        crate::backend::sql::schema::verify(&cfg.backend.dsn, &tls, timeout).await?;
     }
     let proxy = Proxy::new(cfg)?;
     // Everything that can fail comes before the first task is spawned.

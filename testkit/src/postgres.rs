@@ -162,6 +162,28 @@ impl Postgres {
         }
     }
 
+    /// Restarts the server accepting TCP connections over TLS only (plain ones are
+    /// refused by `pg_hba.conf`), with `cert` and `key` (PEM files) as its identity.
+    pub fn require_tls(&mut self, cert: &Path, key: &Path) {
+        let data = self.dir.path().join("data");
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let dest = data.join(to);
+            std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+            if is_root() {
+                std::os::unix::fs::chown(&dest, Some(65534), Some(65534)).expect("chown");
+            }
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        }
+        let conf = "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n";
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).expect("postgresql.conf");
+        text.push_str(conf);
+        std::fs::write(data.join("postgresql.conf"), text).expect("postgresql.conf");
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("pg_hba.conf");
+        self.restart();
+    }
+
     /// Ends every client connection but the caller's (`pg_terminate_backend`), as a
     /// network cut or a failover would: the server keeps running.
     pub fn drop_connections(&self) {

@@ -88,7 +88,7 @@ pub async fn start_mux_sql(pg: &Postgres, toml: &str) -> Mux {
 
 /// `etcdmux backend init` on the database at `dsn`.
 pub async fn init_schema(dsn: &str) {
-    etcdmux::backend::sql::schema::init(dsn, std::time::Duration::from_secs(10))
+    etcdmux::backend::sql::schema::init(dsn, &Default::default(), std::time::Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("backend init: {e}"));
 }

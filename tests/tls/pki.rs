@@ -65,6 +65,7 @@ impl Pki {
     }
 
     /// A client certificate with common name `cn` and these SANs.
+    #[allow(dead_code)]
     pub fn client(&self, file: &str, cn: &str, sans: Vec<SanType>) -> Pair {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name = dn(cn);

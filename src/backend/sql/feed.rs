@@ -23,7 +23,9 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use super::tls::DbTls;
 use tonic::Status;
 
 use super::kv::{header, span, Span};
@@ -50,7 +52,7 @@ pub fn start_notifier(pool: Arc<Pool>, poll: Duration, notify: bool, tasks: &Tas
     let (tx, rx) = watch::channel((0, 0));
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
     if notify {
-        tasks.spawn_until_shutdown(listen(pool.config().clone(), wake_tx));
+        tasks.spawn_until_shutdown(listen(pool.config().clone(), pool.tls().clone(), wake_tx));
     }
     tasks.spawn_until_shutdown(async move {
         let mut tick = tokio::time::interval(poll);
@@ -74,11 +76,10 @@ pub fn start_notifier(pool: Arc<Pool>, poll: Duration, notify: bool, tasks: &Tas
 
 /// Holds a LISTEN connection (reconnecting after a failure) and wakes the notifier
 /// on every notification.
-async fn listen(cfg: tokio_postgres::Config, wake: mpsc::Sender<()>) {
+async fn listen(cfg: tokio_postgres::Config, tls: DbTls, wake: mpsc::Sender<()>) {
     loop {
-        match cfg.connect(NoTls).await {
-            Ok((client, mut connection)) => {
-                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        match tls.connect(&cfg).await {
+            Ok((client, mut messages)) => {
                 let listen_sql = format!("LISTEN {CHANNEL}");
                 let listening = client.batch_execute(&listen_sql);
                 let mut listening = std::pin::pin!(listening);
@@ -103,7 +104,9 @@ async fn listen(cfg: tokio_postgres::Config, wake: mpsc::Sender<()>) {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "sql backend: cannot open the LISTEN connection; polling"),
+            Err(e) => {
+                tracing::warn!(error = %super::tls::explain(&e), "sql backend: cannot open the LISTEN connection; polling")
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

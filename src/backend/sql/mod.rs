@@ -21,6 +21,7 @@ pub mod kv;
 pub mod lease;
 pub mod pool;
 pub mod schema;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,7 +96,8 @@ impl SqlBackend {
     /// expiry/compaction worker, all on `tasks`.
     pub fn new(cfg: &Config, tasks: &Tasks) -> Result<SqlBackend, crate::certs::BoxError> {
         let b = &cfg.backend;
-        let pool = Pool::new(&b.dsn, b.pool_size, Duration::from_millis(b.connect_timeout_ms), tasks)?;
+        let tls = tls::DbTls::from_config(b)?;
+        let pool = Pool::new(&b.dsn, tls, b.pool_size, Duration::from_millis(b.connect_timeout_ms), tasks)?;
         let head = feed::start_notifier(pool.clone(), Duration::from_millis(b.poll_interval_ms), b.notify, tasks);
         let inner =
             Arc::new(SqlInner { pool, cfg: b.clone(), timeout: cfg.default_timeout(), head, tasks: tasks.clone() });

@@ -14,7 +14,9 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+
+use super::tls::{drive, explain, DbTls};
 use tonic::Status;
 
 use crate::metrics::names;
@@ -43,6 +45,7 @@ impl Conn {
 
 pub struct Pool {
     cfg: tokio_postgres::Config,
+    tls: DbTls,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
     tasks: Tasks,
@@ -83,7 +86,13 @@ impl Drop for Pooled {
 }
 
 impl Pool {
-    pub fn new(dsn: &str, size: usize, connect_timeout: Duration, tasks: &Tasks) -> Result<Arc<Pool>, String> {
+    pub fn new(
+        dsn: &str,
+        tls: DbTls,
+        size: usize,
+        connect_timeout: Duration,
+        tasks: &Tasks,
+    ) -> Result<Arc<Pool>, String> {
         let mut cfg: tokio_postgres::Config = dsn.parse().map_err(|e| format!("backend.dsn: {e}"))?;
         cfg.connect_timeout(connect_timeout);
         if cfg.get_application_name().is_none() {
@@ -91,6 +100,7 @@ impl Pool {
         }
         let pool = Arc::new(Pool {
             cfg,
+            tls,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size)),
             tasks: tasks.clone(),
@@ -109,6 +119,11 @@ impl Pool {
     /// The connection settings (for the change feed's own LISTEN connection).
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.cfg
+    }
+
+    /// How this pool's connections are made (plain or TLS): for the change feed's own.
+    pub fn tls(&self) -> &DbTls {
+        &self.tls
     }
 
     /// A connection, waiting for a free one until `deadline`.
@@ -138,10 +153,13 @@ impl Pool {
 
     /// A new connection, its driver a task that ends with the connection.
     async fn connect(&self) -> Result<Conn, UpstreamError> {
-        let (client, connection) =
-            self.cfg.connect(NoTls).await.map_err(|e| unreachable_db(false, &format!("connecting: {e}")))?;
+        let (client, connection) = self
+            .tls
+            .connect(&self.cfg)
+            .await
+            .map_err(|e| unreachable_db(false, &format!("connecting: {}", explain(&e))))?;
         self.tasks.spawn(async move {
-            if let Err(e) = connection.await {
+            if let Err(e) = drive(connection).await {
                 tracing::debug!(error = %e, "database connection ended");
             }
         });

@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
+use super::tls::{drive, explain, DbTls};
 
 /// The schema this etcdmux reads and writes.
 pub const VERSION: i32 = 2;
@@ -133,13 +133,13 @@ pub async fn check(client: &tokio_postgres::Client) -> Result<(), SchemaError> {
 /// yet, older, or newer). A database that cannot be reached is no reason to refuse:
 /// etcdmux starts, answers `UNAVAILABLE` and is not ready until it can (as with an
 /// etcd that is down), so that is only logged.
-pub async fn verify(dsn: &str, timeout: Duration) -> Result<(), SchemaError> {
+pub async fn verify(dsn: &str, tls: &DbTls, timeout: Duration) -> Result<(), SchemaError> {
     let mut cfg: tokio_postgres::Config = dsn.parse().map_err(SchemaError::Dsn)?;
     cfg.connect_timeout(timeout);
-    let (client, connection) = match tokio::time::timeout(timeout, cfg.connect(NoTls)).await {
+    let (client, connection) = match tokio::time::timeout(timeout, tls.connect(&cfg)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "sql backend: the database is unreachable; its schema is not checked");
+            tracing::warn!(error = %explain(&e), "sql backend: the database is unreachable; its schema is not checked");
             return Ok(());
         }
         Err(_) => {
@@ -149,7 +149,7 @@ pub async fn verify(dsn: &str, timeout: Duration) -> Result<(), SchemaError> {
     };
     tokio::select! {
         r = check(&client) => r,
-        _ = connection => {
+        _ = drive(connection) => {
             tracing::warn!("sql backend: the database closed the connection; its schema is not checked");
             Ok(())
         }
@@ -159,14 +159,14 @@ pub async fn verify(dsn: &str, timeout: Duration) -> Result<(), SchemaError> {
 /// `etcdmux backend init`: creates the schema, or migrates it step by step to
 /// [`VERSION`]. Safe to run again, and from several processes at once (every step
 /// is idempotent). Returns what it did.
-pub async fn init(dsn: &str, timeout: Duration) -> Result<String, SchemaError> {
+pub async fn init(dsn: &str, tls: &DbTls, timeout: Duration) -> Result<String, SchemaError> {
     let mut cfg: tokio_postgres::Config = dsn.parse().map_err(SchemaError::Dsn)?;
     cfg.connect_timeout(timeout);
-    let (client, connection) = cfg.connect(NoTls).await.map_err(|e| SchemaError::Connect(e.to_string()))?;
+    let (client, connection) = tls.connect(&cfg).await.map_err(|e| SchemaError::Connect(explain(&e)))?;
     // The connection is driven here, beside the work, for as long as it runs.
     tokio::select! {
         r = apply(&client) => r,
-        ended = connection => Err(SchemaError::Connect(match ended {
+        ended = drive(connection) => Err(SchemaError::Connect(match ended {
             Ok(()) => "the database closed the connection".to_string(),
             Err(e) => e.to_string(),
         })),
