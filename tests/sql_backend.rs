@@ -16,7 +16,6 @@ const MUX: &str = env!("CARGO_BIN_EXE_etcdmux");
 /// An etcdmux process on the SQL backend in `pg`, checking leases every 100 ms and
 /// holding the expiry lock for 1.5 s; waits until it answers.
 async fn spawn_mux(pg: &Postgres) -> (Proc, String) {
-    let port = free_port();
     let dir = tempfile::tempdir().expect("temp dir");
     let toml = dir.path().join("mux.toml");
     let cfg = format!(
@@ -25,26 +24,7 @@ async fn spawn_mux(pg: &Postgres) -> (Proc, String) {
         pg.dsn
     );
     std::fs::write(&toml, cfg).expect("writing the config");
-    let child = Command::new(MUX)
-        .arg("--config")
-        .arg(&toml)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting etcdmux");
-    let proc = Proc(child);
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await {
-            if c.status().await.is_ok() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "etcdmux on {url} did not answer");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (proc, url) = common::spawn_mux_process(&toml).await;
     // The config file is read at start; the directory may go.
     drop(dir);
     (proc, url)

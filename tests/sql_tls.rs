@@ -66,25 +66,8 @@ async fn a_database_that_requires_tls_is_reached_with_backend_cacert_only() {
     let good = config(dir.path(), &pg, &format!("cacert = {:?}", ca.ca_file));
     let out = backend_init(&good);
     assert!(out.status.success(), "init over TLS: {}", text(&out));
-    let port = common::free_port();
-    let child = Command::new(MUX)
-        .arg("--config")
-        .arg(&good)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting etcdmux");
-    let _mux = common::Proc(child);
-    let url = format!("http://127.0.0.1:{port}");
-    let mut c = loop {
-        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await {
-            if c.status().await.is_ok() {
-                break c;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let (_mux, url) = common::spawn_mux_process(&good).await;
+    let mut c = etcd_client::Client::connect([url.as_str()], None).await.expect("connecting");
     let mut w = c.watch("/projects/a/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
     assert!(w.message().await.expect("watch stream").expect("created").created());
     c.put("/projects/a/pods/ns/x", "v", None).await.expect("put over a TLS database connection");

@@ -252,3 +252,31 @@ pub fn show<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, no
         Err(s) => Err((s.code(), s.message().to_string())),
     }
 }
+
+/// The etcdmux binary run as an operator runs it, with `config`, listening on a free
+/// port; returns once it answers `Status`.
+#[allow(dead_code)]
+pub async fn spawn_mux_process(config: &std::path::Path) -> (Proc, String) {
+    let port = free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_etcdmux"))
+        .arg("--config")
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting etcdmux");
+    let proc = Proc(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await {
+            if c.status().await.is_ok() {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "etcdmux on {url} did not answer");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    (proc, url)
+}
