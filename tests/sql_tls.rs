@@ -17,8 +17,12 @@ const MUX: &str = env!("CARGO_BIN_EXE_etcdmux");
 
 /// A config for the SQL backend at `pg` with `tls` (TOML lines of `[backend]`).
 fn config(dir: &Path, pg: &Postgres, tls: &str) -> std::path::PathBuf {
+    config_as(dir, &pg.dsn, tls)
+}
+
+fn config_as(dir: &Path, dsn: &str, tls: &str) -> std::path::PathBuf {
     let path = dir.join("mux.toml");
-    let text = format!("{MILO_TOML}\n[backend]\nkind = \"sql\"\ndsn = \"{} sslmode=require\"\n{tls}\n", pg.dsn);
+    let text = format!("{MILO_TOML}\n[backend]\nkind = \"sql\"\ndsn = \"{dsn} sslmode=require\"\n{tls}\n");
     std::fs::write(&path, text).expect("writing the config");
     path
 }
@@ -90,4 +94,27 @@ async fn a_database_that_requires_tls_is_reached_with_backend_cacert_only() {
          WHERE a.application_name = 'etcdmux' AND s.ssl",
     );
     assert!(encrypted.trim().parse::<u32>().unwrap_or(0) >= 1, "etcdmux's connections use TLS: {encrypted}");
+}
+
+#[test]
+fn a_client_certificate_is_presented_from_backend_cert_and_key() {
+    let ca = pki::Pki::new("db");
+    let server = ca.server("db");
+    let mut pg = Postgres::start();
+    pg.require_tls(&server.cert, &server.key);
+    pg.require_client_cert(&ca.ca_file, "certuser");
+    let dsn = pg.dsn.replace("user=etcdmux", "user=certuser");
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    let without = config_as(dir.path(), &dsn, &format!("cacert = {:?}", ca.ca_file));
+    let out = backend_init(&without);
+    assert!(!out.status.success(), "init without a client certificate: {}", text(&out));
+    assert!(text(&out).contains("certificate"), "says a certificate is needed: {}", text(&out));
+
+    let client = ca.client("certuser", "certuser", vec![]);
+    let tls = format!("cacert = {:?}\ncert = {:?}\nkey = {:?}", ca.ca_file, client.cert, client.key);
+    let with = config_as(dir.path(), &dsn, &tls);
+    let out = backend_init(&with);
+    assert!(out.status.success(), "init with the client certificate: {}", text(&out));
+    assert!(pg.psql("SELECT count(*) FROM etcdmux_head").trim() == "1", "the schema was created as certuser");
 }

@@ -184,6 +184,24 @@ impl Postgres {
         self.restart();
     }
 
+    /// After [`Postgres::require_tls`]: role `user` (a superuser) may connect over
+    /// TCP only with a client certificate issued by `ca` whose CN is `user`.
+    pub fn require_client_cert(&mut self, ca: &Path, user: &str) {
+        self.psql(&format!("CREATE ROLE {user} LOGIN SUPERUSER"));
+        let data = self.dir.path().join("data");
+        std::fs::copy(ca, data.join("client-ca.crt")).expect("copying the client CA");
+        if is_root() {
+            std::os::unix::fs::chown(data.join("client-ca.crt"), Some(65534), Some(65534)).expect("chown");
+        }
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).expect("postgresql.conf");
+        conf.push_str("ssl_ca_file = 'client-ca.crt'\n");
+        std::fs::write(data.join("postgresql.conf"), conf).expect("postgresql.conf");
+        let hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("pg_hba.conf");
+        let hba = format!("hostssl all {user} 127.0.0.1/32 cert\n{hba}");
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("pg_hba.conf");
+        self.restart();
+    }
+
     /// Ends every client connection but the caller's (`pg_terminate_backend`), as a
     /// network cut or a failover would: the server keeps running.
     pub fn drop_connections(&self) {
