@@ -1,6 +1,6 @@
 //! apiload: Milo's apiserver storage layer for P projects × R resources, run against
-//! etcd direct, etcd's `grpc-proxy` and etcdmux, one after the other on a fresh etcd
-//! each, with the same load.
+//! etcd direct, etcd's `grpc-proxy`, etcdmux and etcdmux on the SQL backend
+//! (PostgreSQL), one after the other on a fresh store each, with the same load.
 //!
 //! Per (project, resource), like the apiserver's cacher: a paged initial list
 //! (limit 500, continuing at `lastKey + "\0"`), then a watch from the list's
@@ -18,7 +18,8 @@
 //! and the stock Go client on that pool, every watch of a connection on one stream,
 //! created one at a time as etcd's Go client does (`go-client`).
 //!
-//! A watchdog samples the RSS of etcd, the proxy and this process; when the machine
+//! A watchdog samples the memory of the store (etcd's RSS, or PostgreSQL's processes'
+//! PSS), the proxy's and this process's RSS; when the machine
 //! runs out of memory the point stops and is reported as failing, with the peaks.
 //! The report (`loadtest/results/<name>.md`), a CSV of every row and the plots
 //! (`<name>-{rss,watchers,write-p99,delivery-p99}.{svg,png}`) are written at the end.
@@ -45,7 +46,7 @@ use etcdmux::pb::etcdserverpb::{
 };
 use etcdmux_loadtest::{
     b, bar, bounded, chain, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile,
-    raise_fd_limit, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, MILO_CONFIG,
+    raise_fd_limit, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
 };
 use report::{ceilings, csv, plots, table_row};
 use tokio::sync::Semaphore;
@@ -94,7 +95,7 @@ impl Model {
 }
 
 #[derive(Parser, Debug)]
-#[command(about = "Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux")]
+#[command(about = "Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux (on etcd and on SQL)")]
 struct Args {
     #[arg(long, default_value = "target/release/etcdmux")]
     etcdmux: PathBuf,
@@ -136,8 +137,9 @@ struct Args {
     /// smoke run; latency and memory limits are reported, not checked).
     #[arg(long)]
     check: bool,
-    /// Targets to run, comma-separated: direct, grpc-proxy, etcdmux.
-    #[arg(long, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
+    /// Targets to run, comma-separated: direct, grpc-proxy, etcdmux, sql (etcdmux on
+    /// PostgreSQL).
+    #[arg(long, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux,sql")]
     targets: Vec<String>,
 }
 
@@ -158,6 +160,8 @@ struct Row {
     etcd_streams: f64,
     etcd_conns: usize,
     front_cpu: f64,
+    /// The store's CPU (etcd, or PostgreSQL's processes), % of one core.
+    store_cpu: f64,
     loadgen_cpu: f64,
     setup: Duration,
     /// Client connections and watch streams open during the load.
@@ -168,17 +172,17 @@ struct Row {
     slowest: String,
 }
 
-/// Highest RSS seen, in KiB, sampled by the watchdog.
+/// Highest memory seen, in KiB, sampled by the watchdog.
 #[derive(Default)]
 struct Peaks {
-    etcd: AtomicU64,
+    store: AtomicU64,
     front: AtomicU64,
     loadgen: AtomicU64,
 }
 
 impl Peaks {
-    fn sample(&self, etcd: u32, front: Option<u32>) {
-        self.etcd.fetch_max(rss_kib(etcd), Ordering::Relaxed);
+    fn sample(&self, store: Store, front: Option<u32>) {
+        self.store.fetch_max(store.mem_kib(), Ordering::Relaxed);
         if let Some(f) = front {
             self.front.fetch_max(rss_kib(f), Ordering::Relaxed);
         }
@@ -198,7 +202,8 @@ struct Outcome {
     result: Result<Row, String>,
     /// Why the target degraded here (empty when it did not).
     degraded: Vec<String>,
-    etcd_mib: f64,
+    /// The store's peak: etcd's RSS, or PostgreSQL's processes' PSS.
+    store_mib: f64,
     front_mib: f64,
     loadgen_mib: f64,
 }
@@ -319,7 +324,8 @@ async fn load(
     let results: Arc<Mutex<Results>> = Arc::default();
     let inflight = Arc::new(Semaphore::new(64));
     let front_pid = front.proc.as_ref().map_or(etcd.pid(), |p| p.pid());
-    let (front_cpu0, self_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()));
+    let store = front.store(etcd);
+    let (front_cpu0, self_cpu0, store_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()), store.cpu());
     let load_start = Instant::now();
     let total = args.write_rate * args.duration_secs;
     let pb = bar(total as usize, format!("{label} writes"));
@@ -421,6 +427,7 @@ async fn load(
     row.front_cpu = cpu_time(front_pid).saturating_sub(front_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
     row.loadgen_cpu =
         cpu_time(std::process::id()).saturating_sub(self_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
+    row.store_cpu = store.cpu().saturating_sub(store_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
 
     // Every event delivered, exactly once.
     let expected = expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -468,14 +475,14 @@ const FD_MARGIN: u64 = 1000;
 
 /// Samples RSS every half second; returns why the point must stop when the machine
 /// is about to run out of memory.
-async fn watchdog(etcd: u32, front: Option<u32>, peaks: &Peaks, min_available_mib: u64) -> String {
+async fn watchdog(store: Store, front: Option<u32>, peaks: &Peaks, min_available_mib: u64) -> String {
     loop {
-        peaks.sample(etcd, front);
+        peaks.sample(store, front);
         let available = mem_available_mib();
         if available < min_available_mib {
             return format!(
-                "out of memory: {available} MiB left on the machine (etcd {:.0} MiB, proxy {:.0} MiB, load generator {:.0} MiB)",
-                Peaks::mib(&peaks.etcd),
+                "out of memory: {available} MiB left on the machine (store {:.0} MiB, proxy {:.0} MiB, load generator {:.0} MiB)",
+                Peaks::mib(&peaks.store),
                 Peaks::mib(&peaks.front),
                 Peaks::mib(&peaks.loadgen)
             );
@@ -508,7 +515,7 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         let front_pid = front.proc.as_ref().map(|p| p.pid());
         tokio::select! {
             row = load(args, &etcd, &front, model, projects, &label) => row,
-            reason = watchdog(etcd.pid(), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
+            reason = watchdog(front.store(&etcd), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
         }
     }
     .await
@@ -529,7 +536,7 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         target: kind.name(),
         result,
         degraded,
-        etcd_mib: Peaks::mib(&peaks.etcd),
+        store_mib: Peaks::mib(&peaks.store),
         front_mib: Peaks::mib(&peaks.front),
         loadgen_mib: Peaks::mib(&peaks.loadgen),
     }
@@ -616,21 +623,11 @@ async fn main() -> Result<(), Error> {
     let args = Args::parse();
     let max_projects = args.projects.iter().copied().max().unwrap_or(0) as u64;
     let fd_limit = raise_fd_limit((max_projects + FD_MARGIN).max(65_536));
-    let targets: Vec<FrontKind> = [
-        FrontKind::Direct,
-        FrontKind::GrpcProxy,
-        FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() },
-    ]
-    .into_iter()
-    .filter(|k| {
-        let short = match k {
-            FrontKind::Direct => "direct",
-            FrontKind::GrpcProxy => "grpc-proxy",
-            FrontKind::Etcdmux { .. } => "etcdmux",
-        };
-        args.targets.iter().any(|t| t == short)
-    })
-    .collect();
+    let targets: Vec<FrontKind> = args
+        .targets
+        .iter()
+        .map(|t| FrontKind::parse(t, &args.etcdmux, &args.etcdmux_config))
+        .collect::<Result<_, _>>()?;
     let target_names: Vec<&'static str> = targets.iter().map(|k| k.name()).collect();
     let mut outcomes = Vec::new();
     for &model in &args.models {
@@ -648,12 +645,18 @@ async fn main() -> Result<(), Error> {
     }
 
     let mut report = String::new();
-    writeln!(report, "# Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux\n")?;
+    writeln!(report, "# Apiserver-shaped load: {}\n", target_names.join(" vs "))?;
     writeln!(report, "Machine: {}. Open-file limit {fd_limit}. The load generator runs on the same cores (its CPU and RSS are in the tables).\n", machine())?;
     writeln!(
         report,
-        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, progress requests on a tenth of the streams every 200 writes, the compactor half way. Each target runs on a fresh etcd. A target **degrades** at a point when its write or delivery p99 exceeds {} ms, a request fails, an event is lost or duplicated, or the machine runs out of memory (less than {} MiB available).\n",
-        args.resources, args.objects, args.write_rate, args.duration_secs, args.p99_bound_ms, args.min_available_mib
+        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, progress requests on a tenth of the streams every 200 writes, the compactor half way. Each target runs on a fresh etcd (etcdmux on SQL: on a fresh PostgreSQL, {}, its schema made by `etcdmux backend init`). A target **degrades** at a point when its write or delivery p99 exceeds {} ms, a request fails, an event is lost or duplicated, or the machine runs out of memory (less than {} MiB available).\n",
+        args.resources,
+        args.objects,
+        args.write_rate,
+        args.duration_secs,
+        etcdmux_loadtest::PG_SETTINGS.join(", "),
+        args.p99_bound_ms,
+        args.min_available_mib
     )?;
     writeln!(report, "## Where each target degrades\n\n{}", ceilings(&outcomes, &args.models, &target_names))?;
     match plots(&args.name, &outcomes, &args.models, &target_names) {
@@ -670,11 +673,11 @@ async fn main() -> Result<(), Error> {
             writeln!(report, "Plots were not written: {e}\n")?;
         }
     }
-    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; client connections / watch streams the load generator opened; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak RSS of etcd, of the proxy and of the load generator; proxy CPU (etcd's for the direct target) and load generator CPU during the write load, in % of one core.\n")?;
+    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; client connections / watch streams the load generator opened; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak memory of the store (etcd's RSS; for etcdmux on SQL the PSS of PostgreSQL's processes, so shared buffers count once), peak RSS of the proxy and of the load generator; proxy CPU (etcd's for the direct target), store CPU (etcd's, or every PostgreSQL process's) and load generator CPU during the write load, in % of one core. etcdmux on SQL uses no etcd (–).\n")?;
     for &model in &args.models {
         for &projects in &args.projects {
             writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
-            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | client conns / streams | etcd watchers / streams / conns | progress replies | etcd MiB | proxy MiB | loadgen MiB | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | client conns / streams | etcd watchers / streams / conns | progress replies | store MiB | proxy MiB | loadgen MiB | proxy CPU % | store CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
             let point: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.projects == projects).collect();
             for o in &point {
                 writeln!(report, "{}", table_row(o))?;
@@ -729,7 +732,7 @@ mod tests {
             target,
             result,
             degraded,
-            etcd_mib: 0.0,
+            store_mib: 0.0,
             front_mib: 0.0,
             loadgen_mib: 0.0,
         }

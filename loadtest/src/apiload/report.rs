@@ -17,11 +17,16 @@ pub fn table_row(o: &Outcome) -> String {
         (false, true) => o.degraded.join("; "),
         (false, false) => format!("**degraded**: {}", o.degraded.join("; ")),
     };
-    let mem = format!("{:.0} | {:.0} | {:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+    let mem = format!("{:.0} | {:.0} | {:.0}", o.store_mib, o.front_mib, o.loadgen_mib);
+    // etcdmux on SQL leaves the (idle) etcd of its point alone.
+    let etcd = match &o.result {
+        Ok(r) if o.target != "etcdmux on SQL" => format!("{} / {} / {}", r.etcd_watchers, r.etcd_streams, r.etcd_conns),
+        _ => "–".to_string(),
+    };
     match &o.result {
-        Err(_) => format!("| {} | {status} | | | | | | | | | | {mem} | | |", o.target),
+        Err(_) => format!("| {} | {status} | | | | | | | | | | {mem} | | | |", o.target),
         Ok(r) => format!(
-            "| {} | {status} | {:.1?} | {} | {}/{}/{} ({:.0}/s) | {}/{} | {}/{} | {} / {} | {} / {} / {} | {} | {mem} | {:.0} | {:.0} |",
+            "| {} | {status} | {:.1?} | {} | {}/{}/{} ({:.0}/s) | {}/{} | {}/{} | {} / {} | {etcd} | {} | {mem} | {:.0} | {:.0} | {:.0} |",
             o.target,
             r.setup,
             ms(percentile(&r.list, 0.99)),
@@ -35,11 +40,9 @@ pub fn table_row(o: &Outcome) -> String {
             r.expected,
             r.conns,
             r.streams,
-            r.etcd_watchers,
-            r.etcd_streams,
-            r.etcd_conns,
             r.progress_replies,
             r.front_cpu,
+            r.store_cpu,
             r.loadgen_cpu,
         ),
     }
@@ -85,6 +88,7 @@ fn color(target: &str) -> RGBColor {
     match target {
         "etcd direct" => RGBColor(200, 40, 40),
         "etcd grpc-proxy" => RGBColor(40, 80, 200),
+        "etcdmux on SQL" => RGBColor(150, 60, 170),
         _ => RGBColor(20, 150, 60),
     }
 }
@@ -106,9 +110,9 @@ pub fn plots(
 ) -> Result<Vec<(String, PathBuf)>, Error> {
     type Value = fn(&Outcome) -> Option<f64>;
     let charts: [(&str, &str, &str, Value); 4] = [
-        ("rss", "Memory: etcd + proxy peak RSS", "MiB", |o| Some(o.etcd_mib + o.front_mib)),
+        ("rss", "Memory: store (etcd or PostgreSQL) + proxy peak", "MiB", |o| Some(o.store_mib + o.front_mib)),
         ("watchers", "Watchers in etcd", "etcd_debugging_mvcc_watcher_total", |o| {
-            o.result.as_ref().ok().map(|r| r.etcd_watchers)
+            o.result.as_ref().ok().filter(|_| o.target != "etcdmux on SQL").map(|r| r.etcd_watchers)
         }),
         ("write-p99", "Write (optimistic txn) p99", "ms", |o| {
             o.result.as_ref().ok().map(|r| percentile(&r.write, 0.99).as_secs_f64() * 1000.0)
@@ -144,18 +148,18 @@ pub fn plots(
 }
 
 pub fn csv(outcomes: &[Outcome]) -> String {
-    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,client_conns,client_streams,etcd_watchers,etcd_watch_streams,etcd_conns,etcd_peak_rss_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct\n");
+    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,client_conns,client_streams,etcd_watchers,etcd_watch_streams,etcd_conns,store_peak_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct,store_cpu_pct\n");
     for o in outcomes {
         let status = if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ").replace(',', " ") };
         let head = format!("{:?},{},{},{status}", o.model, o.projects, o.target);
-        let mem = format!("{:.0},{:.0},{:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+        let mem = format!("{:.0},{:.0},{:.0}", o.store_mib, o.front_mib, o.loadgen_mib);
         let _ = match &o.result {
-            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,,,{mem},,"),
+            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,,,{mem},,,"),
             Ok(r) => {
                 let p = |v: &[Duration], q| percentile(v, q).as_secs_f64() * 1000.0;
                 writeln!(
                     s,
-                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{mem},{:.0},{:.0}",
+                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{mem},{:.0},{:.0},{:.0}",
                     r.setup.as_secs_f64(),
                     p(&r.list, 0.99),
                     p(&r.write, 0.5),
@@ -173,7 +177,8 @@ pub fn csv(outcomes: &[Outcome]) -> String {
                     r.etcd_streams,
                     r.etcd_conns,
                     r.front_cpu,
-                    r.loadgen_cpu
+                    r.loadgen_cpu,
+                    r.store_cpu
                 )
             }
         };
