@@ -235,7 +235,7 @@ fn report(args: &Args, results: &[(FrontKind, Result<Measured, String>)]) -> Res
             Ok(m) => {
                 // In use: etcd's defragmented file is all data; PostgreSQL's database
                 // also holds its catalogs (a few MiB, whatever the keys).
-                let total = m.compacted.in_use;
+                let in_use = m.compacted.in_use;
                 writeln!(
                     r,
                     "| {} | {:.1} ({:.0}) | {} / {} | {} / {} | {:.2} | {:.0} | {:.2} | {:.1} million | {:.0} |",
@@ -244,12 +244,12 @@ fn report(args: &Args, results: &[(FrontKind, Result<Measured, String>)]) -> Res
                     (keys * args.versions.max(1)) as f64 / m.write_secs.max(1e-9),
                     mib(m.written.total),
                     mib(m.written.in_use),
-                    mib(total),
+                    mib(m.compacted.total),
                     mib(m.compacted.in_use),
-                    per_million(total, keys),
-                    total as f64 / keys.max(1) as f64,
-                    total as f64 / raw.max(1) as f64,
-                    (8u64 << 30) as f64 / (total as f64 / keys.max(1) as f64).max(1.0) / 1e6,
+                    per_million(in_use, keys),
+                    in_use as f64 / keys.max(1) as f64,
+                    in_use as f64 / raw.max(1) as f64,
+                    (8u64 << 30) as f64 / (in_use as f64 / keys.max(1) as f64).max(1.0) / 1e6,
                     m.store_mib,
                 )?;
             }
