@@ -481,6 +481,32 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_store_is_every_process_of_the_server() {
+        let pg = Postgres::try_start_with(PG_SETTINGS).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pg.psql("SHOW fsync").trim(), "on", "the benchmark's settings override the kit's");
+        let store = Store::Postgres(pg.pid());
+        assert!(!children(pg.pid()).is_empty(), "the server's helpers (checkpointer, WAL writer) are its children");
+        // The work is done by a backend that exits with psql: only the postmaster's
+        // reaped-children time keeps it.
+        let before = store.cpu();
+        pg.psql("SELECT count(*) FROM generate_series(1, 5000000)");
+        let spent = store.cpu().saturating_sub(before);
+        assert!(spent >= Duration::from_millis(100), "a query's CPU went uncounted: {spent:?}");
+        assert!(cpu_time(pg.pid()) < spent, "the postmaster alone did not do the work");
+        let rss: u64 = children(pg.pid()).into_iter().chain([pg.pid()]).map(rss_kib).sum();
+        let pss = store.mem_kib();
+        assert!(pss > 0 && pss <= rss, "PSS {pss} KiB against RSS {rss} KiB");
+    }
+
+    #[test]
+    fn targets_are_parsed_by_their_short_names() {
+        let (bin, cfg) = (Path::new("etcdmux"), Path::new(MILO_CONFIG));
+        assert!(matches!(FrontKind::parse("sql", bin, cfg), Ok(FrontKind::EtcdmuxSql { .. })));
+        assert!(matches!(FrontKind::parse("etcdmux", bin, cfg), Ok(FrontKind::Etcdmux { .. })));
+        assert!(FrontKind::parse("postgres", bin, cfg).is_err());
+    }
+
+    #[test]
     fn values_are_as_long_as_asked() {
         assert_eq!(value(7, 1024).len(), 1024);
         assert!(value(7, 10).len() > 10, "asked for less than the envelope: the envelope");
