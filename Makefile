@@ -120,7 +120,7 @@ bench: build
 	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --targets direct,grpc-proxy,etcdmux --name api
 	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
-	  --projects $(BENCH_SQL_PROJECTS) --models shared,milo-pool --targets direct,etcdmux,sql --name api-sql
+	  --projects $(BENCH_SQL_PROJECTS) --models shared --targets direct,etcdmux,sql --name api-sql
 	$(CARGO_TARGET_DIR)/release/sqlsize --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --keys $(BENCH_SQL_KEYS) --name sqlsize
 	$(CARGO_TARGET_DIR)/release/migratebench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name migrate
 	$(CARGO_TARGET_DIR)/release/listbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \

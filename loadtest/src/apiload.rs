@@ -31,7 +31,6 @@ mod report;
 mod watches;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,10 +44,10 @@ use etcdmux::pb::etcdserverpb::{
     LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use etcdmux_loadtest::{
-    b, bar, bounded, chain, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile,
-    raise_fd_limit, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
+    b, bar, bounded, chain, cpu_time, established_conns, mem_available_mib, metric, ms, percentile, raise_fd_limit,
+    rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
 };
-use report::{ceilings, csv, plots, table_row};
+use report::csv;
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
@@ -644,53 +643,7 @@ async fn main() -> Result<(), Error> {
         }
     }
 
-    let mut report = String::new();
-    writeln!(report, "# Apiserver-shaped load: {}\n", target_names.join(" vs "))?;
-    writeln!(report, "Machine: {}. Open-file limit {fd_limit}. The load generator runs on the same cores (its CPU and RSS are in the tables).\n", machine())?;
-    writeln!(
-        report,
-        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, progress requests on a tenth of the streams every 200 writes, the compactor half way. Each target runs on a fresh etcd (etcdmux on SQL: on a fresh PostgreSQL, {}, its schema made by `etcdmux backend init`). A target **degrades** at a point when its write or delivery p99 exceeds {} ms, a request fails, an event is lost or duplicated, or the machine runs out of memory (less than {} MiB available).\n",
-        args.resources,
-        args.objects,
-        args.write_rate,
-        args.duration_secs,
-        etcdmux_loadtest::PG_SETTINGS.join(", "),
-        args.p99_bound_ms,
-        args.min_available_mib
-    )?;
-    writeln!(report, "## Where each target degrades\n\n{}", ceilings(&outcomes, &args.models, &target_names))?;
-    match plots(&args.name, &outcomes, &args.models, &target_names) {
-        Ok(paths) => {
-            writeln!(report, "## Plots\n\nOne colour per target, lighter for each model after the first; dashed: the models with one connection per project or per pool member ({}).\n", args.models.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "))?;
-            for (title, path) in paths.iter().filter(|(_, p)| p.extension().is_some_and(|e| e == "svg")) {
-                let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-                writeln!(report, "![{title}]({file})")?;
-            }
-            writeln!(report)?;
-        }
-        Err(e) => {
-            eprintln!("apiload: plots not written: {e}");
-            writeln!(report, "Plots were not written: {e}\n")?;
-        }
-    }
-    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; client connections / watch streams the load generator opened; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak memory of the store (etcd's RSS; for etcdmux on SQL the PSS of PostgreSQL's processes, so shared buffers count once), peak RSS of the proxy and of the load generator; proxy CPU (etcd's for the direct target), store CPU (etcd's, or every PostgreSQL process's) and load generator CPU during the write load, in % of one core. etcdmux on SQL uses no etcd (–).\n")?;
-    for &model in &args.models {
-        for &projects in &args.projects {
-            writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
-            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | client conns / streams | etcd watchers / streams / conns | progress replies | store MiB | proxy MiB | loadgen MiB | proxy CPU % | store CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-            let point: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.projects == projects).collect();
-            for o in &point {
-                writeln!(report, "{}", table_row(o))?;
-            }
-            writeln!(report, "\nSlowest writes (start time into the write load):\n")?;
-            for o in &point {
-                if let Ok(r) = &o.result {
-                    writeln!(report, "- {}: {}", o.target, r.slowest)?;
-                }
-            }
-            writeln!(report)?;
-        }
-    }
+    let report = report::markdown(&args, &outcomes, &target_names, fd_limit)?;
     let path = write_report(&args.name, &report)?;
     std::fs::write(path.with_extension("csv"), csv(&outcomes))?;
     println!("{report}");
@@ -703,97 +656,5 @@ async fn main() -> Result<(), Error> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ms_list(v: &[u64]) -> Vec<Duration> {
-        v.iter().map(|&m| Duration::from_millis(m)).collect()
-    }
-
-    fn row(write: &[u64], expected: u64, delivered: u64, duplicates: u64) -> Row {
-        Row {
-            write: ms_list(write),
-            delivery: ms_list(&[1, 1, 1]),
-            expected,
-            delivered,
-            duplicates,
-            ..Default::default()
-        }
-    }
-
-    fn outcome(target: &'static str, projects: usize, result: Result<Row, String>) -> Outcome {
-        let degraded = match &result {
-            Ok(r) => degraded(r, Duration::from_millis(100)),
-            Err(e) => vec![e.clone()],
-        };
-        Outcome {
-            model: Model::Shared,
-            projects,
-            target,
-            result,
-            degraded,
-            store_mib: 0.0,
-            front_mib: 0.0,
-            loadgen_mib: 0.0,
-        }
-    }
-
-    #[test]
-    fn a_point_degrades_on_tail_latency_loss_and_duplicates() {
-        assert!(degraded(&row(&[1, 2, 3], 5, 5, 0), Duration::from_millis(100)).is_empty());
-        let slow = degraded(&row(&[1, 2, 300], 5, 5, 0), Duration::from_millis(100));
-        assert_eq!(slow, vec!["write p99 300.00 ms > 100 ms".to_string()]);
-        assert_eq!(degraded(&row(&[1], 5, 4, 0), Duration::from_millis(100)), vec!["1 events lost".to_string()]);
-        assert_eq!(degraded(&row(&[1], 5, 5, 2), Duration::from_millis(100)), vec!["2 events duplicated".to_string()]);
-    }
-
-    #[test]
-    fn the_p99_is_judged_on_sorted_samples() {
-        assert!(!degraded(&row(&[300, 1, 2], 1, 1, 0), Duration::from_millis(100)).is_empty());
-    }
-
-    #[test]
-    fn ceilings_name_the_first_failing_point_and_skip_what_could_not_run() {
-        let outcomes = vec![
-            outcome("etcdmux", 100, Ok(row(&[1], 1, 1, 0))),
-            outcome("etcdmux", 1000, Ok(row(&[1], 1, 1, 0))),
-            outcome("etcd direct", 100, Ok(row(&[1], 1, 1, 0))),
-            outcome("etcd direct", 1000, Err("out of memory: 900 MiB left".into())),
-            outcome("etcdmux", 30000, Err(format!("{NOT_RUN}: open files"))),
-        ];
-        let text = ceilings(&outcomes, &[Model::Shared], &["etcd direct", "etcdmux"]);
-        assert!(text.contains("- etcd direct, shared connection: held up to 100 projects; degraded at 1000: out of memory: 900 MiB left"), "{text}");
-        assert!(text.contains("- etcdmux, shared connection: held at every point measured, up to 1000 projects (not measurable here at 30000 projects"), "{text}");
-    }
-
-    #[test]
-    fn check_fails_only_on_correctness() {
-        assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[500], 3, 3, 0)))).is_none(), "slow is not a bug");
-        assert!(correctness_failures(&outcome("etcdmux", 10, Err("out of memory".into()))).is_none());
-        assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[1], 3, 2, 0)))).is_some());
-    }
-
-    #[test]
-    fn pool_models_round_robin_the_storages_over_the_pool() {
-        for m in [Model::MiloPool, Model::GoClient] {
-            assert_eq!(m.connections(30_000, 32), 32);
-            let mut per = vec![0; 32];
-            for p in 0..100 {
-                for r in 0..10 {
-                    per[m.connection_of(p, r, 10, 32)] += 1;
-                }
-            }
-            assert!(per.iter().all(|&n| n == 31 || n == 32), "{per:?}");
-        }
-        assert_eq!(Model::Shared.connections(30_000, 32), 1);
-        assert_eq!(Model::PerProject.connections(300, 32), 300);
-        assert_eq!(Model::PerProject.connection_of(7, 3, 10, 300), 7, "a project's storages share its connection");
-    }
-
-    #[test]
-    fn error_chains_keep_the_cause() {
-        let io = std::io::Error::other("Too many open files");
-        let e: Error = Box::new(tonic::Status::from_error(Box::new(io)));
-        assert!(chain(&*e).contains("Too many open files"), "{}", chain(&*e));
-    }
-}
+#[path = "apiload/tests.rs"]
+mod tests;

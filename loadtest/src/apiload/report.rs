@@ -9,7 +9,9 @@ use etcdmux_loadtest::plot::{self, Chart, Series};
 use etcdmux_loadtest::{ms, percentile, Error};
 use plotters::style::RGBColor;
 
-use super::{Model, Outcome};
+use etcdmux_loadtest::machine;
+
+use super::{Args, Model, Outcome};
 
 pub fn table_row(o: &Outcome) -> String {
     let status = match (o.degraded.is_empty(), o.not_run()) {
@@ -184,4 +186,62 @@ pub fn csv(outcomes: &[Outcome]) -> String {
         };
     }
     s
+}
+
+/// The whole markdown report: the setup, where each target degrades, the plots and a
+/// table per (model, scale point).
+pub fn markdown(
+    args: &Args,
+    outcomes: &[Outcome],
+    target_names: &[&'static str],
+    fd_limit: u64,
+) -> Result<String, std::fmt::Error> {
+    let mut report = String::new();
+    writeln!(report, "# Apiserver-shaped load: {}\n", target_names.join(" vs "))?;
+    writeln!(report, "Machine: {}. Open-file limit {fd_limit}. The load generator runs on the same cores (its CPU and RSS are in the tables).\n", machine())?;
+    writeln!(
+        report,
+        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, progress requests on a tenth of the streams every 200 writes, the compactor half way. Each target runs on a fresh etcd (etcdmux on SQL: on a fresh PostgreSQL, {}, its schema made by `etcdmux backend init`). A target **degrades** at a point when its write or delivery p99 exceeds {} ms, a request fails, an event is lost or duplicated, or the machine runs out of memory (less than {} MiB available).\n",
+        args.resources,
+        args.objects,
+        args.write_rate,
+        args.duration_secs,
+        etcdmux_loadtest::PG_SETTINGS.join(", "),
+        args.p99_bound_ms,
+        args.min_available_mib
+    )?;
+    writeln!(report, "## Where each target degrades\n\n{}", ceilings(outcomes, &args.models, target_names))?;
+    match plots(&args.name, outcomes, &args.models, target_names) {
+        Ok(paths) => {
+            writeln!(report, "## Plots\n\nOne colour per target, lighter for each model after the first; dashed: the models with one connection per project or per pool member ({}).\n", args.models.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "))?;
+            for (title, path) in paths.iter().filter(|(_, p)| p.extension().is_some_and(|e| e == "svg")) {
+                let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                writeln!(report, "![{title}]({file})")?;
+            }
+            writeln!(report)?;
+        }
+        Err(e) => {
+            eprintln!("apiload: plots not written: {e}");
+            writeln!(report, "Plots were not written: {e}\n")?;
+        }
+    }
+    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; client connections / watch streams the load generator opened; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak memory of the store (etcd's RSS; for etcdmux on SQL the PSS of PostgreSQL's processes, so shared buffers count once), peak RSS of the proxy and of the load generator; proxy CPU (etcd's for the direct target), store CPU (etcd's, or every PostgreSQL process's) and load generator CPU during the write load, in % of one core. etcdmux on SQL uses no etcd (–).\n")?;
+    for &model in &args.models {
+        for &projects in &args.projects {
+            writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
+            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | client conns / streams | etcd watchers / streams / conns | progress replies | store MiB | proxy MiB | loadgen MiB | proxy CPU % | store CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            let point: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.projects == projects).collect();
+            for o in &point {
+                writeln!(report, "{}", table_row(o))?;
+            }
+            writeln!(report, "\nSlowest writes (start time into the write load):\n")?;
+            for o in &point {
+                if let Ok(r) = &o.result {
+                    writeln!(report, "- {}: {}", o.target, r.slowest)?;
+                }
+            }
+            writeln!(report)?;
+        }
+    }
+    Ok(report)
 }
