@@ -104,9 +104,13 @@ clean-run:
 ## bench: etcdmux vs etcd grpc-proxy vs direct etcd -> loadtest/results/{watch,api}.md (+ api-*.svg/png plots, api.csv); etcdmux migrate -> migrate.md;
 ## the LIST/GET load without a watch cache, etcd direct vs etcdmux vs etcdmux with its read replica, closed loop and
 ## at 1,500 reads/s -> loadtest/results/{list,list-1500rps}.md; throughput with fixed clients (range, put, txn, mixed),
-## as fast as they go and at a fixed rate, with and without the apiserver's watches -> loadtest/results/throughput*.md;
+## as fast as they go and at a fixed rate, with and without the apiserver's watches -> loadtest/results/throughput*.md
+## (every throughput table with etcdmux on SQL beside the others); the apiserver-shaped load on etcdmux on SQL beside
+## etcdmux on etcd and etcd direct -> api-sql.md; the store's size per million keys on both backends -> sqlsize.md;
 ## what the root index's keys cost etcd at compaction (30,000 projects) -> loadtest/results/rootindex.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
+BENCH_SQL_PROJECTS ?= 100,1000
+BENCH_SQL_KEYS ?= 200000
 BENCH_MODELS ?= shared,per-project,milo-pool,go-client
 BENCH_LIST_PROJECTS ?= 1000,10000,30000
 BENCH_THROUGHPUT_CLIENTS ?= 16,64
@@ -116,7 +120,10 @@ bench: build
 	$(CARGO) build --release --locked -p etcdmux-loadtest
 	$(CARGO_TARGET_DIR)/release/watchbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name watch
 	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
-	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --name api
+	  --projects $(BENCH_PROJECTS) --models $(BENCH_MODELS) --targets direct,grpc-proxy,etcdmux --name api
+	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --projects $(BENCH_SQL_PROJECTS) --models shared --targets direct,etcdmux,sql --name api-sql
+	$(CARGO_TARGET_DIR)/release/sqlsize --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --keys $(BENCH_SQL_KEYS) --name sqlsize
 	$(CARGO_TARGET_DIR)/release/migratebench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --name migrate
 	$(CARGO_TARGET_DIR)/release/listbench --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_LIST_PROJECTS) --name list
@@ -138,7 +145,11 @@ bench-smoke: deps
 	  --tenants 10,100 --resources 2 --streams 4 --events 200 --idle-tenants 100 --name smoke
 	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared,per-project,milo-pool,go-client \
-	  --pool-size 4 --check --name api-smoke
+	  --pool-size 4 --targets direct,grpc-proxy,etcdmux --check --name api-smoke
+	$(CARGO_TARGET_DIR)/debug/apiload --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
+	  --projects 10 --resources 3 --write-rate 100 --duration-secs 3 --models shared --targets sql \
+	  --check --name api-sql-smoke
+	$(CARGO_TARGET_DIR)/debug/sqlsize --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux --keys 2000 --check --name sqlsize-smoke
 	$(CARGO_TARGET_DIR)/debug/migratebench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 20 --rates 0 --baseline-secs 1 --name migrate-smoke
 	$(CARGO_TARGET_DIR)/debug/listbench --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \

@@ -1,6 +1,6 @@
 //! apiload: Milo's apiserver storage layer for P projects × R resources, run against
-//! etcd direct, etcd's `grpc-proxy` and etcdmux, one after the other on a fresh etcd
-//! each, with the same load.
+//! etcd direct, etcd's `grpc-proxy`, etcdmux and etcdmux on the SQL backend
+//! (PostgreSQL), one after the other on a fresh store each, with the same load.
 //!
 //! Per (project, resource), like the apiserver's cacher: a paged initial list
 //! (limit 500, continuing at `lastKey + "\0"`), then a watch from the list's
@@ -18,7 +18,8 @@
 //! and the stock Go client on that pool, every watch of a connection on one stream,
 //! created one at a time as etcd's Go client does (`go-client`).
 //!
-//! A watchdog samples the RSS of etcd, the proxy and this process; when the machine
+//! A watchdog samples the memory of the store (etcd's RSS, or PostgreSQL's processes'
+//! PSS), the proxy's and this process's RSS; when the machine
 //! runs out of memory the point stops and is reported as failing, with the peaks.
 //! The report (`loadtest/results/<name>.md`), a CSV of every row and the plots
 //! (`<name>-{rss,watchers,write-p99,delivery-p99}.{svg,png}`) are written at the end.
@@ -30,7 +31,6 @@ mod report;
 mod watches;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,10 +44,10 @@ use etcdmux::pb::etcdserverpb::{
     LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use etcdmux_loadtest::{
-    b, bar, bounded, chain, cpu_time, established_conns, machine, mem_available_mib, metric, ms, percentile,
-    raise_fd_limit, rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, MILO_CONFIG,
+    b, bar, bounded, chain, cpu_time, established_conns, mem_available_mib, metric, ms, percentile, raise_fd_limit,
+    rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
 };
-use report::{ceilings, csv, plots, table_row};
+use report::csv;
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
@@ -94,7 +94,7 @@ impl Model {
 }
 
 #[derive(Parser, Debug)]
-#[command(about = "Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux")]
+#[command(about = "Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux (on etcd and on SQL)")]
 struct Args {
     #[arg(long, default_value = "target/release/etcdmux")]
     etcdmux: PathBuf,
@@ -136,8 +136,9 @@ struct Args {
     /// smoke run; latency and memory limits are reported, not checked).
     #[arg(long)]
     check: bool,
-    /// Targets to run, comma-separated: direct, grpc-proxy, etcdmux.
-    #[arg(long, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
+    /// Targets to run, comma-separated: direct, grpc-proxy, etcdmux, sql (etcdmux on
+    /// PostgreSQL).
+    #[arg(long, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux,sql")]
     targets: Vec<String>,
 }
 
@@ -158,6 +159,8 @@ struct Row {
     etcd_streams: f64,
     etcd_conns: usize,
     front_cpu: f64,
+    /// The store's CPU (etcd, or PostgreSQL's processes), % of one core.
+    store_cpu: f64,
     loadgen_cpu: f64,
     setup: Duration,
     /// Client connections and watch streams open during the load.
@@ -168,17 +171,17 @@ struct Row {
     slowest: String,
 }
 
-/// Highest RSS seen, in KiB, sampled by the watchdog.
+/// Highest memory seen, in KiB, sampled by the watchdog.
 #[derive(Default)]
 struct Peaks {
-    etcd: AtomicU64,
+    store: AtomicU64,
     front: AtomicU64,
     loadgen: AtomicU64,
 }
 
 impl Peaks {
-    fn sample(&self, etcd: u32, front: Option<u32>) {
-        self.etcd.fetch_max(rss_kib(etcd), Ordering::Relaxed);
+    fn sample(&self, store: Store, front: Option<u32>) {
+        self.store.fetch_max(store.mem_kib(), Ordering::Relaxed);
         if let Some(f) = front {
             self.front.fetch_max(rss_kib(f), Ordering::Relaxed);
         }
@@ -198,7 +201,8 @@ struct Outcome {
     result: Result<Row, String>,
     /// Why the target degraded here (empty when it did not).
     degraded: Vec<String>,
-    etcd_mib: f64,
+    /// The store's peak: etcd's RSS, or PostgreSQL's processes' PSS.
+    store_mib: f64,
     front_mib: f64,
     loadgen_mib: f64,
 }
@@ -319,7 +323,8 @@ async fn load(
     let results: Arc<Mutex<Results>> = Arc::default();
     let inflight = Arc::new(Semaphore::new(64));
     let front_pid = front.proc.as_ref().map_or(etcd.pid(), |p| p.pid());
-    let (front_cpu0, self_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()));
+    let store = front.store(etcd);
+    let (front_cpu0, self_cpu0, store_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()), store.cpu());
     let load_start = Instant::now();
     let total = args.write_rate * args.duration_secs;
     let pb = bar(total as usize, format!("{label} writes"));
@@ -421,6 +426,7 @@ async fn load(
     row.front_cpu = cpu_time(front_pid).saturating_sub(front_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
     row.loadgen_cpu =
         cpu_time(std::process::id()).saturating_sub(self_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
+    row.store_cpu = store.cpu().saturating_sub(store_cpu0).as_secs_f64() / load_time.as_secs_f64() * 100.0;
 
     // Every event delivered, exactly once.
     let expected = expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -468,14 +474,14 @@ const FD_MARGIN: u64 = 1000;
 
 /// Samples RSS every half second; returns why the point must stop when the machine
 /// is about to run out of memory.
-async fn watchdog(etcd: u32, front: Option<u32>, peaks: &Peaks, min_available_mib: u64) -> String {
+async fn watchdog(store: Store, front: Option<u32>, peaks: &Peaks, min_available_mib: u64) -> String {
     loop {
-        peaks.sample(etcd, front);
+        peaks.sample(store, front);
         let available = mem_available_mib();
         if available < min_available_mib {
             return format!(
-                "out of memory: {available} MiB left on the machine (etcd {:.0} MiB, proxy {:.0} MiB, load generator {:.0} MiB)",
-                Peaks::mib(&peaks.etcd),
+                "out of memory: {available} MiB left on the machine (store {:.0} MiB, proxy {:.0} MiB, load generator {:.0} MiB)",
+                Peaks::mib(&peaks.store),
                 Peaks::mib(&peaks.front),
                 Peaks::mib(&peaks.loadgen)
             );
@@ -508,7 +514,7 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         let front_pid = front.proc.as_ref().map(|p| p.pid());
         tokio::select! {
             row = load(args, &etcd, &front, model, projects, &label) => row,
-            reason = watchdog(etcd.pid(), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
+            reason = watchdog(front.store(&etcd), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
         }
     }
     .await
@@ -529,7 +535,7 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         target: kind.name(),
         result,
         degraded,
-        etcd_mib: Peaks::mib(&peaks.etcd),
+        store_mib: Peaks::mib(&peaks.store),
         front_mib: Peaks::mib(&peaks.front),
         loadgen_mib: Peaks::mib(&peaks.loadgen),
     }
@@ -616,21 +622,11 @@ async fn main() -> Result<(), Error> {
     let args = Args::parse();
     let max_projects = args.projects.iter().copied().max().unwrap_or(0) as u64;
     let fd_limit = raise_fd_limit((max_projects + FD_MARGIN).max(65_536));
-    let targets: Vec<FrontKind> = [
-        FrontKind::Direct,
-        FrontKind::GrpcProxy,
-        FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() },
-    ]
-    .into_iter()
-    .filter(|k| {
-        let short = match k {
-            FrontKind::Direct => "direct",
-            FrontKind::GrpcProxy => "grpc-proxy",
-            FrontKind::Etcdmux { .. } => "etcdmux",
-        };
-        args.targets.iter().any(|t| t == short)
-    })
-    .collect();
+    let targets: Vec<FrontKind> = args
+        .targets
+        .iter()
+        .map(|t| FrontKind::parse(t, &args.etcdmux, &args.etcdmux_config))
+        .collect::<Result<_, _>>()?;
     let target_names: Vec<&'static str> = targets.iter().map(|k| k.name()).collect();
     let mut outcomes = Vec::new();
     for &model in &args.models {
@@ -647,47 +643,7 @@ async fn main() -> Result<(), Error> {
         }
     }
 
-    let mut report = String::new();
-    writeln!(report, "# Apiserver-shaped load: etcd direct vs etcd grpc-proxy vs etcdmux\n")?;
-    writeln!(report, "Machine: {}. Open-file limit {fd_limit}. The load generator runs on the same cores (its CPU and RSS are in the tables).\n", machine())?;
-    writeln!(
-        report,
-        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, progress requests on a tenth of the streams every 200 writes, the compactor half way. Each target runs on a fresh etcd. A target **degrades** at a point when its write or delivery p99 exceeds {} ms, a request fails, an event is lost or duplicated, or the machine runs out of memory (less than {} MiB available).\n",
-        args.resources, args.objects, args.write_rate, args.duration_secs, args.p99_bound_ms, args.min_available_mib
-    )?;
-    writeln!(report, "## Where each target degrades\n\n{}", ceilings(&outcomes, &args.models, &target_names))?;
-    match plots(&args.name, &outcomes, &args.models, &target_names) {
-        Ok(paths) => {
-            writeln!(report, "## Plots\n\nOne colour per target, lighter for each model after the first; dashed: the models with one connection per project or per pool member ({}).\n", args.models.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "))?;
-            for (title, path) in paths.iter().filter(|(_, p)| p.extension().is_some_and(|e| e == "svg")) {
-                let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-                writeln!(report, "![{title}]({file})")?;
-            }
-            writeln!(report)?;
-        }
-        Err(e) => {
-            eprintln!("apiload: plots not written: {e}");
-            writeln!(report, "Plots were not written: {e}\n")?;
-        }
-    }
-    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; client connections / watch streams the load generator opened; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak RSS of etcd, of the proxy and of the load generator; proxy CPU (etcd's for the direct target) and load generator CPU during the write load, in % of one core.\n")?;
-    for &model in &args.models {
-        for &projects in &args.projects {
-            writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
-            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | client conns / streams | etcd watchers / streams / conns | progress replies | etcd MiB | proxy MiB | loadgen MiB | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-            let point: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.projects == projects).collect();
-            for o in &point {
-                writeln!(report, "{}", table_row(o))?;
-            }
-            writeln!(report, "\nSlowest writes (start time into the write load):\n")?;
-            for o in &point {
-                if let Ok(r) = &o.result {
-                    writeln!(report, "- {}: {}", o.target, r.slowest)?;
-                }
-            }
-            writeln!(report)?;
-        }
-    }
+    let report = report::markdown(&args, &outcomes, &target_names, fd_limit)?;
     let path = write_report(&args.name, &report)?;
     std::fs::write(path.with_extension("csv"), csv(&outcomes))?;
     println!("{report}");
@@ -700,97 +656,5 @@ async fn main() -> Result<(), Error> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ms_list(v: &[u64]) -> Vec<Duration> {
-        v.iter().map(|&m| Duration::from_millis(m)).collect()
-    }
-
-    fn row(write: &[u64], expected: u64, delivered: u64, duplicates: u64) -> Row {
-        Row {
-            write: ms_list(write),
-            delivery: ms_list(&[1, 1, 1]),
-            expected,
-            delivered,
-            duplicates,
-            ..Default::default()
-        }
-    }
-
-    fn outcome(target: &'static str, projects: usize, result: Result<Row, String>) -> Outcome {
-        let degraded = match &result {
-            Ok(r) => degraded(r, Duration::from_millis(100)),
-            Err(e) => vec![e.clone()],
-        };
-        Outcome {
-            model: Model::Shared,
-            projects,
-            target,
-            result,
-            degraded,
-            etcd_mib: 0.0,
-            front_mib: 0.0,
-            loadgen_mib: 0.0,
-        }
-    }
-
-    #[test]
-    fn a_point_degrades_on_tail_latency_loss_and_duplicates() {
-        assert!(degraded(&row(&[1, 2, 3], 5, 5, 0), Duration::from_millis(100)).is_empty());
-        let slow = degraded(&row(&[1, 2, 300], 5, 5, 0), Duration::from_millis(100));
-        assert_eq!(slow, vec!["write p99 300.00 ms > 100 ms".to_string()]);
-        assert_eq!(degraded(&row(&[1], 5, 4, 0), Duration::from_millis(100)), vec!["1 events lost".to_string()]);
-        assert_eq!(degraded(&row(&[1], 5, 5, 2), Duration::from_millis(100)), vec!["2 events duplicated".to_string()]);
-    }
-
-    #[test]
-    fn the_p99_is_judged_on_sorted_samples() {
-        assert!(!degraded(&row(&[300, 1, 2], 1, 1, 0), Duration::from_millis(100)).is_empty());
-    }
-
-    #[test]
-    fn ceilings_name_the_first_failing_point_and_skip_what_could_not_run() {
-        let outcomes = vec![
-            outcome("etcdmux", 100, Ok(row(&[1], 1, 1, 0))),
-            outcome("etcdmux", 1000, Ok(row(&[1], 1, 1, 0))),
-            outcome("etcd direct", 100, Ok(row(&[1], 1, 1, 0))),
-            outcome("etcd direct", 1000, Err("out of memory: 900 MiB left".into())),
-            outcome("etcdmux", 30000, Err(format!("{NOT_RUN}: open files"))),
-        ];
-        let text = ceilings(&outcomes, &[Model::Shared], &["etcd direct", "etcdmux"]);
-        assert!(text.contains("- etcd direct, shared connection: held up to 100 projects; degraded at 1000: out of memory: 900 MiB left"), "{text}");
-        assert!(text.contains("- etcdmux, shared connection: held at every point measured, up to 1000 projects (not measurable here at 30000 projects"), "{text}");
-    }
-
-    #[test]
-    fn check_fails_only_on_correctness() {
-        assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[500], 3, 3, 0)))).is_none(), "slow is not a bug");
-        assert!(correctness_failures(&outcome("etcdmux", 10, Err("out of memory".into()))).is_none());
-        assert!(correctness_failures(&outcome("etcdmux", 10, Ok(row(&[1], 3, 2, 0)))).is_some());
-    }
-
-    #[test]
-    fn pool_models_round_robin_the_storages_over_the_pool() {
-        for m in [Model::MiloPool, Model::GoClient] {
-            assert_eq!(m.connections(30_000, 32), 32);
-            let mut per = vec![0; 32];
-            for p in 0..100 {
-                for r in 0..10 {
-                    per[m.connection_of(p, r, 10, 32)] += 1;
-                }
-            }
-            assert!(per.iter().all(|&n| n == 31 || n == 32), "{per:?}");
-        }
-        assert_eq!(Model::Shared.connections(30_000, 32), 1);
-        assert_eq!(Model::PerProject.connections(300, 32), 300);
-        assert_eq!(Model::PerProject.connection_of(7, 3, 10, 300), 7, "a project's storages share its connection");
-    }
-
-    #[test]
-    fn error_chains_keep_the_cause() {
-        let io = std::io::Error::other("Too many open files");
-        let e: Error = Box::new(tonic::Status::from_error(Box::new(io)));
-        assert!(chain(&*e).contains("Too many open files"), "{}", chain(&*e));
-    }
-}
+#[path = "apiload/tests.rs"]
+mod tests;

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-pub use etcdmux_testkit::{cpu_time, free_port, Etcd, Proc};
+pub use etcdmux_testkit::{cpu_time, free_port, Etcd, Postgres, Proc};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
@@ -56,6 +56,9 @@ pub enum FrontKind {
     GrpcProxy,
     /// The etcdmux binary (`bin`) with a config file (Milo's: [`MILO_CONFIG`]).
     Etcdmux { bin: PathBuf, config: PathBuf },
+    /// The same etcdmux on the SQL backend: a PostgreSQL of its own ([`PG_SETTINGS`]),
+    /// the schema made by `etcdmux backend init`, as an operator would.
+    EtcdmuxSql { bin: PathBuf, config: PathBuf },
 }
 
 impl FrontKind {
@@ -64,9 +67,28 @@ impl FrontKind {
             FrontKind::Direct => "etcd direct",
             FrontKind::GrpcProxy => "etcd grpc-proxy",
             FrontKind::Etcdmux { .. } => "etcdmux",
+            FrontKind::EtcdmuxSql { .. } => "etcdmux on SQL",
         }
     }
+
+    /// The kind named `short` on the command line (`direct`, `grpc-proxy`, `etcdmux`,
+    /// `sql`), with etcdmux's binary and config.
+    pub fn parse(short: &str, bin: &Path, config: &Path) -> Result<FrontKind, Error> {
+        let (bin, config) = (bin.to_path_buf(), config.to_path_buf());
+        Ok(match short {
+            "direct" => FrontKind::Direct,
+            "grpc-proxy" => FrontKind::GrpcProxy,
+            "etcdmux" => FrontKind::Etcdmux { bin, config },
+            "sql" => FrontKind::EtcdmuxSql { bin, config },
+            other => return Err(format!("unknown target {other:?}: direct, grpc-proxy, etcdmux or sql").into()),
+        })
+    }
 }
+
+/// PostgreSQL for the SQL target. The test kit's server skips fsync; a benchmark
+/// beside an etcd that syncs every commit syncs too. 128 MB is PostgreSQL's default
+/// shared buffers (the kit's is 32 MB).
+pub const PG_SETTINGS: &[&str] = &["fsync=on", "full_page_writes=on", "shared_buffers=128MB"];
 
 /// A proxy in front of an etcd (none for `Direct`).
 pub struct Front {
@@ -74,6 +96,78 @@ pub struct Front {
     pub url: String,
     /// etcdmux's `/metrics` (`None` for the other kinds).
     pub metrics_url: Option<String>,
+    /// The SQL target's database (dropped after the proxy: fields drop in order).
+    pub pg: Option<Postgres>,
+}
+
+impl Front {
+    /// Where this front keeps its keys: PostgreSQL's processes for the SQL target,
+    /// else `etcd`.
+    pub fn store(&self, etcd: &Etcd) -> Store {
+        match &self.pg {
+            Some(pg) => Store::Postgres(pg.pid()),
+            None => Store::Etcd(etcd.pid()),
+        }
+    }
+}
+
+/// The processes that store the keys, for their CPU and memory.
+#[derive(Debug, Clone, Copy)]
+pub enum Store {
+    Etcd(u32),
+    /// The postmaster; its children are the backends and helpers.
+    Postgres(u32),
+}
+
+impl Store {
+    /// CPU time used so far: etcd's; or every PostgreSQL process's plus what the
+    /// postmaster's exited children used (connections come and go).
+    pub fn cpu(self) -> Duration {
+        match self {
+            Store::Etcd(pid) => cpu_time(pid),
+            Store::Postgres(pid) => {
+                let reaped = stat_fields(pid).map_or(0, |f| field(&f, 13) + field(&f, 14));
+                children(pid).into_iter().chain([pid]).map(cpu_time).sum::<Duration>()
+                    + Duration::from_millis(reaped * 10)
+            }
+        }
+    }
+
+    /// Memory in KiB: etcd's RSS; PostgreSQL's processes' proportional set size
+    /// (`Pss`), so the shared buffers every backend maps count once.
+    pub fn mem_kib(self) -> u64 {
+        match self {
+            Store::Etcd(pid) => rss_kib(pid),
+            Store::Postgres(pid) => children(pid).into_iter().chain([pid]).map(pss_kib).sum(),
+        }
+    }
+}
+
+/// `/proc/<pid>/stat`'s fields after the command name (field 3, the state, first).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn field(f: &[String], i: usize) -> u64 {
+    f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The processes whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| stat_fields(child).is_some_and(|f| field(&f, 1) == u64::from(pid)))
+        .collect()
+}
+
+/// A process's proportional set size in KiB (`/proc/<pid>/smaps_rollup`); 0 if unreadable.
+pub fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
 }
 
 /// The sum of a Prometheus metric's samples (all label sets) at `url`'s `/metrics`;
@@ -208,8 +302,11 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut metrics_url = None;
+    let mut pg = None;
     let child = match kind {
-        FrontKind::Direct => return Ok(Front { proc: None, url: etcd.client_url.clone(), metrics_url: None }),
+        FrontKind::Direct => {
+            return Ok(Front { proc: None, url: etcd.client_url.clone(), metrics_url: None, pg: None })
+        }
         FrontKind::GrpcProxy => Command::new("etcd")
             .args([
                 "grpc-proxy",
@@ -223,7 +320,7 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting etcd grpc-proxy: {e}"))?,
-        FrontKind::Etcdmux { bin, config } => {
+        FrontKind::Etcdmux { bin, config } | FrontKind::EtcdmuxSql { bin, config } => {
             // The config as shipped, with this run's addresses.
             let base = std::fs::read_to_string(config)
                 .map_err(|e| format!("reading {} (run from the repository root): {e}", config.display()))?;
@@ -231,23 +328,44 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
             std::fs::write(&config, format!("{base}\n{extra_toml}\n"))?;
             let metrics = format!("127.0.0.1:{}", free_port());
             metrics_url = Some(format!("http://{metrics}"));
-            Command::new(bin)
-                .arg("--config")
+            let mut cmd = Command::new(bin);
+            cmd.arg("--config")
                 .arg(&config)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &etcd.client_url])
-                .args(["--metrics-listen", &metrics])
-                .env("RUST_LOG", "warn")
+                .args(["--metrics-listen", &metrics]);
+            if matches!(kind, FrontKind::EtcdmuxSql { .. }) {
+                let db = start_postgres(bin).await?;
+                cmd.args(["--backend", "sql", "--backend-dsn", &db.dsn]);
+                pg = Some(db);
+            }
+            cmd.env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(|e| format!("starting {} (make build first): {e}", bin.display()))?
         }
     };
-    let front = Front { proc: Some(Proc(child)), url, metrics_url };
+    let front = Front { proc: Some(Proc(child)), url, metrics_url, pg };
     if !wait_port(port).await {
         return Err(format!("{} did not accept connections", kind.name()).into());
     }
     Ok(front)
+}
+
+/// A fresh PostgreSQL ([`PG_SETTINGS`]) with etcdmux's schema, made by `bin backend init`.
+pub async fn start_postgres(bin: &Path) -> Result<Postgres, Error> {
+    let start = tokio::task::spawn_blocking(|| Postgres::try_start_with(PG_SETTINGS));
+    let pg = start.await?.map_err(|e| format!("starting PostgreSQL: {e}"))?;
+    let out = tokio::process::Command::new(bin)
+        .args(["backend", "init", "--backend-dsn", &pg.dsn])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("running {} backend init: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(format!("etcdmux backend init failed: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
+    }
+    Ok(pg)
 }
 
 /// A progress bar on stderr.
@@ -360,6 +478,32 @@ mod tests {
         assert_eq!(labeled(text, "grpc_server_handled_total", &[]), 112.0);
         assert_eq!(labeled(text, "etcd_mvcc_range_total", &[]), 11.0);
         assert_eq!(labeled(text, "etcd_mvcc_range", &[]), 0.0, "a prefix of a name is not the name");
+    }
+
+    #[test]
+    fn a_postgres_store_is_every_process_of_the_server() {
+        let pg = Postgres::try_start_with(PG_SETTINGS).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pg.psql("SHOW fsync").trim(), "on", "the benchmark's settings override the kit's");
+        let store = Store::Postgres(pg.pid());
+        assert!(!children(pg.pid()).is_empty(), "the server's helpers (checkpointer, WAL writer) are its children");
+        // The work is done by a backend that exits with psql: only the postmaster's
+        // reaped-children time keeps it.
+        let before = store.cpu();
+        pg.psql("SELECT count(*) FROM generate_series(1, 5000000)");
+        let spent = store.cpu().saturating_sub(before);
+        assert!(spent >= Duration::from_millis(100), "a query's CPU went uncounted: {spent:?}");
+        assert!(cpu_time(pg.pid()) < spent, "the postmaster alone did not do the work");
+        let rss: u64 = children(pg.pid()).into_iter().chain([pg.pid()]).map(rss_kib).sum();
+        let pss = store.mem_kib();
+        assert!(pss > 0 && pss <= rss, "PSS {pss} KiB against RSS {rss} KiB");
+    }
+
+    #[test]
+    fn targets_are_parsed_by_their_short_names() {
+        let (bin, cfg) = (Path::new("etcdmux"), Path::new(MILO_CONFIG));
+        assert!(matches!(FrontKind::parse("sql", bin, cfg), Ok(FrontKind::EtcdmuxSql { .. })));
+        assert!(matches!(FrontKind::parse("etcdmux", bin, cfg), Ok(FrontKind::Etcdmux { .. })));
+        assert!(FrontKind::parse("postgres", bin, cfg).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! throughput: requests per second with a fixed number of clients, each sending its
 //! next request as soon as the last is answered, against etcd direct, etcd's
-//! `grpc-proxy` and etcdmux in one run; and what each proxy spends per request.
+//! `grpc-proxy`, etcdmux and etcdmux on the SQL backend (PostgreSQL) in one run; and
+//! what each proxy and each store spends per request.
 //!
 //! Workloads: `range` (a linearizable GET of one key, as the apiserver reads without
 //! its watch cache), `put` (one key, a value of `--value-bytes`), `txn` (the
@@ -12,9 +13,10 @@
 //!
 //! Every (clients, workload, target) cell runs on a fresh etcd with a fresh proxy:
 //! the keys are written through the target, then `--warmup-secs` unmeasured and
-//! `--duration-secs` measured. Requests answered after the measured window are not
-//! counted. CPU is read from `/proc/<pid>/stat` of etcd, the proxy and this process
-//! at the window's start and end. With `--rounds` > 1 every cell runs again, the
+//! `--duration-secs` measured (the SQL target on a fresh PostgreSQL instead). Requests
+//! answered after the measured window are not counted. CPU is read from
+//! `/proc/<pid>/stat` of the store (etcd, or every PostgreSQL process), the proxy and
+//! this process at the window's start and end; memory at the window's end. With `--rounds` > 1 every cell runs again, the
 //! targets' order rotated each round, and the report shows the median round.
 
 #[path = "throughput/load.rs"]
@@ -34,8 +36,8 @@ use etcdmux::pb::etcdserverpb::{
     WatchCreateRequest, WatchRequest,
 };
 use etcdmux_loadtest::{
-    b, chain, cpu_time, labeled, loadavg, prefix_end, scrape, start_etcd, start_front, value, write_report, Error,
-    FrontKind, MILO_CONFIG,
+    b, chain, cpu_time, labeled, loadavg, prefix_end, rss_kib, scrape, start_etcd, start_front, value, write_report,
+    Error, FrontKind, MILO_CONFIG,
 };
 use load::{key, put_req, run_clients, Ctx, Tally};
 use tokio::sync::mpsc;
@@ -58,6 +60,9 @@ pub enum Target {
     Etcdmux,
     /// Another etcdmux binary (`--baseline`), e.g. a build before a change.
     Baseline,
+    /// etcdmux on the SQL backend, on a PostgreSQL of its own.
+    #[value(name = "sql")]
+    EtcdmuxSql,
 }
 
 impl Target {
@@ -67,6 +72,7 @@ impl Target {
             Target::GrpcProxy => "etcd grpc-proxy",
             Target::Etcdmux => "etcdmux",
             Target::Baseline => "etcdmux baseline",
+            Target::EtcdmuxSql => "etcdmux on SQL",
         }
     }
 }
@@ -82,7 +88,7 @@ pub enum Op {
 pub const OPS: [Op; 3] = [Op::Range, Op::Put, Op::Txn];
 
 #[derive(Parser, Debug)]
-#[command(about = "Throughput with fixed clients: etcd direct vs etcd grpc-proxy vs etcdmux")]
+#[command(about = "Throughput with fixed clients: etcd direct vs etcd grpc-proxy vs etcdmux (on etcd and on SQL)")]
 pub struct Args {
     #[arg(long, default_value = "target/release/etcdmux")]
     pub etcdmux: PathBuf,
@@ -102,8 +108,9 @@ pub struct Args {
     /// Workloads, comma-separated: range, put, txn, mixed.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "range,put,txn,mixed")]
     pub workloads: Vec<Workload>,
-    /// Targets, comma-separated: direct, grpc-proxy, etcdmux, baseline.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux")]
+    /// Targets, comma-separated: direct, grpc-proxy, etcdmux, sql (etcdmux on
+    /// PostgreSQL), baseline.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux,sql")]
     pub targets: Vec<Target>,
     /// Requests per second offered, all clients together (each client paced, a late
     /// one skips its missed turns); 0: as fast as they go. At a fixed rate every
@@ -179,8 +186,12 @@ pub struct Row {
 pub struct Measured {
     pub t: Tally,
     pub secs: f64,
-    /// CPU seconds over the window: etcd, the proxy (none for direct), this process.
+    /// CPU seconds over the window: the store (etcd, or PostgreSQL's processes), the
+    /// proxy (none for direct), this process.
     pub cpu: [f64; 3],
+    /// MiB at the window's end: the store (etcd's RSS, or PostgreSQL's processes'
+    /// PSS), the proxy's RSS.
+    pub mem: [f64; 2],
     /// etcd's counters over the window: unary calls answered, keys put, ranges
     /// executed, watch events sent (see [`ETCD_COUNTERS`]).
     pub etcd: [f64; 4],
@@ -194,7 +205,7 @@ impl Measured {
         self.t.ops() as f64 / self.secs.max(1e-9)
     }
 
-    /// CPU milliseconds per 1,000 requests of process `i` (0 etcd, 1 proxy, 2 load generator).
+    /// CPU milliseconds per 1,000 requests of process `i` (0 store, 1 proxy, 2 load generator).
     pub fn cpu_per_kop(&self, i: usize) -> f64 {
         self.cpu[i] * 1e6 / self.t.ops().max(1) as f64
     }
@@ -287,6 +298,7 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         Target::Direct => FrontKind::Direct,
         Target::GrpcProxy => FrontKind::GrpcProxy,
         Target::Etcdmux => FrontKind::Etcdmux { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() },
+        Target::EtcdmuxSql => FrontKind::EtcdmuxSql { bin: args.etcdmux.clone(), config: args.etcdmux_config.clone() },
         Target::Baseline => {
             let bin = args.baseline.clone().ok_or("the baseline target needs --baseline <etcdmux binary>")?;
             FrontKind::Etcdmux { bin, config: args.etcdmux_config.clone() }
@@ -333,7 +345,8 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
     // Warm-up: connections, the proxy's caches, etcd's pages; its failures count.
     let warm = run_clients(ctx(Instant::now() + Duration::from_secs(args.warmup_secs)), 1).await;
     let front_pid = front.proc.as_ref().map(|p| p.pid());
-    let cpu = || [cpu_time(etcd.pid()), front_pid.map_or(Duration::ZERO, cpu_time), cpu_time(std::process::id())];
+    let store = front.store(&etcd);
+    let cpu = || [store.cpu(), front_pid.map_or(Duration::ZERO, cpu_time), cpu_time(std::process::id())];
     let e0 = etcd_counters(&etcd.metrics_url).await;
     let load0 = loadavg();
     let (t0, c0, ev0) = (Instant::now(), cpu(), events.load(Ordering::Relaxed));
@@ -345,6 +358,7 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
     let load = tokio::spawn(run_clients(ctx(stop), 2));
     tokio::time::sleep_until(stop.into()).await;
     let (c1, ev1) = (cpu(), events.load(Ordering::Relaxed));
+    let mem = [store.mem_kib() as f64 / 1024.0, front_pid.map_or(0, rss_kib) as f64 / 1024.0];
     drop(watch);
     if let Some(p) = perf {
         let out = format!("loadtest/results/{}-{clients}c-{}", args.name, format!("{workload:?}").to_lowercase());
@@ -362,6 +376,7 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         secs: (stop - t0).as_secs_f64(),
         cpu: std::array::from_fn(|i| c1[i].saturating_sub(c0[i]).as_secs_f64()),
         etcd: std::array::from_fn(|i| e1[i] - e0[i]),
+        mem,
         events: ev1 - ev0,
         loadavg: load0.max(loadavg()),
     })

@@ -24,7 +24,8 @@
 //!
 //! * [`Postgres`]: a PostgreSQL server owned by a test (`initdb` in a temp dir, a
 //!   free port; run as `nobody` when the tests run as root), killed and restarted
-//!   in place, its client connections dropped; killed on drop.
+//!   in place, its client connections dropped; killed on drop. No fsync by default;
+//!   [`Postgres::try_start_with`] overrides settings (the benchmarks turn it on).
 //!
 //! * [`Relay`]: a TCP relay in front of an address, for an upstream that goes away:
 //!   [`Relay::cut`] drops every connection, [`Relay::pause`] / [`Relay::resume`]

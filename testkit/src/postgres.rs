@@ -27,6 +27,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     child: Child,
     running: bool,
+    /// Extra `-c` settings, kept for restarts.
+    settings: Vec<String>,
 }
 
 /// The directory of `initdb` and `postgres`.
@@ -61,6 +63,14 @@ impl Postgres {
     }
 
     pub fn try_start() -> Result<Postgres, String> {
+        Postgres::try_start_with(&[])
+    }
+
+    /// Like [`Postgres::try_start`], with server settings (`name=value`, passed as
+    /// `-c`) after the test defaults, so they override them: a benchmark turns
+    /// `fsync` back on to compare with an etcd that syncs its writes.
+    pub fn try_start_with(settings: &[&str]) -> Result<Postgres, String> {
+        let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
         let bin = postgres_bin().ok_or_else(|| format!("PostgreSQL not found in {BIN_DIRS:?}: {HINT}"))?;
         let mut dir = tempfile::Builder::new().prefix("etcdmux-pg").tempdir().map_err(|e| format!("temp dir: {e}"))?;
         if is_root() {
@@ -85,7 +95,7 @@ impl Postgres {
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let child = spawn(&bin, dir.path(), port)?;
+            let child = spawn(&bin, dir.path(), port, &settings)?;
             let mut pg = Postgres {
                 dsn: format!("host=127.0.0.1 port={port} user=etcdmux dbname=postgres"),
                 port,
@@ -93,6 +103,7 @@ impl Postgres {
                 dir,
                 child,
                 running: true,
+                settings: settings.clone(),
             };
             match pg.wait_ready() {
                 Ok(()) => return Ok(pg),
@@ -104,6 +115,11 @@ impl Postgres {
             }
         }
         Err(format!("PostgreSQL did not start: {last}"))
+    }
+
+    /// The server's (postmaster's) process ID; its backends are its children.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The server's log so far.
@@ -149,7 +165,7 @@ impl Postgres {
         }
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            self.child = spawn(&self.bin, self.dir.path(), self.port).unwrap_or_else(|e| panic!("{e}"));
+            self.child = spawn(&self.bin, self.dir.path(), self.port, &self.settings).unwrap_or_else(|e| panic!("{e}"));
             self.running = true;
             match self.wait_ready() {
                 Ok(()) => return,
@@ -226,8 +242,9 @@ impl Postgres {
     }
 }
 
-/// The server on `port` with its data and socket in `dir`, logging to `dir/postgres.log`.
-fn spawn(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
+/// The server on `port` with its data and socket in `dir`, logging to `dir/postgres.log`;
+/// `settings` (`name=value`) after the defaults.
+fn spawn(bin: &Path, dir: &Path, port: u16, settings: &[String]) -> Result<Child, String> {
     let log = File::create(dir.join("postgres.log")).map_err(|e| format!("log file: {e}"))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     command(&bin.join("postgres"))
@@ -240,6 +257,8 @@ fn spawn(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
         // it off, a kill loses the last commits and revisions are handed out again).
         .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
         .args(["-c", "shared_buffers=32MB", "-c", "max_connections=200"])
+        // The last of a setting given twice wins.
+        .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)

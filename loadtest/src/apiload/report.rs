@@ -9,7 +9,9 @@ use etcdmux_loadtest::plot::{self, Chart, Series};
 use etcdmux_loadtest::{ms, percentile, Error};
 use plotters::style::RGBColor;
 
-use super::{Model, Outcome};
+use etcdmux_loadtest::machine;
+
+use super::{Args, Model, Outcome};
 
 pub fn table_row(o: &Outcome) -> String {
     let status = match (o.degraded.is_empty(), o.not_run()) {
@@ -17,11 +19,16 @@ pub fn table_row(o: &Outcome) -> String {
         (false, true) => o.degraded.join("; "),
         (false, false) => format!("**degraded**: {}", o.degraded.join("; ")),
     };
-    let mem = format!("{:.0} | {:.0} | {:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+    let mem = format!("{:.0} | {:.0} | {:.0}", o.store_mib, o.front_mib, o.loadgen_mib);
+    // etcdmux on SQL leaves the (idle) etcd of its point alone.
+    let etcd = match &o.result {
+        Ok(r) if o.target != "etcdmux on SQL" => format!("{} / {} / {}", r.etcd_watchers, r.etcd_streams, r.etcd_conns),
+        _ => "–".to_string(),
+    };
     match &o.result {
-        Err(_) => format!("| {} | {status} | | | | | | | | | | {mem} | | |", o.target),
+        Err(_) => format!("| {} | {status} | | | | | | | | | | {mem} | | | |", o.target),
         Ok(r) => format!(
-            "| {} | {status} | {:.1?} | {} | {}/{}/{} ({:.0}/s) | {}/{} | {}/{} | {} / {} | {} / {} / {} | {} | {mem} | {:.0} | {:.0} |",
+            "| {} | {status} | {:.1?} | {} | {}/{}/{} ({:.0}/s) | {}/{} | {}/{} | {} / {} | {etcd} | {} | {mem} | {:.0} | {:.0} | {:.0} |",
             o.target,
             r.setup,
             ms(percentile(&r.list, 0.99)),
@@ -35,11 +42,9 @@ pub fn table_row(o: &Outcome) -> String {
             r.expected,
             r.conns,
             r.streams,
-            r.etcd_watchers,
-            r.etcd_streams,
-            r.etcd_conns,
             r.progress_replies,
             r.front_cpu,
+            r.store_cpu,
             r.loadgen_cpu,
         ),
     }
@@ -85,6 +90,7 @@ fn color(target: &str) -> RGBColor {
     match target {
         "etcd direct" => RGBColor(200, 40, 40),
         "etcd grpc-proxy" => RGBColor(40, 80, 200),
+        "etcdmux on SQL" => RGBColor(150, 60, 170),
         _ => RGBColor(20, 150, 60),
     }
 }
@@ -106,9 +112,9 @@ pub fn plots(
 ) -> Result<Vec<(String, PathBuf)>, Error> {
     type Value = fn(&Outcome) -> Option<f64>;
     let charts: [(&str, &str, &str, Value); 4] = [
-        ("rss", "Memory: etcd + proxy peak RSS", "MiB", |o| Some(o.etcd_mib + o.front_mib)),
+        ("rss", "Memory: store (etcd or PostgreSQL) + proxy peak", "MiB", |o| Some(o.store_mib + o.front_mib)),
         ("watchers", "Watchers in etcd", "etcd_debugging_mvcc_watcher_total", |o| {
-            o.result.as_ref().ok().map(|r| r.etcd_watchers)
+            o.result.as_ref().ok().filter(|_| o.target != "etcdmux on SQL").map(|r| r.etcd_watchers)
         }),
         ("write-p99", "Write (optimistic txn) p99", "ms", |o| {
             o.result.as_ref().ok().map(|r| percentile(&r.write, 0.99).as_secs_f64() * 1000.0)
@@ -144,18 +150,18 @@ pub fn plots(
 }
 
 pub fn csv(outcomes: &[Outcome]) -> String {
-    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,client_conns,client_streams,etcd_watchers,etcd_watch_streams,etcd_conns,etcd_peak_rss_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct\n");
+    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,client_conns,client_streams,etcd_watchers,etcd_watch_streams,etcd_conns,store_peak_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct,store_cpu_pct\n");
     for o in outcomes {
         let status = if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ").replace(',', " ") };
         let head = format!("{:?},{},{},{status}", o.model, o.projects, o.target);
-        let mem = format!("{:.0},{:.0},{:.0}", o.etcd_mib, o.front_mib, o.loadgen_mib);
+        let mem = format!("{:.0},{:.0},{:.0}", o.store_mib, o.front_mib, o.loadgen_mib);
         let _ = match &o.result {
-            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,,,{mem},,"),
+            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,,,{mem},,,"),
             Ok(r) => {
                 let p = |v: &[Duration], q| percentile(v, q).as_secs_f64() * 1000.0;
                 writeln!(
                     s,
-                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{mem},{:.0},{:.0}",
+                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{mem},{:.0},{:.0},{:.0}",
                     r.setup.as_secs_f64(),
                     p(&r.list, 0.99),
                     p(&r.write, 0.5),
@@ -173,10 +179,69 @@ pub fn csv(outcomes: &[Outcome]) -> String {
                     r.etcd_streams,
                     r.etcd_conns,
                     r.front_cpu,
-                    r.loadgen_cpu
+                    r.loadgen_cpu,
+                    r.store_cpu
                 )
             }
         };
     }
     s
+}
+
+/// The whole markdown report: the setup, where each target degrades, the plots and a
+/// table per (model, scale point).
+pub fn markdown(
+    args: &Args,
+    outcomes: &[Outcome],
+    target_names: &[&'static str],
+    fd_limit: u64,
+) -> Result<String, std::fmt::Error> {
+    let mut report = String::new();
+    writeln!(report, "# Apiserver-shaped load: {}\n", target_names.join(" vs "))?;
+    writeln!(report, "Machine: {}. Open-file limit {fd_limit}. The load generator runs on the same cores (its CPU and RSS are in the tables).\n", machine())?;
+    writeln!(
+        report,
+        "Per project: {} resources × {} objects; one paged list + one watch (prev_kv, progress_notify) per (project, resource); {} optimistic txn writes/s for {} s, leases on the first resource, progress requests on a tenth of the streams every 200 writes, the compactor half way. Each target runs on a fresh etcd (etcdmux on SQL: on a fresh PostgreSQL, {}, its schema made by `etcdmux backend init`). A target **degrades** at a point when its write or delivery p99 exceeds {} ms, a request fails, an event is lost or duplicated, or the machine runs out of memory (less than {} MiB available).\n",
+        args.resources,
+        args.objects,
+        args.write_rate,
+        args.duration_secs,
+        etcdmux_loadtest::PG_SETTINGS.join(", "),
+        args.p99_bound_ms,
+        args.min_available_mib
+    )?;
+    writeln!(report, "## Where each target degrades\n\n{}", ceilings(outcomes, &args.models, target_names))?;
+    match plots(&args.name, outcomes, &args.models, target_names) {
+        Ok(paths) => {
+            writeln!(report, "## Plots\n\nOne colour per target, lighter for each model after the first; dashed: the models with one connection per project or per pool member ({}).\n", args.models.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "))?;
+            for (title, path) in paths.iter().filter(|(_, p)| p.extension().is_some_and(|e| e == "svg")) {
+                let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                writeln!(report, "![{title}]({file})")?;
+            }
+            writeln!(report)?;
+        }
+        Err(e) => {
+            eprintln!("apiload: plots not written: {e}");
+            writeln!(report, "Plots were not written: {e}\n")?;
+        }
+    }
+    writeln!(report, "Columns: write p50/p99/p999 with the achieved write rate; client connections / watch streams the load generator opened; etcd watchers / watch streams / client connections as etcd counts them at the end of the load; peak memory of the store (etcd's RSS; for etcdmux on SQL the PSS of PostgreSQL's processes, so shared buffers count once), peak RSS of the proxy and of the load generator; proxy CPU (etcd's for the direct target), store CPU (etcd's, or every PostgreSQL process's) and load generator CPU during the write load, in % of one core. etcdmux on SQL uses no etcd (–).\n")?;
+    for &model in &args.models {
+        for &projects in &args.projects {
+            writeln!(report, "## {projects} projects ({} watches), {}\n", projects * args.resources, model.name())?;
+            writeln!(report, "| target | status | setup | list p99 ms | write p50/p99/p999 ms | delivery p50/p99 ms | events delivered | client conns / streams | etcd watchers / streams / conns | progress replies | store MiB | proxy MiB | loadgen MiB | proxy CPU % | store CPU % | loadgen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            let point: Vec<&Outcome> = outcomes.iter().filter(|o| o.model == model && o.projects == projects).collect();
+            for o in &point {
+                writeln!(report, "{}", table_row(o))?;
+            }
+            writeln!(report, "\nSlowest writes (start time into the write load):\n")?;
+            for o in &point {
+                if let Ok(r) = &o.result {
+                    writeln!(report, "- {}: {}", o.target, r.slowest)?;
+                }
+            }
+            writeln!(report)?;
+        }
+    }
+    Ok(report)
 }

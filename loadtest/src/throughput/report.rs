@@ -28,7 +28,8 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
     let mut r = String::new();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let keys = args.projects * args.resources * args.objects;
-    writeln!(r, "# Throughput with fixed clients: etcd direct vs etcd grpc-proxy vs etcdmux\n")?;
+    let names: Vec<&str> = args.targets.iter().map(|t| t.name()).collect();
+    writeln!(r, "# Throughput with fixed clients: {}\n", names.join(" vs "))?;
     writeln!(
         r,
         "Machine: {}.\n\nCommit: {}. Command: `{command}`\n",
@@ -46,7 +47,10 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
     } else {
         writeln!(r, "**Without client watches**: etcdmux still keeps its own upstream watch (with prev_kv) for its watch hub, so each write through it costs etcd one watch event and one prev_kv read that the other targets do not pay here; run with `--watch` for the apiserver's case, where every target carries the watches.\n")?;
     }
-    writeln!(r, "CPU per 1,000 requests: CPU time (user + system, `/proc/<pid>/stat`) over the measured window divided by the requests answered in it, in milliseconds. etcd, the proxy and the load generator share the machine's cores, and other work on the machine shows in the load average column (the highest one-minute load average seen at the window's start or end).\n")?;
+    writeln!(r, "CPU per 1,000 requests: CPU time (user + system, `/proc/<pid>/stat`) over the measured window divided by the requests answered in it, in milliseconds. The store is etcd, or for etcdmux on SQL every PostgreSQL process (the server and its backends, plus what exited backends used). The store, the proxy and the load generator share the machine's cores, and other work on the machine shows in the load average column (the highest one-minute load average seen at the window's start or end). Memory at the window's end: etcd's and the proxy's RSS; PostgreSQL's as the sum of its processes' PSS, so its shared buffers count once.\n")?;
+    if args.targets.contains(&Target::EtcdmuxSql) {
+        writeln!(r, "**etcdmux on SQL** is the same etcdmux binary and config with `--backend sql`, on a fresh PostgreSQL per cell ({}; `{}`) whose schema `etcdmux backend init` made, on the same machine. etcd's counters do not apply to it (–).\n", postgres_version(), etcdmux_loadtest::PG_SETTINGS.join(" "))?;
+    }
     if let Some(b) = &args.baseline {
         writeln!(
             r,
@@ -65,14 +69,17 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
     if args.baseline.is_some() {
         writeln!(r, "## etcdmux against the baseline\n\n{}", against_baseline(args, rows))?;
     }
+    if args.targets.contains(&Target::EtcdmuxSql) && args.targets.contains(&Target::Etcdmux) {
+        writeln!(r, "## etcdmux on SQL against etcdmux on etcd\n\n{}", sql_against_etcd(args, rows))?;
+    }
     for &clients in &args.clients {
         writeln!(r, "## {clients} clients\n")?;
-        writeln!(r, "| workload | target | requests/s | spread over rounds | × direct | p50 / p99 ms | p99 range / put / txn ms | proxy CPU ms per 1,000 | etcd CPU ms per 1,000 | load generator CPU ms per 1,000 | etcd calls / puts / ranges / watch events per request | events received per request | errors | txn conflicts | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(r, "| workload | target | requests/s | spread over rounds | × direct | p50 / p99 ms | p99 range / put / txn ms | proxy CPU ms per 1,000 | store CPU ms per 1,000 | load generator CPU ms per 1,000 | store MiB | proxy MiB | etcd calls / puts / ranges / watch events per request | events received per request | errors | txn conflicts | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for &workload in &args.workloads {
             let direct = median(rows, clients, workload, Target::Direct).map(|(m, _, _)| m.ops_per_sec());
             for &target in &args.targets {
                 let Some((m, lo, hi)) = median(rows, clients, workload, target) else {
-                    writeln!(r, "| {workload:?} | {} | failed | | | | | | | | | | | | |", target.name())?;
+                    writeln!(r, "| {workload:?} | {} | failed | | | | | | | | | | | | | | |", target.name())?;
                     continue;
                 };
                 let all = m.t.all();
@@ -95,9 +102,11 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
                 };
                 let proxy =
                     if target == Target::Direct { "–".to_string() } else { format!("{:.1}", m.cpu_per_kop(1)) };
+                let proxy_mib = if target == Target::Direct { "–".to_string() } else { format!("{:.0}", m.mem[1]) };
+                let etcd_work = if target == Target::EtcdmuxSql { "–".to_string() } else { per_op(m) };
                 writeln!(
                     r,
-                    "| {workload:?} | {} | {:.0} | {lo:.0}–{hi:.0} | {ratio} | {} / {} | {} | {proxy} | {:.1} | {:.1} | {} | {received} | {} | {} | {:.1} |",
+                    "| {workload:?} | {} | {:.0} | {lo:.0}–{hi:.0} | {ratio} | {} / {} | {} | {proxy} | {:.1} | {:.1} | {:.0} | {proxy_mib} | {etcd_work} | {received} | {} | {} | {:.1} |",
                     target.name(),
                     m.ops_per_sec(),
                     ms(percentile(&all, 0.5)),
@@ -105,7 +114,7 @@ pub fn report(args: &Args, rows: &[Row], commit: &str) -> Result<String, std::fm
                     by_op.join(" / "),
                     m.cpu_per_kop(0),
                     m.cpu_per_kop(2),
-                    per_op(m),
+                    m.mem[0],
                     m.t.errors,
                     m.t.conflicts,
                     m.loadavg
@@ -143,6 +152,51 @@ fn pacing(args: &Args) -> String {
 fn per_op(m: &Measured) -> String {
     let n = m.t.ops().max(1) as f64;
     m.etcd.iter().map(|v| format!("{:.2}", v / n)).collect::<Vec<_>>().join(" / ")
+}
+
+/// `psql --version`, for the report (the server is the same install).
+fn postgres_version() -> String {
+    std::process::Command::new("psql")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "PostgreSQL".to_string())
+}
+
+/// etcdmux on SQL beside etcdmux on etcd, per (clients, workload): rate, latency, CPU
+/// of the proxy and of the store per request, the store's memory.
+fn sql_against_etcd(args: &Args, rows: &[Row]) -> String {
+    let mut s = String::from("| clients | workload | requests/s: SQL / etcd | p50 ms: SQL / etcd | p99 ms: SQL / etcd | proxy CPU ms per 1,000: SQL / etcd | store CPU ms per 1,000: PostgreSQL / etcd | store MiB: PostgreSQL / etcd |\n|---|---|---|---|---|---|---|---|\n");
+    for &clients in &args.clients {
+        for &workload in &args.workloads {
+            let (Some((q, ..)), Some((e, ..))) =
+                (median(rows, clients, workload, Target::EtcdmuxSql), median(rows, clients, workload, Target::Etcdmux))
+            else {
+                continue;
+            };
+            let (qa, ea) = (q.t.all(), e.t.all());
+            let _ = writeln!(
+                s,
+                "| {clients} | {workload:?} | {:.0} / {:.0} ({:.2}×) | {} / {} | {} / {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} / {:.0} |",
+                q.ops_per_sec(),
+                e.ops_per_sec(),
+                q.ops_per_sec() / e.ops_per_sec().max(1e-9),
+                ms(percentile(&qa, 0.5)),
+                ms(percentile(&ea, 0.5)),
+                ms(percentile(&qa, 0.99)),
+                ms(percentile(&ea, 0.99)),
+                q.cpu_per_kop(1),
+                e.cpu_per_kop(1),
+                q.cpu_per_kop(0),
+                e.cpu_per_kop(0),
+                q.mem[0],
+                e.mem[0],
+            );
+        }
+    }
+    s
 }
 
 /// Requests per second and CPU per request of etcdmux against the baseline build.
