@@ -82,11 +82,11 @@ impl Fanout {
 
     pub(super) fn insert(&mut self, w: Arc<Watcher>) {
         self.count += 1;
-        let Some(root) = &w.root else {
+        let Some(root) = w.root() else {
             self.wide.entry(w.tenant.clone()).or_default().push(w);
             return;
         };
-        let d = self.digest(&w.tenant, root);
+        let d = self.digest(&w.tenant, &root);
         match self.by_root.get_mut(&d) {
             None => {
                 self.by_root.insert(d, Slot::One(w));
@@ -103,7 +103,7 @@ impl Fanout {
 
     /// Removes `w`; true if it was there.
     pub(super) fn remove(&mut self, w: &Arc<Watcher>) -> bool {
-        let removed = match &w.root {
+        let removed = match w.root() {
             None => {
                 let Some(list) = self.wide.get_mut(&w.tenant) else { return false };
                 let before = list.len();
@@ -115,7 +115,7 @@ impl Fanout {
                 removed
             }
             Some(root) => {
-                let d = self.digest(&w.tenant, root);
+                let d = self.digest(&w.tenant, &root);
                 let Some(slot) = self.by_root.get_mut(&d) else { return false };
                 match slot {
                     Slot::One(x) if Arc::ptr_eq(x, w) => {
