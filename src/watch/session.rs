@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -43,16 +43,7 @@ pub fn start(
     let (sink, rx) = StreamSink::new(cfg.stream_buffer, cfg.stream_control_reserve, require_leader, hub.queued_gauge());
     let stop = hub.stop_token().cancelled_owned();
     metrics::gauge!(names::WATCH_STREAMS).increment(1.0);
-    let state = StreamState {
-        proxy,
-        scope,
-        hub,
-        waker: sink.reader_waker(),
-        sink,
-        watchers: HashMap::new(),
-        passthrough: HashMap::new(),
-        next_id: 0,
-    };
+    let state = StreamState { proxy, scope, hub, sink, watches: HashMap::new(), next_id: 0 };
     let requests = Requests { state, inbound: Some(inbound), creating: None, blocked: false, call: call::current() };
     ResponseStream { rx, requests, last_rev: 0, done: false, stop }
 }
@@ -144,7 +135,7 @@ impl Requests {
     }
 
     fn poll_in_call(&mut self) {
-        let waker = self.state.waker.clone();
+        let waker = self.state.sink.reader_waker();
         let mut cx = Context::from_waker(&waker);
         loop {
             if let Some(c) = self.creating.as_mut() {
@@ -197,17 +188,33 @@ impl Requests {
     }
 }
 
+/// One watch of a stream.
+enum Watch {
+    /// Served by the hub.
+    Hub(Arc<Watcher>),
+    /// Of global or passthrough keys: relayed from its own upstream watch.
+    Relayed(tokio::task::JoinHandle<()>),
+}
+
+impl Watch {
+    /// Ended without the client asking (the hub cancelled it: slow, compacted, no
+    /// leader; or its relay ended): gone for good.
+    fn is_over(&self) -> bool {
+        match self {
+            Watch::Hub(w) => w.is_canceled(),
+            Watch::Relayed(t) => t.is_finished(),
+        }
+    }
+}
+
 /// What one client stream keeps.
 struct StreamState {
     proxy: Arc<Proxy>,
     scope: Scope,
     hub: Arc<Hub>,
     sink: Arc<StreamSink>,
-    /// The sink's reader waker: wakes the stream's task to read requests.
-    waker: Waker,
-    watchers: HashMap<i64, Arc<Watcher>>,
-    /// Watches of global or passthrough keys, each served by its own upstream watch.
-    passthrough: HashMap<i64, tokio::task::JoinHandle<()>>,
+    /// Its watches by id (one map for both kinds: an empty map costs 48 bytes).
+    watches: HashMap<i64, Watch>,
     next_id: i64,
 }
 
@@ -215,18 +222,16 @@ impl StreamState {
     /// Starts a create: what can be decided at once is answered here; what needs the
     /// hub is returned as a future, finished by [`StreamState::created`].
     fn create(&mut self, c: WatchCreateRequest) -> Option<Creating> {
-        // Watchers the hub cancelled (slow, compacted, no leader) are gone for good.
-        self.watchers.retain(|_, w| !w.is_canceled());
-        self.passthrough.retain(|_, t| !t.is_finished());
+        self.watches.retain(|_, w| !w.is_over());
         let id = if c.watch_id != 0 {
             c.watch_id
         } else {
-            while self.watchers.contains_key(&self.next_id) || self.passthrough.contains_key(&self.next_id) {
+            while self.watches.contains_key(&self.next_id) {
                 self.next_id += 1;
             }
             self.next_id
         };
-        if self.watchers.contains_key(&id) || self.passthrough.contains_key(&id) {
+        if self.watches.contains_key(&id) {
             self.refuse(id, "mvcc: duplicate watch ID provided on the WatchStream".to_string());
             return None;
         }
@@ -234,7 +239,7 @@ impl StreamState {
             self.next_id += 1;
         }
         let max = self.proxy.cfg.limits.max_watchers_per_stream;
-        if self.watchers.len() + self.passthrough.len() >= max {
+        if self.watches.len() >= max {
             metrics::counter!(names::OVERLOAD_REJECTIONS, "scope" => "watchers_per_stream").increment(1);
             self.refuse(id, Error::TooManyWatchers { max }.to_string());
             return None;
@@ -252,7 +257,7 @@ impl StreamState {
                         _ = stop.cancelled() => {}
                     }
                 });
-                self.passthrough.insert(id, task);
+                self.watches.insert(id, Watch::Relayed(task));
                 return None;
             }
             Err(e) => {
@@ -282,7 +287,7 @@ impl StreamState {
         match built {
             Ok(w) => {
                 let w = Arc::new(w);
-                self.watchers.insert(id, w.clone());
+                self.watches.insert(id, Watch::Hub(w.clone()));
                 let created = WatchResponse { watch_id: id, created: true, ..Default::default() };
                 self.hub.add(&self.proxy, w, created);
             }
@@ -303,28 +308,28 @@ impl StreamState {
     }
 
     fn cancel(&mut self, id: i64) {
-        if let Some(task) = self.passthrough.remove(&id) {
-            if !task.is_finished() {
+        // etcd answers nothing for a watch it no longer has.
+        match self.watches.remove(&id) {
+            Some(Watch::Relayed(task)) if !task.is_finished() => {
                 task.abort();
                 self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
             }
-            return;
-        }
-        // etcd answers nothing for a watch it no longer has.
-        if let Some(w) = self.watchers.remove(&id).filter(|w| !w.is_canceled()) {
-            self.hub.remove(&w);
-            self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
-            metrics::counter!(names::WATCH_CANCELLED).increment(1);
+            Some(Watch::Hub(w)) if !w.is_canceled() => {
+                self.hub.remove(&w);
+                self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
+                metrics::counter!(names::WATCH_CANCELLED).increment(1);
+            }
+            _ => {}
         }
     }
 
     /// Takes the stream's watchers out of the hub; again, it does nothing.
     fn close(&mut self) {
-        for (_, w) in self.watchers.drain() {
-            self.hub.remove(&w);
-        }
-        for (_, t) in self.passthrough.drain() {
-            t.abort();
+        for (_, w) in self.watches.drain() {
+            match w {
+                Watch::Hub(w) => self.hub.remove(&w),
+                Watch::Relayed(t) => t.abort(),
+            }
         }
     }
 }
