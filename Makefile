@@ -146,14 +146,16 @@ bench-smoke: deps
 	  --clients 4 --projects 20 --resources 3 --warmup-secs 1 --duration-secs 2 --watch --check --name throughput-smoke
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
-## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream
+## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream,
+## spread over MEM_CONNECTIONS connections (one client connection stops opening streams at about 2,400)
 MEM_STREAMS ?= 20000
 MEM_WATCHES ?= 1
+MEM_CONNECTIONS ?= 20
 mem-profile: deps
 	CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/dhat $(CARGO) build --release --locked --features dhat-heap --bin etcdmux
 	$(CARGO) build --release --locked -p etcdmux-loadtest --bin streammem
 	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/dhat/release/etcdmux \
-	  --streams $(MEM_STREAMS) --watches $(MEM_WATCHES) --name streammem
+	  --streams $(MEM_STREAMS) --watches $(MEM_WATCHES) --connections $(MEM_CONNECTIONS) --name streammem
 
 ## soak: the differential and watch checkers with many more seeds
 SOAK_DIFF_SEEDS ?= 200
