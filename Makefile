@@ -147,7 +147,7 @@ bench-smoke: deps
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
 ## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream,
-## spread over MEM_CONNECTIONS connections (one client connection stops opening streams at about 2,400)
+## spread over MEM_CONNECTIONS connections (thousands opened at once on one connection get h2's GOAWAY too_many_data_frames)
 MEM_STREAMS ?= 20000
 MEM_WATCHES ?= 1
 MEM_CONNECTIONS ?= 20
