@@ -163,14 +163,16 @@ bench-smoke: deps
 	  --projects 50 --gap-secs 1 --compactions 2 --rounds 1 --name rootindex-smoke
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
-## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream
+## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream,
+## spread over MEM_CONNECTIONS connections (thousands opened at once on one connection get h2's GOAWAY too_many_data_frames)
 MEM_STREAMS ?= 20000
 MEM_WATCHES ?= 1
+MEM_CONNECTIONS ?= 20
 mem-profile: deps
 	CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/dhat $(CARGO) build --release --locked --features dhat-heap --bin etcdmux
 	$(CARGO) build --release --locked -p etcdmux-loadtest --bin streammem
 	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/dhat/release/etcdmux \
-	  --streams $(MEM_STREAMS) --watches $(MEM_WATCHES) --name streammem
+	  --streams $(MEM_STREAMS) --watches $(MEM_WATCHES) --connections $(MEM_CONNECTIONS) --name streammem
 
 ## soak: the differential and watch checkers with many more seeds
 SOAK_DIFF_SEEDS ?= 200

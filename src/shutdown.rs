@@ -1,6 +1,6 @@
 //! Shutdown: one cancellation signal, and the tracker every spawned task belongs to.
 //!
-//! Every task etcdmux spawns (stream readers, keepalive relays, the hub's upstream
+//! Every task etcdmux spawns (keepalive relays, the hub's upstream
 //! watch and ticker, catch-ups, fence writers, passthrough watches) is spawned
 //! through [`Tasks::spawn`], so it is counted, and sees [`Tasks::cancelled`] when
 //! shutdown begins. `grpc::server` drives the order: stop accepting, let unary calls

@@ -328,8 +328,8 @@ async fn refused_fence_writes_are_bounded_and_progress_resumes() {
     let bound = 3.0 * (4.0 / 0.15 + 2.0);
     assert!(attempts <= bound, "{attempts} writes reached etcd in 4 s");
     assert!(max_writers <= 1.0, "{max_writers} fence writers at once");
-    // Each stream: its reader, and the hub's upstream, ticker and link; plus the fence writer.
-    assert!(max_tasks <= 3 + 4 + 1, "{max_tasks} tasks alive");
+    // The hub's upstream, ticker and link, plus the fence writer: streams have no task.
+    assert!(max_tasks <= 4 + 1, "{max_tasks} tasks alive");
     assert!(failures >= 3.0 && failures <= bound, "{failures} failed fence writes in 4 s");
     for (reader, flood) in streams {
         flood.abort();
@@ -376,6 +376,53 @@ async fn garbage_on_a_watch_stream_ends_it_with_an_error() {
         }
         Ok(r) => panic!("a garbage request got {r:?} instead of an error status"),
     }
+    mux.stop().await;
+}
+
+/// A watch stream is served by hyper's task for its HTTP/2 stream alone: opening
+/// streams adds no task of etcdmux's, and a client that goes away takes its
+/// watchers out of the hub (nothing but the stream's own state held them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_have_no_task_of_their_own_and_leave_nothing_behind() {
+    let _serial = SERIAL.lock().await;
+    common::init_tracing();
+    let etcd = common::Etcd::start();
+    let mux = serve(&etcd, "").await;
+    let tasks_before = mux.proxy.tasks.len();
+    let streams_before = metric(names::WATCH_STREAMS).await;
+    let mut streams = Vec::new();
+    for s in 0..20 {
+        let (tx, mut stream) = open(&mux.url).await;
+        tx.send(create(1, &format!("/projects/t{s}/pods/"))).await.unwrap();
+        tx.send(create(2, &format!("/projects/t{s}/configmaps/"))).await.unwrap();
+        for id in [1, 2] {
+            let r = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+            assert!(r.created && !r.canceled && r.watch_id == id, "{r:?}");
+        }
+        streams.push((tx, stream));
+    }
+    assert_eq!(metric(names::WATCH_WATCHERS).await, 40.0);
+    assert_eq!(metric(names::WATCH_STREAMS).await - streams_before, 20.0);
+    assert_eq!(mux.proxy.tasks.len(), tasks_before, "20 streams started no task");
+
+    // Half the clients close their side only: their watches keep running.
+    let mut half: Vec<_> = streams.drain(..10).map(|(_tx, stream)| stream).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(metric(names::WATCH_WATCHERS).await, 40.0, "a half-closed stream keeps its watches");
+    let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
+    let put = PutRequest { key: b("/projects/t3/pods/ns/x"), value: b("v"), ..Default::default() };
+    kv.put(put).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), half[3].message()).await.unwrap().unwrap().unwrap();
+    assert_eq!((r.watch_id, r.events.len()), (1, 1), "{r:?}");
+
+    // Every client goes away: every watcher leaves the hub.
+    drop((half, streams));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(names::WATCH_WATCHERS).await > 0.0 || metric(names::WATCH_STREAMS).await > streams_before {
+        assert!(Instant::now() < deadline, "watchers of clients that went away are still in the hub");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mux.proxy.tasks.len(), tasks_before);
     mux.stop().await;
 }
 

@@ -152,11 +152,17 @@ async fn open(
     let mut client = WatchClient::new(channel);
     Ok(tokio::spawn(async move {
         let _keep_open = tx;
-        let Ok(resp) = client.watch(ReceiverStream::new(rx)).await else { return };
-        let mut s = resp.into_inner();
-        while let Ok(Some(r)) = s.message().await {
-            if r.created && created.send(()).is_err() {
-                return;
+        let resp = match client.watch(ReceiverStream::new(rx)).await {
+            Ok(resp) => resp,
+            Err(e) => return eprintln!("streammem: stream {s}: the watch call failed: {e}"),
+        };
+        let mut stream = resp.into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(r)) if r.created && created.send(()).is_err() => return,
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(e) => return eprintln!("streammem: stream {s}: {e}"),
             }
         }
     }))

@@ -31,11 +31,9 @@ impl Watch for WatchService {
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let require_leader = req.metadata().get(REQUIRE_LEADER).is_some();
         let scope = self.scope.of(&self.proxy.resolver, &req)?;
-        let (reader, responses) =
-            session::start(self.proxy.clone(), scope, self.hub.clone(), require_leader, req.into_inner());
-        // Owned by the process's tasks; it ends when the hub stops (shutdown). In the
-        // call's span, which lasts as long as the stream; events add nothing to it.
-        self.proxy.tasks.spawn(crate::trace::in_call(reader));
+        // No task of its own: the response stream reads the requests too, in the
+        // call's span; it ends when the hub stops (shutdown).
+        let responses = session::start(self.proxy.clone(), scope, self.hub.clone(), require_leader, req.into_inner());
         Ok(Response::new(responses))
     }
 }

@@ -157,13 +157,32 @@ pub struct WatcherMetrics {
     pub events: Counter,
 }
 
+/// The watcher handles of each label in use, shared by its watchers: a handle is an
+/// allocation, and a stream may carry thousands of watchers of one tenant.
+static WATCHER_SERIES: Mutex<Option<HashMap<SharedString, Arc<WatcherMetrics>>>> = Mutex::new(None);
+
+/// Labels whose handles are kept with no watcher holding them: past this, the map
+/// keeps only handles in use (the labels are bounded by `tenant_metrics_top`, but
+/// the top tenants change).
+const IDLE_WATCHER_SERIES: usize = 256;
+
 impl WatcherMetrics {
     /// The handles of a watcher of `tenant`; `None` when per-tenant metrics are off.
-    pub fn of(tenant: &str) -> Option<WatcherMetrics> {
+    pub fn of(tenant: &str) -> Option<Arc<WatcherMetrics>> {
         let l = label(tenant)?;
-        Some(WatcherMetrics {
+        let mut series = WATCHER_SERIES.lock().unwrap_or_else(|p| p.into_inner());
+        let map = series.get_or_insert_with(HashMap::new);
+        if let Some(m) = map.get(&l) {
+            return Some(m.clone());
+        }
+        if map.len() >= IDLE_WATCHER_SERIES {
+            map.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        let m = Arc::new(WatcherMetrics {
             watchers: metrics::gauge!(names::TENANT_WATCHERS, "tenant" => l.clone()),
-            events: metrics::counter!(names::TENANT_EVENTS, "tenant" => l),
-        })
+            events: metrics::counter!(names::TENANT_EVENTS, "tenant" => l.clone()),
+        });
+        map.insert(l, m.clone());
+        Some(m)
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! `grpc::span` starts a [`Call`] per call and runs the call in it ([`scope`]); the
 //! handlers report the tenant once it is resolved ([`record_tenant`]), tasks spawned
-//! for the call (a watch stream's reader, a keepalive relay) carry it along
-//! ([`in_call`]), and every upstream request gets its `traceparent` ([`inject`]).
+//! for the call (a keepalive relay) carry it along ([`in_call`]), as does the work a
+//! stream does when polled ([`within`]); every upstream request gets its
+//! `traceparent` ([`inject`]).
 
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
@@ -95,6 +96,24 @@ pub fn in_call<F: Future>(fut: F) -> impl Future<Output = F::Output> {
             futures::future::Either::Left(CALL.scope(call, fut).instrument(span))
         }
         Err(_) => futures::future::Either::Right(fut.in_current_span()),
+    }
+}
+
+/// The current call, to do work as it later, outside its future ([`within`]).
+pub fn current() -> Option<Arc<Call>> {
+    CALL.try_with(Arc::clone).ok()
+}
+
+/// Runs `f` as `call` (in its span, as the current call): for work a call's stream
+/// does when polled, such as a watch stream reading its requests from the body
+/// that sends its responses.
+pub fn within<R>(call: Option<&Arc<Call>>, f: impl FnOnce() -> R) -> R {
+    match call {
+        Some(c) => {
+            let _in = c.span.enter();
+            CALL.sync_scope(c.clone(), f)
+        }
+        None => f(),
     }
 }
 

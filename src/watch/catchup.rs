@@ -79,7 +79,7 @@ impl Hub {
             tokio::select! {
                 msg = stream.message() => {
                     let Some(resp) = msg? else { return Err(Status::unavailable("catch-up stream ended")) };
-                    if w.canceled.load(Ordering::Relaxed) || w.sink.queue.is_closed() {
+                    if w.canceled.load(Ordering::Relaxed) || w.sink.is_gone() {
                         return Ok(true);
                     }
                     if resp.compact_revision > 0 {

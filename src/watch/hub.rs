@@ -125,6 +125,9 @@ pub struct Hub {
     /// etcd's current revision for watches created with start_revision 0: one
     /// upstream call shared by the creates that arrive together.
     pub(super) now_index: ReadIndex,
+    /// Every stream's queued responses: one handle, cloned into each stream's sink
+    /// (taken at the first stream, after the metrics recorder is installed).
+    queued: OnceLock<metrics::Gauge>,
 }
 
 impl Hub {
@@ -152,6 +155,7 @@ impl Hub {
             tracker: TaskTracker::new(),
             replica: OnceLock::new(),
             now_index: ReadIndex::default(),
+            queued: OnceLock::new(),
         })
     }
 
@@ -236,6 +240,11 @@ impl Hub {
     /// A token cancelled when the hub stops: for the tasks of client streams.
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
+    }
+
+    /// The gauge of every stream's queued responses.
+    pub(super) fn queued_gauge(&self) -> metrics::Gauge {
+        self.queued.get_or_init(|| metrics::gauge!(names::WATCH_QUEUED_RESPONSES)).clone()
     }
 
     /// The revision through which every event has been dispatched.

@@ -8,7 +8,7 @@
 //!  client streams ◀── sink (one budget per stream) ◀── dispatch
 //! ```
 //!
-//! - [`session`]: one client stream (its request reader and response stream);
+//! - [`session`]: one client stream: one future that sends responses and reads requests;
 //! - [`sink`]: the per-stream ordered queue and its one budget for every response;
 //! - [`event`], [`watcher`]: an upstream event in tenant form; a client watcher;
 //! - [`hub`]: the lock, dispatch and the hub's tasks, over owned parts: [`ring`]

@@ -1,8 +1,9 @@
-//! One client Watch stream: a task that reads the client's requests (create,
-//! cancel, progress) and a [`StreamSink`] the hub fills without ever waiting; the
-//! [`ResponseStream`] handed to tonic drains the sink and keeps header revisions
-//! from going backwards. A stream costs no upstream watch, connection or task
-//! beyond its own request reader.
+//! One client Watch stream, served by one future: the [`ResponseStream`] handed to
+//! tonic drains the stream's [`StreamSink`] (which the hub fills without ever
+//! waiting), keeps header revisions from going backwards, and reads the client's
+//! requests (create, cancel, progress) when something it waits on wakes it. A
+//! stream costs no task, upstream watch or connection of its own: hyper's task for
+//! the HTTP/2 stream polls it, and an idle stream's queue holds no memory.
 
 use crate::metrics::names;
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::Stream;
+use pin_project_lite::pin_project;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, Streaming};
 
@@ -24,162 +26,223 @@ use crate::error::Error;
 use crate::keyspace::{End, RangeRef, Scope, TenantName};
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::trace::call::{self, Call};
 
-/// Starts one client stream: the future that reads its requests (spawn it, as a
-/// task of `proxy.tasks`) and the stream of its responses (hand it to tonic). Both
-/// end when the hub stops (shutdown): the responses with `UNAVAILABLE`, so clients
-/// reconnect and resume.
+/// Starts one client stream: the stream of its responses, to hand to tonic, which
+/// reads the requests too. It ends when the hub stops (shutdown) with
+/// `UNAVAILABLE`, so clients reconnect and resume. Call it in the call's scope: the
+/// requests are then read in the call's span.
 pub fn start(
     proxy: Arc<Proxy>,
     scope: Scope,
     hub: Arc<Hub>,
     require_leader: bool,
-    mut inbound: Streaming<WatchRequest>,
-) -> (impl Future<Output = ()> + Send, ResponseStream) {
+    inbound: Streaming<WatchRequest>,
+) -> ResponseStream {
     let cfg = &proxy.cfg.watch;
-    let (sink, rx) = StreamSink::new(cfg.stream_buffer, cfg.stream_control_reserve, require_leader);
-    let stop = hub.stop_token();
-    let responses = ResponseStream { rx, last_rev: 0, done: false, stop: Box::pin(stop.clone().cancelled_owned()) };
-    let mut state =
-        StreamState { proxy, scope, hub, sink, watchers: HashMap::new(), passthrough: HashMap::new(), next_id: 0 };
+    let (sink, rx) = StreamSink::new(cfg.stream_buffer, cfg.stream_control_reserve, require_leader, hub.queued_gauge());
+    let stop = hub.stop_token().cancelled_owned();
     metrics::gauge!(names::WATCH_STREAMS).increment(1.0);
-    let reader = async move {
-        loop {
-            // Like etcd, stop reading requests while the client is not reading
-            // responses: whatever a request costs (created, cancel, a progress answer
-            // owed) counts against the stream's budget, so a client cannot queue
-            // responses or waiting requests without bound.
-            while state.sink.is_full() {
-                let sink = state.sink.clone();
-                let room = sink.room().notified();
-                if !state.sink.is_full() {
-                    break;
-                }
-                tokio::select! {
-                    _ = room => {}
-                    _ = state.sink.closed() => return state.close(),
-                    _ = stop.cancelled() => return state.close(),
-                }
-            }
-            let msg = tokio::select! {
-                m = inbound.message() => m,
-                _ = state.sink.closed() => break,
-                _ = stop.cancelled() => break,
-            };
-            let req = match msg {
-                Ok(Some(req)) => req,
-                // The client closed its side: its watches keep running until it
-                // goes away, as in etcd.
-                Ok(None) => {
-                    tokio::select! {
-                        _ = state.sink.closed() => {}
-                        _ = stop.cancelled() => {}
-                    }
-                    break;
-                }
-                // A request that does not decode (or a broken stream) ends the stream
-                // with that error, as etcd does; never with OK.
-                Err(status) => {
-                    let message = format!("etcdmux: reading the watch stream: {}", status.message());
-                    state.sink.end(Status::new(status.code(), message));
-                    break;
-                }
-            };
-            match req.request_union {
-                Some(watch_request::RequestUnion::CreateRequest(c)) => {
-                    let sink = state.sink.clone();
-                    tokio::select! {
-                        _ = state.create(c) => {}
-                        _ = sink.closed() => break,
-                        _ = stop.cancelled() => break,
-                    }
-                }
-                Some(watch_request::RequestUnion::CancelRequest(c)) => state.cancel(c.watch_id),
-                Some(watch_request::RequestUnion::ProgressRequest(_)) => state.hub.request_progress(&state.sink),
-                None => {}
-            }
-        }
-        state.close();
-    };
-    (reader, responses)
+    let state = StreamState { proxy, scope, hub, sink, watches: HashMap::new(), next_id: 0 };
+    let requests = Requests { state, inbound: Some(inbound), creating: None, blocked: false, call: call::current() };
+    ResponseStream { rx, requests, last_rev: 0, done: false, stop }
 }
 
-/// The responses of one client stream, in the order they were queued.
-pub struct ResponseStream {
-    rx: SinkReceiver,
-    last_rev: i64,
-    done: bool,
-    /// The hub stopped: end with `UNAVAILABLE` at once.
-    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+pin_project! {
+    /// The responses of one client stream, in the order they were queued; polling
+    /// it also reads the stream's requests.
+    pub struct ResponseStream {
+        rx: SinkReceiver,
+        requests: Requests,
+        last_rev: i64,
+        done: bool,
+        // The hub stopped: end with `UNAVAILABLE` at once.
+        #[pin]
+        stop: WaitForCancellationFutureOwned,
+    }
 }
 
 impl Stream for ResponseStream {
     type Item = Result<WatchResponse, Status>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        if *this.done {
             return Poll::Ready(None);
         }
-        if self.stop.as_mut().poll(cx).is_ready() {
+        if this.stop.poll(cx).is_ready() {
             // What is still queued is dropped: the client resumes from the last
             // revision it got.
-            self.done = true;
+            *this.done = true;
+            this.requests.finish();
             return Poll::Ready(Some(Err(Status::unavailable("etcdmux: shutting down"))));
         }
-        let mut r = match self.rx.poll_recv(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Ready(Some(Outgoing::End(status))) => {
-                self.done = true;
-                return Poll::Ready(Some(Err(*status)));
+        loop {
+            let sink = this.rx.sink();
+            if sink.take_reader_wake() || this.requests.room_made() {
+                this.requests.poll();
             }
-            Poll::Ready(Some(Outgoing::Response(r))) => *r,
-        };
-        // Header revisions never go backwards on a stream.
-        if let Some(h) = r.header.as_mut() {
-            h.revision = h.revision.max(self.last_rev);
-            self.last_rev = h.revision;
+            let mut r = match this.rx.poll_recv(cx) {
+                // Woken before the receiver's waker was in place: poll the reader again.
+                Poll::Pending if this.rx.sink().reader_woken() || this.requests.room_made() => continue,
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Outgoing::End(status)) => {
+                    *this.done = true;
+                    this.requests.finish();
+                    return Poll::Ready(Some(Err(*status)));
+                }
+                Poll::Ready(Outgoing::Response(r)) => *r,
+            };
+            // Header revisions never go backwards on a stream.
+            if let Some(h) = r.header.as_mut() {
+                h.revision = h.revision.max(*this.last_rev);
+                *this.last_rev = h.revision;
+            }
+            return Poll::Ready(Some(Ok(r)));
         }
-        Poll::Ready(Some(Ok(r)))
     }
 }
 
-/// What one client stream's task keeps.
+/// A create waiting for the hub (its readiness, etcd's revision, compaction):
+/// boxed, so that a stream not creating a watch does not carry its size.
+type Creating = Pin<Box<dyn Future<Output = (i64, Result<Watcher, Error>)> + Send>>;
+
+/// The reading side of one client stream.
+struct Requests {
+    state: StreamState,
+    /// `None` once the client closed its side (its watches keep running until it
+    /// goes away, as in etcd) or sent what does not decode.
+    inbound: Option<Streaming<WatchRequest>>,
+    /// The create in progress: requests are handled one at a time, in order.
+    creating: Option<Creating>,
+    /// Reading stopped because the stream was full.
+    blocked: bool,
+    /// The call this stream is, for its span and trace context.
+    call: Option<Arc<Call>>,
+}
+
+impl Requests {
+    /// Whether reading stopped at a full stream that has room again.
+    fn room_made(&self) -> bool {
+        self.blocked && !self.state.sink.is_full()
+    }
+
+    /// Handles requests until one is pending, the stream is full, or the client
+    /// closed its side. Everything it waits on wakes the sink's reader waker.
+    fn poll(&mut self) {
+        let call = self.call.clone();
+        call::within(call.as_ref(), || self.poll_in_call());
+    }
+
+    fn poll_in_call(&mut self) {
+        let waker = self.state.sink.reader_waker();
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Some(c) = self.creating.as_mut() {
+                let Poll::Ready((id, built)) = c.as_mut().poll(&mut cx) else { return };
+                self.creating = None;
+                self.state.created(id, built);
+            }
+            // Like etcd, stop reading requests while the client is not reading
+            // responses: whatever a request costs (created, cancel, a progress answer
+            // owed) counts against the stream's budget, so a client cannot queue
+            // responses or waiting requests without bound.
+            self.blocked = self.state.sink.is_full();
+            if self.blocked {
+                return;
+            }
+            let Some(inbound) = self.inbound.as_mut() else { return };
+            let req = match Pin::new(inbound).poll_next(&mut cx) {
+                Poll::Pending => return,
+                Poll::Ready(Some(Ok(req))) => req,
+                Poll::Ready(None) => {
+                    self.inbound = None;
+                    return;
+                }
+                // A request that does not decode (or a broken stream) ends the stream
+                // with that error, as etcd does; never with OK.
+                Poll::Ready(Some(Err(status))) => {
+                    let message = format!("etcdmux: reading the watch stream: {}", status.message());
+                    self.state.sink.end(Status::new(status.code(), message));
+                    self.inbound = None;
+                    self.state.close();
+                    return;
+                }
+            };
+            match req.request_union {
+                Some(watch_request::RequestUnion::CreateRequest(c)) => self.creating = self.state.create(c),
+                Some(watch_request::RequestUnion::CancelRequest(c)) => self.state.cancel(c.watch_id),
+                Some(watch_request::RequestUnion::ProgressRequest(_)) => {
+                    self.state.hub.request_progress(&self.state.sink)
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The stream ended: no more requests, and its watchers leave the hub now.
+    fn finish(&mut self) {
+        self.creating = None;
+        self.inbound = None;
+        self.state.close();
+    }
+}
+
+/// One watch of a stream.
+enum Watch {
+    /// Served by the hub.
+    Hub(Arc<Watcher>),
+    /// Of global or passthrough keys: relayed from its own upstream watch.
+    Relayed(tokio::task::JoinHandle<()>),
+}
+
+impl Watch {
+    /// Ended without the client asking (the hub cancelled it: slow, compacted, no
+    /// leader; or its relay ended): gone for good.
+    fn is_over(&self) -> bool {
+        match self {
+            Watch::Hub(w) => w.is_canceled(),
+            Watch::Relayed(t) => t.is_finished(),
+        }
+    }
+}
+
+/// What one client stream keeps.
 struct StreamState {
     proxy: Arc<Proxy>,
     scope: Scope,
     hub: Arc<Hub>,
     sink: Arc<StreamSink>,
-    watchers: HashMap<i64, Arc<Watcher>>,
-    /// Watches of global or passthrough keys, each served by its own upstream watch.
-    passthrough: HashMap<i64, tokio::task::JoinHandle<()>>,
+    /// Its watches by id (one map for both kinds: an empty map costs 48 bytes).
+    watches: HashMap<i64, Watch>,
     next_id: i64,
 }
 
 impl StreamState {
-    async fn create(&mut self, c: WatchCreateRequest) {
-        // Watchers the hub cancelled (slow, compacted, no leader) are gone for good.
-        self.watchers.retain(|_, w| !w.is_canceled());
-        self.passthrough.retain(|_, t| !t.is_finished());
+    /// Starts a create: what can be decided at once is answered here; what needs the
+    /// hub is returned as a future, finished by [`StreamState::created`].
+    fn create(&mut self, c: WatchCreateRequest) -> Option<Creating> {
+        self.watches.retain(|_, w| !w.is_over());
         let id = if c.watch_id != 0 {
             c.watch_id
         } else {
-            while self.watchers.contains_key(&self.next_id) || self.passthrough.contains_key(&self.next_id) {
+            while self.watches.contains_key(&self.next_id) {
                 self.next_id += 1;
             }
             self.next_id
         };
-        if self.watchers.contains_key(&id) || self.passthrough.contains_key(&id) {
+        if self.watches.contains_key(&id) {
             self.refuse(id, "mvcc: duplicate watch ID provided on the WatchStream".to_string());
-            return;
+            return None;
         }
         if c.watch_id == 0 {
             self.next_id += 1;
         }
         let max = self.proxy.cfg.limits.max_watchers_per_stream;
-        if self.watchers.len() + self.passthrough.len() >= max {
+        if self.watches.len() >= max {
             metrics::counter!(names::OVERLOAD_REJECTIONS, "scope" => "watchers_per_stream").increment(1);
-            return self.refuse(id, Error::TooManyWatchers { max }.to_string());
+            self.refuse(id, Error::TooManyWatchers { max }.to_string());
+            return None;
         }
         // Resolve once: tenant ranges go to the hub, raw keys to a relayed watch.
         let (tenant, start, end) = match self.proxy.resolver.resolve_range(&self.scope, &c.key, &c.range_end) {
@@ -194,50 +257,42 @@ impl StreamState {
                         _ = stop.cancelled() => {}
                     }
                 });
-                self.passthrough.insert(id, task);
-                return;
+                self.watches.insert(id, Watch::Relayed(task));
+                return None;
             }
-            Err(e) => return self.refuse(id, Error::from(e).to_string()),
+            Err(e) => {
+                self.refuse(id, Error::from(e).to_string());
+                return None;
+            }
         };
-        match self.watcher(id, &c, tenant, start, end).await {
+        let render = match self.proxy.tenant_view(&self.scope, &tenant) {
+            Ok(_) if self.scope.static_tenant.is_some() => Render::Tenant,
+            Ok(cp) => Render::Prefixed(cp),
+            Err(e) => {
+                self.refuse(id, Status::from(e).message().to_string());
+                return None;
+            }
+        };
+        let (proxy, hub, sink) = (self.proxy.clone(), self.hub.clone(), self.sink.clone());
+        let build = async move {
+            let w = watcher(&proxy, &hub, sink, id, &c, tenant, start, end, render).await;
+            (id, w)
+        };
+        // In the call's span (the caller runs this in it), like the rest of the stream.
+        Some(Box::pin(crate::trace::in_call(build)))
+    }
+
+    /// Finishes a create the hub had to answer first.
+    fn created(&mut self, id: i64, built: Result<Watcher, Error>) {
+        match built {
             Ok(w) => {
                 let w = Arc::new(w);
-                self.watchers.insert(id, w.clone());
+                self.watches.insert(id, Watch::Hub(w.clone()));
                 let created = WatchResponse { watch_id: id, created: true, ..Default::default() };
                 self.hub.add(&self.proxy, w, created);
             }
             Err(e) => self.refuse(id, Status::from(e).message().to_string()),
         }
-    }
-
-    async fn watcher(
-        &self,
-        id: i64,
-        c: &WatchCreateRequest,
-        tenant: TenantName,
-        start: Bytes,
-        end: End,
-    ) -> Result<Watcher, Error> {
-        let cp = self.proxy.tenant_view(&self.scope, &tenant)?;
-        let render = if self.scope.static_tenant.is_some() { Render::Tenant } else { Render::Prefixed(cp) };
-        self.hub.ready().await;
-        let from = if c.start_revision > 0 { c.start_revision } else { self.hub.now(&self.proxy).await? };
-        let mut w = Watcher::new(id, self.sink.clone(), tenant, start, end, from, c, render);
-        if c.start_revision > 0 {
-            // etcd fills an event's prev_kv from a range at the revision before it: a
-            // watch from exactly the compact revision gets that revision's events
-            // without prev_kv. Asking about `from - 1` first costs one range in the
-            // usual case (not compacted, so neither is `from`), and none while the hub
-            // has not seen `from` (which, like `is_compacted`, it takes as not
-            // compacted yet).
-            let seen = from <= self.hub.last_rev();
-            let before = c.prev_kv && seen && self.hub.is_compacted(&self.proxy, from - 1).await?;
-            if before {
-                w.prev_kv_from = from + 1;
-            }
-            w.compacted = (before || !c.prev_kv) && self.hub.is_compacted(&self.proxy, from).await?;
-        }
-        Ok(w)
     }
 
     /// Answers a create that cannot be served: created and cancelled at once, with
@@ -253,28 +308,69 @@ impl StreamState {
     }
 
     fn cancel(&mut self, id: i64) {
-        if let Some(task) = self.passthrough.remove(&id) {
-            if !task.is_finished() {
+        // etcd answers nothing for a watch it no longer has.
+        match self.watches.remove(&id) {
+            Some(Watch::Relayed(task)) if !task.is_finished() => {
                 task.abort();
                 self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
             }
-            return;
-        }
-        // etcd answers nothing for a watch it no longer has.
-        if let Some(w) = self.watchers.remove(&id).filter(|w| !w.is_canceled()) {
-            self.hub.remove(&w);
-            self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
-            metrics::counter!(names::WATCH_CANCELLED).increment(1);
+            Some(Watch::Hub(w)) if !w.is_canceled() => {
+                self.hub.remove(&w);
+                self.sink.send_control(WatchResponse { watch_id: id, canceled: true, ..Default::default() });
+                metrics::counter!(names::WATCH_CANCELLED).increment(1);
+            }
+            _ => {}
         }
     }
 
+    /// Takes the stream's watchers out of the hub; again, it does nothing.
     fn close(&mut self) {
-        for (_, w) in self.watchers.drain() {
-            self.hub.remove(&w);
+        for (_, w) in self.watches.drain() {
+            match w {
+                Watch::Hub(w) => self.hub.remove(&w),
+                Watch::Relayed(t) => t.abort(),
+            }
         }
-        for (_, t) in self.passthrough.drain() {
-            t.abort();
-        }
+    }
+}
+
+impl Drop for StreamState {
+    /// The client went away (or the stream ended): its watchers go too.
+    fn drop(&mut self) {
+        self.close();
         metrics::gauge!(names::WATCH_STREAMS).decrement(1.0);
     }
+}
+
+/// The watcher a create asks for, once the hub can say where it starts.
+#[allow(clippy::too_many_arguments)]
+async fn watcher(
+    proxy: &Proxy,
+    hub: &Hub,
+    sink: Arc<StreamSink>,
+    id: i64,
+    c: &WatchCreateRequest,
+    tenant: TenantName,
+    start: Bytes,
+    end: End,
+    render: Render,
+) -> Result<Watcher, Error> {
+    hub.ready().await;
+    let from = if c.start_revision > 0 { c.start_revision } else { hub.now(proxy).await? };
+    let mut w = Watcher::new(id, sink, tenant, start, end, from, c, render);
+    if c.start_revision > 0 {
+        // etcd fills an event's prev_kv from a range at the revision before it: a
+        // watch from exactly the compact revision gets that revision's events
+        // without prev_kv. Asking about `from - 1` first costs one range in the
+        // usual case (not compacted, so neither is `from`), and none while the hub
+        // has not seen `from` (which, like `is_compacted`, it takes as not
+        // compacted yet).
+        let seen = from <= hub.last_rev();
+        let before = c.prev_kv && seen && hub.is_compacted(proxy, from - 1).await?;
+        if before {
+            w.prev_kv_from = from + 1;
+        }
+        w.compacted = (before || !c.prev_kv) && hub.is_compacted(proxy, from).await?;
+    }
+    Ok(w)
 }

@@ -18,19 +18,18 @@
 //! Reservation is one compare-and-swap on the counter, so producers racing on
 //! different tasks (dispatch, catch-up, passthrough, the reader) never pass a bound.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
 
-use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
 use crate::metrics::names;
 use crate::pb::etcdserverpb::WatchResponse;
 
-/// A queued message of one client stream.
-/// Boxed, so that a queue's preallocated block of slots stays small for the many
-/// idle streams an apiserver keeps open.
+/// A queued message of one client stream. Boxed, so that the queue of a stream with
+/// a burst behind it stays small (16 bytes a place).
 pub enum Outgoing {
     /// A response; counted in the stream's budget until the client takes it.
     Response(Box<WatchResponse>),
@@ -39,29 +38,17 @@ pub enum Outgoing {
 }
 
 /// The count of one stream's queued (and reserved) responses, and its bounds.
-pub(super) struct Budget {
+struct Budget {
     queued: AtomicUsize,
     /// Data responses are queued only up to this total.
     limit: usize,
     /// Control responses may go up to this total.
     cap: usize,
-    /// Signalled when the client takes a response.
-    room: Notify,
     /// Every stream's queued responses, process-wide.
     gauge: metrics::Gauge,
 }
 
 impl Budget {
-    fn new(limit: usize, reserve: usize) -> Budget {
-        Budget {
-            queued: AtomicUsize::new(0),
-            limit,
-            cap: limit + reserve,
-            room: Notify::new(),
-            gauge: metrics::gauge!(names::WATCH_QUEUED_RESPONSES),
-        }
-    }
-
     /// Takes `n` units if the total stays at or below `bound`: check and increment
     /// in one atomic step.
     fn take(&self, n: usize, bound: usize) -> bool {
@@ -75,20 +62,33 @@ impl Budget {
     fn give_back(&self, n: usize) {
         self.queued.fetch_sub(n, Ordering::AcqRel);
         self.gauge.decrement(n as f64);
-        self.room.notify_waiters();
     }
+}
+
+/// The queue itself, under the sink's lock. It allocates nothing until a response
+/// is queued, and nothing for a stream that is idle again: an apiserver keeps many
+/// streams open that carry one quiet watch each.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outgoing>,
+    /// The receiver's task, woken when something is queued or room is made.
+    waker: Option<Waker>,
 }
 
 /// The sending side of one client Watch stream: one ordered queue, so a watcher's
 /// `created` always precedes its events and a cancel follows them.
 pub struct StreamSink {
-    pub(super) queue: mpsc::UnboundedSender<Outgoing>,
-    budget: Arc<Budget>,
+    queue: Mutex<Queue>,
+    budget: Budget,
     pub require_leader: bool,
     /// Watchers of this stream still catching up: progress waits for them.
     pub(super) catching_up: AtomicUsize,
     /// An `End` was queued: nothing after it would ever be delivered.
     ended: AtomicBool,
+    /// The receiver is gone: nothing queued would ever be delivered.
+    closed: AtomicBool,
+    /// Something the stream's request reader waits on is ready (see [`StreamSink::reader_waker`]).
+    reader_woken: AtomicBool,
 }
 
 /// Outcome of queueing a response on a stream.
@@ -102,30 +102,60 @@ pub(super) enum Sent {
 /// The receiving side, for the response stream. Dropping it gives back the budget
 /// of whatever was still queued.
 pub struct SinkReceiver {
-    queue: mpsc::UnboundedReceiver<Outgoing>,
-    budget: Arc<Budget>,
+    sink: Arc<StreamSink>,
 }
 
 impl SinkReceiver {
-    /// The next message; a response taken frees its place in the budget.
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
-        let m = self.queue.poll_recv(cx);
-        if let Poll::Ready(Some(Outgoing::Response(_))) = &m {
-            self.budget.give_back(1);
+    /// The next message; a response taken frees its place in the budget. Pending
+    /// registers `cx` to be woken by the next message, room, or reader wake-up.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Outgoing> {
+        let mut q = self.sink.lock();
+        match q.items.pop_front() {
+            Some(m) => {
+                // An emptied queue gives its places back: most streams are idle
+                // between rare events, and an allocation per burst is cheap.
+                if q.items.is_empty() {
+                    q.items = VecDeque::new();
+                }
+                drop(q);
+                if let Outgoing::Response(_) = &m {
+                    self.sink.budget.give_back(1);
+                }
+                Poll::Ready(m)
+            }
+            None => {
+                if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    q.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
         }
-        m
+    }
+
+    pub fn sink(&self) -> &Arc<StreamSink> {
+        &self.sink
+    }
+
+    /// Places the queue holds now (allocated, used or not).
+    #[cfg(test)]
+    fn places(&self) -> usize {
+        self.sink.lock().items.capacity()
     }
 }
 
 impl Drop for SinkReceiver {
     fn drop(&mut self) {
-        // After close, sends fail (and their senders give back what they took); what
+        // After this, pushes fail (and their senders give back what they took); what
         // was queued before is given back here.
-        self.queue.close();
-        while let Ok(m) = self.queue.try_recv() {
-            if let Outgoing::Response(_) = m {
-                self.budget.give_back(1);
-            }
+        let items = {
+            let mut q = self.sink.lock();
+            self.sink.closed.store(true, Ordering::Release);
+            q.waker = None;
+            std::mem::take(&mut q.items)
+        };
+        let n = items.iter().filter(|m| matches!(m, Outgoing::Response(_))).count();
+        if n > 0 {
+            self.sink.budget.give_back(n);
         }
     }
 }
@@ -145,8 +175,8 @@ impl Slot {
     /// Queues `r` in the place this slot holds.
     pub(super) fn fill(mut self, r: WatchResponse) {
         self.filled = true;
-        if !self.sink.push(r) {
-            self.sink.budget.give_back(1);
+        if !self.sink.push(Outgoing::Response(Box::new(r))) {
+            self.sink.give_back_from_afar(1);
         }
     }
 }
@@ -154,30 +184,98 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if !self.filled {
-            self.sink.budget.give_back(1);
+            self.sink.give_back_from_afar(1);
         }
+    }
+}
+
+/// Wakes the stream's request reader: marks it woken, then wakes the receiver's
+/// task, which polls the reader (one task serves both sides of a stream).
+impl Wake for StreamSink {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.reader_woken.store(true, Ordering::Release);
+        self.wake_receiver();
     }
 }
 
 impl StreamSink {
     /// A stream whose data responses are bounded by `buffer`, and control responses
-    /// by `buffer + reserve`.
-    pub fn new(buffer: usize, reserve: usize, require_leader: bool) -> (Arc<StreamSink>, SinkReceiver) {
-        let (queue, rx) = mpsc::unbounded_channel();
-        let budget = Arc::new(Budget::new(buffer, reserve));
+    /// by `buffer + reserve`. `gauge` counts every stream's queued responses.
+    pub fn new(
+        buffer: usize,
+        reserve: usize,
+        require_leader: bool,
+        gauge: metrics::Gauge,
+    ) -> (Arc<StreamSink>, SinkReceiver) {
         let sink = StreamSink {
-            queue,
-            budget: budget.clone(),
+            queue: Mutex::new(Queue::default()),
+            budget: Budget { queued: AtomicUsize::new(0), limit: buffer, cap: buffer + reserve, gauge },
             require_leader,
             catching_up: AtomicUsize::new(0),
             ended: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            reader_woken: AtomicBool::new(true),
         };
-        (Arc::new(sink), SinkReceiver { queue: rx, budget })
+        let sink = Arc::new(sink);
+        (sink.clone(), SinkReceiver { sink })
     }
 
-    /// Queues a response whose unit was already taken; false if the stream is gone.
-    fn push(&self, r: WatchResponse) -> bool {
-        !self.ended.load(Ordering::Acquire) && self.queue.send(Outgoing::Response(Box::new(r))).is_ok()
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding it; the queue is still usable if it did.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the receiver's task, outside the lock.
+    fn wake_receiver(&self) {
+        let w = self.lock().waker.take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// A waker for what the stream's request reader waits on (the client's
+    /// requests, a create in progress): it wakes the receiver's task and marks the
+    /// reader woken, so the task polls the reader only when it has something to do.
+    pub fn reader_waker(self: &Arc<Self>) -> Waker {
+        Waker::from(self.clone())
+    }
+
+    /// Whether the reader was woken since the last call (and clears the mark).
+    pub fn take_reader_wake(&self) -> bool {
+        self.reader_woken.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether the reader was woken (without clearing the mark).
+    pub fn reader_woken(&self) -> bool {
+        self.reader_woken.load(Ordering::Acquire)
+    }
+
+    /// Gives back units taken by another task than the receiver's, and wakes the
+    /// receiver: a reader waiting for room may go on.
+    fn give_back_from_afar(&self, n: usize) {
+        self.budget.give_back(n);
+        self.wake_receiver();
+    }
+
+    /// Queues `m` and wakes the receiver; false if the stream is gone.
+    fn push(&self, m: Outgoing) -> bool {
+        let waker = {
+            let mut q = self.lock();
+            // Both are set under this lock: nothing is queued after an end.
+            if self.is_closed() {
+                return false;
+            }
+            q.items.push_back(m);
+            q.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
     }
 
     pub(super) fn send(&self, r: WatchResponse) -> Sent {
@@ -201,13 +299,13 @@ impl StreamSink {
         }
         let mut sent = 0;
         for r in rs {
-            if !self.push(r) {
+            if !self.push(Outgoing::Response(Box::new(r))) {
                 break;
             }
             sent += 1;
         }
         if sent < n {
-            self.budget.give_back(n - sent);
+            self.give_back_from_afar(n - sent);
             return Sent::Gone;
         }
         Sent::Ok
@@ -229,8 +327,8 @@ impl StreamSink {
             self.overflow();
             return false;
         }
-        if !self.push(r) {
-            self.budget.give_back(1);
+        if !self.push(Outgoing::Response(Box::new(r))) {
+            self.give_back_from_afar(1);
             return false;
         }
         true
@@ -267,26 +365,33 @@ impl StreamSink {
         self.budget.queued.load(Ordering::Acquire)
     }
 
-    /// Signalled whenever the client takes a response.
-    pub fn room(&self) -> &Notify {
-        &self.budget.room
-    }
-
-    /// Resolves when the client's response stream is gone.
-    pub async fn closed(&self) {
-        self.queue.closed().await
-    }
-
     /// Whether the stream is gone or ended: nothing queued now would be delivered.
     pub fn is_closed(&self) -> bool {
-        self.ended.load(Ordering::Acquire) || self.queue.is_closed()
+        self.ended.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether the receiver is gone.
+    pub fn is_gone(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Ends the stream with `status` after what is already queued; later responses
     /// are refused. Only the first end counts.
     pub fn end(&self, status: Status) {
-        if !self.ended.swap(true, Ordering::AcqRel) {
-            let _ = self.queue.send(Outgoing::End(Box::new(status)));
+        if self.ended.load(Ordering::Acquire) {
+            return;
+        }
+        // Queued before `ended` is set, so that the end itself is not refused.
+        let waker = {
+            let mut q = self.lock();
+            if self.ended.swap(true, Ordering::AcqRel) || self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            q.items.push_back(Outgoing::End(Box::new(status)));
+            q.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
         }
     }
 }
@@ -303,7 +408,7 @@ mod tests {
     fn drain(rx: &mut SinkReceiver) -> Vec<Outgoing> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut out = Vec::new();
-        while let Poll::Ready(Some(m)) = rx.poll_recv(&mut cx) {
+        while let Poll::Ready(m) = rx.poll_recv(&mut cx) {
             out.push(m);
         }
         out
@@ -311,7 +416,7 @@ mod tests {
 
     #[test]
     fn data_stops_at_the_buffer_and_control_at_the_reserve_then_the_stream_ends() {
-        let (sink, mut rx) = StreamSink::new(4, 2, false);
+        let (sink, mut rx) = StreamSink::new(4, 2, false, metrics::Gauge::noop());
         for i in 0..4 {
             assert_eq!(sink.send(resp(i)), Sent::Ok);
         }
@@ -329,9 +434,71 @@ mod tests {
         assert_eq!(sink.queued(), 0, "every unit given back: taken, refused, or filled after the end");
     }
 
+    /// Counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (c.clone(), Waker::from(c))
+    }
+
+    #[test]
+    fn an_idle_stream_holds_no_queue_and_a_burst_gives_its_places_back() {
+        let (sink, mut rx) = StreamSink::new(1024, 8, false, metrics::Gauge::noop());
+        assert_eq!(rx.places(), 0, "nothing allocated before the first response");
+        for i in 0..500 {
+            assert_eq!(sink.send(resp(i)), Sent::Ok);
+        }
+        assert!(rx.places() >= 500);
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 500);
+        assert_eq!(rx.places(), 0, "an emptied queue gives its places back");
+        assert_eq!(sink.send(resp(1)), Sent::Ok);
+        drain(&mut rx);
+        assert_eq!(rx.places(), 0);
+    }
+
+    #[test]
+    fn queued_responses_and_the_reader_wake_the_receiver() {
+        let (sink, mut rx) = StreamSink::new(4, 1, false, metrics::Gauge::noop());
+        let (count, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        assert!(sink.take_reader_wake(), "a new stream's reader has requests to read");
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        assert_eq!(sink.send(resp(1)), Sent::Ok);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "a response wakes the receiver");
+        assert!(rx.poll_recv(&mut cx).is_ready());
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        sink.reader_waker().wake_by_ref();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2, "the reader's waker wakes the receiver's task");
+        assert!(sink.reader_woken());
+        assert!(sink.take_reader_wake());
+        assert!(!sink.take_reader_wake(), "the mark is taken once");
+    }
+
+    /// A reader stopped at a full stream waits for room; room made by another task
+    /// (an answer that will not come) must wake it.
+    #[test]
+    fn room_made_elsewhere_wakes_the_receiver() {
+        let (sink, mut rx) = StreamSink::new(1, 1, false, metrics::Gauge::noop());
+        let slot = sink.reserve().unwrap();
+        assert!(sink.is_full());
+        let (count, waker) = counting();
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        drop(slot);
+        assert!(!sink.is_full());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn fragments_fit_whole_or_not_at_all() {
-        let (sink, _rx) = StreamSink::new(3, 0, false);
+        let (sink, _rx) = StreamSink::new(3, 0, false, metrics::Gauge::noop());
         assert_eq!(sink.send(resp(0)), Sent::Ok);
         assert_eq!(sink.send_all([resp(1), resp(2), resp(3)]), Sent::Full);
         assert_eq!(sink.queued(), 1);
@@ -341,7 +508,7 @@ mod tests {
 
     #[test]
     fn unfilled_slots_and_undelivered_responses_give_their_units_back() {
-        let (sink, rx) = StreamSink::new(8, 0, false);
+        let (sink, rx) = StreamSink::new(8, 0, false, metrics::Gauge::noop());
         let a = sink.reserve().unwrap();
         let _b = sink.reserve().unwrap();
         assert_eq!(sink.send(resp(1)), Sent::Ok);
@@ -363,7 +530,7 @@ mod tests {
         const THREADS: usize = 4;
         const ROUNDS: usize = 20_000;
         const LIMIT: usize = 2;
-        let (sink, mut rx) = StreamSink::new(LIMIT, 1, false);
+        let (sink, mut rx) = StreamSink::new(LIMIT, 1, false, metrics::Gauge::noop());
         let barrier = Arc::new(Barrier::new(THREADS + 1));
         let accepted = Arc::new(AtomicUsize::new(0));
         let mut threads = Vec::new();

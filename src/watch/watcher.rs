@@ -45,10 +45,11 @@ pub struct Watcher {
     /// reads an event's prev_kv at the revision before the event, which may be
     /// compacted (a watch from exactly the compact revision).
     pub prev_kv_from: i64,
-    /// The one resource root its range lies in, if it lies in one.
-    pub(super) root: Option<Root>,
-    /// Its tenant's watcher gauge and event counter (`None`: per-tenant metrics off).
-    pub(super) tenant_metrics: Option<WatcherMetrics>,
+    /// Whether its range lies in one resource root ([`Watcher::root`]).
+    one_root: bool,
+    /// Its tenant's watcher gauge and event counter, shared with the tenant's other
+    /// watchers (`None`: per-tenant metrics off).
+    pub(super) tenant_metrics: Option<Arc<WatcherMetrics>>,
 }
 
 impl Watcher {
@@ -80,16 +81,21 @@ impl Watcher {
             active: AtomicBool::new(false),
             compacted: false,
             prev_kv_from: 0,
-            root: None,
+            one_root: false,
             tenant_metrics: WatcherMetrics::of(tenant.as_str()),
             tenant,
         }
         .with_root()
     }
 
-    pub(super) fn with_root(mut self) -> Watcher {
+    fn with_root(mut self) -> Watcher {
+        self.one_root = self.find_root().is_some();
+        self
+    }
+
+    fn find_root(&self) -> Option<Root> {
         let root = root_of(&self.start);
-        self.root = match (&self.end, &root) {
+        match (&self.end, &root) {
             (End::Single, _) => Some(root),
             (End::Key(e), Root::Slash { name, single: false }) => {
                 let lo = [b"/", &name[..], b"/"].concat();
@@ -97,8 +103,18 @@ impl Watcher {
                 (self.start.as_ref() >= lo.as_slice() && e.as_ref() <= hi.as_ref()).then_some(root)
             }
             _ => None,
-        };
-        self
+        }
+    }
+
+    /// The one resource root its range lies in, if it lies in one. Worked out again
+    /// when asked (the fan-out index asks when it adds or removes the watcher), not
+    /// kept: most watchers have one, and keeping it cost 64 bytes each.
+    pub(super) fn root(&self) -> Option<Root> {
+        if self.one_root {
+            self.find_root()
+        } else {
+            None
+        }
     }
 
     pub(super) fn matches(&self, ev: &HubEvent) -> bool {
@@ -145,5 +161,18 @@ impl Watcher {
 
     pub fn is_canceled(&self) -> bool {
         self.canceled.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every watcher carries this; streams with thousands of watchers multiply it.
+    #[test]
+    fn a_watcher_stays_small() {
+        let size = std::mem::size_of::<Watcher>();
+        eprintln!("Watcher: {size} bytes");
+        assert!(size <= 200, "a Watcher takes {size} bytes");
     }
 }
