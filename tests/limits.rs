@@ -181,3 +181,55 @@ async fn a_create_beyond_max_watchers_per_stream_is_refused_with_the_reason() {
     assert!(r.created && !r.canceled, "{r:?}");
     mux.shutdown().await;
 }
+
+/// An apiserver starting its cachers opens thousands of watch streams at once on one
+/// connection, each with one small request that etcdmux has not read yet. h2 ends a
+/// connection holding too many such frames (every stream on it with it); the
+/// connection window (`server.connection_window_bytes`) sets that allowance. With
+/// hyper's default window this burst ended the connection at about 2,500 streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_watch_streams_on_one_connection_is_served() {
+    const STREAMS: usize = 9000;
+    let _serial = SERIAL.lock().await;
+    let etcd = common::Etcd::start();
+    let mux = common::start_mux(&etcd, common::MILO_TOML).await;
+    let channel = Channel::from_shared(mux.url.clone()).expect("url").connect().await.expect("connecting");
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    let mut held = Vec::with_capacity(STREAMS);
+    for s in 0..STREAMS {
+        let (tx, rx) = mpsc::channel(1);
+        let prefix = format!("/projects/p{s}/pods/");
+        let range_end = etcdmux::keyspace::prefix_end(prefix.as_bytes());
+        let c = WatchCreateRequest { key: prefix.into_bytes().into(), range_end, ..Default::default() };
+        tx.try_send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(c)) })
+            .expect("room for the create");
+        held.push(tx);
+        let (mut client, done) = (WatchClient::new(channel.clone()), done_tx.clone());
+        tokio::spawn(async move {
+            let outcome = match client.watch(ReceiverStream::new(rx)).await {
+                Ok(resp) => {
+                    let mut stream = resp.into_inner();
+                    let first = stream.message().await;
+                    let ok = matches!(&first, Ok(Some(r)) if r.created && !r.canceled);
+                    let outcome = if ok { Ok(()) } else { Err(format!("{first:?}")) };
+                    // The stream stays open until the test ends.
+                    let _ = done.send(outcome);
+                    std::future::pending::<()>().await;
+                    return;
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = done.send(outcome);
+        });
+    }
+    let mut created = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while created < STREAMS {
+        let next = tokio::time::timeout_at(deadline, done_rx.recv()).await;
+        match next.expect("every stream answered within 120 s").expect("senders alive") {
+            Ok(()) => created += 1,
+            Err(e) => panic!("stream {created} of a burst of {STREAMS} on one connection failed: {e}"),
+        }
+    }
+    drop(held);
+}

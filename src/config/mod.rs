@@ -123,6 +123,14 @@ pub struct ServerConfig {
     pub max_response_bytes: usize,
     /// HTTP/2 streams one client connection may have open at once.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of one client connection: request bytes it may
+    /// send that etcdmux has not read yet (the bound of what a connection buffers).
+    /// h2 also ends a connection holding too many small unread DATA frames (its
+    /// guard allows about one per 512 bytes of this window): an apiserver opening
+    /// thousands of watch streams at once on one connection sends one small request
+    /// each before etcdmux reads them. The default takes a burst of about 20,000
+    /// (hyper's 1 MiB: about 2,500). Default 8388608 (8 MiB).
+    pub connection_window_bytes: u32,
     /// How long a graceful shutdown (SIGTERM) may take, for all listeners together:
     /// unary calls in flight finish, watch streams end with `UNAVAILABLE`, the watch
     /// hub stops last. What is still running then is closed.
@@ -154,6 +162,7 @@ impl Default for ServerConfig {
             max_request_bytes: 2 * 1024 * 1024 + 512 * 1024,
             max_response_bytes: 256 * 1024 * 1024,
             max_concurrent_streams: 10_000,
+            connection_window_bytes: 8 * 1024 * 1024,
             shutdown_grace_ms: 10_000,
             tenant_metrics_top: 100,
             tls_reload_interval_ms: 10_000,
@@ -518,6 +527,13 @@ impl Config {
             return bad(format!(
                 "health.max_probe_age_ms ({}) must exceed probe_interval_ms ({}) and be at least probe_timeout_ms ({}), or readiness flaps between probes",
                 h.max_probe_age_ms, h.probe_interval_ms, h.probe_timeout_ms
+            ));
+        }
+        // HTTP/2's bounds for a window (RFC 9113, 6.9.1).
+        if !(65_535..=0x7fff_ffff).contains(&self.server.connection_window_bytes) {
+            return bad(format!(
+                "server.connection_window_bytes ({}) must be between 65535 and 2147483647",
+                self.server.connection_window_bytes
             ));
         }
         if self.server.tls_handshake_timeout_ms == 0 || self.server.tls_max_handshakes == 0 {

@@ -167,6 +167,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
             .layer(metrics_layer.clone())
             .layer(LimitsLayer::new(limits.clone()))
             .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)
+            .initial_connection_window_size(proxy.cfg.server.connection_window_bytes)
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(keepalive_timeout))
             .tcp_nodelay(true)
