@@ -73,16 +73,11 @@ pub async fn start_mux(etcd: &Etcd, toml: &str) -> Mux {
 /// schema created first), every listener on 127.0.0.1:0, no metrics listener.
 pub async fn start_mux_sql(pg: &Postgres, toml: &str) -> Mux {
     init_schema(&pg.dsn).await;
-    let mut cfg = etcdmux::config::Config::parse(toml, "test config").unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    cfg.backend.kind = etcdmux::config::BackendKind::Sql;
-    cfg.backend.dsn = pg.dsn.clone();
-    for l in &mut cfg.listeners {
-        l.addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    }
-    cfg.server.metrics_listen = None;
-    cfg.validate().unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    let running = etcdmux::grpc::server::start(cfg).await.unwrap_or_else(|e| panic!("starting etcdmux: {e}"));
-    let url = format!("http://127.0.0.1:{}", running.addrs[0].port());
+    let (running, url) = start_configured(toml, |cfg| {
+        cfg.backend.kind = etcdmux::config::BackendKind::Sql;
+        cfg.backend.dsn = pg.dsn.clone();
+    })
+    .await;
     Mux { addr: running.addrs[0], running: Some(running), url }
 }
 
@@ -126,8 +121,17 @@ pub enum StoreGuard {
 /// order (every listener on 127.0.0.1:0, no metrics listener); returns it and the
 /// URL of its first listener.
 pub async fn start_mux_with(toml: &str, endpoints: Vec<String>) -> (etcdmux::grpc::server::Running, String) {
+    start_configured(toml, |cfg| cfg.upstream.endpoints = endpoints).await
+}
+
+/// Starts etcdmux in-process with config `toml` changed by `set` (every listener on
+/// 127.0.0.1:0, no metrics listener); returns it and its first listener's URL.
+async fn start_configured(
+    toml: &str,
+    set: impl FnOnce(&mut etcdmux::config::Config),
+) -> (etcdmux::grpc::server::Running, String) {
     let mut cfg = etcdmux::config::Config::parse(toml, "test config").unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    cfg.upstream.endpoints = endpoints;
+    set(&mut cfg);
     for l in &mut cfg.listeners {
         l.addr = SocketAddr::from(([127, 0, 0, 1], 0));
     }
