@@ -1,14 +1,18 @@
-//! rootindex: what etcdmux's per-tenant root index costs etcd (issue 11, goal 3).
+//! rootindex: what the per-tenant root index of earlier etcdmux versions cost etcd,
+//! against this version's shared one (issue 11, goal 3).
 //!
-//! etcdmux keeps one index key per (tenant, resource root) in etcd, so a cross-root
-//! range or delete finds every root a tenant has written. At 30,000 projects × 10
-//! resources that is 300,000 keys etcd holds beside the data. etcd's compaction
-//! walks its in-memory key index (every key, under the index lock), so the extra
-//! keys could lengthen the pause writes see at each compaction.
+//! Earlier versions kept one index key per (tenant, resource root) in etcd, so a
+//! cross-root range or delete finds every root a tenant has written: at 30,000
+//! projects × 10 resources, 300,000 keys beside the data. etcd's compaction walks its
+//! in-memory key index (every key, under the index lock), so the extra keys lengthen
+//! the pause writes see at each compaction. This version keeps one key per resource
+//! root for all tenants (`layout.write_tenant_index` still writes the old form, for
+//! rolling upgrades).
 //!
 //! Measured side by side: two fresh etcds hold the same Milo-shaped data. One is
-//! written through etcdmux (data + root-index keys, exactly as etcdmux writes them);
-//! the other is a copy of it without the index keys. Each then takes the same
+//! written through etcdmux with `write_tenant_index` on (data, the per-tenant index
+//! keys and the shared ones, exactly as etcdmux writes them); the other is a copy of
+//! it without the per-tenant keys: what this version writes. Each then takes the same
 //! open-loop write load (updates of existing objects at a fixed rate, straight to
 //! etcd) with a physical compaction every few seconds. Reported per etcd: keys,
 //! database size, RSS, each compaction's time (the RPC, and etcd's own index and db
@@ -36,7 +40,7 @@ use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 struct Args {
-    /// The etcdmux binary (writes the "with index" etcd).
+    /// The etcdmux binary (writes the etcd with the per-tenant index).
     #[arg(long, default_value = "target/release/etcdmux")]
     etcdmux: PathBuf,
     #[arg(long, default_value_t = 30000)]
@@ -68,7 +72,8 @@ struct Args {
     name: String,
 }
 
-/// etcdmux's root-index keys, under Milo's `meta_prefix` (config/milo.toml).
+/// The per-tenant index keys of earlier versions, under Milo's `meta_prefix`
+/// (config/milo.toml).
 const INDEX_PREFIX: &[u8] = b"/etcdmux/roots/";
 
 fn put_op(key: Bytes, value: Bytes) -> RequestOp {
@@ -262,14 +267,21 @@ async fn main() -> Result<(), Error> {
     let with = start_etcd().await?;
     let without = start_etcd().await?;
     {
-        let kind = FrontKind::Etcdmux { bin: a.etcdmux.clone(), config: PathBuf::from(MILO_CONFIG) };
+        // Milo's config, writing the per-tenant index as earlier versions did.
+        let milo = std::fs::read_to_string(MILO_CONFIG)?;
+        if !milo.contains("[layout]\n") {
+            return Err(format!("{MILO_CONFIG} has no [layout] section to turn write_tenant_index on in").into());
+        }
+        let config = dir.path().join("milo-tenant-index.toml");
+        std::fs::write(&config, milo.replacen("[layout]\n", "[layout]\nwrite_tenant_index = true\n", 1))?;
+        let kind = FrontKind::Etcdmux { bin: a.etcdmux.clone(), config };
         let front = start_front(&with, &kind, dir.path(), "").await?;
         let t = Instant::now();
         seed_through_etcdmux(&front.url, &a).await?;
         eprintln!("rootindex: {} projects seeded through etcdmux in {:.1} s", a.projects, t.elapsed().as_secs_f64());
     }
     let (data, index) = copy_without_index(&with.client_url, &without.client_url).await?;
-    eprintln!("rootindex: {} keys copied without the {index} index keys", data.len());
+    eprintln!("rootindex: {} keys copied without the {index} per-tenant index keys", data.len());
     let objects: Vec<Bytes> = data.into_iter().filter(|k| !k.starts_with(b"/etcdmux/")).collect();
     let objects = Arc::new(objects);
     // One etcd at a time: the other sits idle, so both see the same machine. The
@@ -279,9 +291,9 @@ async fn main() -> Result<(), Error> {
     for round in 1..=a.rounds {
         for has_index in if round % 2 == 1 { [true, false] } else { [false, true] } {
             let (etcd, name) = if has_index {
-                (&with, "with the root index (through etcdmux)")
+                (&with, "per-tenant index (earlier versions)")
             } else {
-                (&without, "without it (same data)")
+                (&without, "shared index (this version)")
             };
             eprintln!("rootindex: round {round}: load on the etcd {name}");
             let r = load(etcd, objects.clone(), &a).await?;
@@ -299,7 +311,7 @@ async fn main() -> Result<(), Error> {
     writeln!(report, "Machine: {}. Both etcds run on this machine; the load generator shares the cores.\n", machine())?;
     writeln!(
         report,
-        "Data: {} projects × {} resources × {} objects of {} B, written through etcdmux (config/milo.toml) into the first etcd, which therefore also holds one root-index key per (project, resource): {index} index keys. The second etcd holds a copy of every key but those. Then each etcd in turn (the other idle) takes {} updates/s of random existing objects, open loop (a write's latency counts from its scheduled start), sent straight to etcd, with {} physical compactions one after another, {} s of writes before each and after the last: each compacts the writes since the one before (the first, also the seeding).\n",
+        "Data: {} projects × {} resources × {} objects of {} B, written through etcdmux (config/milo.toml with `layout.write_tenant_index = true`) into the first etcd, which therefore holds the per-tenant index of earlier versions, one key per (project, resource): {index} keys, beside this version's shared index (one key per resource). The second etcd holds a copy of every key but the per-tenant ones: what this version writes. Then each etcd in turn (the other idle) takes {} updates/s of random existing objects, open loop (a write's latency counts from its scheduled start), sent straight to etcd, with {} physical compactions one after another, {} s of writes before each and after the last: each compacts the writes since the one before (the first, also the seeding).\n",
         a.projects, a.resources, a.objects, a.value_bytes, a.write_rate, a.compactions, a.gap_secs
     )?;
     writeln!(report, "Columns: keys in etcd; database size in use (MiB) and etcd RSS (MiB) before → after the load; each compaction RPC (ms); etcd's own mean index-compaction pause and db-compaction pause per batch (ms; `etcd_debugging_mvcc_*_compaction_pause_duration_milliseconds`); write p50/p99/max (ms) over the whole load and for writes started from a compaction's start to 1 s after it ended (write count in parentheses).\n")?;
@@ -318,7 +330,7 @@ async fn main() -> Result<(), Error> {
     let (w, wo) = (&withs[..], &withouts[..]);
     writeln!(
         report,
-        "\nWith the index / without, over all rounds: keys {}, database in use {}, RSS {}, total compaction RPC time {}, etcd's index-compaction pause {}, write p99 near compactions (pooled) {}.",
+        "\nPer-tenant index / shared index, over all rounds: keys {}, database in use {}, RSS {}, total compaction RPC time {}, etcd's index-compaction pause {}, write p99 near compactions (pooled) {}.",
         ratio(total(w, &|r| r.keys as f64), total(wo, &|r| r.keys as f64)),
         ratio(total(w, &|r| r.db_mib.1), total(wo, &|r| r.db_mib.1)),
         ratio(total(w, &|r| r.rss_mib.1), total(wo, &|r| r.rss_mib.1)),

@@ -226,9 +226,15 @@ pub struct LayoutConfig {
     /// etcdmux's own bookkeeping (resource-root index, lease owners, keys without a
     /// leading `/`). Must not overlap `prefix`.
     pub meta_prefix: String,
-    /// Resource roots remembered as present in the index (an evicted root only costs
-    /// one idempotent index write on its next put).
+    /// Root-index keys remembered as present in etcd (an evicted one only costs one
+    /// idempotent index write on the next put into its slot). The root index holds
+    /// one key per resource root in use, whatever the number of tenants.
     pub root_cache_capacity: u64,
+    /// Also write the per-tenant index of versions before the shared root index
+    /// (`<meta_prefix>/roots/<tenant>/<slot>`, one key per tenant and root). Turn it on
+    /// only while etcdmux replicas of such a version still serve the same etcd (a
+    /// rolling upgrade): they read only that form. This version reads both forms.
+    pub write_tenant_index: bool,
 }
 
 impl Default for LayoutConfig {
@@ -237,6 +243,7 @@ impl Default for LayoutConfig {
             prefix: "/registry".to_string(),
             meta_prefix: "/etcdmux".to_string(),
             root_cache_capacity: 100_000,
+            write_tenant_index: false,
         }
     }
 }

@@ -26,10 +26,13 @@
 //!   inside one root is one upstream range with the same order, limit and `more`;
 //! - **ranges across roots** are planned as one upstream piece per
 //!   *slot* (the key `/<root>` alone, the `/<root>/…` interval — `/<root>!…` belongs
-//!   to another root — or the bare root), found through the tenant's *root index*: a
-//!   key per used slot under `<meta>/roots/<tenant>/`, written in the same transaction
-//!   as the slot's first key and never removed, so every etcdmux replica sees it and
-//!   a tenant-wide range touches only the slots that tenant has used.
+//!   to another root — or the bare root), found through the *root index*: one key per
+//!   slot any tenant has used, `<meta>/slots/<slot>`, written in the same transaction
+//!   as the slot's first key and never removed, so every etcdmux replica sees it. Its
+//!   size is the number of distinct resource roots, whatever the number of tenants.
+//!   Versions before it kept one key per tenant and slot (`<meta>/roots/<tenant>/<slot>`,
+//!   the *tenant index*); those keys are still read, so a tenant's slots are the
+//!   union of both, until `etcdmux migrate root-index` has folded them away.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -118,8 +121,10 @@ pub struct KeyLayout {
     prefix: Bytes,
     /// `/etcdmux/bare/`
     bare: Bytes,
-    /// `/etcdmux/roots` (index keys add `/<tenant>/<slot>`)
+    /// `/etcdmux/roots` (the per-tenant index of earlier versions: `/<tenant>/<slot>`)
     roots: Bytes,
+    /// `/etcdmux/slots/` (the root index: `<slot>`)
+    slots: Bytes,
     /// `/etcdmux/leases/`
     leases: Bytes,
     /// `/etcdmux/void`
@@ -145,6 +150,7 @@ impl KeyLayout {
             prefix: Bytes::copy_from_slice(prefix.as_bytes()),
             bare: cat(&[m, b"/bare/"]),
             roots: cat(&[m, b"/roots"]),
+            slots: cat(&[m, b"/slots/"]),
             leases: cat(&[m, b"/leases/"]),
             void: cat(&[m, b"/void"]),
             migrate: cat(&[m, b"/migrate/"]),
@@ -158,19 +164,19 @@ impl KeyLayout {
         Piece { key: start, range_end }
     }
 
-    /// The upstream range of every tenant's root index.
-    pub fn all_index_range(&self) -> Piece {
+    /// The upstream range of every tenant's tenant index (earlier versions' form).
+    pub fn all_tenant_index_range(&self) -> Piece {
         let start = cat(&[&self.roots, b"/"]);
         let range_end = prefix_end(&start);
         Piece { key: start, range_end }
     }
 
-    /// The tenant and slot an index key records (any tenant).
-    pub fn index_entry(&self, k: &[u8]) -> Option<(TenantName, Slot)> {
+    /// The tenant and slot a tenant-index key records (any tenant).
+    pub fn tenant_index_entry(&self, k: &[u8]) -> Option<(TenantName, Slot)> {
         let rest = k.strip_prefix(&self.roots[..])?.strip_prefix(b"/")?;
         let slash = rest.iter().position(|&b| b == b'/')?;
         let t = tenant_from(&rest[..slash])?;
-        let slot = self.slot_from_index_key(&t, k)?;
+        let slot = self.slot_from_tenant_index_key(&t, k)?;
         Some((t, slot))
     }
 
@@ -249,34 +255,39 @@ impl KeyLayout {
         })
     }
 
-    /// The index key recording that tenant `t` has (or had) keys in `slot`.
-    pub fn index_key(&self, t: &TenantName, slot: &Slot) -> Bytes {
-        let tn = t.as_str().as_bytes();
-        match slot {
-            Slot::Bare => cat(&[&self.roots, b"/", tn, b"/b"]),
-            Slot::Key(name) => cat(&[&self.roots, b"/", tn, b"/k", name]),
-            Slot::Under(name) => cat(&[&self.roots, b"/", tn, b"/u", name]),
-        }
+    /// The root-index key recording that some tenant has (or had) keys in `slot`.
+    pub fn slot_key(&self, slot: &Slot) -> Bytes {
+        let (tag, name) = slot_tag(slot);
+        cat(&[&self.slots, &[tag], name])
     }
 
-    /// The upstream range holding tenant `t`'s index.
-    pub fn index_range(&self, t: &TenantName) -> Piece {
+    /// The upstream range holding the root index.
+    pub fn slot_index_range(&self) -> Piece {
+        Piece { key: self.slots.clone(), range_end: prefix_end(&self.slots) }
+    }
+
+    /// The slot a root-index key records.
+    pub fn slot_from_slot_key(&self, k: &[u8]) -> Option<Slot> {
+        parse_slot(k.strip_prefix(&self.slots[..])?)
+    }
+
+    /// The tenant-index key (earlier versions' form, still written while
+    /// `layout.write_tenant_index` is on) recording that tenant `t` has keys in `slot`.
+    pub fn tenant_index_key(&self, t: &TenantName, slot: &Slot) -> Bytes {
+        let (tag, name) = slot_tag(slot);
+        cat(&[&self.roots, b"/", t.as_str().as_bytes(), b"/", &[tag], name])
+    }
+
+    /// The upstream range holding tenant `t`'s tenant index.
+    pub fn tenant_index_range(&self, t: &TenantName) -> Piece {
         let start = cat(&[&self.roots, b"/", t.as_str().as_bytes(), b"/"]);
         let range_end = prefix_end(&start);
         Piece { key: start, range_end }
     }
 
-    /// The slot an index key of tenant `t` records.
-    pub fn slot_from_index_key(&self, t: &TenantName, k: &[u8]) -> Option<Slot> {
-        let rest = k.strip_prefix(&self.index_range(t).key[..])?;
-        let (tag, name) = rest.split_first()?;
-        let name = Bytes::copy_from_slice(name);
-        match tag {
-            b'b' if name.is_empty() => Some(Slot::Bare),
-            b'k' => Some(Slot::Key(name)),
-            b'u' => Some(Slot::Under(name)),
-            _ => None,
-        }
+    /// The slot a tenant-index key of tenant `t` records.
+    pub fn slot_from_tenant_index_key(&self, t: &TenantName, k: &[u8]) -> Option<Slot> {
+        parse_slot(k.strip_prefix(&self.tenant_index_range(t).key[..])?)
     }
 
     /// The one upstream range the watch hub watches: from the bare keys under the
@@ -358,6 +369,26 @@ fn tenant_from(raw: &[u8]) -> Option<TenantName> {
     TenantName::new(std::str::from_utf8(raw).ok()?).ok()
 }
 
+/// How a slot is spelled in index keys: a tag byte, then the root's name.
+fn slot_tag(slot: &Slot) -> (u8, &[u8]) {
+    match slot {
+        Slot::Bare => (b'b', b""),
+        Slot::Key(name) => (b'k', name),
+        Slot::Under(name) => (b'u', name),
+    }
+}
+
+fn parse_slot(spelled: &[u8]) -> Option<Slot> {
+    let (tag, name) = spelled.split_first()?;
+    let name = Bytes::copy_from_slice(name);
+    match tag {
+        b'b' if name.is_empty() => Some(Slot::Bare),
+        b'k' => Some(Slot::Key(name)),
+        b'u' => Some(Slot::Under(name)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,9 +409,11 @@ mod tests {
             Some("/registry/apps.k8s.io/deployments/clusters/p")
         );
         assert_eq!(id(&l.encode(&p, b"bare/key")).as_deref(), Some("/etcdmux/bare/p"));
-        assert_eq!(id(&l.index_key(&p, &Slot::Bare)), None);
+        assert_eq!(id(&l.tenant_index_key(&p, &Slot::Bare)), None);
+        assert_eq!(id(&l.slot_key(&Slot::Bare)), None);
         assert_eq!(id(&l.lease_owner_key(7)), None);
-        assert!(l.piece_free(&l.index_range(&p).key, &l.index_range(&p).range_end));
+        assert!(l.piece_free(&l.tenant_index_range(&p).key, &l.tenant_index_range(&p).range_end));
+        assert!(l.piece_free(&l.slot_index_range().key, &l.slot_index_range().range_end));
         assert!(l.piece_free(&l.lease_owner_range().key, &l.lease_owner_range().range_end));
         assert!(!l.piece_free(b"/registry/pods/", b"/registry/pods0"));
         assert!(!l.piece_free(b"/etcdmux/a", b"\0"), "reaches into the bare keys");
@@ -435,10 +468,17 @@ mod tests {
         let l = layout();
         for key in [&b"/pods/x"[..], b"/apps.k8s.io", b"/apps.k8s.io/d/x", b"/", b"//", b"bare"] {
             let slot = slot_of(key);
-            let ik = l.index_key(&t("p"), &slot);
-            assert!(ik.starts_with(&l.index_range(&t("p")).key));
-            assert_eq!(l.slot_from_index_key(&t("p"), &ik), Some(slot));
-            assert_eq!(l.slot_from_index_key(&t("p!"), &ik), None);
+            let ik = l.tenant_index_key(&t("p"), &slot);
+            assert!(ik.starts_with(&l.tenant_index_range(&t("p")).key));
+            assert_eq!(l.slot_from_tenant_index_key(&t("p"), &ik), Some(slot.clone()));
+            assert_eq!(l.slot_from_tenant_index_key(&t("p!"), &ik), None);
+            assert_eq!(l.tenant_index_entry(&ik), Some((t("p"), slot.clone())));
+            let sk = l.slot_key(&slot);
+            let r = l.slot_index_range();
+            assert!(sk >= r.key && sk < r.range_end);
+            assert_eq!(l.slot_from_slot_key(&sk), Some(slot));
+            assert_eq!(l.slot_from_slot_key(&ik), None);
+            assert_eq!(l.tenant_index_entry(&sk), None);
         }
         assert_eq!(l.lease_id_from_owner_key(&l.lease_owner_key(-5)), Some(-5));
         let w = l.watch_range();

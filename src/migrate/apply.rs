@@ -16,7 +16,7 @@ use super::error::{MigrateError, Result};
 use super::etcd::Etcd;
 use super::leases::Leases;
 use crate::keyspace::{slot_of, KeyLayout, TenantName};
-use crate::ops::index::RootIndex;
+use crate::ops::index::{index_keys, RootIndex};
 use crate::ops::write::placed_put;
 use crate::pb::etcdserverpb::{request_op, DeleteRangeRequest, PutRequest, RequestOp};
 use crate::upstream::classify::EtcdError;
@@ -119,9 +119,10 @@ impl<'a> Writer<'a> {
     fn extra_keys(&self, item: &Item) -> Vec<Bytes> {
         match item {
             Item::Put { tenant, key, .. } => {
-                let ik = self.layout.index_key(tenant, &slot_of(key));
-                let mk = self.marker_key(tenant);
-                [ik, mk].into_iter().filter(|k| !self.known.contains(k) && !self.pending_keys.contains(k)).collect()
+                let mut keys = index_keys(self.layout, tenant, &slot_of(key), false);
+                keys.push(self.marker_key(tenant));
+                keys.retain(|k| !self.known.contains(k) && !self.pending_keys.contains(k));
+                keys
             }
             Item::Delete { .. } => Vec::new(),
         }
@@ -178,8 +179,11 @@ impl<'a> Writer<'a> {
             match &p.item {
                 Item::Put { tenant, key, value, .. } => {
                     let req = PutRequest { value: value.clone(), lease: p.lease, ..Default::default() };
-                    let (req, index_key) = placed_put(self.layout, tenant, key, req);
-                    for k in [index_key, self.marker_key(tenant)] {
+                    // The root index's shared form only: a migration writes a layout
+                    // no replica of an earlier version reads.
+                    let (req, mut keys) = placed_put(self.layout, tenant, key, req, false);
+                    keys.push(self.marker_key(tenant));
+                    for k in keys {
                         if !self.known.contains(&k) && seen.insert(k.clone()) {
                             ops.push(RootIndex::put_op(k.clone()));
                             extra.push(k);

@@ -68,6 +68,20 @@ pub enum MigrateCommand {
         #[arg(long)]
         batch: Option<usize>,
     },
+    /// Fold the per-tenant root index of earlier etcdmux versions into the shared one
+    /// (one key per resource root); needs no source.
+    RootIndex {
+        /// The etcdmux config ([layout], [upstream]).
+        #[arg(long, env = "ETCDMUX_CONFIG")]
+        config: PathBuf,
+        /// etcd's endpoints (default: the config's upstream.endpoints).
+        #[arg(long, value_delimiter = ',')]
+        target: Vec<String>,
+        /// Also delete the per-tenant keys, once every slot they record has its shared
+        /// key (only when no etcdmux of an earlier version serves this etcd).
+        #[arg(long)]
+        delete_tenant_keys: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -123,13 +137,15 @@ pub struct Common {
 }
 
 impl MigrateCommand {
-    pub fn common(&self) -> &Common {
+    /// The flags of the steps that move keys from a source (all but `root-index`).
+    pub fn common(&self) -> Option<&Common> {
         match self {
             MigrateCommand::Plan { common, .. }
             | MigrateCommand::Copy { common, .. }
             | MigrateCommand::Verify { common, .. }
             | MigrateCommand::Cutover { common, .. }
-            | MigrateCommand::Cleanup { common, .. } => common,
+            | MigrateCommand::Cleanup { common, .. } => Some(common),
+            MigrateCommand::RootIndex { .. } => None,
         }
     }
 }

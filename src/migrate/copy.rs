@@ -22,7 +22,8 @@ use super::rate::RateLimit;
 use super::source::{prefix_range, Class, SourceMap};
 use super::tail::{self, TailOptions, Until};
 use super::{revision, snapshot, Ctx};
-use crate::keyspace::TenantName;
+use crate::keyspace::{End, Slot, TenantName};
+use bytes::Bytes;
 
 pub struct CopyOptions {
     pub until_caught_up: bool,
@@ -148,21 +149,31 @@ async fn prescan(ctx: &Ctx, map: &SourceMap, rev: i64) -> Result<Scan> {
     Ok(scan)
 }
 
-/// Tenants with keys in the target: from the root index, then counted.
+/// Tenants of `tenants` with keys in the target, counted in every slot the root
+/// index records (and the tenant indexes of earlier versions), in batched txns.
 pub(super) async fn target_keys(ctx: &Ctx, tenants: &BTreeSet<TenantName>) -> Result<BTreeMap<TenantName, u64>> {
-    let mut indexed = BTreeSet::new();
-    let mut pager = Pager::new(&ctx.layout.all_index_range(), 0, ctx.cfg.migrate.page_keys, true);
-    while let Some(page) = pager.next(&ctx.target).await? {
-        indexed.extend(page.iter().filter_map(|kv| ctx.layout.index_entry(&kv.key)).map(|(t, _)| t));
+    let page = ctx.cfg.migrate.page_keys;
+    let mut shared = BTreeSet::new();
+    let mut pager = Pager::new(&ctx.layout.slot_index_range(), 0, page, true);
+    while let Some(kvs) = pager.next(&ctx.target).await? {
+        shared.extend(kvs.iter().filter_map(|kv| ctx.layout.slot_from_slot_key(&kv.key)));
+    }
+    let revision = pager.revision;
+    let mut own: BTreeMap<TenantName, BTreeSet<Slot>> = BTreeMap::new();
+    let mut pager = Pager::new(&ctx.layout.all_tenant_index_range(), revision, page, true);
+    while let Some(kvs) = pager.next(&ctx.target).await? {
+        for (t, slot) in kvs.iter().filter_map(|kv| ctx.layout.tenant_index_entry(&kv.key)) {
+            own.entry(t).or_default().insert(slot);
+        }
     }
     let mut out = BTreeMap::new();
-    for t in indexed.intersection(tenants) {
-        let mut n = 0;
-        for piece in snapshot::tenant_pieces(&ctx.target, &ctx.layout, t, 0).await? {
-            n += ctx.target.count(&piece, 0).await? as u64;
-        }
+    for t in tenants {
+        let slots = shared.iter().chain(own.get(t).into_iter().flatten());
+        let pieces = ctx.layout.plan(t, &Bytes::new(), &End::Unbounded, slots);
+        let counts = ctx.target.counts(&pieces, revision, ctx.cfg.upstream.max_txn_ops).await?;
+        let n: i64 = counts.iter().sum();
         if n > 0 {
-            out.insert(t.clone(), n);
+            out.insert(t.clone(), n as u64);
         }
     }
     Ok(out)

@@ -14,8 +14,9 @@ use crate::config::{Config, UpstreamConfig};
 use crate::keyspace::Piece;
 use crate::pb::etcdserverpb::watch_client::WatchClient;
 use crate::pb::etcdserverpb::{
-    CompactionRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseTimeToLiveRequest,
-    LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    request_op, response_op, CompactionRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    TxnRequest, TxnResponse,
 };
 use crate::pb::mvccpb::KeyValue;
 use crate::upstream::classify::{EtcdError, UpstreamError};
@@ -152,6 +153,32 @@ impl Etcd {
             ..Default::default()
         };
         Ok(self.range(req).await?.count)
+    }
+
+    /// Key counts of `ranges` at `revision`, `per_txn` counts to an etcd transaction.
+    pub async fn counts(&self, ranges: &[Piece], revision: i64, per_txn: usize) -> Result<Vec<i64>> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for chunk in ranges.chunks(per_txn.max(1)) {
+            let success = chunk
+                .iter()
+                .map(|r| RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: r.key.clone(),
+                        range_end: r.range_end.clone(),
+                        count_only: true,
+                        revision,
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            for r in self.txn(TxnRequest { success, ..Default::default() }).await?.responses {
+                match r.response {
+                    Some(response_op::Response::ResponseRange(rr)) => out.push(rr.count),
+                    other => return Err(MigrateError::Internal(format!("count txn answered {other:?}"))),
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -11,6 +11,9 @@
 //! cutover   fence the old layout, drain, verify, revisions past the
 //!           source's, compact: every old resource version is too old  (cutover.rs)
 //! cleanup   delete the source's migrated keys after cutover            (cleanup.rs)
+//!
+//! root-index  fold earlier versions' per-tenant root index into the
+//!           shared one (no source; any time after an upgrade)        (root_index.rs)
 //! ```
 //!
 //! The source's keys resolve with the proxy's own rules ([`source`]) and are written
@@ -32,6 +35,7 @@ pub mod plan;
 pub mod progress;
 pub mod rate;
 pub mod revision;
+pub mod root_index;
 pub mod snapshot;
 pub mod source;
 pub mod tail;
@@ -70,6 +74,13 @@ pub struct Ctx {
 
 /// Runs one subcommand; `tasks` is cancelled on SIGINT/SIGTERM.
 pub async fn run(cmd: MigrateCommand, tasks: Tasks) -> Result<()> {
+    if let MigrateCommand::RootIndex { config, target, delete_tenant_keys } = &cmd {
+        let mut cfg = Config::load(config).map_err(|e| usage(e.to_string()))?;
+        if !target.is_empty() {
+            cfg.upstream.endpoints.clone_from(target);
+        }
+        return root_index::run(&cfg, *delete_tenant_keys, &tasks).await;
+    }
     let ctx = Ctx::open(&cmd, tasks).await?;
     match cmd {
         MigrateCommand::Plan { detail, .. } => plan::run(&ctx, detail).await,
@@ -85,6 +96,7 @@ pub async fn run(cmd: MigrateCommand, tasks: Tasks) -> Result<()> {
         MigrateCommand::Cleanup { delete_source, batch, .. } => {
             cleanup::run(&ctx, delete_source, batch.unwrap_or(ctx.cfg.migrate.cleanup_batch)).await
         }
+        MigrateCommand::RootIndex { .. } => Err(usage("root-index takes no source")),
     }
 }
 
@@ -123,7 +135,7 @@ fn read_tenants(names: &[String], file: Option<&std::path::Path>) -> Result<Opti
 
 impl Ctx {
     async fn open(cmd: &MigrateCommand, tasks: Tasks) -> Result<Ctx> {
-        let c = cmd.common();
+        let c = cmd.common().ok_or_else(|| usage("this step takes no source"))?;
         for id in &c.id {
             check_id(id)?;
         }

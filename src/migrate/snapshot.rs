@@ -17,14 +17,24 @@ use crate::keyspace::{End, KeyLayout, Piece, Slot, TenantName};
 use crate::pb::etcdserverpb::{request_op, DeleteRangeRequest, RequestOp};
 use crate::shutdown::Tasks;
 
-/// Every upstream range that can hold tenant `t`'s keys in the target, from its
-/// root index (a superset of the slots it uses).
-pub async fn tenant_pieces(target: &Etcd, layout: &KeyLayout, t: &TenantName, revision: i64) -> Result<Vec<Piece>> {
+/// Every slot the target's root index records, with tenant `t`'s tenant index of
+/// earlier versions (a superset of the slots `t` uses).
+pub async fn indexed_slots(target: &Etcd, layout: &KeyLayout, t: &TenantName, revision: i64) -> Result<BTreeSet<Slot>> {
     let mut slots = BTreeSet::<Slot>::new();
-    let mut pager = Pager::new(&layout.index_range(t), revision, 1000, true);
+    let mut pager = Pager::new(&layout.slot_index_range(), revision, 1000, true);
     while let Some(page) = pager.next(target).await? {
-        slots.extend(page.iter().filter_map(|kv| layout.slot_from_index_key(t, &kv.key)));
+        slots.extend(page.iter().filter_map(|kv| layout.slot_from_slot_key(&kv.key)));
     }
+    let mut pager = Pager::new(&layout.tenant_index_range(t), revision, 1000, true);
+    while let Some(page) = pager.next(target).await? {
+        slots.extend(page.iter().filter_map(|kv| layout.slot_from_tenant_index_key(t, &kv.key)));
+    }
+    Ok(slots)
+}
+
+/// Every upstream range that can hold tenant `t`'s keys in the target.
+pub async fn tenant_pieces(target: &Etcd, layout: &KeyLayout, t: &TenantName, revision: i64) -> Result<Vec<Piece>> {
+    let slots = indexed_slots(target, layout, t, revision).await?;
     Ok(layout.plan(t, &Bytes::new(), &End::Unbounded, &slots))
 }
 

@@ -1,16 +1,24 @@
-//! The per-tenant root index: which layout slots a tenant has keys in, kept in etcd.
+//! The root index: which layout slots any tenant has keys in, kept in etcd.
 //!
 //! A range that spans resource roots (`get --prefix /`, deleting a whole project)
 //! must find every root the tenant has written. Each slot's index key
-//! (`<meta>/roots/<tenant>/<slot>`) is put in the same etcd transaction as the
-//! slot's first key and never removed, so the index is always a superset of the
-//! slots holding keys, for every etcdmux replica, at every revision.
+//! (`<meta>/slots/<slot>`, one per slot for all tenants) is put in the same etcd
+//! transaction as the first key any tenant writes in the slot, and never removed, so
+//! the index is always a superset of the slots holding keys, for every etcdmux
+//! replica, at every revision. Its size is the number of resource roots in use, not
+//! tenants × roots: etcd's compaction walks every key, and a per-tenant index made it
+//! 1.5× slower at 30,000 projects (loadtest/results/rootindex.md).
+//!
+//! Earlier versions kept one key per tenant and slot (`<meta>/roots/<tenant>/<slot>`).
+//! Those keys are read too, at the same revision, and the guards cover them, so a
+//! rolling upgrade loses nothing; `layout.write_tenant_index` keeps writing them for
+//! old replicas, and `etcdmux migrate root-index` folds them into the shared form.
 //!
 //! This process only remembers which index keys it knows exist (a bounded cache);
 //! forgetting one costs one idempotent index put on the slot's next write.
 //!
 //! A cross-root operation reads the index and then works at the revision it read
-//! (a range) or guarded by a compare that the index did not grow since (a delete, a
+//! (a range) or guarded by compares that the index did not grow since (a delete, a
 //! txn). When the index grew meanwhile, or the pinned revision was compacted, the
 //! operation starts over: [`with_index_attempts`] runs those attempts, the same way
 //! for every operation.
@@ -22,10 +30,9 @@ use std::future::Future;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::keyspace::Slot;
-use crate::keyspace::TenantName;
+use crate::keyspace::{KeyLayout, Piece, Slot, TenantName};
 use crate::ops::Proxy;
-use crate::pb::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, ResponseHeader};
+use crate::pb::etcdserverpb::{compare, request_op, Compare, PutRequest, RangeRequest, RequestOp, ResponseHeader};
 use crate::upstream::CallCtx;
 
 /// Attempts of one cross-root operation. Each attempt reads the tenant's index and
@@ -59,15 +66,20 @@ where
 
 pub struct RootIndex {
     known: moka::sync::Cache<Bytes, ()>,
+    write_tenant_index: bool,
 }
 
 impl RootIndex {
-    pub fn new(capacity: u64) -> RootIndex {
-        RootIndex { known: moka::sync::Cache::new(capacity) }
+    pub fn new(capacity: u64, write_tenant_index: bool) -> RootIndex {
+        RootIndex { known: moka::sync::Cache::new(capacity), write_tenant_index }
     }
 
-    pub fn is_known(&self, index_key: &Bytes) -> bool {
-        self.known.contains_key(index_key)
+    /// The index keys a put of tenant `t` into `slot` must carry in its
+    /// transaction: those this process does not know exist.
+    pub fn missing(&self, layout: &KeyLayout, t: &TenantName, slot: &Slot) -> Vec<Bytes> {
+        let mut keys = index_keys(layout, t, slot, self.write_tenant_index);
+        keys.retain(|k| !self.known.contains_key(k));
+        keys
     }
 
     /// Records index keys that etcd now holds (after a committed write or a read).
@@ -87,7 +99,32 @@ impl RootIndex {
     }
 }
 
-/// A tenant's index as read from etcd.
+/// Every index key that records tenant `t`'s keys in `slot`: the slot's root-index
+/// key, and with `tenant_form` the tenant-index key of earlier versions.
+pub fn index_keys(layout: &KeyLayout, t: &TenantName, slot: &Slot, tenant_form: bool) -> Vec<Bytes> {
+    let mut keys = vec![layout.slot_key(slot)];
+    if tenant_form {
+        keys.push(layout.tenant_index_key(t, slot));
+    }
+    keys
+}
+
+/// The compares that hold while no index key that tenant `t` reads was created
+/// after `rev`: the guard that makes a cross-root write see every slot.
+pub fn index_unchanged_since(layout: &KeyLayout, t: &TenantName, rev: i64) -> Vec<Compare> {
+    [layout.slot_index_range(), layout.tenant_index_range(t)]
+        .into_iter()
+        .map(|range| Compare {
+            result: compare::CompareResult::Less as i32,
+            target: compare::CompareTarget::Create as i32,
+            key: range.key,
+            range_end: range.range_end,
+            target_union: Some(compare::TargetUnion::CreateRevision(rev + 1)),
+        })
+        .collect()
+}
+
+/// The index as tenant `t` sees it, read from etcd.
 pub struct IndexSnapshot {
     pub header: Option<ResponseHeader>,
     /// The revision the index was read at: the revision to read data at.
@@ -96,26 +133,36 @@ pub struct IndexSnapshot {
 }
 
 impl Proxy {
-    /// Reads tenant `t`'s index at `revision` (0 = now).
+    /// Reads the root index, and tenant `t`'s index of earlier versions, at
+    /// `revision` (0 = now; both at the revision the first read was served at).
     pub async fn read_index(&self, ctx: &CallCtx, t: &TenantName, revision: i64) -> Result<IndexSnapshot> {
-        let range = self.layout.index_range(t);
-        let req = RangeRequest {
+        let keys_only = |range: Piece, revision: i64| RangeRequest {
             key: range.key,
             range_end: range.range_end,
             keys_only: true,
             revision,
             ..Default::default()
         };
-        let resp = self.up_range(ctx, &req).await?;
+        let shared = self.up_range(ctx, &keys_only(self.layout.slot_index_range(), revision)).await?;
+        let rev = shared.header.as_ref().map_or(0, |h| h.revision);
+        let at = if revision > 0 { revision } else { rev };
+        let tenant = self.up_range(ctx, &keys_only(self.layout.tenant_index_range(t), at)).await?;
         let mut slots = BTreeSet::new();
-        for kv in resp.kvs {
-            if let Some(slot) = self.layout.slot_from_index_key(t, &kv.key) {
+        for kv in shared.kvs {
+            if let Some(slot) = self.layout.slot_from_slot_key(&kv.key) {
                 slots.insert(slot);
                 self.index.learn(kv.key);
             }
         }
-        let rev = resp.header.as_ref().map_or(0, |h| h.revision);
-        Ok(IndexSnapshot { header: resp.header, revision: rev, slots })
+        for kv in tenant.kvs {
+            if let Some(slot) = self.layout.slot_from_tenant_index_key(t, &kv.key) {
+                slots.insert(slot);
+                if self.index.write_tenant_index {
+                    self.index.learn(kv.key);
+                }
+            }
+        }
+        Ok(IndexSnapshot { header: shared.header, revision: rev, slots })
     }
 }
 

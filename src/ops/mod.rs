@@ -29,7 +29,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::keyspace::{prefix_end, ClientPrefix, KeyLayout, Piece, Resolver, Scope, TenantName};
-use crate::pb::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
+use crate::pb::etcdserverpb::{request_op, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
 use crate::pb::mvccpb::KeyValue;
 use crate::replica::Replica;
 use crate::shutdown::Tasks;
@@ -60,7 +60,7 @@ impl Proxy {
         let layout = KeyLayout::new(&cfg.layout.prefix, &cfg.layout.meta_prefix);
         let tasks = Tasks::new();
         let backend = crate::backend::open(&cfg, &tasks)?;
-        let index = RootIndex::new(cfg.layout.root_cache_capacity);
+        let index = RootIndex::new(cfg.layout.root_cache_capacity, cfg.layout.write_tenant_index);
         let leases = LeaseOwners::new(&cfg.leases);
         let replica = cfg.cache.enabled.then(|| {
             let excluded = cfg
@@ -125,16 +125,4 @@ pub(crate) fn delete_op(r: DeleteRangeRequest) -> RequestOp {
 
 pub(crate) fn put_op(r: PutRequest) -> RequestOp {
     RequestOp { request: Some(request_op::Request::RequestPut(r)) }
-}
-
-/// A compare that holds while no index key of the tenant was created after `rev`:
-/// the guard that makes a cross-root write see every slot.
-pub fn index_unchanged_since(range: Piece, rev: i64) -> Compare {
-    Compare {
-        result: compare::CompareResult::Less as i32,
-        target: compare::CompareTarget::Create as i32,
-        key: range.key,
-        range_end: range.range_end,
-        target_union: Some(compare::TargetUnion::CreateRevision(rev + 1)),
-    }
 }

@@ -1,14 +1,14 @@
 //! Writes: Put, DeleteRange and Compact. A put into a slot this process has not
 //! seen carries the slot's root-index key in the same upstream transaction; a delete
-//! that spans roots is one upstream transaction guarded by a compare that the
-//! tenant's index did not grow meanwhile.
+//! that spans roots is a one-op txn (`super::txn`): one upstream transaction guarded
+//! by compares that the index did not grow meanwhile.
 
-use super::index::{with_index_attempts, Attempt, RootIndex};
-use super::{delete_op, index_unchanged_since, put_op, validate, Proxy};
+use super::index::{index_keys, RootIndex};
+use super::{delete_op, put_op, validate, Proxy};
 use crate::error::{Error, Result};
 use bytes::Bytes;
 
-use crate::keyspace::{slot_of, ClientPrefix, End, KeyLayout, KeyRef, RangeRef, Scope, TenantName};
+use crate::keyspace::{slot_of, KeyLayout, KeyRef, RangeRef, Scope, TenantName};
 use crate::metrics::names;
 use crate::pb::etcdserverpb::{
     response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -17,12 +17,19 @@ use crate::pb::etcdserverpb::{
 use crate::upstream::{CallCtx, Retry};
 
 /// Tenant `t`'s put of its key `key` as etcdmux writes it upstream: `req` with the
-/// key placed in the layout, and the root-index key of the key's slot, which must be
-/// written in the same transaction unless it is known to exist. `etcdmux migrate`
-/// copies keys with this too, so a copied key is exactly what a put would have made.
-pub fn placed_put(layout: &KeyLayout, t: &TenantName, key: &[u8], mut req: PutRequest) -> (PutRequest, Bytes) {
+/// key placed in the layout, and the index keys of the key's slot (with
+/// `tenant_index`, the earlier versions' form too), which must be written in the same
+/// transaction unless known to exist. `etcdmux migrate` copies keys with this too, so
+/// a copied key is exactly what a put would have made.
+pub fn placed_put(
+    layout: &KeyLayout,
+    t: &TenantName,
+    key: &[u8],
+    mut req: PutRequest,
+    tenant_index: bool,
+) -> (PutRequest, Vec<Bytes>) {
     req.key = layout.encode(t, key);
-    (req, layout.index_key(t, &slot_of(key)))
+    (req, index_keys(layout, t, &slot_of(key), tenant_index))
 }
 
 impl Proxy {
@@ -47,17 +54,21 @@ impl Proxy {
         if req.lease != 0 {
             self.check_lease(scope, ctx, req.lease).await?;
         }
-        let (req, index_key) = placed_put(&self.layout, &tenant, &key, req);
-        let mut resp = if self.index.is_known(&index_key) {
+        req.key = self.layout.encode(&tenant, &key);
+        let missing = self.index.missing(&self.layout, &tenant, &slot_of(&key));
+        let mut resp = if missing.is_empty() {
             self.up_put(ctx, &req).await?
         } else {
             // The slot's first key (as far as this process knows): record the slot
             // in the same transaction, so no replica can miss it.
-            let txn =
-                TxnRequest { success: vec![RootIndex::put_op(index_key.clone()), put_op(req)], ..Default::default() };
-            let resp = self.up_txn(ctx, &txn, Retry::OnlyUnsent).await?;
-            self.index.learn(index_key);
-            match resp.responses.into_iter().nth(1).and_then(|r| r.response) {
+            let n = missing.len();
+            let mut success: Vec<_> = missing.iter().cloned().map(RootIndex::put_op).collect();
+            success.push(put_op(req));
+            let resp = self.up_txn(ctx, &TxnRequest { success, ..Default::default() }, Retry::OnlyUnsent).await?;
+            for k in missing {
+                self.index.learn(k);
+            }
+            match resp.responses.into_iter().nth(n).and_then(|r| r.response) {
                 Some(response_op::Response::ResponsePut(mut p)) => {
                     p.header = resp.header;
                     p
@@ -86,6 +97,7 @@ impl Proxy {
         mut req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse> {
         validate::delete(&req)?;
+        let client_req = req.clone();
         let (tenant, start, end) = match self.resolver.resolve_range(scope, &req.key, &req.range_end)? {
             RangeRef::Raw { key, range_end, global } => {
                 if global {
@@ -108,57 +120,17 @@ impl Proxy {
             return Ok(resp);
         }
         metrics::counter!(names::CROSS_ROOT_DELETES).increment(1);
-        let prev_kv = req.prev_kv;
-        with_index_attempts("delete", |_| self.delete_attempt(ctx, &tenant, &cp, &start, &end, prev_kv)).await
-    }
-
-    /// One attempt of a cross-root delete: read the index, delete every piece in
-    /// one upstream txn guarded by the index not having grown since.
-    async fn delete_attempt(
-        &self,
-        ctx: &CallCtx,
-        tenant: &TenantName,
-        cp: &ClientPrefix,
-        start: &Bytes,
-        end: &End,
-        prev_kv: bool,
-    ) -> Result<Attempt<DeleteRangeResponse>> {
-        let snap = self.read_index(ctx, tenant, 0).await?;
-        let pieces = self.layout.plan(tenant, start, end, &snap.slots);
-        if pieces.is_empty() {
-            return Ok(Attempt::Done(DeleteRangeResponse { header: snap.header, ..Default::default() }));
-        }
-        if pieces.len() > self.cfg.upstream.max_txn_ops {
-            // One atomic delete cannot be split; etcd's own limit applies.
-            return Err(Error::TooManyOps);
-        }
-        let txn = TxnRequest {
-            compare: vec![index_unchanged_since(self.layout.index_range(tenant), snap.revision)],
-            success: pieces
-                .into_iter()
-                .map(|p| delete_op(DeleteRangeRequest { key: p.key, range_end: p.range_end, prev_kv }))
-                .collect(),
-            failure: vec![],
-        };
-        let resp = self.up_txn(ctx, &txn, Retry::OnlyUnsent).await?;
-        if !resp.succeeded {
-            return Ok(Attempt::Retry); // the tenant wrote a new slot meanwhile: plan again
-        }
-        let mut out = DeleteRangeResponse { header: resp.header, ..Default::default() };
-        for r in resp.responses {
-            match r.response {
-                Some(response_op::Response::ResponseDeleteRange(mut d)) => {
-                    out.deleted += d.deleted;
-                    out.prev_kvs.append(&mut d.prev_kvs);
-                }
-                other => return Err(Error::Internal(format!("delete txn answered {other:?}"))),
+        // Across roots: as a one-op txn, which reads the index, guards the delete
+        // with it and nests the pieces when they exceed etcd's op limit.
+        let txn = TxnRequest { success: vec![delete_op(client_req)], ..Default::default() };
+        let resp = self.txn(scope, ctx, txn).await?;
+        match resp.responses.into_iter().next().and_then(|r| r.response) {
+            Some(response_op::Response::ResponseDeleteRange(mut d)) => {
+                d.header = resp.header;
+                Ok(d)
             }
+            other => Err(Error::Internal(format!("delete txn answered {other:?}"))),
         }
-        for kv in &mut out.prev_kvs {
-            self.render_kv(tenant, cp, kv)?;
-        }
-        out.prev_kvs.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(Attempt::Done(out))
     }
 
     async fn up_delete(&self, ctx: &CallCtx, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {

@@ -32,8 +32,8 @@ use translate::{Branch, Owner, Translate};
 
 use crate::error::{Error, Result};
 use crate::keyspace::Scope;
-use crate::ops::index::{with_index_attempts, Attempt, IndexSnapshot};
-use crate::ops::{index_unchanged_since, validate, Proxy};
+use crate::ops::index::{index_unchanged_since, with_index_attempts, Attempt, IndexSnapshot};
+use crate::ops::{validate, Proxy};
 use crate::pb::etcdserverpb::{request_op, response_op, Compare, RequestOp, TxnRequest, TxnResponse};
 use crate::upstream::{CallCtx, Retry};
 
@@ -108,16 +108,17 @@ impl Proxy {
         failure.place(&none);
         let max_ops = self.cfg.upstream.max_txn_ops;
         let guard = match (&index, &view) {
-            (Some(snap), Some((t, _))) => Some(index_unchanged_since(self.layout.index_range(t), snap.revision)),
+            (Some(snap), Some((t, _))) => Some(index_unchanged_since(&self.layout, t, snap.revision)),
             _ => None,
         };
-        // The guard txn has one compare and one op: the client's txn may have one less.
-        let budget = max_ops.saturating_sub(usize::from(guard.is_some()));
+        // The guard txn has two compares and one op: etcd leaves the client's txn
+        // what the guard's largest count leaves.
+        let budget = max_ops.saturating_sub(guard.as_ref().map_or(0, |g| g.len()));
         let user = fit::build(&compare, &mut success, &mut failure, budget).ok_or(Error::TxnTooLarge { max_ops })?;
         let guarded = guard.is_some();
         let outer = match guard {
             Some(g) => TxnRequest {
-                compare: vec![g],
+                compare: g,
                 success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(user)) }],
                 failure: vec![],
             },

@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 use crate::keyspace::{slot_of, KeyRef, RangeRef, Scope, Slot, TenantName};
 use crate::ops::index::IndexSnapshot;
 use crate::ops::merge::piece_request;
-use crate::ops::write::placed_put;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
 
@@ -23,10 +22,10 @@ pub(super) enum OpPlan {
         orig: RangeRequest,
         packed: bool,
     },
-    /// `index_key` is the slot's index key when this process does not know it exists.
+    /// `index_keys` are the slot's index keys this process does not know exist.
     Put {
         req: PutRequest,
-        index_key: Option<Bytes>,
+        index_keys: Vec<Bytes>,
     },
     Delete {
         pieces: Vec<DeleteRangeRequest>,
@@ -198,14 +197,15 @@ impl<'a> Translate<'a> {
                         self.claim(Owner::Raw)?;
                         self.writes_global |= global;
                         p.key = key;
-                        OpPlan::Put { req: p, index_key: None }
+                        OpPlan::Put { req: p, index_keys: Vec::new() }
                     }
                     KeyRef::Tenant { tenant, key } => {
                         self.claim(Owner::Tenant(tenant.clone()))?;
-                        let (p, ik) = placed_put(&self.proxy.layout, &tenant, &key, p);
-                        self.put_slots.insert(slot_of(&key));
-                        let index_key = (!self.proxy.index.is_known(&ik)).then_some(ik);
-                        OpPlan::Put { req: p, index_key }
+                        p.key = self.proxy.layout.encode(&tenant, &key);
+                        let slot = slot_of(&key);
+                        let index_keys = self.proxy.index.missing(&self.proxy.layout, &tenant, &slot);
+                        self.put_slots.insert(slot);
+                        OpPlan::Put { req: p, index_keys }
                     }
                 }
             }
@@ -222,9 +222,7 @@ impl Branch {
     pub(super) fn needed(&self, out: &mut BTreeSet<Bytes>) {
         for op in &self.ops {
             match op {
-                OpPlan::Put { index_key: Some(k), .. } => {
-                    out.insert(k.clone());
-                }
+                OpPlan::Put { index_keys, .. } => out.extend(index_keys.iter().cloned()),
                 OpPlan::Txn { success, failure, .. } => {
                     success.needed(out);
                     failure.needed(out);
@@ -239,10 +237,8 @@ impl Branch {
     pub(super) fn place(&mut self, covered: &BTreeSet<Bytes>) {
         let mut here: BTreeSet<Bytes> = BTreeSet::new();
         for op in &self.ops {
-            if let OpPlan::Put { index_key: Some(k), .. } = op {
-                if !covered.contains(k) {
-                    here.insert(k.clone());
-                }
+            if let OpPlan::Put { index_keys, .. } = op {
+                here.extend(index_keys.iter().filter(|k| !covered.contains(*k)).cloned());
             }
         }
         let mut in_children: BTreeMap<Bytes, usize> = BTreeMap::new();
