@@ -645,7 +645,8 @@ async fn verify_reports_every_difference() {
     tgt.delete("/registry/configmaps/clusters/p0002/ns/obj1", None).await.unwrap();
     tgt.put("/registry/secrets/clusters/p0003/ns/extra", "not in the source", None).await.unwrap();
     tgt.put("/registry/events/clusters/p0004/ns/obj0", value("p0004", "events", 0, 0), None).await.unwrap();
-    // The root index has one key per resource for every project: all ten lose it.
+    // The root index has one key per resource for every project: all eleven (ten and
+    // root) lose it.
     tgt.delete("/etcdmux/slots/uservices", None).await.unwrap();
     let r = migrate(&["verify", "--config", cfg, "--source", src_url]).await;
     assert_eq!(r.code, 3, "{}", r.all());
@@ -658,8 +659,8 @@ async fn verify_reports_every_difference() {
     ] {
         assert!(r.stdout.contains(want), "{want:?} not reported:\n{}", r.stdout);
     }
-    assert_eq!(r.stdout.matches(": no root-index entry in the target").count(), 10, "{}", r.stdout);
-    assert!(r.stdout.contains("verify \"default\": 14 differences"), "{}", r.stdout);
+    assert_eq!(r.stdout.matches(": no root-index entry in the target").count(), 11, "{}", r.stdout);
+    assert!(r.stdout.contains("verify \"default\": 15 differences"), "{}", r.stdout);
     // Cutover refuses on the same differences; the source stays the truth.
     let c = migrate(&["cutover", "--config", cfg, "--source", src_url, "--quiet-ms", "100"]).await;
     assert_eq!(c.code, 3, "{}", c.all());
