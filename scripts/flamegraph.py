@@ -102,17 +102,60 @@ def fold(lines, go=None):
     return stacks
 
 
+# Groups of frames whose share is worth a line of its own: a sample counts for a
+# group when any frame of its stack matches (so groups overlap).
+GROUPS = [
+    ("h2 (HTTP/2: frames, streams, flow control)", r"^(<)?h2::"),
+    ("h2 stream store (stream lookup by id)", r"^(<)?h2::proto::streams::store::"),
+    ("h2 flow control", r"^(<)?h2::proto::streams::flow_control::|^(<)?h2::proto::streams::prioritize::Prioritize>::(assign|reclaim|try_assign)"),
+    ("h2 send scheduling (prioritize)", r"^(<)?h2::proto::streams::prioritize::"),
+    ("hyper", r"^(<)?hyper(_util)?::"),
+    ("tonic", r"^(<)?tonic::"),
+    ("prost (encode/decode)", r"^(<)?prost::|::encode_raw|::merge_field"),
+    ("etcdmux::watch", r"^(<)?etcdmux::watch::"),
+    ("etcdmux::ops", r"^(<)?etcdmux::ops::"),
+    ("etcdmux::upstream", r"^(<)?etcdmux::upstream::"),
+    ("tokio runtime", r"^(<)?tokio::runtime::"),
+    ("memory allocation (malloc/free)", r"^(__libc_)?(malloc|free|realloc|calloc|cfree)$|^_int_(malloc|free)|^malloc_consolidate"),
+    ("kernel: network send/receive", r"^(tcp_|__tcp_|sock_|__sys_(send|recv)|inet_|ip_)"),
+    ("kernel: futex (lock waits, wakeups)", r"futex"),
+    ("go: garbage collector", r"^runtime\.(gcBgMarkWorker|gcDrain|scanobject|markroot|gcAssistAlloc|bgsweep|sweepone)"),
+    ("go: grpc", r"^google\.golang\.org/grpc"),
+    ("go: http2 framer", r"^golang\.org/x/net/http2"),
+    ("etcd: mvcc", r"^go\.etcd\.io/etcd/mvcc"),
+    ("etcd: mvcc compaction", r"mvcc\.\(\*store\)\.(scheduleCompaction|compact)|mvcc\.\(\*treeIndex\)\.Compact|mvcc\.\(\*keyIndex\)\.compact"),
+    ("etcd: watch", r"^go\.etcd\.io/etcd/(mvcc\.\(\*watch|mvcc\.\(watch|etcdserver/api/v3rpc\.\(\*serverWatchStream)"),
+    ("etcd: Range calls", r"^go\.etcd\.io/etcd/etcdserver\.\(\*EtcdServer\)\.Range$"),
+    ("etcd: Txn calls", r"^go\.etcd\.io/etcd/etcdserver\.\(\*EtcdServer\)\.Txn$"),
+    ("etcd: raft/wal/backend commit", r"^go\.etcd\.io/etcd/(raft|wal|mvcc/backend)"),
+    ("etcd: grpc-proxy", r"^go\.etcd\.io/etcd/proxy/grpcproxy"),
+]
+
+
 def summary(stacks, n=40):
     total = sum(stacks.values()) or 1
     own, incl = collections.Counter(), collections.Counter()
+    groups, groups_self = collections.Counter(), collections.Counter()
+    compiled = [(name, re.compile(rx)) for name, rx in GROUPS]
     for st, c in stacks.items():
         own[st[-1]] += c
         for f in set(st):
             incl[f] += c
+        for name, rx in compiled:
+            if any(rx.search(f) for f in st):
+                groups[name] += c
+            if rx.search(st[-1]):
+                groups_self[name] += c
     out = [f"{total} samples", "", "self %   function"]
     out += [f"{100 * c / total:6.2f}   {f[:150]}" for f, c in own.most_common(n)]
     out += ["", "total %  function"]
     out += [f"{100 * c / total:6.2f}   {f[:150]}" for f, c in incl.most_common(n)]
+    out += ["", "total %  self %   group (total: a frame of the group anywhere on the stack; self: the sampled frame)"]
+    out += [
+        f"{100 * groups[name] / total:6.2f}   {100 * groups_self[name] / total:6.2f}   {name}"
+        for name, _ in GROUPS
+        if groups[name]
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -171,6 +214,7 @@ def main():
     ap.add_argument("--title", default="profile")
     ap.add_argument("--from-folded", action="store_true", help="stdin holds folded stacks, not perf script output")
     ap.add_argument("--no-folded", action="store_true", help="do not write out.folded (it is large)")
+    ap.add_argument("--folded-to", help="write the folded stacks here instead of out.folded")
     ap.add_argument("--go-binary", help="a stripped Go binary whose frames to name from its .gopclntab")
     a = ap.parse_args()
     if a.from_folded:
@@ -181,8 +225,8 @@ def main():
                 stacks[tuple(stack.split(";"))] += int(n)
     else:
         stacks = fold(sys.stdin, GoSymbols(a.go_binary) if a.go_binary else None)
-    if not a.no_folded:
-        with open(a.out + ".folded", "w") as f:
+    if a.folded_to or not a.no_folded:
+        with open(a.folded_to or a.out + ".folded", "w") as f:
             for st, c in stacks.most_common():
                 f.write(";".join(st) + f" {c}\n")
     with open(a.out + ".svg", "w") as f:
