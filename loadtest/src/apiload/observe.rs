@@ -128,8 +128,9 @@ pub fn render_deltas(names: &[(&str, &str)], before: &[Histogram], after: &[Hist
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
     pub at: Duration,
-    /// CPU time so far: the store, the proxy, this process.
-    pub cpu: [Duration; 3],
+    /// CPU time so far: the store, the proxy, this process, and the whole machine
+    /// (every core's busy time, /proc/stat), for the work of others beside them.
+    pub cpu: [Duration; 4],
     /// etcd's compactions finished so far: index compactions, db compactions.
     pub compactions: [f64; 2],
 }
@@ -151,13 +152,30 @@ pub fn sampler(
             let count = |n: &str| labeled(&text, &format!("{n}_count"), &[]);
             let sample = Sample {
                 at: start.elapsed(),
-                cpu: [store.cpu(), cpu_time(front), cpu_time(std::process::id())],
+                cpu: [store.cpu(), cpu_time(front), cpu_time(std::process::id()), machine_busy()],
                 compactions: [count(ETCD_HISTOGRAMS[0].0), count(ETCD_HISTOGRAMS[1].0)],
             };
             samples.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
         }
     });
     (task, out)
+}
+
+/// The machine's busy CPU time so far, all cores (`/proc/stat`: all but idle and
+/// iowait).
+pub fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(busy * 1000 / hz)
 }
 
 /// When etcd's index compaction and its db compaction finished (seconds into the
@@ -170,10 +188,11 @@ pub fn compaction_ends(samples: &[Sample]) -> [Option<f64>; 2] {
 }
 
 /// One line per second of the load: writes started in it (count, p50, p99, max) and
-/// the CPU of the store, the proxy and the load generator over it, in % of a core.
+/// the CPU of the store, the proxy, the load generator and everything else on the
+/// machine (profilers included) over it, in % of a core.
 pub fn by_second(writes: &[(Duration, Duration)], samples: &[Sample], secs: u64) -> String {
     let mut s = String::from(
-        "| second | writes | write p50/p99/max ms | store CPU % | proxy CPU % | loadgen CPU % |\n|---|---|---|---|---|---|\n",
+        "| second | writes | write p50/p99/max ms | store CPU % | proxy CPU % | loadgen CPU % | others' CPU % |\n|---|---|---|---|---|---|---|\n",
     );
     for sec in 0..secs {
         let (from, to) = (Duration::from_secs(sec), Duration::from_secs(sec + 1));
@@ -188,14 +207,17 @@ pub fn by_second(writes: &[(Duration, Duration)], samples: &[Sample], secs: u64)
             ms(percentile(&lat, 0.5)),
             ms(percentile(&lat, 0.99)),
             ms(lat.last().copied().unwrap_or_default()),
-            cpu.map_or("– | – | –".to_string(), |c| format!("{:.0} | {:.0} | {:.0}", c[0], c[1], c[2])),
+            cpu.map_or("– | – | – | –".to_string(), |c| {
+                let others = (c[3] - c[0] - c[1] - c[2]).max(0.0);
+                format!("{:.0} | {:.0} | {:.0} | {others:.0}", c[0], c[1], c[2])
+            }),
         );
     }
     s
 }
 
 /// CPU % of a core of each process between the samples nearest `from` and `to`.
-fn cpu_between(samples: &[Sample], from: Duration, to: Duration) -> Option<[f64; 3]> {
+fn cpu_between(samples: &[Sample], from: Duration, to: Duration) -> Option<[f64; 4]> {
     let a = samples.iter().rev().find(|s| s.at <= from).or(samples.first())?;
     let b = samples.iter().find(|s| s.at >= to).or(samples.last())?;
     let secs = b.at.saturating_sub(a.at).as_secs_f64();
