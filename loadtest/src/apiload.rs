@@ -45,7 +45,7 @@ use etcdmux::pb::etcdserverpb::{
     compare, kv_client::KvClient, lease_client::LeaseClient, request_op, response_op, CompactionRequest, Compare,
     LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use etcdmux_loadtest::profile::{Profile, Unwind};
+use etcdmux_loadtest::profile::Profiles;
 use etcdmux_loadtest::{
     b, bar, bounded, chain, cpu_time, established_conns, mem_available_mib, metric, ms, percentile, raise_fd_limit,
     rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
@@ -362,19 +362,14 @@ async fn load(
     let results: Arc<Mutex<Results>> = Arc::default();
     let inflight = Arc::new(Semaphore::new(64));
     let store = front.store(etcd);
-    let front_metrics = front.metrics_url.clone().unwrap_or_default();
-    let (etcd0, hub0) = (
-        observe::histograms(&etcd.metrics_url, &observe::ETCD_HISTOGRAMS).await,
-        observe::histograms(&front_metrics, &observe::HUB_HISTOGRAMS).await,
-    );
     let profiles = match profile {
         Some(stem) => Profiles::start(stem, front_pid, etcd.pid(), args.duration_secs)?,
         None => Profiles::default(),
     };
     let front_pid = front_pid.unwrap_or(etcd.pid());
     let (front_cpu0, self_cpu0, store_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()), store.cpu());
-    let load_start = Instant::now();
-    let (sampler, samples) = observe::sampler(etcd.metrics_url.clone(), store, front_pid, load_start);
+    let watch = observe::Watch::start(&etcd.metrics_url, front.metrics_url.as_deref(), store, front_pid).await;
+    let load_start = watch.start;
     let total = args.write_rate * args.duration_secs;
     let pb = bar(total as usize, format!("{label} writes"));
     let mut lease_id = 0i64;
@@ -522,41 +517,17 @@ async fn load(
         row.slowest = format!("{} (compactor at {:.2} s)", slow.join(", "), compact_at.as_secs_f64());
         (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
     }
-    // etcd's compaction runs on after the load: its figures count once it ended.
-    let compaction_deadline = Instant::now() + Duration::from_secs(60);
-    let mut ends = [None, None];
-    while Instant::now() < compaction_deadline {
-        ends = observe::compaction_ends(&samples.lock().unwrap_or_else(|e| e.into_inner()));
-        if ends[1].is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    sampler.abort();
-    let (etcd1, hub1) = (
-        observe::histograms(&etcd.metrics_url, &observe::ETCD_HISTOGRAMS).await,
-        observe::histograms(&front_metrics, &observe::HUB_HISTOGRAMS).await,
-    );
-    let end = |e: Option<f64>| e.map_or("not within 60 s of the load's end".to_string(), |s| format!("by {s:.2} s"));
-    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // etcd's compaction runs on after the load: its figures count once it ended (the
+    // SQL target compacts its database, not etcd: nothing to wait for).
+    let wait = Duration::from_secs(if front.pg.is_some() { 0 } else { 60 });
+    let (observed, samples) = watch.finish(wait, compact_at).await;
     row.details = format!(
-        "- lists: p99 {} ms over {} lists; lists in flight as each started: max {}, mean {:.1} (--setup-concurrency {}: each slot lists, then creates its watch)\n\
-         - etcd's compaction: asked at {:.2} s; index compaction ended {}, db compaction ended {} (sampled every 250 ms, seconds into the write load)\n\
-         - etcd over the write load and until its compaction ended:\n{}{}{}",
+        "- lists: p99 {} ms over {} lists; lists in flight as each started: max {}, mean {:.1} (--setup-concurrency {}: each slot lists, then creates its watch)\n{observed}{}",
         ms(percentile(&sorted(&row.list), 0.99)),
         row.list.len(),
         row.lists_in_flight.0,
         row.lists_in_flight.1,
         args.setup_concurrency,
-        compact_at.as_secs_f64(),
-        end(ends[0]),
-        end(ends[1]),
-        observe::render_deltas(&observe::ETCD_HISTOGRAMS, &etcd0, &etcd1),
-        if front_metrics.is_empty() {
-            String::new()
-        } else {
-            format!("- etcdmux's hub over the same time:\n{}", observe::render_deltas(&observe::HUB_HISTOGRAMS, &hub0, &hub1))
-        },
         row.details,
     );
     let writes = results.lock().unwrap_or_else(|e| e.into_inner()).4.clone();
@@ -577,50 +548,6 @@ fn sorted(v: &[Duration]) -> Vec<Duration> {
     let mut v = v.to_vec();
     v.sort();
     v
-}
-
-/// The profiles of one phase: the proxy's and etcd's, each with its file stem.
-#[derive(Default)]
-struct Profiles(Vec<(Profile, String)>);
-
-impl Profiles {
-    /// Starts recording `proxy` (none for the direct target) and `etcd` for `secs`
-    /// into `<stem>-proxy` and `<stem>-etcd`.
-    fn start(stem: &str, proxy: Option<u32>, etcd: u32, secs: u64) -> Result<Profiles, Error> {
-        let mut out = Vec::new();
-        for (pid, what) in proxy.map(|p| (p, "proxy")).into_iter().chain([(etcd, "etcd")]) {
-            out.push((Profile::start(pid, secs, Unwind::of(pid))?, format!("{stem}-{what}")));
-        }
-        Ok(Profiles(out))
-    }
-
-    /// Ends the recordings now.
-    fn stop(&self) {
-        for (p, _) in &self.0 {
-            p.stop();
-        }
-    }
-
-    /// Waits for the recordings and draws them; a line for the report with links to
-    /// the flamegraphs (and why one is missing).
-    async fn finish(self, phase: &str, label: &str) -> String {
-        if self.0.is_empty() {
-            return String::new();
-        }
-        let folded_dir = std::env::temp_dir().join("apiload-profiles");
-        let _ = std::fs::create_dir_all(&folded_dir);
-        let mut links = Vec::new();
-        for (p, stem) in self.0 {
-            let file = stem.rsplit('/').next().unwrap_or(&stem).to_string();
-            let folded = folded_dir.join(format!("{file}.folded"));
-            let title = format!("{label}, {phase}: {}", file.rsplit('-').next().unwrap_or(""));
-            match p.finish(&stem, &title, Some(&folded)).await {
-                Ok(()) => links.push(format!("[{file}.svg]({file}.svg) ([top functions]({file}.txt))")),
-                Err(e) => links.push(format!("{file}: not drawn: {}", chain(&*e))),
-            }
-        }
-        format!("- CPU profiles, {phase}: {}\n", links.join(", "))
-    }
 }
 
 /// Open files a process needs besides one per project connection.

@@ -82,7 +82,8 @@ impl Profile {
         let (out, title, folded) = (out.to_string(), title.to_string(), folded.map(Path::to_path_buf));
         tokio::task::spawn_blocking(move || -> Result<(), Error> {
             self.child.wait()?;
-            let script = Command::new("perf").args(["script", "-i"]).arg(self.data.path()).stderr(Stdio::null()).output()?;
+            let script =
+                Command::new("perf").args(["script", "-i"]).arg(self.data.path()).stderr(Stdio::null()).output()?;
             let mut draw = Command::new("python3");
             draw.args(["scripts/flamegraph.py", "--title", &title]);
             match &folded {
@@ -102,5 +103,50 @@ impl Profile {
             Ok(())
         })
         .await?
+    }
+}
+
+/// The profiles of one phase of a benchmark: the proxy's and etcd's, each with its
+/// file stem.
+#[derive(Default)]
+pub struct Profiles(Vec<(Profile, String)>);
+
+impl Profiles {
+    /// Starts recording `proxy` (none for the direct target) and `etcd` for `secs`
+    /// into `<stem>-proxy` and `<stem>-etcd`.
+    pub fn start(stem: &str, proxy: Option<u32>, etcd: u32, secs: u64) -> Result<Profiles, Error> {
+        let mut out = Vec::new();
+        for (pid, what) in proxy.map(|p| (p, "proxy")).into_iter().chain([(etcd, "etcd")]) {
+            out.push((Profile::start(pid, secs, Unwind::of(pid))?, format!("{stem}-{what}")));
+        }
+        Ok(Profiles(out))
+    }
+
+    /// Ends the recordings now.
+    pub fn stop(&self) {
+        for (p, _) in &self.0 {
+            p.stop();
+        }
+    }
+
+    /// Waits for the recordings and draws them; a line for the report with links to
+    /// the flamegraphs (and why one is missing).
+    pub async fn finish(self, phase: &str, label: &str) -> String {
+        if self.0.is_empty() {
+            return String::new();
+        }
+        let folded_dir = std::env::temp_dir().join("apiload-profiles");
+        let _ = std::fs::create_dir_all(&folded_dir);
+        let mut links = Vec::new();
+        for (p, stem) in self.0 {
+            let file = stem.rsplit('/').next().unwrap_or(&stem).to_string();
+            let folded = folded_dir.join(format!("{file}.folded"));
+            let title = format!("{label}, {phase}: {}", file.rsplit('-').next().unwrap_or(""));
+            match p.finish(&stem, &title, Some(&folded)).await {
+                Ok(()) => links.push(format!("[{file}.svg]({file}.svg) ([top functions]({file}.txt))")),
+                Err(e) => links.push(format!("{file}: not drawn: {}", crate::chain(&*e))),
+            }
+        }
+        format!("- CPU profiles, {phase}: {}\n", links.join(", "))
     }
 }

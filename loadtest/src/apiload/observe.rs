@@ -104,14 +104,14 @@ fn trim(v: f64) -> String {
 }
 
 /// Every histogram of `names` at `url`'s `/metrics`.
-pub async fn histograms(url: &str, names: &[(&str, &str)]) -> Vec<Histogram> {
+async fn histograms(url: &str, names: &[(&str, &str)]) -> Vec<Histogram> {
     let text = scrape(url).await;
     names.iter().map(|(n, _)| Histogram::parse(&text, n)).collect()
 }
 
 /// `- what: delta` lines for `names`, `after` against `before`; times in seconds
 /// shown in ms.
-pub fn render_deltas(names: &[(&str, &str)], before: &[Histogram], after: &[Histogram]) -> String {
+fn render_deltas(names: &[(&str, &str)], before: &[Histogram], after: &[Histogram]) -> String {
     let mut s = String::new();
     for (i, (name, what)) in names.iter().enumerate() {
         let (Some(b), Some(a)) = (before.get(i), after.get(i)) else { continue };
@@ -136,7 +136,7 @@ pub struct Sample {
 }
 
 /// Samples CPU and etcd's compaction counts every 250 ms until aborted.
-pub fn sampler(
+fn sampler(
     etcd_metrics: String,
     store: Store,
     front: u32,
@@ -222,4 +222,65 @@ fn cpu_between(samples: &[Sample], from: Duration, to: Duration) -> Option<[f64;
     let b = samples.iter().find(|s| s.at >= to).or(samples.last())?;
     let secs = b.at.saturating_sub(a.at).as_secs_f64();
     (secs > 0.0).then(|| std::array::from_fn(|i| b.cpu[i].saturating_sub(a.cpu[i]).as_secs_f64() / secs * 100.0))
+}
+
+/// What is watched over one write load: etcd's (and etcdmux's) histograms before it,
+/// and the timeline sampled during it.
+pub struct Watch {
+    etcd_metrics: String,
+    /// Empty for targets other than etcdmux.
+    front_metrics: String,
+    before: [Vec<Histogram>; 2],
+    sampler: JoinHandle<()>,
+    samples: std::sync::Arc<std::sync::Mutex<Vec<Sample>>>,
+    /// When the load started: the timeline's zero.
+    pub start: Instant,
+}
+
+impl Watch {
+    /// Reads the histograms, then starts the timeline at the load's start (now).
+    pub async fn start(etcd_metrics: &str, front_metrics: Option<&str>, store: Store, front: u32) -> Watch {
+        let front_metrics = front_metrics.unwrap_or_default().to_string();
+        let before =
+            [histograms(etcd_metrics, &ETCD_HISTOGRAMS).await, histograms(&front_metrics, &HUB_HISTOGRAMS).await];
+        let start = Instant::now();
+        let (sampler, samples) = sampler(etcd_metrics.to_string(), store, front, start);
+        Watch { etcd_metrics: etcd_metrics.to_string(), front_metrics, before, sampler, samples, start }
+    }
+
+    /// Waits up to `wait` for etcd's db compaction (asked at `compact_at`) to end,
+    /// reads the histograms again; the report's lines and the timeline.
+    pub async fn finish(self, wait: Duration, compact_at: Duration) -> (String, Vec<Sample>) {
+        let deadline = Instant::now() + wait;
+        let mut ends = compaction_ends(&self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        while ends[1].is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            ends = compaction_ends(&self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        self.sampler.abort();
+        let etcd = histograms(&self.etcd_metrics, &ETCD_HISTOGRAMS).await;
+        let missing = if wait.is_zero() {
+            "not waited for".to_string()
+        } else {
+            format!("not within {wait:?} of the load's end")
+        };
+        let end = |e: Option<f64>| e.map_or(missing.clone(), |s| format!("by {s:.2} s"));
+        let mut s = format!(
+            "- etcd's compaction: asked at {:.2} s; index compaction ended {}, db compaction ended {} (sampled every 250 ms, seconds into the write load)\n\
+             - etcd over the write load and until its compaction ended:\n{}",
+            compact_at.as_secs_f64(),
+            end(ends[0]),
+            end(ends[1]),
+            render_deltas(&ETCD_HISTOGRAMS, &self.before[0], &etcd),
+        );
+        if !self.front_metrics.is_empty() {
+            let hub = histograms(&self.front_metrics, &HUB_HISTOGRAMS).await;
+            s += &format!(
+                "- etcdmux's hub over the same time:\n{}",
+                render_deltas(&HUB_HISTOGRAMS, &self.before[1], &hub)
+            );
+        }
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (s, samples)
+    }
 }

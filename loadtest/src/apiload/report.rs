@@ -244,7 +244,11 @@ pub fn markdown(
             for o in &point {
                 if let Ok(r) = &o.result {
                     if !r.details.is_empty() {
-                        writeln!(report, "### Where the time went: {}, {projects} projects\n\n{}", o.target, r.details)?;
+                        writeln!(
+                            report,
+                            "### Where the time went: {}, {projects} projects\n\n{}",
+                            o.target, r.details
+                        )?;
                     }
                 }
             }

@@ -132,11 +132,19 @@ fn histograms_are_read_as_etcd_and_etcdmux_write_them_and_subtracted() {
 fn the_load_by_second_splits_writes_by_start_and_cpu_by_samples() {
     let s = |at: u64, cpu_ms: u64| observe::Sample {
         at: Duration::from_millis(at),
-        cpu: [Duration::from_millis(cpu_ms), Duration::from_millis(cpu_ms / 2), Duration::ZERO, Duration::from_millis(2 * cpu_ms)],
+        cpu: [
+            Duration::from_millis(cpu_ms),
+            Duration::from_millis(cpu_ms / 2),
+            Duration::ZERO,
+            Duration::from_millis(2 * cpu_ms),
+        ],
         compactions: [0.0, if at >= 1500 { 1.0 } else { 0.0 }],
     };
     let samples = [s(0, 0), s(1000, 500), s(2000, 1500)];
-    let writes = [(Duration::from_millis(100), Duration::from_millis(3)), (Duration::from_millis(1100), Duration::from_millis(40))];
+    let writes = [
+        (Duration::from_millis(100), Duration::from_millis(3)),
+        (Duration::from_millis(1100), Duration::from_millis(40)),
+    ];
     let table = observe::by_second(&writes, &samples, 2);
     assert!(table.contains("| 0–1 | 1 | 3.00/3.00/3.00 | 50 | 25 | 0 | 25 |"), "{table}");
     assert!(table.contains("| 1–2 | 1 | 40.00/40.00/40.00 | 100 | 50 | 0 | 50 |"), "{table}");
