@@ -25,6 +25,8 @@
 //! (`<name>-{rss,watchers,write-p99,delivery-p99}.{svg,png}`) are written at the end.
 
 // A crate root's modules live beside it; these are apiload's own.
+#[path = "apiload/observe.rs"]
+mod observe;
 #[path = "apiload/report.rs"]
 mod report;
 #[path = "apiload/watches.rs"]
@@ -33,7 +35,7 @@ mod watches;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,7 @@ use etcdmux::pb::etcdserverpb::{
     compare, kv_client::KvClient, lease_client::LeaseClient, request_op, response_op, CompactionRequest, Compare,
     LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
+use etcdmux_loadtest::profile::Profiles;
 use etcdmux_loadtest::{
     b, bar, bounded, chain, cpu_time, established_conns, mem_available_mib, metric, ms, percentile, raise_fd_limit,
     rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
@@ -140,6 +143,14 @@ struct Args {
     /// PostgreSQL).
     #[arg(long, value_delimiter = ',', default_value = "direct,grpc-proxy,etcdmux,sql")]
     targets: Vec<String>,
+    /// Record CPU profiles (`perf record`) of the proxy and of etcd during each
+    /// point's write load, and during its list+watch setup (at most
+    /// `--duration-secs` of it), and draw them with `scripts/flamegraph.py` into
+    /// `loadtest/results/<name>-<projects>p-<target>-{proxy,etcd}.{svg,txt}` (setup:
+    /// `...-setup-{proxy,etcd}`); folded stacks go to `$TMPDIR/apiload-profiles/`.
+    /// The profiler's own CPU shows in that run's figures.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// What one (target, model, scale point) run measured.
@@ -169,6 +180,12 @@ struct Row {
     write_throughput: f64,
     /// The slowest writes and when they started, relative to the compactor.
     slowest: String,
+    /// Lists running at once, as each list saw it when it started: max, mean.
+    lists_in_flight: (usize, f64),
+    /// Where the time went: etcd's compaction and disk histograms and etcdmux's hub
+    /// lock over the write load, when the compactions ended, the slowest
+    /// deliveries, the profiles, the load by second (markdown).
+    details: String,
 }
 
 /// Highest memory seen, in KiB, sampled by the watchdog.
@@ -236,6 +253,7 @@ async fn load(
     model: Model,
     projects: usize,
     label: &str,
+    profile: Option<&str>,
 ) -> Result<Row, Error> {
     let mut row = Row::default();
     let t_setup = Instant::now();
@@ -286,12 +304,28 @@ async fn load(
     });
     let watches = projects * resources;
     let pb = bar(watches, format!("{label} list+watch"));
+    let front_pid = front.proc.as_ref().map(|p| p.pid());
+    let setup_profiles = match profile {
+        Some(stem) => Profiles::start(&format!("{stem}-setup"), front_pid, etcd.pid(), args.duration_secs)?,
+        None => Profiles::default(),
+    };
+    // Lists running now, and (max, sum) of what each list saw as it started.
+    let listing = Arc::new(AtomicUsize::new(0));
+    let seen_listing = Arc::new(Mutex::new((0usize, 0usize)));
     let setups = bounded(watches, args.setup_concurrency, &pb, |i| {
         let (p, r, ch, shared, groups) =
             (i / resources, i % resources, chan(i / resources, i % resources), shared.clone(), groups.clone());
         let conn = model.connection_of(p, r, resources, channels.len());
+        let (listing, seen_listing) = (listing.clone(), seen_listing.clone());
         async move {
-            let (rev, took, seen) = watches::list(ch.clone(), p, r).await?;
+            let now = listing.fetch_add(1, Ordering::Relaxed) + 1;
+            {
+                let mut s = seen_listing.lock().unwrap_or_else(|e| e.into_inner());
+                *s = (s.0.max(now), s.1 + now);
+            }
+            let listed = watches::list(ch.clone(), p, r).await;
+            listing.fetch_sub(1, Ordering::Relaxed);
+            let (rev, took, seen) = listed?;
             let own = match groups.get(conn) {
                 Some(group) => {
                     group.create(p, r, rev + 1).await?;
@@ -304,6 +338,11 @@ async fn load(
     })
     .await?;
     pb.finish_and_clear();
+    setup_profiles.stop();
+    {
+        let s = seen_listing.lock().unwrap_or_else(|e| e.into_inner());
+        row.lists_in_flight = (s.0, s.1 as f64 / watches.max(1) as f64);
+    }
     let mut known: HashMap<Bytes, i64> = HashMap::new();
     let mut streams = Vec::with_capacity(watches);
     for (own, took, seen) in setups {
@@ -322,10 +361,15 @@ async fn load(
     type Results = (Vec<Duration>, u64, u64, u64, Vec<(Duration, Duration)>);
     let results: Arc<Mutex<Results>> = Arc::default();
     let inflight = Arc::new(Semaphore::new(64));
-    let front_pid = front.proc.as_ref().map_or(etcd.pid(), |p| p.pid());
     let store = front.store(etcd);
+    let profiles = match profile {
+        Some(stem) => Profiles::start(stem, front_pid, etcd.pid(), args.duration_secs)?,
+        None => Profiles::default(),
+    };
+    let front_pid = front_pid.unwrap_or(etcd.pid());
     let (front_cpu0, self_cpu0, store_cpu0) = (cpu_time(front_pid), cpu_time(std::process::id()), store.cpu());
-    let load_start = Instant::now();
+    let watch = observe::Watch::start(&etcd.metrics_url, front.metrics_url.as_deref(), store, front_pid).await;
+    let load_start = watch.start;
     let total = args.write_rate * args.duration_secs;
     let pb = bar(total as usize, format!("{label} writes"));
     let mut lease_id = 0i64;
@@ -450,6 +494,16 @@ async fn load(
             row.delivered += sorted.len() as u64;
         }
         row.delivery = d.latencies.clone();
+        // When the slowest deliveries' writes were sent, into the write load.
+        let offset = load_start.saturating_duration_since(t0);
+        let mut slow = d.timed.clone();
+        slow.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
+        let slow: Vec<String> = slow
+            .iter()
+            .take(5)
+            .map(|(sent, took)| format!("{} ms at {:.2} s", ms(*took), sent.saturating_sub(offset).as_secs_f64()))
+            .collect();
+        row.details += &format!("- slowest deliveries (when their write was sent): {}\n", slow.join(", "));
     }
     row.progress_replies = shared.progress.load(Ordering::Relaxed);
     {
@@ -463,10 +517,37 @@ async fn load(
         row.slowest = format!("{} (compactor at {:.2} s)", slow.join(", "), compact_at.as_secs_f64());
         (row.writes_ok, row.conflicts, row.errors) = (res.1, res.2, res.3 + other_errors);
     }
+    // etcd's compaction runs on after the load: its figures count once it ended (the
+    // SQL target compacts its database, not etcd: nothing to wait for).
+    let wait = Duration::from_secs(if front.pg.is_some() { 0 } else { 60 });
+    let (observed, samples) = watch.finish(wait, compact_at).await;
+    row.details = format!(
+        "- lists: p99 {} ms over {} lists; lists in flight as each started: max {}, mean {:.1} (--setup-concurrency {}: each slot lists, then creates its watch)\n{observed}{}",
+        ms(percentile(&sorted(&row.list), 0.99)),
+        row.list.len(),
+        row.lists_in_flight.0,
+        row.lists_in_flight.1,
+        args.setup_concurrency,
+        row.details,
+    );
+    let writes = results.lock().unwrap_or_else(|e| e.into_inner()).4.clone();
+    for (what, p) in [("setup", setup_profiles), ("write load", profiles)] {
+        row.details += &p.finish(what, label).await;
+    }
+    row.details += &format!(
+        "\nBy second of the write load (writes by start time; CPU from /proc, sampled every 250 ms):\n\n{}",
+        observe::by_second(&writes, &samples, args.duration_secs + 1)
+    );
     row.etcd_watchers = metric(&etcd.metrics_url, "etcd_debugging_mvcc_watcher_total").await;
     row.etcd_streams = metric(&etcd.metrics_url, "etcd_debugging_mvcc_watch_stream_total").await;
     row.etcd_conns = established_conns(etcd.client_port());
     Ok(row)
+}
+
+fn sorted(v: &[Duration]) -> Vec<Duration> {
+    let mut v = v.to_vec();
+    v.sort();
+    v
 }
 
 /// Open files a process needs besides one per project connection.
@@ -512,8 +593,10 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
         let etcd = start_etcd().await?;
         let front = start_front(&etcd, kind, dir.path(), "").await?;
         let front_pid = front.proc.as_ref().map(|p| p.pid());
+        let stem = format!("loadtest/results/{}-{projects}p-{}", args.name, kind.short());
+        let profile = args.profile.then_some(stem.as_str());
         tokio::select! {
-            row = load(args, &etcd, &front, model, projects, &label) => row,
+            row = load(args, &etcd, &front, model, projects, &label, profile) => row,
             reason = watchdog(front.store(&etcd), front_pid, &peaks, args.min_available_mib) => Err(reason.into()),
         }
     }

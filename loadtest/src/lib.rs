@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
 pub mod plot;
+pub mod profile;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -68,6 +69,16 @@ impl FrontKind {
             FrontKind::GrpcProxy => "etcd grpc-proxy",
             FrontKind::Etcdmux { .. } => "etcdmux",
             FrontKind::EtcdmuxSql { .. } => "etcdmux on SQL",
+        }
+    }
+
+    /// The name [`FrontKind::parse`] takes, for file names.
+    pub fn short(&self) -> &'static str {
+        match self {
+            FrontKind::Direct => "direct",
+            FrontKind::GrpcProxy => "grpc-proxy",
+            FrontKind::Etcdmux { .. } => "etcdmux",
+            FrontKind::EtcdmuxSql { .. } => "sql",
         }
     }
 
@@ -511,6 +522,9 @@ mod tests {
         assert!(matches!(FrontKind::parse("sql", bin, cfg), Ok(FrontKind::EtcdmuxSql { .. })));
         assert!(matches!(FrontKind::parse("etcdmux", bin, cfg), Ok(FrontKind::Etcdmux { .. })));
         assert!(FrontKind::parse("postgres", bin, cfg).is_err());
+        for short in ["direct", "grpc-proxy", "etcdmux", "sql"] {
+            assert_eq!(FrontKind::parse(short, bin, cfg).map(|k| k.short()).ok(), Some(short));
+        }
     }
 
     #[test]

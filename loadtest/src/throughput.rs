@@ -35,6 +35,7 @@ use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, request_op, watch_client::WatchClient, watch_request, RequestOp, TxnRequest,
     WatchCreateRequest, WatchRequest,
 };
+use etcdmux_loadtest::profile::{Profile, Unwind};
 use etcdmux_loadtest::{
     b, chain, cpu_time, labeled, loadavg, prefix_end, rss_kib, scrape, start_etcd, start_front, value, write_report,
     Error, FrontKind, MILO_CONFIG,
@@ -352,7 +353,7 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
     let (t0, c0, ev0) = (Instant::now(), cpu(), events.load(Ordering::Relaxed));
     let stop = t0 + Duration::from_secs(args.duration_secs);
     let perf = match (args.profile, target, front_pid) {
-        (true, Target::Etcdmux, Some(pid)) => Some(Profile::start(pid, args.duration_secs)?),
+        (true, Target::Etcdmux, Some(pid)) => Some(Profile::start(pid, args.duration_secs, Unwind::Dwarf)?),
         _ => None,
     };
     let load = tokio::spawn(run_clients(ctx(stop), 2));
@@ -362,7 +363,7 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
     drop(watch);
     if let Some(p) = perf {
         let out = format!("loadtest/results/{}-{clients}c-{}", args.name, format!("{workload:?}").to_lowercase());
-        p.finish(&out, &format!("etcdmux, {clients} clients, {workload:?}")).await?;
+        p.finish(&out, &format!("etcdmux, {clients} clients, {workload:?}"), None).await?;
     }
     let mut t = load.await?;
     let e1 = etcd_counters(&etcd.metrics_url).await;
@@ -380,53 +381,6 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
         events: ev1 - ev0,
         loadavg: load0.max(loadavg()),
     })
-}
-
-/// `perf record` of one process over the measured window.
-struct Profile {
-    child: std::process::Child,
-    data: tempfile::NamedTempFile,
-}
-
-impl Profile {
-    fn start(pid: u32, secs: u64) -> Result<Profile, Error> {
-        let data = tempfile::NamedTempFile::new()?;
-        let child = std::process::Command::new("perf")
-            .args(["record", "-F", "499", "-g", "--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
-            .arg(data.path())
-            .args(["--", "sleep", &secs.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting perf (Debian: linux-perf): {e}"))?;
-        Ok(Profile { child, data })
-    }
-
-    /// Waits for the recording, then folds and draws it into `out`.{svg,folded,txt}.
-    async fn finish(mut self, out: &str, title: &str) -> Result<(), Error> {
-        let (out, title) = (out.to_string(), title.to_string());
-        tokio::task::spawn_blocking(move || -> Result<(), Error> {
-            self.child.wait()?;
-            let script = std::process::Command::new("perf")
-                .args(["script", "-i"])
-                .arg(self.data.path())
-                .stderr(std::process::Stdio::null())
-                .output()?;
-            let mut draw = std::process::Command::new("python3")
-                .args(["scripts/flamegraph.py", "--no-folded", "--title", &title, &out])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .spawn()?;
-            if let Some(mut stdin) = draw.stdin.take() {
-                std::io::Write::write_all(&mut stdin, &script.stdout)?;
-            }
-            if !draw.wait()?.success() {
-                return Err(format!("scripts/flamegraph.py failed for {out}").into());
-            }
-            Ok(())
-        })
-        .await?
-    }
 }
 
 /// The commit this binary was run from, for the report (empty outside a git checkout).

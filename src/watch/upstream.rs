@@ -4,7 +4,7 @@
 use crate::metrics::names;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
@@ -25,6 +25,16 @@ use crate::upstream::CallCtx;
 /// How long an upstream progress request may stay the oldest unanswered before
 /// another is sent.
 const REQUEST_RESEND: Duration = Duration::from_secs(1);
+
+/// How long the upstream task waited for the hub's lock before applying a batch of
+/// events (histogram, seconds): time other holders (creates, cancels, progress)
+/// added to every event of the batch. The name lives here, not in `metrics::names`,
+/// until that list takes it.
+pub const HUB_LOCK_WAIT: &str = "etcdmux_watch_hub_lock_wait_seconds";
+/// How long the hub's lock was held to apply one upstream batch of events
+/// (histogram, seconds): decode, dispatch to every matching watcher, the ring.
+/// Every create, cancel and progress answer waits behind it.
+pub const HUB_LOCK_HOLD: &str = "etcdmux_watch_hub_lock_hold_seconds";
 
 /// What the upstream task does after one response.
 pub(super) enum Next {
@@ -173,7 +183,9 @@ impl Hub {
 
     /// Applies one upstream response.
     pub(super) fn on_upstream(&self, resp: WatchResponse) -> Next {
+        let asked = Instant::now();
         let mut st = self.lock();
+        let held = Instant::now();
         if let Some(h) = &resp.header {
             st.header = ResponseHeader { revision: 0, ..*h };
         }
@@ -223,6 +235,9 @@ impl Hub {
         if st.delivered() {
             self.probe_completed(&mut st);
         }
+        drop(st);
+        metrics::histogram!(HUB_LOCK_WAIT).record(held.duration_since(asked).as_secs_f64());
+        metrics::histogram!(HUB_LOCK_HOLD).record(held.elapsed().as_secs_f64());
         Next::Continue
     }
 
@@ -274,5 +289,50 @@ impl Hub {
             w.cancel();
             Self::unregister(&mut st, w);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WatchConfig;
+    use crate::keyspace::{KeyLayout, TenantName};
+    use crate::pb::mvccpb::{Event, KeyValue};
+
+    fn count(text: &str, name: &str) -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}_count ")))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[test]
+    fn each_event_batch_records_how_long_it_waited_for_and_held_the_lock() {
+        let recorder = crate::metrics::builder().expect("buckets").build_recorder();
+        let handle = recorder.handle();
+        let layout = KeyLayout::new("/registry", "/etcdmux");
+        let hub = Hub::new(&WatchConfig::default(), layout.clone());
+        let tenant = TenantName::new("p1").expect("tenant");
+        let put = |rev: i64| WatchResponse {
+            events: vec![Event {
+                kv: Some(KeyValue {
+                    key: layout.encode(&tenant, b"/pods/ns/x"),
+                    mod_revision: rev,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        metrics::with_local_recorder(&recorder, || {
+            // A progress notification is no batch of events.
+            assert!(matches!(hub.on_upstream(WatchResponse::default()), Next::Continue));
+            let text = handle.render();
+            assert_eq!(count(&text, HUB_LOCK_HOLD), None, "{text}");
+            assert!(matches!(hub.on_upstream(put(5)), Next::Continue));
+            assert!(matches!(hub.on_upstream(put(6)), Next::Continue));
+        });
+        let text = handle.render();
+        assert_eq!(count(&text, HUB_LOCK_HOLD), Some(2.0), "{text}");
+        assert_eq!(count(&text, HUB_LOCK_WAIT), Some(2.0), "{text}");
+        assert_eq!(hub.last_rev(), 6);
     }
 }

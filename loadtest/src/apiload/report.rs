@@ -241,6 +241,17 @@ pub fn markdown(
                 }
             }
             writeln!(report)?;
+            for o in &point {
+                if let Ok(r) = &o.result {
+                    if !r.details.is_empty() {
+                        writeln!(
+                            report,
+                            "### Where the time went: {}, {projects} projects\n\n{}",
+                            o.target, r.details
+                        )?;
+                    }
+                }
+            }
         }
     }
     Ok(report)

@@ -91,3 +91,63 @@ fn error_chains_keep_the_cause() {
     let e: Error = Box::new(tonic::Status::from_error(Box::new(io)));
     assert!(chain(&*e).contains("Too many open files"), "{}", chain(&*e));
 }
+
+#[test]
+fn histograms_are_read_as_etcd_and_etcdmux_write_them_and_subtracted() {
+    use observe::Histogram;
+    let etcd = |n: [u32; 3], sum: f64| {
+        format!(
+            "# TYPE etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds histogram\n\
+             etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds_bucket{{le=\"0.5\"}} {}\n\
+             etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds_bucket{{le=\"1000\"}} {}\n\
+             etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds_bucket{{le=\"+Inf\"}} {}\n\
+             etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds_sum {sum}\n\
+             etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds_count {}\n\
+             etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds_bucket_x{{le=\"0.5\"}} 99\n",
+            n[0], n[1], n[2], n[2]
+        )
+    };
+    let name = observe::ETCD_HISTOGRAMS[0].0;
+    let before = Histogram::parse(&etcd([1, 1, 1], 0.2), name);
+    assert_eq!(before.buckets, vec![(0.5, 1.0), (1000.0, 1.0)], "+Inf and longer names left out");
+    let after = Histogram::parse(&etcd([1, 2, 3], 2500.2), name);
+    let d = after.since(&before);
+    assert_eq!((d.count, d.sum), (2.0, 2500.0));
+    assert_eq!(d.quantile_bound(0.5), Some(1000.0));
+    assert_eq!(d.quantile_bound(1.0), None, "one pause was above the last bound");
+    assert_eq!(d.render(1.0), "n 2, sum 2500, mean 1250, p99 > 1000, max > 1000");
+    // etcdmux's exporter: bounds like 0.0005, labels besides le.
+    let mux = "etcdmux_watch_hub_lock_hold_seconds_bucket{a=\"x\",le=\"0.0005\"} 7\n\
+               etcdmux_watch_hub_lock_hold_seconds_bucket{a=\"y\",le=\"0.0005\"} 1\n\
+               etcdmux_watch_hub_lock_hold_seconds_bucket{a=\"x\",le=\"0.001\"} 9\n\
+               etcdmux_watch_hub_lock_hold_seconds_sum 0.004\n\
+               etcdmux_watch_hub_lock_hold_seconds_count 9\n";
+    let h = Histogram::parse(mux, observe::HUB_HISTOGRAMS[0].0);
+    assert_eq!(h.buckets, vec![(0.0005, 8.0), (0.001, 9.0)]);
+    assert_eq!(h.quantile_bound(0.5), Some(0.0005));
+    assert_eq!(Histogram::default().render(1.0), "none observed");
+}
+
+#[test]
+fn the_load_by_second_splits_writes_by_start_and_cpu_by_samples() {
+    let s = |at: u64, cpu_ms: u64| observe::Sample {
+        at: Duration::from_millis(at),
+        cpu: [
+            Duration::from_millis(cpu_ms),
+            Duration::from_millis(cpu_ms / 2),
+            Duration::ZERO,
+            Duration::from_millis(2 * cpu_ms),
+        ],
+        compactions: [0.0, if at >= 1500 { 1.0 } else { 0.0 }],
+    };
+    let samples = [s(0, 0), s(1000, 500), s(2000, 1500)];
+    let writes = [
+        (Duration::from_millis(100), Duration::from_millis(3)),
+        (Duration::from_millis(1100), Duration::from_millis(40)),
+    ];
+    let table = observe::by_second(&writes, &samples, 2);
+    assert!(table.contains("| 0–1 | 1 | 3.00/3.00/3.00 | 50 | 25 | 0 | 25 |"), "{table}");
+    assert!(table.contains("| 1–2 | 1 | 40.00/40.00/40.00 | 100 | 50 | 0 | 50 |"), "{table}");
+    assert!(observe::machine_busy() > Duration::ZERO);
+    assert_eq!(observe::compaction_ends(&samples), [None, Some(2.0)]);
+}

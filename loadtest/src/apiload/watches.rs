@@ -29,6 +29,8 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Delivery {
     pub revisions: HashMap<(usize, usize), Vec<i64>>,
     pub latencies: Vec<Duration>,
+    /// (when the write was sent, since `t0`; its delivery latency) per event.
+    pub timed: Vec<(Duration, Duration)>,
 }
 
 /// Shared by the watch readers.
@@ -62,7 +64,9 @@ impl Shared {
                 .and_then(|v| v.strip_prefix("t="))
                 .and_then(|v| v.parse::<u64>().ok());
             if let Some(sent) = sent {
-                d.latencies.push(now.saturating_sub(Duration::from_nanos(sent)));
+                let (sent, took) = (Duration::from_nanos(sent), now.saturating_sub(Duration::from_nanos(sent)));
+                d.latencies.push(took);
+                d.timed.push((sent, took));
             }
         }
     }

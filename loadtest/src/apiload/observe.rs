@@ -1,0 +1,286 @@
+//! What apiload watches besides latencies, to say where a tail comes from: etcd's
+//! and etcdmux's histograms (compaction, disk, the hub's lock) read before and after
+//! the write load, a timeline of CPU and of compaction sampled during it, and the
+//! write latencies by second.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use etcdmux_loadtest::{cpu_time, labeled, ms, percentile, scrape, Store};
+use tokio::task::JoinHandle;
+
+/// etcd's histograms that tell whether a compaction or the disk held writes up.
+pub const ETCD_HISTOGRAMS: [(&str, &str); 5] = [
+    ("etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds", "index compaction (ms)"),
+    ("etcd_debugging_mvcc_db_compaction_total_duration_milliseconds", "db compaction, whole (ms)"),
+    ("etcd_debugging_mvcc_db_compaction_pause_duration_milliseconds", "db compaction, per batch (ms)"),
+    ("etcd_disk_wal_fsync_duration_seconds", "WAL fsync (s)"),
+    ("etcd_disk_backend_commit_duration_seconds", "backend commit (s)"),
+];
+
+/// etcdmux's hub lock, per batch of upstream events (`src/watch/upstream.rs`).
+pub const HUB_HISTOGRAMS: [(&str, &str); 2] = [
+    ("etcdmux_watch_hub_lock_hold_seconds", "hub lock held per event batch (s)"),
+    ("etcdmux_watch_hub_lock_wait_seconds", "hub lock waited for per event batch (s)"),
+];
+
+/// One Prometheus histogram: cumulative bucket counts by upper bound, sum, count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, f64)>,
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl Histogram {
+    /// Metric `name`'s histogram in Prometheus `text` (every label set summed).
+    pub fn parse(text: &str, name: &str) -> Histogram {
+        let bucket = format!("{name}_bucket{{");
+        let mut buckets: Vec<(f64, f64)> = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&bucket) else { continue };
+            let le = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|v| v.parse::<f64>().ok());
+            let n = rest.rsplit_once('}').and_then(|(_, v)| v.split_whitespace().next()?.parse::<f64>().ok());
+            let (Some(le), Some(n)) = (le, n) else { continue };
+            if !le.is_finite() {
+                continue;
+            }
+            match buckets.iter_mut().find(|b| b.0 == le) {
+                Some(b) => b.1 += n,
+                None => buckets.push((le, n)),
+            }
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Histogram {
+            buckets,
+            sum: labeled(text, &format!("{name}_sum"), &[]),
+            count: labeled(text, &format!("{name}_count"), &[]),
+        }
+    }
+
+    /// What was observed between `before` and `self`.
+    pub fn since(&self, before: &Histogram) -> Histogram {
+        let at = |le: f64| before.buckets.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+        Histogram {
+            buckets: self.buckets.iter().map(|&(le, n)| (le, n - at(le))).collect(),
+            sum: self.sum - before.sum,
+            count: self.count - before.count,
+        }
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (`None`: above the last
+    /// bound, or nothing observed).
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let want = self.count * q;
+        self.buckets.iter().find(|&&(_, n)| n >= want).map(|&(le, _)| le)
+    }
+
+    /// `n 12, mean 3.1, p99 ≤ 5, max ≤ 10` (in the metric's unit; `scale` multiplies).
+    pub fn render(&self, scale: f64) -> String {
+        if self.count <= 0.0 {
+            return "none observed".to_string();
+        }
+        let bound = |q| match self.quantile_bound(q) {
+            Some(b) => format!("≤ {}", trim(b * scale)),
+            None => format!("> {}", self.buckets.last().map_or("?".to_string(), |b| trim(b.0 * scale))),
+        };
+        format!(
+            "n {}, sum {}, mean {}, p99 {}, max {}",
+            self.count,
+            trim(self.sum * scale),
+            trim(self.sum * scale / self.count),
+            bound(0.99),
+            bound(1.0)
+        )
+    }
+}
+
+fn trim(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Every histogram of `names` at `url`'s `/metrics`.
+async fn histograms(url: &str, names: &[(&str, &str)]) -> Vec<Histogram> {
+    let text = scrape(url).await;
+    names.iter().map(|(n, _)| Histogram::parse(&text, n)).collect()
+}
+
+/// `- what: delta` lines for `names`, `after` against `before`; times in seconds
+/// shown in ms.
+fn render_deltas(names: &[(&str, &str)], before: &[Histogram], after: &[Histogram]) -> String {
+    let mut s = String::new();
+    for (i, (name, what)) in names.iter().enumerate() {
+        let (Some(b), Some(a)) = (before.get(i), after.get(i)) else { continue };
+        let (scale, what) = match what.strip_suffix(" (s)") {
+            Some(w) => (1000.0, format!("{w} (ms)")),
+            None => (1.0, what.to_string()),
+        };
+        let _ = writeln!(s, "  - {what}, `{name}`: {}", a.since(b).render(scale));
+    }
+    s
+}
+
+/// One sample of the timeline, `at` since the load's start.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Duration,
+    /// CPU time so far: the store, the proxy, this process, and the whole machine
+    /// (every core's busy time, /proc/stat), for the work of others beside them.
+    pub cpu: [Duration; 4],
+    /// etcd's compactions finished so far: index compactions, db compactions.
+    pub compactions: [f64; 2],
+}
+
+/// Samples CPU and etcd's compaction counts every 250 ms until aborted.
+fn sampler(
+    etcd_metrics: String,
+    store: Store,
+    front: u32,
+    start: Instant,
+) -> (JoinHandle<()>, std::sync::Arc<std::sync::Mutex<Vec<Sample>>>) {
+    let out: std::sync::Arc<std::sync::Mutex<Vec<Sample>>> = Default::default();
+    let samples = out.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let text = scrape(&etcd_metrics).await;
+            let count = |n: &str| labeled(&text, &format!("{n}_count"), &[]);
+            let sample = Sample {
+                at: start.elapsed(),
+                cpu: [store.cpu(), cpu_time(front), cpu_time(std::process::id()), machine_busy()],
+                compactions: [count(ETCD_HISTOGRAMS[0].0), count(ETCD_HISTOGRAMS[1].0)],
+            };
+            samples.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
+        }
+    });
+    (task, out)
+}
+
+/// The machine's busy CPU time so far, all cores (`/proc/stat`: all but idle and
+/// iowait).
+pub fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(busy * 1000 / hz)
+}
+
+/// When etcd's index compaction and its db compaction finished (seconds into the
+/// load), from the samples: the first sample with a higher count than the first.
+pub fn compaction_ends(samples: &[Sample]) -> [Option<f64>; 2] {
+    let Some(first) = samples.first() else { return [None, None] };
+    std::array::from_fn(|i| {
+        samples.iter().find(|s| s.compactions[i] > first.compactions[i]).map(|s| s.at.as_secs_f64())
+    })
+}
+
+/// One line per second of the load: writes started in it (count, p50, p99, max) and
+/// the CPU of the store, the proxy, the load generator and everything else on the
+/// machine (profilers included) over it, in % of a core.
+pub fn by_second(writes: &[(Duration, Duration)], samples: &[Sample], secs: u64) -> String {
+    let mut s = String::from(
+        "| second | writes | write p50/p99/max ms | store CPU % | proxy CPU % | loadgen CPU % | others' CPU % |\n|---|---|---|---|---|---|---|\n",
+    );
+    for sec in 0..secs {
+        let (from, to) = (Duration::from_secs(sec), Duration::from_secs(sec + 1));
+        let mut lat: Vec<Duration> = writes.iter().filter(|(at, _)| *at >= from && *at < to).map(|w| w.1).collect();
+        lat.sort();
+        let cpu = cpu_between(samples, from, to);
+        let _ = writeln!(
+            s,
+            "| {sec}–{} | {} | {}/{}/{} | {} |",
+            sec + 1,
+            lat.len(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+            ms(lat.last().copied().unwrap_or_default()),
+            cpu.map_or("– | – | – | –".to_string(), |c| {
+                let others = (c[3] - c[0] - c[1] - c[2]).max(0.0);
+                format!("{:.0} | {:.0} | {:.0} | {others:.0}", c[0], c[1], c[2])
+            }),
+        );
+    }
+    s
+}
+
+/// CPU % of a core of each process between the samples nearest `from` and `to`.
+fn cpu_between(samples: &[Sample], from: Duration, to: Duration) -> Option<[f64; 4]> {
+    let a = samples.iter().rev().find(|s| s.at <= from).or(samples.first())?;
+    let b = samples.iter().find(|s| s.at >= to).or(samples.last())?;
+    let secs = b.at.saturating_sub(a.at).as_secs_f64();
+    (secs > 0.0).then(|| std::array::from_fn(|i| b.cpu[i].saturating_sub(a.cpu[i]).as_secs_f64() / secs * 100.0))
+}
+
+/// What is watched over one write load: etcd's (and etcdmux's) histograms before it,
+/// and the timeline sampled during it.
+pub struct Watch {
+    etcd_metrics: String,
+    /// Empty for targets other than etcdmux.
+    front_metrics: String,
+    before: [Vec<Histogram>; 2],
+    sampler: JoinHandle<()>,
+    samples: std::sync::Arc<std::sync::Mutex<Vec<Sample>>>,
+    /// When the load started: the timeline's zero.
+    pub start: Instant,
+}
+
+impl Watch {
+    /// Reads the histograms, then starts the timeline at the load's start (now).
+    pub async fn start(etcd_metrics: &str, front_metrics: Option<&str>, store: Store, front: u32) -> Watch {
+        let front_metrics = front_metrics.unwrap_or_default().to_string();
+        let before =
+            [histograms(etcd_metrics, &ETCD_HISTOGRAMS).await, histograms(&front_metrics, &HUB_HISTOGRAMS).await];
+        let start = Instant::now();
+        let (sampler, samples) = sampler(etcd_metrics.to_string(), store, front, start);
+        Watch { etcd_metrics: etcd_metrics.to_string(), front_metrics, before, sampler, samples, start }
+    }
+
+    /// Waits up to `wait` for etcd's db compaction (asked at `compact_at`) to end,
+    /// reads the histograms again; the report's lines and the timeline.
+    pub async fn finish(self, wait: Duration, compact_at: Duration) -> (String, Vec<Sample>) {
+        let deadline = Instant::now() + wait;
+        let mut ends = compaction_ends(&self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        while ends[1].is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            ends = compaction_ends(&self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        self.sampler.abort();
+        let etcd = histograms(&self.etcd_metrics, &ETCD_HISTOGRAMS).await;
+        let missing = if wait.is_zero() {
+            "not waited for".to_string()
+        } else {
+            format!("not within {wait:?} of the load's end")
+        };
+        let end = |e: Option<f64>| e.map_or(missing.clone(), |s| format!("by {s:.2} s"));
+        let mut s = format!(
+            "- etcd's compaction: asked at {:.2} s; index compaction ended {}, db compaction ended {} (sampled every 250 ms, seconds into the write load)\n\
+             - etcd over the write load and until its compaction ended:\n{}",
+            compact_at.as_secs_f64(),
+            end(ends[0]),
+            end(ends[1]),
+            render_deltas(&ETCD_HISTOGRAMS, &self.before[0], &etcd),
+        );
+        if !self.front_metrics.is_empty() {
+            let hub = histograms(&self.front_metrics, &HUB_HISTOGRAMS).await;
+            s += &format!(
+                "- etcdmux's hub over the same time:\n{}",
+                render_deltas(&HUB_HISTOGRAMS, &self.before[1], &hub)
+            );
+        }
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (s, samples)
+    }
+}
