@@ -63,6 +63,8 @@ pub mod names {
     pub const WATCH_PROGRESS_WAITERS: &str = "etcdmux_watch_progress_waiters";
     pub const WATCH_QUEUED_RESPONSES: &str = "etcdmux_watch_queued_responses";
     pub const WATCH_STREAM_OVERFLOWS: &str = "etcdmux_watch_stream_overflows_total";
+    pub const WATCH_HUB_LOCK_HOLD: &str = "etcdmux_watch_hub_lock_hold_seconds";
+    pub const WATCH_HUB_LOCK_WAIT: &str = "etcdmux_watch_hub_lock_wait_seconds";
     pub const READY: &str = "etcdmux_ready";
     pub const UPSTREAM_PROBE_FAILURES: &str = "etcdmux_upstream_probe_failures_total";
     pub const TENANT_REQUESTS: &str = "etcdmux_tenant_requests_total";
@@ -197,6 +199,18 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
     (names::WATCH_RING_EVENTS, Kind::Gauge, Unit::Count, "Events kept in the shared ring"),
     (names::WATCH_RING_BYTES, Kind::Gauge, Unit::Bytes, "Bytes of keys and values kept in the shared ring"),
     (names::WATCH_EVENTS_IN, Kind::Counter, Unit::Count, "Events received from the upstream watch"),
+    (
+        names::WATCH_HUB_LOCK_HOLD,
+        Kind::Histogram,
+        Unit::Seconds,
+        "How long the watch hub's lock was held to apply one upstream batch of events (decode, dispatch to every matching watcher, the ring); every watch create, cancel and progress answer waits behind it",
+    ),
+    (
+        names::WATCH_HUB_LOCK_WAIT,
+        Kind::Histogram,
+        Unit::Seconds,
+        "How long the hub's upstream task waited for that lock before applying a batch of events: the delay other holders (creates, cancels, progress) added to every event of the batch",
+    ),
     (names::WATCH_EVENTS_OUT, Kind::Counter, Unit::Count, "Events queued to client watchers"),
     (names::WATCH_CREATED, Kind::Counter, Unit::Count, "Client watchers created"),
     (names::WATCH_CANCELLED, Kind::Counter, Unit::Count, "Client watchers cancelled by their client"),

@@ -26,16 +26,6 @@ use crate::upstream::CallCtx;
 /// another is sent.
 const REQUEST_RESEND: Duration = Duration::from_secs(1);
 
-/// How long the upstream task waited for the hub's lock before applying a batch of
-/// events (histogram, seconds): time other holders (creates, cancels, progress)
-/// added to every event of the batch. The name lives here, not in `metrics::names`,
-/// until that list takes it.
-pub const HUB_LOCK_WAIT: &str = "etcdmux_watch_hub_lock_wait_seconds";
-/// How long the hub's lock was held to apply one upstream batch of events
-/// (histogram, seconds): decode, dispatch to every matching watcher, the ring.
-/// Every create, cancel and progress answer waits behind it.
-pub const HUB_LOCK_HOLD: &str = "etcdmux_watch_hub_lock_hold_seconds";
-
 /// What the upstream task does after one response.
 pub(super) enum Next {
     Continue,
@@ -236,8 +226,8 @@ impl Hub {
             self.probe_completed(&mut st);
         }
         drop(st);
-        metrics::histogram!(HUB_LOCK_WAIT).record(held.duration_since(asked).as_secs_f64());
-        metrics::histogram!(HUB_LOCK_HOLD).record(held.elapsed().as_secs_f64());
+        metrics::histogram!(names::WATCH_HUB_LOCK_WAIT).record(held.duration_since(asked).as_secs_f64());
+        metrics::histogram!(names::WATCH_HUB_LOCK_HOLD).record(held.elapsed().as_secs_f64());
         Next::Continue
     }
 
@@ -326,13 +316,13 @@ mod tests {
             // A progress notification is no batch of events.
             assert!(matches!(hub.on_upstream(WatchResponse::default()), Next::Continue));
             let text = handle.render();
-            assert_eq!(count(&text, HUB_LOCK_HOLD), None, "{text}");
+            assert_eq!(count(&text, names::WATCH_HUB_LOCK_HOLD), None, "{text}");
             assert!(matches!(hub.on_upstream(put(5)), Next::Continue));
             assert!(matches!(hub.on_upstream(put(6)), Next::Continue));
         });
         let text = handle.render();
-        assert_eq!(count(&text, HUB_LOCK_HOLD), Some(2.0), "{text}");
-        assert_eq!(count(&text, HUB_LOCK_WAIT), Some(2.0), "{text}");
+        assert_eq!(count(&text, names::WATCH_HUB_LOCK_HOLD), Some(2.0), "{text}");
+        assert_eq!(count(&text, names::WATCH_HUB_LOCK_WAIT), Some(2.0), "{text}");
         assert_eq!(hub.last_rev(), 6);
     }
 }
