@@ -15,7 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core post
 # The benchmark plots' labels are drawn with this font.
 PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: deps build run run-tls test lint check-config check-chart clean-run bench bench-smoke soak mem-profile
+.PHONY: deps build run run-tls test lint check-config check-chart clean-run bench bench-smoke bench-profile soak mem-profile
 
 ## deps: install etcd, etcdctl, protoc and the plot font (Debian/Ubuntu) if missing; check for cargo
 deps:
@@ -107,7 +107,8 @@ clean-run:
 ## as fast as they go and at a fixed rate, with and without the apiserver's watches -> loadtest/results/throughput*.md
 ## (every throughput table with etcdmux on SQL beside the others); the apiserver-shaped load on etcdmux on SQL beside
 ## etcdmux on etcd and etcd direct -> api-sql.md; the store's size per million keys on both backends -> sqlsize.md;
-## what the root index's keys cost etcd at compaction (30,000 projects) -> loadtest/results/rootindex.md
+## what earlier versions' per-project root index cost etcd at compaction against this version's shared one
+## (30,000 projects) -> loadtest/results/rootindex.md
 BENCH_PROJECTS ?= 100,1000,10000,20000,30000
 BENCH_SQL_PROJECTS ?= 100,1000
 BENCH_SQL_KEYS ?= 200000
@@ -137,6 +138,19 @@ bench: build
 	  --clients 32 --rate 2000 --rounds $(BENCH_THROUGHPUT_ROUNDS) --name throughput-2000rps
 	$(CARGO_TARGET_DIR)/release/rootindex --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_ROOTINDEX_PROJECTS) --name rootindex
+
+## bench-profile: where the apiserver-shaped load's time goes at 100 and 30,000 projects: etcdmux and grpc-proxy side
+## by side, perf flamegraphs of each proxy and of etcd (setup and write load), etcd's compaction and disk histograms,
+## the hub's lock, write latency and CPU by second -> loadtest/results/api-shared-index.md (+ *-{proxy,etcd}.svg/txt).
+## Needs perf (Debian: linux-perf) and about 20 GiB of memory for grpc-proxy at 30,000.
+BENCH_PROFILE_PROJECTS ?= 100,30000
+bench-profile: build
+	@command -v perf >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y linux-perf; }
+	$(CARGO) build --release --locked -p etcdmux-loadtest
+	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --profile \
+	  --projects $(BENCH_PROFILE_PROJECTS) --models shared --targets etcdmux,grpc-proxy --name api-shared-index
 
 ## bench-smoke: the benchmarks at a tiny size (what CI runs), debug build
 bench-smoke: deps
