@@ -140,14 +140,22 @@ pub async fn compare(ctx: &Ctx, id: &str, map: &SourceMap, leases: &Leases, a: i
     while let Some(kvs) = pager.next(&ctx.target).await? {
         own.extend(kvs.iter().filter_map(|kv| ctx.layout.tenant_index_entry(&kv.key)));
     }
+    // One line per resource root: a missing root-index key hides it for every project.
+    let mut unindexed: BTreeMap<Slot, (Vec<String>, u64)> = BTreeMap::new();
     for ((t, slot), (_, tgt)) in &report.rows {
         if tgt.keys > 0 && !shared.contains(slot) && !own.contains(&(t.clone(), slot.clone())) {
-            report.differences.push(format!(
-                "project {t}, {}: no root-index entry in the target (cross-root ranges would miss its {} keys)",
-                slot_name(slot),
-                tgt.keys
-            ));
+            let e = unindexed.entry(slot.clone()).or_default();
+            e.0.push(t.to_string());
+            e.1 += tgt.keys;
         }
+    }
+    for (slot, (projects, keys)) in unindexed {
+        report.differences.push(format!(
+            "{}: no root-index entry in the target (cross-root ranges of {} project(s) would miss their {keys} keys: {})",
+            slot_name(&slot),
+            projects.len(),
+            projects.join(", ")
+        ));
     }
     let mut owners = BTreeSet::new();
     let mut pager = Pager::new(&ctx.layout.lease_owner_range(), x, page, true);
