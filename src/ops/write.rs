@@ -97,7 +97,6 @@ impl Proxy {
         mut req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse> {
         validate::delete(&req)?;
-        let client_req = req.clone();
         let (tenant, start, end) = match self.resolver.resolve_range(scope, &req.key, &req.range_end)? {
             RangeRef::Raw { key, range_end, global } => {
                 if global {
@@ -120,9 +119,9 @@ impl Proxy {
             return Ok(resp);
         }
         metrics::counter!(names::CROSS_ROOT_DELETES).increment(1);
-        // Across roots: as a one-op txn, which reads the index, guards the delete
+        // Across roots (`req` still in client form): as a one-op txn, which reads the index, guards the delete
         // with it and nests the pieces when they exceed etcd's op limit.
-        let txn = TxnRequest { success: vec![delete_op(client_req)], ..Default::default() };
+        let txn = TxnRequest { success: vec![delete_op(req)], ..Default::default() };
         let resp = self.txn(scope, ctx, txn).await?;
         match resp.responses.into_iter().next().and_then(|r| r.response) {
             Some(response_op::Response::ResponseDeleteRange(mut d)) => {
