@@ -54,9 +54,32 @@ fn hanging(client: &KvClient<Channel>) -> tokio::task::JoinHandle<Result<(), ton
     tokio::spawn(async move { c.range(range()).await.map(|_| ()) })
 }
 
+/// Waits until `n` ranges are in progress in etcdmux (the in-flight gauge), so the
+/// next one meets the bound whatever the machine's load: a fixed sleep let a slow CI
+/// runner send the "refused" call before the held one and hold it instead.
+async fn until_ranges_in_progress(n: f64) {
+    let label = "method=\"/etcdserverpb.KV/Range\"";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = etcdmux::metrics::install().expect("metrics recorder").render();
+        let now = text
+            .lines()
+            .filter(|l| l.starts_with(names::GRPC_INFLIGHT) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>();
+        if now >= n {
+            // The gauge counts a call just before the limits layer takes its permit.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} ranges in progress in time (now {now})");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A range that must be refused at once with etcd's overload answer.
 async fn refused(client: &mut KvClient<Channel>) {
-    let answer = tokio::time::timeout(Duration::from_secs(2), client.range(range())).await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), client.range(range())).await;
     let status = answer.expect("refused at once, not queued").expect_err("refused");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(status.message(), "etcdserver: too many requests");
@@ -79,7 +102,7 @@ async fn the_global_bound_sheds_at_once_and_recovers() {
 
     signal(&etcd, "-STOP");
     let held = [hanging(&a), hanging(&b)];
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_ranges_in_progress(2.0).await;
     refused(&mut a).await;
     refused(&mut b).await;
     signal(&etcd, "-CONT");
@@ -102,10 +125,10 @@ async fn the_per_connection_bound_leaves_other_connections_alone() {
 
     signal(&etcd, "-STOP");
     let held_a = hanging(&a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_ranges_in_progress(1.0).await;
     refused(&mut a).await;
     let held_b = hanging(&b);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_ranges_in_progress(2.0).await;
     assert!(!held_b.is_finished(), "another connection's call is not refused");
     signal(&etcd, "-CONT");
     held_a.await.expect("task").expect("answered");
