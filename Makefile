@@ -15,7 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client protobuf-compiler fonts-dejavu-core post
 # The benchmark plots' labels are drawn with this font.
 PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: deps build run run-tls test lint check-config check-chart clean-run bench bench-smoke bench-profile soak mem-profile
+.PHONY: deps build run run-tls test lint check-config check-chart clean-run bench bench-goals bench-smoke bench-profile soak mem-profile
 
 ## deps: install etcd, etcdctl, protoc and the plot font (Debian/Ubuntu) if missing; check for cargo
 deps:
@@ -138,6 +138,34 @@ bench: build
 	  --clients 32 --rate 2000 --rounds $(BENCH_THROUGHPUT_ROUNDS) --name throughput-2000rps
 	$(CARGO_TARGET_DIR)/release/rootindex --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_ROOTINDEX_PROJECTS) --name rootindex
+	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --streams 20000 --watches 1 --connections 20 --name streammem-stream
+	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --streams 300 --watches 1000 --connections 3 --name streammem-watch
+	$(CARGO_TARGET_DIR)/release/goals --api api --streammem streammem-stream,streammem-watch --rootindex rootindex \
+	  --throughput throughput,throughput-watch,throughput-2000rps --name goals
+
+## bench-goals: only what issue 11's goals are judged on (flat cost as projects grow), in about two hours here:
+## apiload's shared, milo-pool and go-client models at $(GOALS_PROJECTS) projects (etcdmux and grpc-proxy; etcd
+## direct runs out of memory at 30,000), memory per stream and per watch, the root index's cost, throughput with
+## the apiserver's watches held -> loadtest/results/goals.md, each goal asked / measured / met, with the reports.
+## Needs about 20 GiB of memory (grpc-proxy at 30,000 projects).
+GOALS_PROJECTS ?= 100,1000,10000,30000
+bench-goals: build
+	$(CARGO) build --release --locked -p etcdmux-loadtest
+	$(CARGO_TARGET_DIR)/release/apiload --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux --projects $(GOALS_PROJECTS) \
+	  --models shared,milo-pool,go-client --targets grpc-proxy,etcdmux --name goals-api
+	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --streams 20000 --watches 1 --connections 20 --name goals-streammem-stream
+	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --streams 300 --watches 1000 --connections 3 --name goals-streammem-watch
+	$(CARGO_TARGET_DIR)/release/rootindex --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --projects $(BENCH_ROOTINDEX_PROJECTS) --rounds 1 --name goals-rootindex
+	$(CARGO_TARGET_DIR)/release/throughput --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --targets direct,grpc-proxy,etcdmux --clients $(BENCH_THROUGHPUT_CLIENTS) --rounds $(BENCH_THROUGHPUT_ROUNDS) \
+	  --watch --name goals-throughput-watch
+	$(CARGO_TARGET_DIR)/release/goals --api goals-api --streammem goals-streammem-stream,goals-streammem-watch \
+	  --rootindex goals-rootindex --throughput goals-throughput-watch --check --name goals
 
 ## bench-profile: where the apiserver-shaped load's time goes at 100 and 30,000 projects: etcdmux and grpc-proxy side
 ## by side, perf flamegraphs of each proxy and of etcd (setup and write load), etcd's compaction and disk histograms,
@@ -175,6 +203,8 @@ bench-smoke: deps
 	  --clients 4 --projects 20 --resources 3 --warmup-secs 1 --duration-secs 2 --watch --check --name throughput-smoke
 	$(CARGO_TARGET_DIR)/debug/rootindex --etcdmux $(CARGO_TARGET_DIR)/debug/etcdmux \
 	  --projects 50 --gap-secs 1 --compactions 2 --rounds 1 --name rootindex-smoke
+	$(CARGO_TARGET_DIR)/debug/goals --api api-smoke --streammem streammem-smoke --rootindex rootindex-smoke \
+	  --throughput throughput-smoke --model-points 10 --check --name goals-smoke
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
 ## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream,

@@ -461,13 +461,43 @@ pub fn machine() -> String {
     format!("{cores} cores ({cpu}), {:.1} GiB memory; {etcd}", mem as f64 / 1024.0 / 1024.0)
 }
 
+/// Where a benchmark's outputs go: `loadtest/results/<name>.<ext>`.
+pub fn results_path(name: &str, ext: &str) -> PathBuf {
+    PathBuf::from("loadtest/results").join(format!("{name}.{ext}"))
+}
+
 /// Writes a report to `loadtest/results/<name>.md` and returns its path.
 pub fn write_report(name: &str, report: &str) -> Result<PathBuf, Error> {
-    let dir = PathBuf::from("loadtest/results");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{name}.md"));
-    std::fs::write(&path, report)?;
+    write_result(name, "md", report)
+}
+
+/// Writes the figures of a run that `goals` reads to `loadtest/results/<name>.json`.
+pub fn write_summary(name: &str, summary: &serde_json::Value) -> Result<PathBuf, Error> {
+    write_result(name, "json", &serde_json::to_string_pretty(summary)?)
+}
+
+fn write_result(name: &str, ext: &str, text: &str) -> Result<PathBuf, Error> {
+    let path = results_path(name, ext);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, text)?;
     Ok(path)
+}
+
+/// Issue 11's goals: the benchmarks judge against these and `goals` sums them up.
+pub mod goal {
+    /// Write and delivery p99 at the largest project count within this factor of the
+    /// smallest's.
+    pub const FLAT_P99: f64 = 1.5;
+    /// etcdmux's RSS per client watch stream (one watch each), bytes.
+    pub const STREAM_BYTES: f64 = 2048.0;
+    /// etcdmux's RSS per watch when streams carry many watches, bytes.
+    pub const WATCH_BYTES: f64 = 700.0;
+    /// etcdmux's requests per second against etcd direct's, at equal clients.
+    pub const VS_DIRECT: f64 = 0.9;
+    /// etcdmux's requests per second against etcd grpc-proxy's, at equal clients.
+    pub const VS_GRPC_PROXY: f64 = 1.2;
 }
 
 #[cfg(test)]

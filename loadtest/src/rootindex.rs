@@ -32,8 +32,8 @@ use etcdmux::pb::etcdserverpb::{
     RangeRequest, RequestOp, StatusRequest, TxnRequest,
 };
 use etcdmux_loadtest::{
-    b, bar, bounded, machine, ms, percentile, rss_kib, start_etcd, start_front, value, write_report, Error, Etcd,
-    FrontKind, Rng, MILO_CONFIG,
+    b, bar, bounded, machine, ms, percentile, rss_kib, start_etcd, start_front, value, write_report, write_summary,
+    Error, Etcd, FrontKind, Rng, MILO_CONFIG,
 };
 use etcdmux_testkit::MILO_RESOURCES as RESOURCES;
 use tonic::transport::Channel;
@@ -282,7 +282,10 @@ async fn main() -> Result<(), Error> {
     }
     let (data, index) = copy_without_index(&with.client_url, &without.client_url).await?;
     eprintln!("rootindex: {} keys copied without the {index} per-tenant index keys", data.len());
+    let keys_without = data.len();
     let objects: Vec<Bytes> = data.into_iter().filter(|k| !k.starts_with(b"/etcdmux/")).collect();
+    // What is left of etcdmux's own keys: this version's shared index.
+    let shared_index = keys_without - objects.len();
     let objects = Arc::new(objects);
     // One etcd at a time: the other sits idle, so both see the same machine. The
     // order alternates by round, so neither always runs first.
@@ -339,6 +342,30 @@ async fn main() -> Result<(), Error> {
         ratio(pooled(w), pooled(wo)),
     )?;
     let path = write_report(&a.name, &report)?;
+    let sum = |runs: &[Run], f: &dyn Fn(&Run) -> f64| total(runs, f) / runs.len().max(1) as f64;
+    write_summary(
+        &a.name,
+        &serde_json::json!({
+            "machine": machine(),
+            "projects": a.projects,
+            "resources": a.resources,
+            "objects": objects.len(),
+            "per_tenant_index_keys": index,
+            "shared_index_keys": shared_index,
+            "per_tenant": {
+                "keys": sum(w, &|r| r.keys as f64),
+                "rss_mib": sum(w, &|r| r.rss_mib.1),
+                "compaction_ms": sum(w, &|r| r.compact_ms.iter().sum()),
+                "index_pause_ms_sum": sum(w, &|r| r.index_pause.0),
+            },
+            "shared": {
+                "keys": sum(wo, &|r| r.keys as f64),
+                "rss_mib": sum(wo, &|r| r.rss_mib.1),
+                "compaction_ms": sum(wo, &|r| r.compact_ms.iter().sum()),
+                "index_pause_ms_sum": sum(wo, &|r| r.index_pause.0),
+            },
+        }),
+    )?;
     print!("{report}");
     eprintln!("rootindex: report in {}", path.display());
     Ok(())

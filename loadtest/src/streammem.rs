@@ -16,7 +16,9 @@ use clap::Parser;
 use etcdmux::pb::etcdserverpb::kv_client::KvClient;
 use etcdmux::pb::etcdserverpb::watch_client::WatchClient;
 use etcdmux::pb::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest, WatchRequest};
-use etcdmux_loadtest::{b, machine, prefix_end, rss_kib, start_etcd, start_front, write_report, Error, FrontKind};
+use etcdmux_loadtest::{
+    b, machine, prefix_end, rss_kib, start_etcd, start_front, write_report, write_summary, Error, FrontKind,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -110,6 +112,20 @@ async fn main() -> Result<(), Error> {
         after as f64 / 1024.0,
         grown / args.streams as f64,
         grown / want as f64
+    )?;
+
+    write_summary(
+        &args.name,
+        &serde_json::json!({
+            "machine": machine(),
+            "streams": args.streams,
+            "watches": want,
+            "connections": args.connections,
+            "rss_before_kib": before,
+            "rss_after_kib": after,
+            "per_stream_bytes": grown / args.streams as f64,
+            "per_watch_bytes": grown / want as f64,
+        }),
     )?;
 
     // SIGTERM: etcdmux drains and returns from main, where a dhat build writes its

@@ -38,7 +38,7 @@ use etcdmux::pb::etcdserverpb::{
 use etcdmux_loadtest::profile::{Profile, Unwind};
 use etcdmux_loadtest::{
     b, chain, cpu_time, labeled, loadavg, prefix_end, rss_kib, scrape, start_etcd, start_front, value, write_report,
-    Error, FrontKind, MILO_CONFIG,
+    write_summary, Error, FrontKind, MILO_CONFIG,
 };
 use load::{key, put_req, run_clients, Ctx, Tally};
 use tokio::sync::mpsc;
@@ -426,6 +426,7 @@ async fn main() -> Result<(), Error> {
     }
     let r = report::report(&args, &rows, &commit())?;
     let path = write_report(&args.name, &r)?;
+    write_summary(&args.name, &report::summary(&args, &rows))?;
     println!("{r}");
     eprintln!("throughput: report written to {}", path.display());
     let bad: Vec<String> = rows

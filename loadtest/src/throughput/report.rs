@@ -3,13 +3,10 @@
 
 use std::fmt::Write as _;
 
+use etcdmux_loadtest::goal::{VS_DIRECT, VS_GRPC_PROXY};
 use etcdmux_loadtest::{machine, ms, percentile};
 
 use super::{Args, Measured, Row, Target, Workload, OPS};
-
-/// The goals of issue 11: etcdmux against etcd direct and against grpc-proxy.
-const VS_DIRECT: f64 = 0.9;
-const VS_GRPC_PROXY: f64 = 1.2;
 
 /// The median round of a cell (by requests per second) and the spread of all its
 /// rounds; `None` when no round measured.
@@ -276,4 +273,33 @@ fn goals(args: &Args, rows: &[Row]) -> String {
     } else {
         "No cell has etcdmux and another target measured.\n".to_string()
     }
+}
+
+/// The median round of every cell, for `goals`: requests per second (and the spread of
+/// the rounds) and the proxy's CPU milliseconds per 1,000 requests.
+pub fn summary(args: &Args, rows: &[Row]) -> serde_json::Value {
+    let mut cells = Vec::new();
+    for &clients in &args.clients {
+        for &workload in &args.workloads {
+            for &target in &args.targets {
+                if let Some((m, lo, hi)) = median(rows, clients, workload, target) {
+                    cells.push(serde_json::json!({
+                        "clients": clients,
+                        "workload": format!("{workload:?}").to_lowercase(),
+                        "target": target.name(),
+                        "ops_per_sec": m.ops_per_sec(),
+                        "ops_per_sec_spread": [lo, hi],
+                        "proxy_cpu_ms_per_kop": m.cpu_per_kop(1),
+                    }));
+                }
+            }
+        }
+    }
+    serde_json::json!({
+        "machine": machine(),
+        "watch": args.watch,
+        "rate": args.rate,
+        "rounds": args.rounds,
+        "cells": cells,
+    })
 }

@@ -1,0 +1,487 @@
+//! goals: issue 11's goals (flat cost as projects grow) judged from the outputs of one
+//! benchmark run, side by side in `loadtest/results/<name>.md`.
+//!
+//! It runs nothing itself: `make bench` (or `make bench-goals`) runs `apiload`,
+//! `streammem`, `rootindex` and `throughput`, each of which writes its figures next to
+//! its report (`apiload` a CSV, the others a JSON summary), and then this, which reads
+//! them and says per goal what was asked, what was measured and whether it was met,
+//! by how much it was missed where it was. The *why* of a miss is in the reports and
+//! the README; this only refuses to round a miss into a pass.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use clap::Parser;
+use etcdmux_loadtest::goal::{FLAT_P99, STREAM_BYTES, VS_DIRECT, VS_GRPC_PROXY, WATCH_BYTES};
+use etcdmux_loadtest::{machine, results_path, write_report, Error};
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(about = "Issue 11's goals judged from one benchmark run's outputs in loadtest/results")]
+struct Args {
+    /// apiload's run (`<name>.csv`): goal 1 from its shared model, goal 5 from its
+    /// milo-pool and go-client models.
+    #[arg(long, default_value = "api")]
+    api: String,
+    /// streammem's runs (`<name>.json`): one with a watch per stream, one with many.
+    #[arg(long, value_delimiter = ',', default_value = "streammem-20k,streammem-300x1000")]
+    streammem: Vec<String>,
+    /// rootindex's run (`<name>.json`).
+    #[arg(long, default_value = "rootindex")]
+    rootindex: String,
+    /// throughput's runs (`<name>.json`).
+    #[arg(long, value_delimiter = ',', default_value = "throughput,throughput-watch")]
+    throughput: Vec<String>,
+    /// Project counts goal 5 asks every model to be reported at.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000,30000")]
+    model_points: Vec<u64>,
+    #[arg(long, default_value = "goals")]
+    name: String,
+    /// Exit with an error when a goal could not be judged (an input missing or
+    /// unreadable): for CI, where every input is produced just before.
+    #[arg(long)]
+    check: bool,
+}
+
+const G1: &str = "1. latency flat in project count";
+const G2: &str = "2. memory per watch stream";
+const G3: &str = "3. etcd's key count independent of projects × resources";
+const G4: &str = "4. throughput per core";
+const G5: &str = "5. Milo's pool and the Go client in apiload";
+
+const ETCDMUX: &str = "etcdmux";
+const GRPC_PROXY: &str = "etcd grpc-proxy";
+
+/// One goal's line in the summary table.
+struct Verdict {
+    goal: &'static str,
+    asked: String,
+    measured: String,
+    /// What was missed; empty when the goal was met.
+    missed: Vec<String>,
+    /// Its inputs were missing or unreadable.
+    unmeasured: bool,
+}
+
+impl Verdict {
+    /// A goal whose run is missing or unreadable: not measured. The others are still
+    /// judged.
+    fn unmeasured(goal: &'static str, e: &Error) -> Verdict {
+        Verdict {
+            goal,
+            asked: "–".into(),
+            measured: format!("not measured: {e}"),
+            missed: vec!["not measured".into()],
+            unmeasured: true,
+        }
+    }
+
+    fn state(&self) -> String {
+        if self.missed.is_empty() {
+            "met".to_string()
+        } else {
+            format!("**not met**: {}", self.missed.join("; "))
+        }
+    }
+}
+
+/// One row of apiload's CSV; `None` where the point failed before it was measured.
+#[derive(Debug)]
+struct ApiRow {
+    model: String,
+    projects: u64,
+    target: String,
+    status: String,
+    list_p99: Option<f64>,
+    write_p99: Option<f64>,
+    delivery_p99: Option<f64>,
+    etcd_watchers: Option<f64>,
+    store_mib: Option<f64>,
+    proxy_mib: Option<f64>,
+}
+
+impl ApiRow {
+    fn ok(&self) -> bool {
+        self.status == "ok" && self.write_p99.is_some()
+    }
+}
+
+/// Runs one goal's judgement: its detail section is kept only if it could be judged.
+fn judge(goal: &'static str, detail: &mut String, f: impl FnOnce(&mut String) -> Result<Verdict, Error>) -> Verdict {
+    let mut section = String::new();
+    match f(&mut section) {
+        Ok(v) => {
+            detail.push_str(&section);
+            v
+        }
+        Err(e) => Verdict::unmeasured(goal, &e),
+    }
+}
+
+fn read_api(name: &str) -> Result<Vec<ApiRow>, Error> {
+    let path = results_path(name, "csv");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = text.lines();
+    let head: Vec<&str> = lines.next().ok_or_else(|| format!("{}: empty", path.display()))?.split(',').collect();
+    let col = |name: &str| {
+        head.iter().position(|h| *h == name).ok_or_else(|| format!("{}: no column {name}", path.display()))
+    };
+    let [model, projects, target, status, list, write, delivery, watchers, store, proxy] = [
+        "model",
+        "projects",
+        "target",
+        "status",
+        "list_p99_ms",
+        "write_p99_ms",
+        "delivery_p99_ms",
+        "etcd_watchers",
+        "store_peak_mib",
+        "proxy_peak_rss_mib",
+    ]
+    .map(col);
+    let (model, projects, target, status) = (model?, projects?, target?, status?);
+    let (list, write, delivery, watchers, store, proxy) = (list?, write?, delivery?, watchers?, store?, proxy?);
+    let mut rows = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        let text = |i: usize| f.get(i).copied().unwrap_or("").to_string();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        rows.push(ApiRow {
+            model: text(model),
+            projects: text(projects).parse().map_err(|e| format!("{}: projects in {line:?}: {e}", path.display()))?,
+            target: text(target),
+            status: text(status),
+            list_p99: num(list),
+            write_p99: num(write),
+            delivery_p99: num(delivery),
+            etcd_watchers: num(watchers),
+            store_mib: num(store),
+            proxy_mib: num(proxy),
+        });
+    }
+    Ok(rows)
+}
+
+fn read_json(name: &str) -> Result<Value, Error> {
+    let path = results_path(name, "json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
+fn num(v: &Value, field: &str) -> Result<f64, Error> {
+    v[field].as_f64().ok_or_else(|| format!("no number {field} in {v}").into())
+}
+
+fn find<'a>(rows: &'a [ApiRow], model: &str, projects: u64, target: &str) -> Option<&'a ApiRow> {
+    rows.iter().find(|r| r.model == model && r.projects == projects && r.target == target)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |v| format!("{v:.2}"))
+}
+
+/// `over` as a percentage above `limit`.
+fn above(value: f64, limit: f64) -> String {
+    format!("{:.0} % above", (value / limit.max(1e-9) - 1.0) * 100.0)
+}
+
+/// Goal 1: write and delivery p99 at the largest point ≤ 1.5× the smallest's, and at
+/// or below grpc-proxy's at every point; list p99 at or below grpc-proxy's.
+fn flat_latency(rows: &[ApiRow], detail: &mut String) -> Result<Verdict, Error> {
+    let model = "Shared";
+    let points: BTreeSet<u64> = rows.iter().filter(|r| r.model == model).map(|r| r.projects).collect();
+    let mut v = Verdict {
+        goal: G1,
+        asked: format!("write and delivery p99 at the largest point ≤ {FLAT_P99}× the smallest's and ≤ grpc-proxy's at every point; list p99 ≤ grpc-proxy's"),
+        measured: String::new(),
+        missed: Vec::new(),
+        unmeasured: false,
+    };
+    let (Some(&lo), Some(&hi)) = (points.first(), points.last()) else {
+        return Err("no point of the shared model in the run".into());
+    };
+    writeln!(detail, "## 1. Latency flat in project count (apiload, one shared connection)\n")?;
+    writeln!(detail, "| projects | write p99 ms: etcdmux / grpc-proxy | delivery p99 ms | list p99 ms | etcdmux at or below grpc-proxy |")?;
+    writeln!(detail, "|---|---|---|---|---|")?;
+    for &p in &points {
+        let (m, g) = (find(rows, model, p, ETCDMUX), find(rows, model, p, GRPC_PROXY));
+        let mut worse = Vec::new();
+        match (m.filter(|r| r.ok()), g.filter(|r| r.ok())) {
+            (Some(m), Some(g)) => {
+                for (what, a, b) in [
+                    ("write", m.write_p99, g.write_p99),
+                    ("delivery", m.delivery_p99, g.delivery_p99),
+                    ("list", m.list_p99, g.list_p99),
+                ] {
+                    if let (Some(a), Some(b)) = (a, b) {
+                        if a > b {
+                            worse.push(format!("{what} {}", above(a, b)));
+                        }
+                    }
+                }
+            }
+            (None, _) => worse.push(format!("etcdmux {}", m.map_or("not run", |r| r.status.as_str()))),
+            (_, None) => worse.push(format!("grpc-proxy {}", g.map_or("not run", |r| r.status.as_str()))),
+        }
+        let pair = |f: fn(&ApiRow) -> Option<f64>| format!("{} / {}", ms(m.and_then(f)), ms(g.and_then(f)));
+        writeln!(
+            detail,
+            "| {p} | {} | {} | {} | {} |",
+            pair(|r| r.write_p99),
+            pair(|r| r.delivery_p99),
+            pair(|r| r.list_p99),
+            if worse.is_empty() { "yes".to_string() } else { format!("no: {}", worse.join(", ")) }
+        )?;
+        for w in worse {
+            v.missed.push(format!("at {p} projects {w} grpc-proxy's"));
+        }
+    }
+    let mut growth = Vec::new();
+    for target in [ETCDMUX, GRPC_PROXY] {
+        let (a, b) = (find(rows, model, lo, target), find(rows, model, hi, target));
+        for (what, f) in
+            [("write", (|r: &ApiRow| r.write_p99) as fn(&ApiRow) -> Option<f64>), ("delivery", |r| r.delivery_p99)]
+        {
+            let Some((x, y)) = a.and_then(f).zip(b.and_then(f)) else { continue };
+            let ratio = y / x.max(1e-9);
+            growth.push(format!("{target} {what} {ratio:.2}×"));
+            if target == ETCDMUX && ratio > FLAT_P99 {
+                v.missed.push(format!(
+                    "{what} p99 grew {ratio:.2}× from {lo} to {hi} projects ({} {FLAT_P99}×)",
+                    above(ratio, FLAT_P99)
+                ));
+            }
+        }
+    }
+    writeln!(detail, "\np99 at {hi} projects over p99 at {lo}: {}.\n", growth.join(", "))?;
+    let at = |p| find(rows, model, p, ETCDMUX).and_then(|r| r.write_p99);
+    let proxy_hi = find(rows, model, hi, GRPC_PROXY).and_then(|r| r.write_p99);
+    v.measured = format!(
+        "write p99 {} ms at {lo}, {} ms at {hi} projects (grpc-proxy {} ms); {}",
+        ms(at(lo)),
+        ms(at(hi)),
+        ms(proxy_hi),
+        growth.join(", ")
+    );
+    Ok(v)
+}
+
+/// Goal 2: RSS per watch stream and per watch (streammem).
+fn memory(names: &[String], detail: &mut String) -> Result<Verdict, Error> {
+    let mut v = Verdict {
+        goal: G2,
+        asked: format!(
+            "≤ {STREAM_BYTES:.0} B per stream of one watch; ≤ {WATCH_BYTES:.0} B per watch with many per stream"
+        ),
+        measured: String::new(),
+        missed: Vec::new(),
+        unmeasured: false,
+    };
+    writeln!(detail, "## 2. Memory per watch stream (streammem, etcdmux's RSS)\n")?;
+    writeln!(detail, "| run | streams | watches | per stream | per watch |\n|---|---|---|---|---|")?;
+    let (mut per_stream, mut per_watch) = (None, None);
+    for name in names {
+        let s = read_json(name)?;
+        let (streams, watches) = (num(&s, "streams")?, num(&s, "watches")?);
+        let (bs, bw) = (num(&s, "per_stream_bytes")?, num(&s, "per_watch_bytes")?);
+        writeln!(detail, "| [{name}]({name}.md) | {streams} | {watches} | {bs:.0} B | {bw:.0} B |")?;
+        if watches <= streams {
+            per_stream = Some(bs);
+        } else {
+            per_watch = Some(bw);
+        }
+    }
+    writeln!(detail)?;
+    match per_stream {
+        Some(b) if b > STREAM_BYTES => v.missed.push(format!("{b:.0} B per stream, {}", above(b, STREAM_BYTES))),
+        Some(_) => {}
+        None => v.missed.push("no run with one watch per stream".into()),
+    }
+    match per_watch {
+        Some(b) if b > WATCH_BYTES => v.missed.push(format!("{b:.0} B per watch, {}", above(b, WATCH_BYTES))),
+        Some(_) => {}
+        None => v.missed.push("no run with many watches per stream".into()),
+    }
+    let b = |x: Option<f64>| x.map_or("–".to_string(), |x| format!("{x:.0} B"));
+    v.measured = format!("{} per stream, {} per watch", b(per_stream), b(per_watch));
+    Ok(v)
+}
+
+/// Goal 3: etcdmux's own keys in etcd do not grow with projects × resources.
+fn key_count(name: &str, detail: &mut String) -> Result<Verdict, Error> {
+    let s = read_json(name)?;
+    let (projects, resources) = (num(&s, "projects")?, num(&s, "resources")?);
+    let (shared, per_tenant) = (num(&s, "shared_index_keys")?, num(&s, "per_tenant_index_keys")?);
+    let ratio = |field: &str| -> Result<String, Error> {
+        let (a, b) = (num(&s["per_tenant"], field)?, num(&s["shared"], field)?);
+        Ok(format!("{:.2}×", a / b.max(1e-9)))
+    };
+    writeln!(detail, "## 3. Upstream key count ([{name}]({name}.md))\n")?;
+    writeln!(
+        detail,
+        "{projects} projects × {resources} resources: this version keeps {shared} index keys in etcd; the per-project form of earlier versions kept {per_tenant}, which cost etcd (per-project form / this version) {} the compaction time, {} the index-compaction pause and {} the RSS.\n",
+        ratio("compaction_ms")?,
+        ratio("index_pause_ms_sum")?,
+        ratio("rss_mib")?
+    )?;
+    let mut missed = Vec::new();
+    if shared > resources {
+        missed.push(format!("{shared} index keys for {resources} resource roots"));
+    }
+    Ok(Verdict {
+        goal: G3,
+        asked: "index keys independent of projects × resources".into(),
+        measured: format!(
+            "{shared} index keys at {projects} projects × {resources} resources (per-project form: {per_tenant})"
+        ),
+        missed,
+        unmeasured: false,
+    })
+}
+
+/// Goal 4: requests per second against etcd direct and grpc-proxy at equal clients,
+/// and the lower CPU per request of the two proxies.
+fn throughput(names: &[String], detail: &mut String) -> Result<Verdict, Error> {
+    writeln!(detail, "## 4. Throughput per core (throughput, median rounds)\n")?;
+    writeln!(detail, "| run | clients | workload | etcdmux / direct | etcdmux / grpc-proxy | proxy CPU ms per 1,000: etcdmux / grpc-proxy |")?;
+    writeln!(detail, "|---|---|---|---|---|---|")?;
+    let (mut cells, mut short_direct, mut short_proxy, mut dearer) = (0, Vec::new(), Vec::new(), Vec::new());
+    for name in names {
+        let s = read_json(name)?;
+        let closed = num(&s, "rate")? == 0.0;
+        let all = s["cells"].as_array().cloned().unwrap_or_default();
+        let cell = |clients: &Value, workload: &Value, target: &str| {
+            all.iter().find(|c| &c["clients"] == clients && &c["workload"] == workload && c["target"] == target)
+        };
+        for mux in all.iter().filter(|c| c["target"] == ETCDMUX) {
+            let (clients, workload) = (&mux["clients"], &mux["workload"]);
+            let ops = |c: &Value| num(c, "ops_per_sec");
+            let cpu = |c: &Value| num(c, "proxy_cpu_ms_per_kop");
+            let direct = cell(clients, workload, "etcd direct").map(ops).transpose()?;
+            let proxy = cell(clients, workload, GRPC_PROXY);
+            let at = format!("{name} {workload} ×{clients}").replace('"', "");
+            cells += 1;
+            let vs_direct = direct.map(|d| ops(mux).map(|m| m / d.max(1e-9))).transpose()?;
+            let vs_proxy = proxy.map(|p| Ok::<_, Error>(ops(mux)? / ops(p)?.max(1e-9))).transpose()?;
+            let cpus = proxy.map(|p| Ok::<_, Error>((cpu(mux)?, cpu(p)?))).transpose()?;
+            if let Some(x) = vs_direct.filter(|&x| closed && x < VS_DIRECT) {
+                short_direct.push(format!("{at} {x:.2}×"));
+            }
+            if let Some(x) = vs_proxy.filter(|&x| closed && x < VS_GRPC_PROXY) {
+                short_proxy.push(format!("{at} {x:.2}×"));
+            }
+            if let Some((m, p)) = cpus.filter(|(m, p)| m >= p) {
+                dearer.push(format!("{at} {}", above(m, p)));
+            }
+            let x = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
+            writeln!(
+                detail,
+                "| [{name}]({name}.md){} | {clients} | {} | {} | {} | {} |",
+                if closed { "" } else { " (fixed rate: CPU only)" },
+                workload.as_str().unwrap_or("?"),
+                x(vs_direct.filter(|_| closed)),
+                x(vs_proxy.filter(|_| closed)),
+                cpus.map_or("–".to_string(), |(m, p)| format!("{m:.1} / {p:.1}"))
+            )?;
+        }
+    }
+    writeln!(detail)?;
+    let mut missed = Vec::new();
+    if cells == 0 {
+        missed.push("no etcdmux cell measured".to_string());
+    }
+    for (what, list) in [
+        (format!("below {VS_DIRECT}× direct"), &short_direct),
+        (format!("below {VS_GRPC_PROXY}× grpc-proxy"), &short_proxy),
+        ("CPU per request not below grpc-proxy's".to_string(), &dearer),
+    ] {
+        if !list.is_empty() {
+            missed.push(format!("{} of {cells} cells {what}", list.len()));
+        }
+    }
+    Ok(Verdict {
+        goal: G4,
+        asked: format!("≥ {VS_DIRECT}× etcd direct, ≥ {VS_GRPC_PROXY}× grpc-proxy, lower CPU per request than grpc-proxy"),
+        measured: format!(
+            "{cells} cells: {} below {VS_DIRECT}× direct, {} below {VS_GRPC_PROXY}× grpc-proxy, {} with CPU per request not below grpc-proxy's",
+            short_direct.len(),
+            short_proxy.len(),
+            dearer.len()
+        ),
+        missed,
+        unmeasured: false,
+    })
+}
+
+/// Goal 5: Milo's pool and the Go client's model at every asked project count.
+fn models(rows: &[ApiRow], points: &[u64], detail: &mut String) -> Result<Verdict, Error> {
+    writeln!(detail, "## 5. Client models (apiload)\n")?;
+    writeln!(detail, "| model | projects | write p99 ms: etcdmux / grpc-proxy | delivery p99 ms | watchers in etcd | proxy RSS MiB | etcd RSS MiB |")?;
+    writeln!(detail, "|---|---|---|---|---|---|---|")?;
+    let mut missing = Vec::new();
+    for model in ["MiloPool", "GoClient"] {
+        for &p in points {
+            let (m, g) = (find(rows, model, p, ETCDMUX), find(rows, model, p, GRPC_PROXY));
+            for (target, r) in [(ETCDMUX, m), (GRPC_PROXY, g)] {
+                if !r.is_some_and(ApiRow::ok) {
+                    missing.push(format!("{model} {p} {target} {}", r.map_or("not run", |r| r.status.as_str())));
+                }
+            }
+            let pair = |f: fn(&ApiRow) -> Option<f64>, d: usize| {
+                let show = |r: Option<&ApiRow>| r.and_then(f).map_or("–".to_string(), |v| format!("{v:.d$}"));
+                format!("{} / {}", show(m), show(g))
+            };
+            writeln!(
+                detail,
+                "| {model} | {p} | {} | {} | {} | {} | {} |",
+                pair(|r| r.write_p99, 2),
+                pair(|r| r.delivery_p99, 2),
+                pair(|r| r.etcd_watchers, 0),
+                pair(|r| r.proxy_mib, 0),
+                pair(|r| r.store_mib, 0),
+            )?;
+        }
+    }
+    writeln!(detail)?;
+    let asked = points.iter().map(u64::to_string).collect::<Vec<_>>().join(" / ");
+    Ok(Verdict {
+        goal: G5,
+        asked: format!("both models at {asked} projects"),
+        measured: format!("{} of {} points measured", points.len() * 4 - missing.len(), points.len() * 4),
+        missed: missing,
+        unmeasured: false,
+    })
+}
+
+fn main() -> Result<(), Error> {
+    let a = Args::parse();
+    let mut detail = String::new();
+    let api = read_api(&a.api).map_err(|e| e.to_string());
+    let rows = || -> Result<&[ApiRow], Error> { api.as_deref().map_err(|e| e.clone().into()) };
+    let verdicts = [
+        judge(G1, &mut detail, |d| flat_latency(rows()?, d)),
+        judge(G2, &mut detail, |d| memory(&a.streammem, d)),
+        judge(G3, &mut detail, |d| key_count(&a.rootindex, d)),
+        judge(G4, &mut detail, |d| throughput(&a.throughput, d)),
+        judge(G5, &mut detail, |d| models(rows()?, &a.model_points, d)),
+    ];
+    let mut r = String::new();
+    writeln!(r, "# Issue 11's goals, judged from one run\n")?;
+    writeln!(r, "Machine: {}\n", machine())?;
+    let sources = [&a.api].into_iter().chain(&a.streammem).chain([&a.rootindex]).chain(&a.throughput);
+    let links: Vec<String> = sources.map(|n| format!("[{n}]({n}.md)")).collect();
+    writeln!(r, "Reports: {}. Why a goal is missed is in those reports and the README.\n", links.join(", "))?;
+    writeln!(r, "| goal | asked | measured | state |\n|---|---|---|---|")?;
+    for v in &verdicts {
+        writeln!(r, "| {} | {} | {} | {} |", v.goal, v.asked, v.measured, v.state())?;
+    }
+    writeln!(r, "\n{detail}")?;
+    let path = write_report(&a.name, &r)?;
+    print!("{r}");
+    eprintln!("goals: report written to {}", path.display());
+    let unjudged: Vec<&str> = verdicts.iter().filter(|v| v.unmeasured).map(|v| v.goal).collect();
+    if a.check && !unjudged.is_empty() {
+        return Err(format!("not judged: {}", unjudged.join("; ")).into());
+    }
+    Ok(())
+}
