@@ -177,7 +177,7 @@ async fn keepalive_stream_outlives_the_default_deadline() {
     let lease = c.lease_grant(10, None).await.expect("grant").id();
     let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.expect("keepalive stream");
     let start = Instant::now();
-    let mut answers = 0;
+    let (mut answers, mut last) = (0, Duration::ZERO);
     while start.elapsed() < Duration::from_millis(4_500) {
         keeper.keep_alive().await.unwrap_or_else(|e| panic!("sending after {:?}: {e}", start.elapsed()));
         let r = bounded(Duration::from_secs(5), "keepalive answer", stream.message()).await;
@@ -186,9 +186,12 @@ async fn keepalive_stream_outlives_the_default_deadline() {
         assert_eq!(r.id(), lease);
         assert!(r.ttl() > 0, "TTL {} after {:?}", r.ttl(), start.elapsed());
         answers += 1;
+        last = start.elapsed();
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    assert!(answers >= 8, "{answers} answers");
+    // The loop fails if the stream ends or errs past the 1.5 s deadline; the count
+    // only shows it kept answering, however few a loaded machine fits in 4.5 s.
+    assert!(answers >= 3, "{answers} answers, the last after {last:?}");
 }
 
 /// Snapshot and KeepAlive go upstream without a grpc-timeout unless the client

@@ -162,10 +162,14 @@ fn read_api(name: &str) -> Result<Vec<ApiRow>, Error> {
     Ok(rows)
 }
 
-fn read_json(name: &str) -> Result<Value, Error> {
-    let path = results_path(name, "json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+/// The JSON summaries of the runs `names`, each with its name.
+fn read_json(names: &[String]) -> Result<Vec<(String, Value)>, Error> {
+    let read = |name: &String| -> Result<(String, Value), Error> {
+        let path = results_path(name, "json");
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((name.clone(), serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?))
+    };
+    names.iter().map(read).collect()
 }
 
 fn num(v: &Value, field: &str) -> Result<f64, Error> {
@@ -267,7 +271,7 @@ fn flat_latency(rows: &[ApiRow], detail: &mut String) -> Result<Verdict, Error> 
 }
 
 /// Goal 2: RSS per watch stream and per watch (streammem).
-fn memory(names: &[String], detail: &mut String) -> Result<Verdict, Error> {
+fn memory(runs: &[(String, Value)], detail: &mut String) -> Result<Verdict, Error> {
     let mut v = Verdict {
         goal: G2,
         asked: format!(
@@ -280,8 +284,7 @@ fn memory(names: &[String], detail: &mut String) -> Result<Verdict, Error> {
     writeln!(detail, "## 2. Memory per watch stream (streammem, etcdmux's RSS)\n")?;
     writeln!(detail, "| run | streams | watches | per stream | per watch |\n|---|---|---|---|---|")?;
     let (mut per_stream, mut per_watch) = (None, None);
-    for name in names {
-        let s = read_json(name)?;
+    for (name, s) in runs {
         let (streams, watches) = (num(&s, "streams")?, num(&s, "watches")?);
         let (bs, bw) = (num(&s, "per_stream_bytes")?, num(&s, "per_watch_bytes")?);
         writeln!(detail, "| [{name}]({name}.md) | {streams} | {watches} | {bs:.0} B | {bw:.0} B |")?;
@@ -308,8 +311,7 @@ fn memory(names: &[String], detail: &mut String) -> Result<Verdict, Error> {
 }
 
 /// Goal 3: etcdmux's own keys in etcd do not grow with projects × resources.
-fn key_count(name: &str, detail: &mut String) -> Result<Verdict, Error> {
-    let s = read_json(name)?;
+fn key_count((name, s): &(String, Value), detail: &mut String) -> Result<Verdict, Error> {
     let (projects, resources) = (num(&s, "projects")?, num(&s, "resources")?);
     let (shared, per_tenant) = (num(&s, "shared_index_keys")?, num(&s, "per_tenant_index_keys")?);
     let ratio = |field: &str| -> Result<String, Error> {
@@ -341,13 +343,12 @@ fn key_count(name: &str, detail: &mut String) -> Result<Verdict, Error> {
 
 /// Goal 4: requests per second against etcd direct and grpc-proxy at equal clients,
 /// and the lower CPU per request of the two proxies.
-fn throughput(names: &[String], detail: &mut String) -> Result<Verdict, Error> {
+fn throughput(runs: &[(String, Value)], detail: &mut String) -> Result<Verdict, Error> {
     writeln!(detail, "## 4. Throughput per core (throughput, median rounds)\n")?;
     writeln!(detail, "| run | clients | workload | etcdmux / direct | etcdmux / grpc-proxy | proxy CPU ms per 1,000: etcdmux / grpc-proxy |")?;
     writeln!(detail, "|---|---|---|---|---|---|")?;
     let (mut cells, mut short_direct, mut short_proxy, mut dearer) = (0, Vec::new(), Vec::new(), Vec::new());
-    for name in names {
-        let s = read_json(name)?;
+    for (name, s) in runs {
         let closed = num(&s, "rate")? == 0.0;
         let all = s["cells"].as_array().cloned().unwrap_or_default();
         let cell = |clients: &Value, workload: &Value, target: &str| {
@@ -460,9 +461,9 @@ fn main() -> Result<(), Error> {
     let rows = || -> Result<&[ApiRow], Error> { api.as_deref().map_err(|e| e.clone().into()) };
     let verdicts = [
         judge(G1, &mut detail, |d| flat_latency(rows()?, d)),
-        judge(G2, &mut detail, |d| memory(&a.streammem, d)),
-        judge(G3, &mut detail, |d| key_count(&a.rootindex, d)),
-        judge(G4, &mut detail, |d| throughput(&a.throughput, d)),
+        judge(G2, &mut detail, |d| memory(&read_json(&a.streammem)?, d)),
+        judge(G3, &mut detail, |d| key_count(&read_json(std::slice::from_ref(&a.rootindex))?[0], d)),
+        judge(G4, &mut detail, |d| throughput(&read_json(&a.throughput)?, d)),
         judge(G5, &mut detail, |d| models(rows()?, &a.model_points, d)),
     ];
     let mut r = String::new();
@@ -484,4 +485,115 @@ fn main() -> Result<(), Error> {
         return Err(format!("not judged: {}", unjudged.join("; ")).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(model: &str, projects: u64, target: &str, write: f64, delivery: f64, list: f64) -> ApiRow {
+        ApiRow {
+            model: model.into(),
+            projects,
+            target: target.into(),
+            status: "ok".into(),
+            list_p99: Some(list),
+            write_p99: Some(write),
+            delivery_p99: Some(delivery),
+            etcd_watchers: Some(1.0),
+            store_mib: Some(10.0),
+            proxy_mib: Some(20.0),
+        }
+    }
+
+    #[test]
+    fn latency_is_met_only_when_flat_and_at_or_below_grpc_proxy() {
+        let flat = [
+            row("Shared", 100, ETCDMUX, 4.0, 4.0, 10.0),
+            row("Shared", 100, GRPC_PROXY, 5.0, 5.0, 10.0),
+            row("Shared", 30000, ETCDMUX, 6.0, 5.9, 9.0),
+            row("Shared", 30000, GRPC_PROXY, 6.0, 6.0, 9.5),
+        ];
+        assert!(flat_latency(&flat, &mut String::new()).unwrap().missed.is_empty());
+
+        let mut grown = flat;
+        grown[2].write_p99 = Some(6.1); // 1.525× and above grpc-proxy's 6.0
+        let v = flat_latency(&grown, &mut String::new()).unwrap();
+        assert_eq!(v.missed.len(), 2, "{:?}", v.missed);
+        assert!(v.missed.iter().any(|m| m.contains("grew 1.52×")), "{:?}", v.missed);
+        assert!(v.missed.iter().any(|m| m.starts_with("at 30000 projects write 2 % above")), "{:?}", v.missed);
+    }
+
+    #[test]
+    fn a_failed_point_is_a_miss_not_a_pass() {
+        let mut rows = [
+            row("Shared", 100, ETCDMUX, 4.0, 4.0, 10.0),
+            row("Shared", 100, GRPC_PROXY, 5.0, 5.0, 10.0),
+            row("Shared", 30000, ETCDMUX, 5.0, 5.0, 9.0),
+            row("Shared", 30000, GRPC_PROXY, 6.0, 6.0, 9.5),
+        ];
+        rows[2].status = "out of memory".into();
+        let v = flat_latency(&rows, &mut String::new()).unwrap();
+        assert!(v.missed.iter().any(|m| m.contains("etcdmux out of memory")), "{:?}", v.missed);
+        assert!(flat_latency(&rows[..0], &mut String::new()).is_err(), "no point: not judged");
+    }
+
+    #[test]
+    fn memory_is_judged_per_stream_and_per_watch() {
+        let run = |streams: u64, watches: u64, bs: f64, bw: f64| {
+            (
+                "r".to_string(),
+                json!({"streams": streams, "watches": watches, "per_stream_bytes": bs, "per_watch_bytes": bw}),
+            )
+        };
+        let v = memory(&[run(20000, 20000, 2000.0, 2000.0), run(300, 300000, 9e5, 690.0)], &mut String::new()).unwrap();
+        assert!(v.missed.is_empty(), "{:?}", v.missed);
+        let v = memory(&[run(20000, 20000, 4096.0, 4096.0)], &mut String::new()).unwrap();
+        assert_eq!(v.missed, ["4096 B per stream, 100 % above", "no run with many watches per stream"]);
+    }
+
+    #[test]
+    fn throughput_counts_every_cell_short_of_a_goal() {
+        let cell = |target: &str, ops: f64, cpu: f64| json!({"clients": 16, "workload": "put", "target": target, "ops_per_sec": ops, "proxy_cpu_ms_per_kop": cpu});
+        let run = |rate: u64, cells: Vec<Value>| ("t".to_string(), json!({"rate": rate, "cells": cells}));
+        let good =
+            run(0, vec![cell("etcd direct", 1000.0, 0.0), cell(GRPC_PROXY, 700.0, 200.0), cell(ETCDMUX, 950.0, 100.0)]);
+        assert!(throughput(&[good], &mut String::new()).unwrap().missed.is_empty());
+        let short =
+            run(0, vec![cell("etcd direct", 1000.0, 0.0), cell(GRPC_PROXY, 800.0, 90.0), cell(ETCDMUX, 850.0, 100.0)]);
+        let v = throughput(&[short], &mut String::new()).unwrap();
+        assert_eq!(v.missed.len(), 3, "{:?}", v.missed);
+        // At a fixed rate only CPU per request is judged.
+        let paced = run(
+            2000,
+            vec![cell("etcd direct", 1000.0, 0.0), cell(GRPC_PROXY, 1000.0, 200.0), cell(ETCDMUX, 500.0, 100.0)],
+        );
+        assert!(throughput(&[paced], &mut String::new()).unwrap().missed.is_empty());
+    }
+
+    #[test]
+    fn every_model_point_must_be_measured() {
+        let mut rows = Vec::new();
+        for model in ["MiloPool", "GoClient"] {
+            for target in [ETCDMUX, GRPC_PROXY] {
+                rows.push(row(model, 100, target, 1.0, 1.0, 1.0));
+            }
+        }
+        assert!(models(&rows, &[100], &mut String::new()).unwrap().missed.is_empty());
+        let v = models(&rows, &[100, 1000], &mut String::new()).unwrap();
+        assert_eq!(v.missed.len(), 4, "{:?}", v.missed);
+    }
+
+    #[test]
+    fn the_shared_index_must_not_outgrow_the_resource_roots() {
+        let sides = json!({"keys": 1.0, "rss_mib": 1.0, "compaction_ms": 1.0, "index_pause_ms_sum": 1.0});
+        let run = |shared: u64| {
+            let s = json!({"projects": 30000, "resources": 10, "shared_index_keys": shared,
+                "per_tenant_index_keys": 300000, "per_tenant": sides, "shared": sides});
+            ("r".to_string(), s)
+        };
+        assert!(key_count(&run(10), &mut String::new()).unwrap().missed.is_empty());
+        assert_eq!(key_count(&run(11), &mut String::new()).unwrap().missed.len(), 1);
+    }
 }
