@@ -285,8 +285,8 @@ fn memory(runs: &[(String, Value)], detail: &mut String) -> Result<Verdict, Erro
     writeln!(detail, "| run | streams | watches | per stream | per watch |\n|---|---|---|---|---|")?;
     let (mut per_stream, mut per_watch) = (None, None);
     for (name, s) in runs {
-        let (streams, watches) = (num(&s, "streams")?, num(&s, "watches")?);
-        let (bs, bw) = (num(&s, "per_stream_bytes")?, num(&s, "per_watch_bytes")?);
+        let (streams, watches) = (num(s, "streams")?, num(s, "watches")?);
+        let (bs, bw) = (num(s, "per_stream_bytes")?, num(s, "per_watch_bytes")?);
         writeln!(detail, "| [{name}]({name}.md) | {streams} | {watches} | {bs:.0} B | {bw:.0} B |")?;
         if watches <= streams {
             per_stream = Some(bs);
@@ -312,8 +312,8 @@ fn memory(runs: &[(String, Value)], detail: &mut String) -> Result<Verdict, Erro
 
 /// Goal 3: etcdmux's own keys in etcd do not grow with projects × resources.
 fn key_count((name, s): &(String, Value), detail: &mut String) -> Result<Verdict, Error> {
-    let (projects, resources) = (num(&s, "projects")?, num(&s, "resources")?);
-    let (shared, per_tenant) = (num(&s, "shared_index_keys")?, num(&s, "per_tenant_index_keys")?);
+    let (projects, resources) = (num(s, "projects")?, num(s, "resources")?);
+    let (shared, per_tenant) = (num(s, "shared_index_keys")?, num(s, "per_tenant_index_keys")?);
     let ratio = |field: &str| -> Result<String, Error> {
         let (a, b) = (num(&s["per_tenant"], field)?, num(&s["shared"], field)?);
         Ok(format!("{:.2}×", a / b.max(1e-9)))
@@ -349,7 +349,7 @@ fn throughput(runs: &[(String, Value)], detail: &mut String) -> Result<Verdict, 
     writeln!(detail, "|---|---|---|---|---|---|")?;
     let (mut cells, mut short_direct, mut short_proxy, mut dearer) = (0, Vec::new(), Vec::new(), Vec::new());
     for (name, s) in runs {
-        let closed = num(&s, "rate")? == 0.0;
+        let closed = num(s, "rate")? == 0.0;
         let all = s["cells"].as_array().cloned().unwrap_or_default();
         let cell = |clients: &Value, workload: &Value, target: &str| {
             all.iter().find(|c| &c["clients"] == clients && &c["workload"] == workload && c["target"] == target)
