@@ -184,7 +184,7 @@ fn ms(v: Option<f64>) -> String {
     v.map_or("–".to_string(), |v| format!("{v:.2}"))
 }
 
-/// `over` as a percentage above `limit`.
+/// How far `value` is above `limit`, in percent.
 fn above(value: f64, limit: f64) -> String {
     format!("{:.0} % above", (value / limit.max(1e-9) - 1.0) * 100.0)
 }
@@ -196,7 +196,7 @@ fn flat_latency(rows: &[ApiRow], detail: &mut String) -> Result<Verdict, Error> 
     let points: BTreeSet<u64> = rows.iter().filter(|r| r.model == model).map(|r| r.projects).collect();
     let mut v = Verdict {
         goal: G1,
-        asked: format!("write and delivery p99 at the largest point ≤ {FLAT_P99}× the smallest's and ≤ grpc-proxy's at every point; list p99 ≤ grpc-proxy's"),
+        asked: format!("one shared connection: write and delivery p99 at the largest point ≤ {FLAT_P99}× the smallest's and ≤ grpc-proxy's at every point; list p99 ≤ grpc-proxy's"),
         measured: String::new(),
         missed: Vec::new(),
         unmeasured: false,
