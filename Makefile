@@ -145,7 +145,7 @@ bench: build
 	$(CARGO_TARGET_DIR)/release/goals --api api --streammem streammem-stream,streammem-watch --rootindex rootindex \
 	  --throughput throughput,throughput-watch,throughput-2000rps --name goals
 
-## bench-goals: only what issue 11's goals are judged on (flat cost as projects grow), in about two hours here:
+## bench-goals: only what issue 11's goals are judged on (flat cost as projects grow), in about 1.5 hours here:
 ## apiload's shared, milo-pool and go-client models at $(GOALS_PROJECTS) projects (etcdmux and grpc-proxy; etcd
 ## direct runs out of memory at 30,000), memory per stream and per watch, the root index's cost, throughput with
 ## the apiserver's watches held -> loadtest/results/goals.md, each goal asked / measured / met, with the reports.
