@@ -162,14 +162,16 @@ fn read_api(name: &str) -> Result<Vec<ApiRow>, Error> {
     Ok(rows)
 }
 
+/// The JSON summary of the run `name`, with its name.
+fn read_one(name: &String) -> Result<(String, Value), Error> {
+    let path = results_path(name, "json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((name.clone(), serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?))
+}
+
 /// The JSON summaries of the runs `names`, each with its name.
 fn read_json(names: &[String]) -> Result<Vec<(String, Value)>, Error> {
-    let read = |name: &String| -> Result<(String, Value), Error> {
-        let path = results_path(name, "json");
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok((name.clone(), serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?))
-    };
-    names.iter().map(read).collect()
+    names.iter().map(read_one).collect()
 }
 
 fn num(v: &Value, field: &str) -> Result<f64, Error> {
@@ -462,7 +464,7 @@ fn main() -> Result<(), Error> {
     let verdicts = [
         judge(G1, &mut detail, |d| flat_latency(rows()?, d)),
         judge(G2, &mut detail, |d| memory(&read_json(&a.streammem)?, d)),
-        judge(G3, &mut detail, |d| key_count(&read_json(std::slice::from_ref(&a.rootindex))?[0], d)),
+        judge(G3, &mut detail, |d| key_count(&read_one(&a.rootindex)?, d)),
         judge(G4, &mut detail, |d| throughput(&read_json(&a.throughput)?, d)),
         judge(G5, &mut detail, |d| models(rows()?, &a.model_points, d)),
     ];
