@@ -163,15 +163,15 @@ fn read_api(name: &str) -> Result<Vec<ApiRow>, Error> {
 }
 
 /// The JSON summary of the run `name`, with its name.
-fn read_one(name: &String) -> Result<(String, Value), Error> {
+fn read_one(name: &str) -> Result<(String, Value), Error> {
     let path = results_path(name, "json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((name.clone(), serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?))
+    Ok((name.to_string(), serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?))
 }
 
 /// The JSON summaries of the runs `names`, each with its name.
 fn read_json(names: &[String]) -> Result<Vec<(String, Value)>, Error> {
-    names.iter().map(read_one).collect()
+    names.iter().map(|n| read_one(n)).collect()
 }
 
 fn num(v: &Value, field: &str) -> Result<f64, Error> {
