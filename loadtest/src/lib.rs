@@ -286,14 +286,19 @@ pub fn raise_fd_limit(want: u64) -> u64 {
     }
 }
 
-async fn wait_port(port: u16) -> bool {
+/// Waits up to 20 s for `port` to accept connections; stops early when `proc`, the
+/// process meant to listen there, has exited.
+async fn wait_port(port: u16, mut proc: Option<&mut Proc>) -> Result<(), String> {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return true;
+            return Ok(());
+        }
+        if let Some(Ok(Some(status))) = proc.as_mut().map(|p| p.0.try_wait()) {
+            return Err(format!("it exited ({status})"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    false
+    Err("still not listening after 20 s".into())
 }
 
 /// A fresh single-member etcd, healthy, with room for the largest runs.
@@ -349,16 +354,21 @@ pub async fn start_front(etcd: &Etcd, kind: &FrontKind, dir: &Path, extra_toml: 
                 cmd.args(["--backend", "sql", "--backend-dsn", &db.dsn]);
                 pg = Some(db);
             }
+            // Its warnings go to a file, so a start that fails can say why.
+            let log = std::fs::File::create(dir.join(format!("etcdmux-{port}.log")))?;
             cmd.env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()
                 .map_err(|e| format!("starting {} (make build first): {e}", bin.display()))?
         }
     };
-    let front = Front { proc: Some(Proc(child)), url, metrics_url, pg };
-    if !wait_port(port).await {
-        return Err(format!("{} did not accept connections", kind.name()).into());
+    let mut front = Front { proc: Some(Proc(child)), url, metrics_url, pg };
+    if let Err(why) = wait_port(port, front.proc.as_mut()).await {
+        let log = std::fs::read_to_string(dir.join(format!("etcdmux-{port}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+        return Err(format!("{} did not accept connections on port {port}: {why}; its log: {tail}", kind.name()).into());
     }
     Ok(front)
 }

@@ -41,6 +41,14 @@ fn is_go(path: &Path) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(".gopclntab"))
 }
 
+/// Where `tool`'s folded stacks go: outside the repository, as they are large, but
+/// kept for digging below what the flamegraph's summary shows.
+pub fn folded_dir(tool: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{tool}-profiles"));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
 /// `perf record` of one process over a window.
 pub struct Profile {
     child: Child,
@@ -135,8 +143,7 @@ impl Profiles {
         if self.0.is_empty() {
             return String::new();
         }
-        let folded_dir = std::env::temp_dir().join("apiload-profiles");
-        let _ = std::fs::create_dir_all(&folded_dir);
+        let folded_dir = folded_dir("apiload");
         let mut links = Vec::new();
         for (p, stem) in self.0 {
             let file = stem.rsplit('/').next().unwrap_or(&stem).to_string();

@@ -35,7 +35,7 @@ use etcdmux::pb::etcdserverpb::{
     kv_client::KvClient, request_op, watch_client::WatchClient, watch_request, RequestOp, TxnRequest,
     WatchCreateRequest, WatchRequest,
 };
-use etcdmux_loadtest::profile::{Profile, Unwind};
+use etcdmux_loadtest::profile::{folded_dir, Profile, Unwind};
 use etcdmux_loadtest::{
     b, chain, cpu_time, labeled, loadavg, prefix_end, rss_kib, scrape, start_etcd, start_front, value, write_report,
     write_summary, Error, FrontKind, MILO_CONFIG,
@@ -363,7 +363,8 @@ async fn measure(args: &Args, target: Target, workload: Workload, clients: usize
     drop(watch);
     if let Some(p) = perf {
         let out = format!("loadtest/results/{}-{clients}c-{}", args.name, format!("{workload:?}").to_lowercase());
-        p.finish(&out, &format!("etcdmux, {clients} clients, {workload:?}"), None).await?;
+        let folded = folded_dir("throughput").join(format!("{}.folded", out.rsplit('/').next().unwrap_or(&out)));
+        p.finish(&out, &format!("etcdmux, {clients} clients, {workload:?}"), Some(&folded)).await?;
     }
     let mut t = load.await?;
     let e1 = etcd_counters(&etcd.metrics_url).await;
