@@ -141,8 +141,10 @@ bench: build
 	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --streams 20000 --watches 1 --connections 20 --name streammem-stream
 	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --streams 20000 --watches 1 --connections 20 --open-concurrency 64 --name streammem-stream-paced
+	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --streams 300 --watches 1000 --connections 3 --name streammem-watch
-	$(CARGO_TARGET_DIR)/release/goals --api api --streammem streammem-stream,streammem-watch --rootindex rootindex \
+	$(CARGO_TARGET_DIR)/release/goals --api api --streammem streammem-stream,streammem-stream-paced,streammem-watch --rootindex rootindex \
 	  --throughput throughput,throughput-watch,throughput-2000rps --name goals
 
 ## bench-goals: only what issue 11's goals are judged on (flat cost as projects grow), in about 1.5 hours here:
@@ -158,13 +160,15 @@ bench-goals: build
 	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --streams 20000 --watches 1 --connections 20 --name goals-streammem-stream
 	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
+	  --streams 20000 --watches 1 --connections 20 --open-concurrency 64 --name goals-streammem-stream-paced
+	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --streams 300 --watches 1000 --connections 3 --name goals-streammem-watch
 	$(CARGO_TARGET_DIR)/release/rootindex --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --projects $(BENCH_ROOTINDEX_PROJECTS) --rounds 1 --name goals-rootindex
 	$(CARGO_TARGET_DIR)/release/throughput --etcdmux $(CARGO_TARGET_DIR)/release/etcdmux \
 	  --targets direct,grpc-proxy,etcdmux --clients $(BENCH_THROUGHPUT_CLIENTS) --rounds $(BENCH_THROUGHPUT_ROUNDS) \
 	  --watch --name goals-throughput-watch
-	$(CARGO_TARGET_DIR)/release/goals --api goals-api --streammem goals-streammem-stream,goals-streammem-watch \
+	$(CARGO_TARGET_DIR)/release/goals --api goals-api --streammem goals-streammem-stream,goals-streammem-stream-paced,goals-streammem-watch \
 	  --rootindex goals-rootindex --throughput goals-throughput-watch --check --name goals
 
 ## bench-profile: where the apiserver-shaped load's time goes at 100 and 30,000 projects: etcdmux and grpc-proxy side
@@ -208,15 +212,18 @@ bench-smoke: deps
 
 ## mem-profile: etcdmux's memory per client watch stream, and where it goes by allocation site (a dhat build of
 ## etcdmux in $(CARGO_TARGET_DIR)/dhat) -> loadtest/results/streammem.md; MEM_WATCHES=N for N watches per stream,
-## spread over MEM_CONNECTIONS connections (thousands opened at once on one connection get h2's GOAWAY too_many_data_frames)
+## spread over MEM_CONNECTIONS connections (thousands opened at once on one connection get h2's GOAWAY too_many_data_frames),
+## MEM_OPEN_CONCURRENCY at a time (0: all at once; h2 keeps the burst's receive buffers per connection)
 MEM_STREAMS ?= 20000
 MEM_WATCHES ?= 1
 MEM_CONNECTIONS ?= 20
+MEM_OPEN_CONCURRENCY ?= 0
 mem-profile: deps
 	CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/dhat $(CARGO) build --release --locked --features dhat-heap --bin etcdmux
 	$(CARGO) build --release --locked -p etcdmux-loadtest --bin streammem
 	$(CARGO_TARGET_DIR)/release/streammem --etcdmux $(CARGO_TARGET_DIR)/dhat/release/etcdmux \
-	  --streams $(MEM_STREAMS) --watches $(MEM_WATCHES) --connections $(MEM_CONNECTIONS) --name streammem
+	  --streams $(MEM_STREAMS) --watches $(MEM_WATCHES) --connections $(MEM_CONNECTIONS) \
+	  --open-concurrency $(MEM_OPEN_CONCURRENCY) --name streammem
 
 ## soak: the differential and watch checkers with many more seeds
 SOAK_DIFF_SEEDS ?= 200

@@ -2,9 +2,10 @@
 //!
 //! tonic's default allocates an 8 KiB encode and an 8 KiB decode buffer for every
 //! call and stream up front. With one watch stream per (project, resource), as
-//! apiservers open them, that is most of a stream's memory. Buffers start at 256 B
-//! here (a put, a txn answer, a watch create fit) and grow as a message needs
-//! (`make mem-profile` shows them per stream).
+//! apiservers open them, that is most of a stream's memory. Buffers start empty
+//! here and grow to the first message's size: an idle watch stream keeps ~180 B of
+//! buffers instead of 512 (256 B each, the previous setting), and a call's first
+//! allocation is the size it needs (`make mem-profile` shows them per stream).
 
 use std::marker::PhantomData;
 
@@ -12,7 +13,7 @@ use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::ProstCodec;
 
 /// Initial buffer size and the size after which an encoder yields.
-const SETTINGS: (usize, usize) = (256, 32 * 1024);
+const SETTINGS: (usize, usize) = (0, 32 * 1024);
 
 /// `ProstCodec` with [`SETTINGS`]; the generated services and clients use it.
 #[derive(Debug, Clone, Copy)]

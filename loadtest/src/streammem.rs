@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -19,7 +20,7 @@ use etcdmux::pb::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest,
 use etcdmux_loadtest::{
     b, machine, prefix_end, rss_kib, start_etcd, start_front, write_report, write_summary, Error, FrontKind,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -38,6 +39,15 @@ struct Args {
     /// Connections the streams are spread over.
     #[arg(long, default_value_t = 1)]
     connections: usize,
+    /// Streams being opened at a time: a stream counts until its first watch is
+    /// created. 0: all at once (the worst burst h2 meets); an apiserver's cachers
+    /// open theirs as their lists finish, `apiload --setup-concurrency` at a time.
+    #[arg(long, default_value_t = 0)]
+    open_concurrency: usize,
+    /// Also keep the heap profile (dhat's JSON, for `dh_view.html` or a finer
+    /// breakdown) at this path.
+    #[arg(long)]
+    keep_profile: Option<PathBuf>,
     /// Component rows in the breakdown.
     #[arg(long, default_value_t = 25)]
     top: usize,
@@ -72,10 +82,15 @@ async fn main() -> Result<(), Error> {
     let rev = kv.range(RangeRequest { key: b("/projects/p0/res0/x"), ..Default::default() }).await?.into_inner();
     let start = rev.header.map_or(1, |h| h.revision + 1);
     let (created_tx, mut created_rx) = mpsc::unbounded_channel::<()>();
+    let opening = Arc::new(Semaphore::new(match args.open_concurrency {
+        0 => Semaphore::MAX_PERMITS,
+        n => n,
+    }));
     let mut streams = Vec::with_capacity(args.streams);
     for s in 0..args.streams {
         let channel = channels[s % channels.len()].clone();
-        streams.push(open(channel, s, args.watches, start, created_tx.clone()).await?);
+        let permit = opening.clone().acquire_owned().await?;
+        streams.push(open(channel, s, args.watches, start, created_tx.clone(), permit).await?);
     }
     drop(created_tx);
     let want = args.streams * args.watches;
@@ -95,11 +110,12 @@ async fn main() -> Result<(), Error> {
     writeln!(report, "Machine: {}\n", machine())?;
     writeln!(
         report,
-        "Command: `streammem --etcdmux {} --streams {} --watches {} --connections {}`\n",
+        "Command: `streammem --etcdmux {} --streams {} --watches {} --connections {} --open-concurrency {}`\n",
         args.etcdmux.display(),
         args.streams,
         args.watches,
-        args.connections
+        args.connections,
+        args.open_concurrency
     )?;
     writeln!(report, "| streams | watches | connections | etcdmux RSS before / after MiB | per stream | per watch |")?;
     writeln!(report, "|---|---|---|---|---|---|")?;
@@ -121,6 +137,7 @@ async fn main() -> Result<(), Error> {
             "streams": args.streams,
             "watches": want,
             "connections": args.connections,
+            "open_concurrency": args.open_concurrency,
             "rss_before_kib": before,
             "rss_after_kib": after,
             "per_stream_bytes": grown / args.streams as f64,
@@ -139,6 +156,11 @@ async fn main() -> Result<(), Error> {
         }
     }
     drop(streams);
+    if let Some(keep) = &args.keep_profile {
+        if let Err(e) = std::fs::copy(&dhat_out, keep) {
+            eprintln!("streammem: keeping the heap profile at {}: {e}", keep.display());
+        }
+    }
     match std::fs::read_to_string(&dhat_out) {
         Ok(json) => breakdown(&json, args.streams, args.top, &mut report)?,
         Err(_) => writeln!(report, "\n(No heap profile: etcdmux was not built with `--features dhat-heap`.)")?,
@@ -150,13 +172,14 @@ async fn main() -> Result<(), Error> {
 }
 
 /// A stream (its own call on `channel`) with `watches` watches from `start_revision`; every
-/// `created` answer is reported on `created`.
+/// `created` answer is reported on `created`, and `opening` is released at the first.
 async fn open(
     channel: Channel,
     s: usize,
     watches: usize,
     start_revision: i64,
     created: mpsc::UnboundedSender<()>,
+    opening: OwnedSemaphorePermit,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let (tx, rx) = mpsc::channel(watches.max(1));
     for w in 0..watches {
@@ -173,9 +196,15 @@ async fn open(
             Err(e) => return eprintln!("streammem: stream {s}: the watch call failed: {e}"),
         };
         let mut stream = resp.into_inner();
+        let mut opening = Some(opening);
         loop {
             match stream.message().await {
-                Ok(Some(r)) if r.created && created.send(()).is_err() => return,
+                Ok(Some(r)) if r.created => {
+                    drop(opening.take());
+                    if created.send(()).is_err() {
+                        return;
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return,
                 Err(e) => return eprintln!("streammem: stream {s}: {e}"),

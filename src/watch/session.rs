@@ -43,7 +43,7 @@ pub fn start(
     let (sink, rx) = StreamSink::new(cfg.stream_buffer, cfg.stream_control_reserve, require_leader, hub.queued_gauge());
     let stop = hub.stop_token().cancelled_owned();
     metrics::gauge!(names::WATCH_STREAMS).increment(1.0);
-    let state = StreamState { proxy, scope, hub, sink, watches: HashMap::new(), next_id: 0 };
+    let state = StreamState { proxy, scope, hub, sink, watches: Watches::None, next_id: 0 };
     let requests = Requests { state, inbound: Some(inbound), creating: None, blocked: false, call: call::current() };
     ResponseStream { rx, requests, last_rev: 0, done: false, stop }
 }
@@ -213,8 +213,8 @@ struct StreamState {
     scope: Scope,
     hub: Arc<Hub>,
     sink: Arc<StreamSink>,
-    /// Its watches by id (one map for both kinds: an empty map costs 48 bytes).
-    watches: HashMap<i64, Watch>,
+    /// Its watches by id, both kinds.
+    watches: Watches,
     next_id: i64,
 }
 
@@ -222,7 +222,7 @@ impl StreamState {
     /// Starts a create: what can be decided at once is answered here; what needs the
     /// hub is returned as a future, finished by [`StreamState::created`].
     fn create(&mut self, c: WatchCreateRequest) -> Option<Creating> {
-        self.watches.retain(|_, w| !w.is_over());
+        self.watches.retain(|w| !w.is_over());
         let id = if c.watch_id != 0 {
             c.watch_id
         } else {
@@ -325,11 +325,78 @@ impl StreamState {
 
     /// Takes the stream's watchers out of the hub; again, it does nothing.
     fn close(&mut self) {
-        for (_, w) in self.watches.drain() {
+        for w in self.watches.take() {
             match w {
                 Watch::Hub(w) => self.hub.remove(&w),
                 Watch::Relayed(t) => t.abort(),
             }
+        }
+    }
+}
+
+/// A stream's watches by id. Most streams carry one (the apiserver opens a stream
+/// per watch cache, one watch each), so the first is kept inline and a map is
+/// allocated only for a second: the map's smallest table is ~120 bytes a stream.
+enum Watches {
+    None,
+    One(i64, Watch),
+    Many(HashMap<i64, Watch>),
+}
+
+impl Watches {
+    fn len(&self) -> usize {
+        match self {
+            Watches::None => 0,
+            Watches::One(..) => 1,
+            Watches::Many(m) => m.len(),
+        }
+    }
+
+    fn contains_key(&self, id: &i64) -> bool {
+        match self {
+            Watches::None => false,
+            Watches::One(k, _) => k == id,
+            Watches::Many(m) => m.contains_key(id),
+        }
+    }
+
+    /// Adds watch `id`, which must not be present yet (the caller checked).
+    fn insert(&mut self, id: i64, w: Watch) {
+        *self = match std::mem::replace(self, Watches::None) {
+            Watches::None => Watches::One(id, w),
+            Watches::One(k, first) => Watches::Many(HashMap::from([(k, first), (id, w)])),
+            Watches::Many(mut m) => {
+                m.insert(id, w);
+                Watches::Many(m)
+            }
+        };
+    }
+
+    fn remove(&mut self, id: &i64) -> Option<Watch> {
+        match self {
+            Watches::One(k, _) if k == id => match std::mem::replace(self, Watches::None) {
+                Watches::One(_, w) => Some(w),
+                _ => None,
+            },
+            Watches::Many(m) => m.remove(id),
+            _ => None,
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Watch) -> bool) {
+        match self {
+            Watches::One(_, w) if !keep(w) => *self = Watches::None,
+            Watches::Many(m) => m.retain(|_, w| keep(w)),
+            _ => {}
+        }
+    }
+
+    /// Every watch, leaving none.
+    fn take(&mut self) -> Vec<Watch> {
+        match std::mem::replace(self, Watches::None) {
+            Watches::None => Vec::new(),
+            Watches::One(_, w) => vec![w],
+            Watches::Many(m) => m.into_values().collect(),
         }
     }
 }
@@ -373,4 +440,70 @@ async fn watcher(
         w.compacted = (before || !c.prev_kv) && hub.is_compacted(proxy, from).await?;
     }
     Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Watch, Watches};
+
+    /// A relayed watch whose task never ends, or one already ended.
+    async fn relayed(ended: bool) -> Watch {
+        let task = tokio::spawn(async move {
+            if !ended {
+                std::future::pending::<()>().await;
+            }
+        });
+        if ended {
+            while !task.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        }
+        Watch::Relayed(task)
+    }
+
+    fn ids(w: &Watches, candidates: &[i64]) -> Vec<i64> {
+        candidates.iter().copied().filter(|id| w.contains_key(id)).collect()
+    }
+
+    #[tokio::test]
+    async fn one_watch_inline_then_a_map_for_more() {
+        let mut w = Watches::None;
+        w.insert(7, relayed(false).await);
+        assert!(matches!(w, Watches::One(7, _)));
+        assert_eq!((w.len(), ids(&w, &[0, 7, 8])), (1, vec![7]));
+        w.insert(8, relayed(false).await);
+        w.insert(9, relayed(false).await);
+        assert!(matches!(w, Watches::Many(_)));
+        assert_eq!((w.len(), ids(&w, &[7, 8, 9])), (3, vec![7, 8, 9]));
+        assert!(w.remove(&8).is_some());
+        assert!(w.remove(&8).is_none(), "removed twice");
+        assert_eq!((w.len(), ids(&w, &[7, 8, 9])), (2, vec![7, 9]));
+        assert_eq!(w.take().len(), 2);
+        assert_eq!(w.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn remove_and_retain_of_the_inline_watch() {
+        let mut w = Watches::None;
+        w.insert(1, relayed(false).await);
+        assert!(w.remove(&2).is_none(), "another id leaves it");
+        assert!(w.remove(&1).is_some());
+        assert!(matches!(w, Watches::None));
+        w.insert(1, relayed(true).await);
+        w.retain(|x| !x.is_over());
+        assert!(matches!(w, Watches::None), "an ended watch is dropped");
+        w.insert(1, relayed(false).await);
+        w.retain(|x| !x.is_over());
+        assert_eq!(ids(&w, &[1]), vec![1], "a running one stays");
+    }
+
+    #[tokio::test]
+    async fn retain_in_the_map_drops_only_ended_watches() {
+        let mut w = Watches::None;
+        w.insert(1, relayed(true).await);
+        w.insert(2, relayed(false).await);
+        w.insert(3, relayed(true).await);
+        w.retain(|x| !x.is_over());
+        assert_eq!((w.len(), ids(&w, &[1, 2, 3])), (1, vec![2]));
+    }
 }
