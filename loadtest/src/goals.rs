@@ -23,8 +23,9 @@ struct Args {
     /// milo-pool and go-client models.
     #[arg(long, default_value = "api")]
     api: String,
-    /// streammem's runs (`<name>.json`): one with a watch per stream, one with many.
-    #[arg(long, value_delimiter = ',', default_value = "streammem-20k,streammem-300x1000")]
+    /// streammem's runs (`<name>.json`): with a watch per stream (the worst of them is
+    /// judged), and with many.
+    #[arg(long, value_delimiter = ',', default_value = "streammem-stream,streammem-stream-paced,streammem-watch")]
     streammem: Vec<String>,
     /// rootindex's run (`<name>.json`).
     #[arg(long, default_value = "rootindex")]
