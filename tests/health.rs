@@ -89,6 +89,19 @@ async fn probes_answer_and_metrics_still_serve() {
     assert_eq!(sum_metric(&text, "etcdmux_ready"), Some(1.0), "{text}");
     assert!(text.contains("# HELP etcdmux_ready "), "described: {text}");
     assert!(text.contains("# HELP etcdmux_upstream_probe_failures_total"), "described: {text}");
+    // etcd's share of the put: the upstream write(s) it made (a put, or a txn that
+    // also writes the root index) took no longer than the client's whole call.
+    let of = |methods: &[&str]| -> String {
+        let labels: Vec<String> = methods.iter().map(|m| format!("method=\"/etcdserverpb.KV/{m}\"")).collect();
+        text.lines().filter(|l| labels.iter().any(|m| l.contains(m.as_str()))).collect::<Vec<_>>().join("\n")
+    };
+    let upstream = of(&["Put", "Txn"]);
+    let calls = sum_metric(&upstream, "etcdmux_upstream_request_duration_seconds_count");
+    assert!(calls.is_some_and(|n| n >= 1.0), "{text}");
+    let etcd_time = sum_metric(&upstream, "etcdmux_upstream_request_duration_seconds_sum").unwrap_or(f64::MAX);
+    let whole = sum_metric(&of(&["Put"]), "etcdmux_grpc_request_duration_seconds_sum").unwrap_or(0.0);
+    assert!(etcd_time > 0.0 && etcd_time <= whole, "etcd {etcd_time} s of a {whole} s put: {text}");
+    assert!(text.contains("# HELP etcdmux_upstream_request_duration_seconds"), "described: {text}");
 
     let (code, _) = get(metrics, "/nope").await;
     assert_eq!(code, 404);

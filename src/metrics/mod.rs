@@ -28,6 +28,7 @@ pub mod names {
     pub const UPSTREAM_RETRIES: &str = "etcdmux_upstream_retries_total";
     pub const UPSTREAM_FAILOVERS: &str = "etcdmux_upstream_failovers_total";
     pub const UPSTREAM_CONNECTIONS: &str = "etcdmux_upstream_connections";
+    pub const UPSTREAM_REQUEST_DURATION: &str = "etcdmux_upstream_request_duration_seconds";
     pub const BACKEND_POOL_OPEN: &str = "etcdmux_backend_pool_connections";
     pub const BACKEND_POOL_WAITING: &str = "etcdmux_backend_pool_waiting";
     pub const BACKEND_RETRIES: &str = "etcdmux_backend_retries_total";
@@ -120,6 +121,13 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
     (names::UPSTREAM_RETRIES, Kind::Counter, Unit::Count, "Upstream calls sent again after a failure that allowed it"),
     (names::UPSTREAM_FAILOVERS, Kind::Counter, Unit::Count, "Moves of the upstream pool to the next etcd endpoint"),
     (names::UPSTREAM_CONNECTIONS, Kind::Gauge, Unit::Count, "HTTP/2 connections kept to the current etcd endpoint"),
+    (
+        names::UPSTREAM_REQUEST_DURATION,
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time etcd took to answer etcdmux's unary calls (every attempt of one call, errors included), by method; \
+         beside etcdmux_grpc_request_duration_seconds it splits a slow answer into etcd's time and etcdmux's",
+    ),
     (
         names::BACKEND_POOL_OPEN,
         Kind::Gauge,

@@ -15,6 +15,7 @@
 pub mod body;
 pub mod call;
 pub mod classify;
+pub mod latency;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +30,8 @@ use crate::metrics::names;
 use body::WholeBody;
 pub use call::{parse_grpc_timeout, CallCtx, Retry, StreamCtx, REQUIRE_LEADER};
 use classify::{Failure, UpstreamError};
+use latency::Latency;
+pub use latency::Method;
 
 /// Attempts of one call per configured endpoint (plus two), when its failures may be retried.
 const MAX_ATTEMPTS_PER_ENDPOINT: u32 = 2;
@@ -47,17 +50,20 @@ macro_rules! unary_calls {
         $(#[$doc])*
         pub async fn $name<Req, Resp, F, Fut>(&self, ctx: &CallCtx, retry: Retry, req: &Req, f: F) -> Result<Resp, UpstreamError>
         where
-            Req: Clone,
+            Req: Clone + Method,
             F: Fn($client<Unary>, Request<Req>) -> Fut,
             Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
         {
-            self.call(ctx, retry, |ch| {
+            let start = std::time::Instant::now();
+            let out = self.call(ctx, retry, |ch| {
                 let client = $client::new(WholeBody::new(ch))
                     .max_decoding_message_size(self.max_message)
                     .max_encoding_message_size(self.max_message);
                 f(client, ctx.request(req.clone()))
             })
-            .await
+            .await;
+            self.latency.record::<Req>(start.elapsed());
+            out
         }
     )*};
 }
@@ -127,6 +133,7 @@ pub struct Upstream {
     current: AtomicUsize,
     next: AtomicUsize,
     max_message: usize,
+    latency: Latency,
 }
 
 impl Upstream {
@@ -145,6 +152,7 @@ impl Upstream {
             current: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
             max_message: cfg.server.max_response_bytes.max(cfg.server.max_request_bytes),
+            latency: Latency::default(),
         })
     }
 
