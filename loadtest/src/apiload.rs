@@ -50,7 +50,7 @@ use etcdmux::pb::etcdserverpb::{
 use etcdmux_loadtest::profile::Profiles;
 use etcdmux_loadtest::{
     b, bar, bounded, chain, cpu_time, established_conns, mem_available_mib, metric, ms, percentile, raise_fd_limit,
-    rss_kib, start_etcd, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
+    rss_kib, start_etcd_with, start_front, write_report, Error, Etcd, Front, FrontKind, Store, MILO_CONFIG,
 };
 use load::load;
 use report::csv;
@@ -133,6 +133,11 @@ struct Args {
     /// cachers concurrently too).
     #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
+    /// etcd with `--metrics extensive`: its own time per Txn
+    /// (`grpc_server_handling_seconds`) goes into the report beside etcdmux's, at the
+    /// cost of a histogram per request in etcd.
+    #[arg(long)]
+    etcd_extensive_metrics: bool,
     /// A point stops, as failing, when the machine's available memory drops below this.
     #[arg(long, default_value_t = 1024)]
     min_available_mib: u64,
@@ -288,7 +293,8 @@ async fn run_point(args: &Args, kind: &FrontKind, model: Model, projects: usize,
             .into());
         }
         let dir = tempfile::tempdir()?;
-        let etcd = start_etcd().await?;
+        let etcd_flags = if args.etcd_extensive_metrics { vec!["--metrics".into(), "extensive".into()] } else { vec![] };
+        let etcd = start_etcd_with(&etcd_flags).await?;
         let front = start_front(&etcd, kind, dir.path(), "").await?;
         let front_pid = front.proc.as_ref().map(|p| p.pid());
         let stem = format!("loadtest/results/{}-{projects}p-{}", args.name, kind.short());

@@ -303,9 +303,19 @@ async fn wait_port(port: u16, mut proc: Option<&mut Proc>) -> Result<(), String>
 
 /// A fresh single-member etcd, healthy, with room for the largest runs.
 pub async fn start_etcd() -> Result<Etcd, Error> {
+    start_etcd_with(&[]).await
+}
+
+/// [`start_etcd`] with more of etcd's flags (`--metrics extensive`, ...).
+pub async fn start_etcd_with(extra: &[String]) -> Result<Etcd, Error> {
     let quota = (8u64 << 30).to_string();
+    let extra = extra.to_vec();
     let start = tokio::task::spawn_blocking(move || {
-        Etcd::builder().args(["--quota-backend-bytes", &quota]).try_start().map_err(|e| format!("starting etcd: {e}"))
+        Etcd::builder()
+            .args(["--quota-backend-bytes", &quota])
+            .args(&extra)
+            .try_start()
+            .map_err(|e| format!("starting etcd: {e}"))
     });
     Ok(start.await??)
 }

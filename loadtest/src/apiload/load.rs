@@ -280,7 +280,8 @@ pub(super) async fn load(
     // etcd's compaction runs on after the load: its figures count once it ended (the
     // SQL target compacts its database, not etcd: nothing to wait for).
     let wait = Duration::from_secs(if front.pg.is_some() { 0 } else { 60 });
-    let (observed, samples) = watch.finish(wait, compact_at).await;
+    let client_slow = row.write.iter().filter(|&&w| w > observe::SLOW_WRITE).count();
+    let (observed, samples) = watch.finish(wait, compact_at, client_slow).await;
     row.details = format!(
         "- lists: p99 {} ms over {} lists; lists in flight as each started: max {}, mean {:.1} (--setup-concurrency {}: each slot lists, then creates its watch)\n{observed}{}",
         ms(percentile(&sorted(&row.list), 0.99)),

@@ -10,19 +10,32 @@ use etcdmux_loadtest::{cpu_time, labeled, ms, percentile, scrape, Store};
 use tokio::task::JoinHandle;
 
 /// etcd's histograms that tell whether a compaction or the disk held writes up.
-pub const ETCD_HISTOGRAMS: [(&str, &str); 5] = [
+/// The last, etcd's own time per Txn, only with `--metrics extensive`.
+pub const ETCD_HISTOGRAMS: [(&str, &str); 6] = [
     ("etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds", "index compaction (ms)"),
     ("etcd_debugging_mvcc_db_compaction_total_duration_milliseconds", "db compaction, whole (ms)"),
     ("etcd_debugging_mvcc_db_compaction_pause_duration_milliseconds", "db compaction, per batch (ms)"),
     ("etcd_disk_wal_fsync_duration_seconds", "WAL fsync (s)"),
     ("etcd_disk_backend_commit_duration_seconds", "backend commit (s)"),
+    (ETCD_TXN, "Txn calls handled in etcd, with `--etcd-extensive-metrics` (s)"),
 ];
+const ETCD_TXN: &str = "grpc_server_handling_seconds{grpc_method=\"Txn\"}";
 
-/// etcdmux's hub lock, per batch of upstream events (`src/watch/upstream.rs`).
-pub const HUB_HISTOGRAMS: [(&str, &str); 2] = [
+/// etcdmux's hub lock, per batch of upstream events (`src/watch/upstream.rs`), and
+/// its writes (the apiserver's txns) whole against etcd's part of them: a name may
+/// carry one label selector, `name{label="value"}`.
+pub const HUB_HISTOGRAMS: [(&str, &str); 4] = [
     ("etcdmux_watch_hub_lock_hold_seconds", "hub lock held per event batch (s)"),
     ("etcdmux_watch_hub_lock_wait_seconds", "hub lock waited for per event batch (s)"),
+    (WRITES_WHOLE, "writes (Txn) from request to answer in etcdmux (s)"),
+    (WRITES_UPSTREAM, "etcd's answers to etcdmux's Txn calls (s)"),
 ];
+const WRITES_WHOLE: &str = "etcdmux_grpc_request_duration_seconds{method=\"/etcdserverpb.KV/Txn\"}";
+const WRITES_UPSTREAM: &str = "etcdmux_upstream_request_duration_seconds{method=\"/etcdserverpb.KV/Txn\"}";
+
+/// A write slower than this is "slow" in the report's count of where slow writes
+/// were slow (a bucket bound of etcdmux's and of etcd's histograms).
+pub const SLOW_WRITE: Duration = Duration::from_millis(10);
 
 /// One Prometheus histogram: cumulative bucket counts by upper bound, sum, count.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -78,6 +91,12 @@ impl Histogram {
         self.buckets.iter().find(|&&(_, n)| n >= want).map(|&(le, _)| le)
     }
 
+    /// How many observations exceeded `bound`, which must be one of the bucket bounds
+    /// (`None` otherwise).
+    pub fn over(&self, bound: f64) -> Option<f64> {
+        self.buckets.iter().find(|b| b.0 == bound).map(|b| self.count - b.1)
+    }
+
     /// `n 12, mean 3.1, p99 ≤ 5, max ≤ 10` (in the metric's unit; `scale` multiplies).
     pub fn render(&self, scale: f64) -> String {
         if self.count <= 0.0 {
@@ -106,7 +125,19 @@ fn trim(v: f64) -> String {
 /// Every histogram of `names` at `url`'s `/metrics`.
 async fn histograms(url: &str, names: &[(&str, &str)]) -> Vec<Histogram> {
     let text = scrape(url).await;
-    names.iter().map(|(n, _)| Histogram::parse(&text, n)).collect()
+    names.iter().map(|(n, _)| select(&text, n)).collect()
+}
+
+/// Histogram `name` in `text`; `name{label="value"}` takes only that label's series.
+pub fn select(text: &str, name: &str) -> Histogram {
+    match name.split_once('{') {
+        Some((base, selector)) => {
+            let selector = selector.trim_end_matches('}');
+            let only: Vec<&str> = text.lines().filter(|l| l.contains(selector)).collect();
+            Histogram::parse(&only.join("\n"), base)
+        }
+        None => Histogram::parse(text, name),
+    }
 }
 
 /// `- what: delta` lines for `names`, `after` against `before`; times in seconds
@@ -250,7 +281,9 @@ impl Watch {
 
     /// Waits up to `wait` for etcd's db compaction (asked at `compact_at`) to end,
     /// reads the histograms again; the report's lines and the timeline.
-    pub async fn finish(self, wait: Duration, compact_at: Duration) -> (String, Vec<Sample>) {
+    /// `client_slow`: the writes slower than [`SLOW_WRITE`] as the load generator saw
+    /// them, set beside the same count at each hop.
+    pub async fn finish(self, wait: Duration, compact_at: Duration, client_slow: usize) -> (String, Vec<Sample>) {
         let deadline = Instant::now() + wait;
         let mut ends = compaction_ends(&self.samples.lock().unwrap_or_else(|e| e.into_inner()));
         while ends[1].is_none() && Instant::now() < deadline {
@@ -273,13 +306,24 @@ impl Watch {
             end(ends[1]),
             render_deltas(&ETCD_HISTOGRAMS, &self.before[0], &etcd),
         );
+        // Writes slower than SLOW_WRITE at each hop that measures them.
+        let slow = |after: &[Histogram], before: &[Histogram], i: usize| match (after.get(i), before.get(i)) {
+            (Some(a), Some(b)) if a.count > 0.0 => a.since(b).over(SLOW_WRITE.as_secs_f64()).map(|n| n.to_string()),
+            _ => None,
+        };
+        let mut hops = vec![format!("{client_slow} as the load generator saw them")];
         if !self.front_metrics.is_empty() {
             let hub = histograms(&self.front_metrics, &HUB_HISTOGRAMS).await;
-            s += &format!(
-                "- etcdmux's hub over the same time:\n{}",
-                render_deltas(&HUB_HISTOGRAMS, &self.before[1], &hub)
-            );
+            s += &format!("- etcdmux over the same time:\n{}", render_deltas(&HUB_HISTOGRAMS, &self.before[1], &hub));
+            let whole = slow(&hub, &self.before[1], 2).unwrap_or("?".into());
+            hops.push(format!("{whole} in etcdmux from request to answer"));
+            let upstream = slow(&hub, &self.before[1], 3).unwrap_or("?".into());
+            hops.push(format!("{upstream} of etcd's answers to etcdmux"));
         }
+        if let Some(n) = slow(&etcd, &self.before[0], 5) {
+            hops.push(format!("{n} in etcd's own handling of Txn calls"));
+        }
+        s += &format!("- writes over {} ms: {}\n", SLOW_WRITE.as_millis(), hops.join(", "));
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
         (s, samples)
     }

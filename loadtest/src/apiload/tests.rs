@@ -126,6 +126,20 @@ fn histograms_are_read_as_etcd_and_etcdmux_write_them_and_subtracted() {
     assert_eq!(h.buckets, vec![(0.0005, 8.0), (0.001, 9.0)]);
     assert_eq!(h.quantile_bound(0.5), Some(0.0005));
     assert_eq!(Histogram::default().render(1.0), "none observed");
+    // One method's series of a histogram labelled by method.
+    let by_method = "etcdmux_upstream_request_duration_seconds_bucket{method=\"/etcdserverpb.KV/Txn\",le=\"0.005\"} 90\n\
+                     etcdmux_upstream_request_duration_seconds_bucket{method=\"/etcdserverpb.KV/Txn\",le=\"0.01\"} 96\n\
+                     etcdmux_upstream_request_duration_seconds_bucket{method=\"/etcdserverpb.KV/Txn\",le=\"+Inf\"} 100\n\
+                     etcdmux_upstream_request_duration_seconds_sum{method=\"/etcdserverpb.KV/Txn\"} 0.4\n\
+                     etcdmux_upstream_request_duration_seconds_count{method=\"/etcdserverpb.KV/Txn\"} 100\n\
+                     etcdmux_upstream_request_duration_seconds_bucket{method=\"/etcdserverpb.KV/Range\",le=\"0.005\"} 5\n\
+                     etcdmux_upstream_request_duration_seconds_bucket{method=\"/etcdserverpb.KV/Range\",le=\"0.01\"} 5\n\
+                     etcdmux_upstream_request_duration_seconds_sum{method=\"/etcdserverpb.KV/Range\"} 0.01\n\
+                     etcdmux_upstream_request_duration_seconds_count{method=\"/etcdserverpb.KV/Range\"} 5\n";
+    let txn = observe::select(by_method, observe::HUB_HISTOGRAMS[3].0);
+    assert_eq!((txn.count, txn.buckets.clone()), (100.0, vec![(0.005, 90.0), (0.01, 96.0)]), "Range left out");
+    assert_eq!((txn.over(0.01), txn.over(0.005), txn.over(0.02)), (Some(4.0), Some(10.0), None));
+    assert_eq!(observe::select(by_method, "etcdmux_upstream_request_duration_seconds").count, 105.0, "all methods");
 }
 
 #[test]
