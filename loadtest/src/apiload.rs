@@ -188,6 +188,8 @@ struct Row {
     write_throughput: f64,
     /// The slowest writes and when they started, relative to the compactor.
     slowest: String,
+    /// Writes slower than `observe::SLOW_WRITE`, hop by hop.
+    slow_writes: observe::SlowWrites,
     /// Lists running at once, as each list saw it when it started: max, mean.
     lists_in_flight: (usize, f64),
     /// Where the time went: etcd's compaction and disk histograms and etcdmux's hub

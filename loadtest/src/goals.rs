@@ -99,6 +99,10 @@ struct ApiRow {
     etcd_watchers: Option<f64>,
     store_mib: Option<f64>,
     proxy_mib: Option<f64>,
+    /// Writes over apiload's slow bound at each hop: as the load generator saw them,
+    /// inside etcdmux, in etcd's answers to etcdmux, in etcd's handler (columns of
+    /// later runs; `None` when not measured).
+    slow_writes: [Option<f64>; 4],
 }
 
 impl ApiRow {
@@ -142,6 +146,9 @@ fn read_api(name: &str) -> Result<Vec<ApiRow>, Error> {
     .map(col);
     let (model, projects, target, status) = (model?, projects?, target?, status?);
     let (list, write, delivery, watchers, store, proxy) = (list?, write?, delivery?, watchers?, store?, proxy?);
+    // Runs before these columns existed have none.
+    let slow = ["slow_writes_client", "slow_writes_etcdmux", "slow_writes_upstream", "slow_writes_etcd"]
+        .map(|name| head.iter().position(|h| *h == name));
     let mut rows = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
         let f: Vec<&str> = line.split(',').collect();
@@ -158,6 +165,7 @@ fn read_api(name: &str) -> Result<Vec<ApiRow>, Error> {
             etcd_watchers: num(watchers),
             store_mib: num(store),
             proxy_mib: num(proxy),
+            slow_writes: slow.map(|c| c.and_then(num)),
         });
     }
     Ok(rows)
@@ -190,6 +198,19 @@ fn ms(v: Option<f64>) -> String {
 /// How far `value` is above `limit`, in percent.
 fn above(value: f64, limit: f64) -> String {
     format!("{:.0} % above", (value / limit.max(1e-9) - 1.0) * 100.0)
+}
+
+/// The slow writes hop by hop, as a sentence; `None` for a run without the counts.
+fn slow_hops(slow: &[Option<f64>; 4]) -> Option<String> {
+    let [Some(client), Some(whole), Some(upstream), etcd] = *slow else { return None };
+    let mut s = format!(
+        "{client} as the load generator saw them, {whole} inside etcdmux from request to answer, \
+         {upstream} of them in etcd's answers to etcdmux"
+    );
+    if let Some(etcd) = etcd {
+        s += &format!(", {etcd} in etcd's own handler");
+    }
+    Some(s)
 }
 
 /// Goal 1: write and delivery p99 at the largest point ≤ 1.5× the smallest's, and at
@@ -261,6 +282,9 @@ fn flat_latency(rows: &[ApiRow], detail: &mut String) -> Result<Verdict, Error> 
         }
     }
     writeln!(detail, "\np99 at {hi} projects over p99 at {lo}: {}.\n", growth.join(", "))?;
+    if let Some(hops) = find(rows, model, hi, ETCDMUX).and_then(|r| slow_hops(&r.slow_writes)) {
+        writeln!(detail, "Where etcdmux's slow writes were slow at {hi} projects (over 10 ms): {hops}.\n")?;
+    }
     let at = |p| find(rows, model, p, ETCDMUX).and_then(|r| r.write_p99);
     let proxy_hi = find(rows, model, hi, GRPC_PROXY).and_then(|r| r.write_p99);
     v.measured = format!(
@@ -517,6 +541,7 @@ mod tests {
             etcd_watchers: Some(1.0),
             store_mib: Some(10.0),
             proxy_mib: Some(20.0),
+            slow_writes: [None; 4],
         }
     }
 
@@ -550,6 +575,30 @@ mod tests {
         let v = flat_latency(&rows, &mut String::new()).unwrap();
         assert!(v.missed.iter().any(|m| m.contains("etcdmux out of memory")), "{:?}", v.missed);
         assert!(flat_latency(&rows[..0], &mut String::new()).is_err(), "no point: not judged");
+    }
+
+    #[test]
+    fn goal_one_says_where_the_slow_writes_were_slow_when_the_run_counted_them() {
+        let mut rows = vec![
+            row("Shared", 100, ETCDMUX, 3.0, 3.0, 9.0),
+            row("Shared", 100, GRPC_PROXY, 4.0, 4.0, 9.5),
+            row("Shared", 30000, ETCDMUX, 5.0, 5.0, 9.0),
+            row("Shared", 30000, GRPC_PROXY, 6.0, 6.0, 9.5),
+        ];
+        let mut detail = String::new();
+        flat_latency(&rows, &mut detail).unwrap();
+        assert!(!detail.contains("Where etcdmux's slow writes"), "an older run has no counts: {detail}");
+        rows[2].slow_writes = [Some(195.0), Some(169.0), Some(167.0), None];
+        let mut detail = String::new();
+        flat_latency(&rows, &mut detail).unwrap();
+        assert!(
+            detail.contains("at 30000 projects (over 10 ms): 195 as the load generator saw them, 169 inside etcdmux from request to answer, 167 of them in etcd's answers to etcdmux."),
+            "{detail}"
+        );
+        rows[2].slow_writes[3] = Some(109.0);
+        let mut detail = String::new();
+        flat_latency(&rows, &mut detail).unwrap();
+        assert!(detail.contains("167 of them in etcd's answers to etcdmux, 109 in etcd's own handler."), "{detail}");
     }
 
     #[test]

@@ -281,7 +281,9 @@ pub(super) async fn load(
     // SQL target compacts its database, not etcd: nothing to wait for).
     let wait = Duration::from_secs(if front.pg.is_some() { 0 } else { 60 });
     let client_slow = row.write.iter().filter(|&&w| w > observe::SLOW_WRITE).count();
-    let (observed, samples) = watch.finish(wait, compact_at, client_slow).await;
+    let observe::Finished { report: observed, samples, slow_writes } =
+        watch.finish(wait, compact_at, client_slow).await;
+    row.slow_writes = slow_writes;
     row.details = format!(
         "- lists: p99 {} ms over {} lists; lists in flight as each started: max {}, mean {:.1} (--setup-concurrency {}: each slot lists, then creates its watch)\n{observed}{}",
         ms(percentile(&sorted(&row.list), 0.99)),

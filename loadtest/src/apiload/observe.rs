@@ -255,6 +255,27 @@ fn cpu_between(samples: &[Sample], from: Duration, to: Duration) -> Option<[f64;
     (secs > 0.0).then(|| std::array::from_fn(|i| b.cpu[i].saturating_sub(a.cpu[i]).as_secs_f64() / secs * 100.0))
 }
 
+/// Writes slower than [`SLOW_WRITE`] at each hop that measures them (`None`: that
+/// hop is not measured for this target).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SlowWrites {
+    /// As the load generator saw them.
+    pub client: f64,
+    /// Inside etcdmux, from request to answer.
+    pub etcdmux: Option<f64>,
+    /// In etcd's answers to etcdmux's calls.
+    pub upstream: Option<f64>,
+    /// In etcd's own handler (etcd with `--metrics extensive`).
+    pub etcd: Option<f64>,
+}
+
+/// What [`Watch::finish`] found: the report's lines, the timeline, the slow writes.
+pub struct Finished {
+    pub report: String,
+    pub samples: Vec<Sample>,
+    pub slow_writes: SlowWrites,
+}
+
 /// What is watched over one write load: etcd's (and etcdmux's) histograms before it,
 /// and the timeline sampled during it.
 pub struct Watch {
@@ -283,7 +304,7 @@ impl Watch {
     /// reads the histograms again; the report's lines and the timeline.
     /// `client_slow`: the writes slower than [`SLOW_WRITE`] as the load generator saw
     /// them, set beside the same count at each hop.
-    pub async fn finish(self, wait: Duration, compact_at: Duration, client_slow: usize) -> (String, Vec<Sample>) {
+    pub async fn finish(self, wait: Duration, compact_at: Duration, client_slow: usize) -> Finished {
         let deadline = Instant::now() + wait;
         let mut ends = compaction_ends(&self.samples.lock().unwrap_or_else(|e| e.into_inner()));
         while ends[1].is_none() && Instant::now() < deadline {
@@ -308,23 +329,26 @@ impl Watch {
         );
         // Writes slower than SLOW_WRITE at each hop that measures them.
         let slow = |after: &[Histogram], before: &[Histogram], i: usize| match (after.get(i), before.get(i)) {
-            (Some(a), Some(b)) if a.count > 0.0 => a.since(b).over(SLOW_WRITE.as_secs_f64()).map(|n| n.to_string()),
+            (Some(a), Some(b)) if a.count > 0.0 => a.since(b).over(SLOW_WRITE.as_secs_f64()),
             _ => None,
         };
+        let mut slow_writes = SlowWrites { client: client_slow as f64, ..SlowWrites::default() };
         let mut hops = vec![format!("{client_slow} as the load generator saw them")];
+        let shown = |n: Option<f64>| n.map_or("?".to_string(), |n| n.to_string());
         if !self.front_metrics.is_empty() {
             let hub = histograms(&self.front_metrics, &HUB_HISTOGRAMS).await;
             s += &format!("- etcdmux over the same time:\n{}", render_deltas(&HUB_HISTOGRAMS, &self.before[1], &hub));
-            let whole = slow(&hub, &self.before[1], 2).unwrap_or("?".into());
-            hops.push(format!("{whole} in etcdmux from request to answer"));
-            let upstream = slow(&hub, &self.before[1], 3).unwrap_or("?".into());
-            hops.push(format!("{upstream} of etcd's answers to etcdmux"));
+            slow_writes.etcdmux = slow(&hub, &self.before[1], 2);
+            hops.push(format!("{} in etcdmux from request to answer", shown(slow_writes.etcdmux)));
+            slow_writes.upstream = slow(&hub, &self.before[1], 3);
+            hops.push(format!("{} of etcd's answers to etcdmux", shown(slow_writes.upstream)));
         }
-        if let Some(n) = slow(&etcd, &self.before[0], 5) {
+        slow_writes.etcd = slow(&etcd, &self.before[0], 5);
+        if let Some(n) = slow_writes.etcd {
             hops.push(format!("{n} in etcd's own handling of Txn calls"));
         }
         s += &format!("- writes over {} ms: {}\n", SLOW_WRITE.as_millis(), hops.join(", "));
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        (s, samples)
+        Finished { report: s, samples, slow_writes }
     }
 }

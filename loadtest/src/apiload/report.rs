@@ -149,19 +149,24 @@ pub fn plots(
     Ok(written)
 }
 
+/// A CSV field: empty when not measured.
+fn opt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| v.to_string())
+}
+
 pub fn csv(outcomes: &[Outcome]) -> String {
-    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,client_conns,client_streams,etcd_watchers,etcd_watch_streams,etcd_conns,store_peak_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct,store_cpu_pct\n");
+    let mut s = String::from("model,projects,target,status,setup_s,list_p99_ms,write_p50_ms,write_p99_ms,write_p999_ms,delivery_p50_ms,delivery_p99_ms,delivered,expected,duplicates,errors,client_conns,client_streams,etcd_watchers,etcd_watch_streams,etcd_conns,store_peak_mib,proxy_peak_rss_mib,loadgen_peak_rss_mib,proxy_cpu_pct,loadgen_cpu_pct,store_cpu_pct,slow_writes_client,slow_writes_etcdmux,slow_writes_upstream,slow_writes_etcd\n");
     for o in outcomes {
         let status = if o.degraded.is_empty() { "ok".to_string() } else { o.degraded.join("; ").replace(',', " ") };
         let head = format!("{:?},{},{},{status}", o.model, o.projects, o.target);
         let mem = format!("{:.0},{:.0},{:.0}", o.store_mib, o.front_mib, o.loadgen_mib);
         let _ = match &o.result {
-            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,,,{mem},,,"),
+            Err(_) => writeln!(s, "{head},,,,,,,,,,,,,,,,,{mem},,,,,,,"),
             Ok(r) => {
                 let p = |v: &[Duration], q| percentile(v, q).as_secs_f64() * 1000.0;
                 writeln!(
                     s,
-                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{mem},{:.0},{:.0},{:.0}",
+                    "{head},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{mem},{:.0},{:.0},{:.0},{},{},{},{}",
                     r.setup.as_secs_f64(),
                     p(&r.list, 0.99),
                     p(&r.write, 0.5),
@@ -180,7 +185,11 @@ pub fn csv(outcomes: &[Outcome]) -> String {
                     r.etcd_conns,
                     r.front_cpu,
                     r.loadgen_cpu,
-                    r.store_cpu
+                    r.store_cpu,
+                    r.slow_writes.client,
+                    opt(r.slow_writes.etcdmux),
+                    opt(r.slow_writes.upstream),
+                    opt(r.slow_writes.etcd)
                 )
             }
         };
