@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use clap::Parser;
-use etcdmux_loadtest::goal::{FLAT_P99, STREAM_BYTES, VS_DIRECT, VS_GRPC_PROXY, WATCH_BYTES};
+use etcdmux_loadtest::goal::{FLAT_P99, SLOW_WRITE, STREAM_BYTES, VS_DIRECT, VS_GRPC_PROXY, WATCH_BYTES};
 use etcdmux_loadtest::{machine, results_path, write_report, Error};
 use serde_json::Value;
 
@@ -283,7 +283,8 @@ fn flat_latency(rows: &[ApiRow], detail: &mut String) -> Result<Verdict, Error> 
     }
     writeln!(detail, "\np99 at {hi} projects over p99 at {lo}: {}.\n", growth.join(", "))?;
     if let Some(hops) = find(rows, model, hi, ETCDMUX).and_then(|r| slow_hops(&r.slow_writes)) {
-        writeln!(detail, "Where etcdmux's slow writes were slow at {hi} projects (over 10 ms): {hops}.\n")?;
+        let bound = SLOW_WRITE.as_millis();
+        writeln!(detail, "Where etcdmux's slow writes were slow at {hi} projects (over {bound} ms): {hops}.\n")?;
     }
     let at = |p| find(rows, model, p, ETCDMUX).and_then(|r| r.write_p99);
     let proxy_hi = find(rows, model, hi, GRPC_PROXY).and_then(|r| r.write_p99);

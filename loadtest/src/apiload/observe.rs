@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+pub use etcdmux_loadtest::goal::SLOW_WRITE;
 use etcdmux_loadtest::{cpu_time, labeled, ms, percentile, scrape, Store};
 use tokio::task::JoinHandle;
 
@@ -32,10 +33,6 @@ pub const HUB_HISTOGRAMS: [(&str, &str); 4] = [
 ];
 const WRITES_WHOLE: &str = "etcdmux_grpc_request_duration_seconds{method=\"/etcdserverpb.KV/Txn\"}";
 const WRITES_UPSTREAM: &str = "etcdmux_upstream_request_duration_seconds{method=\"/etcdserverpb.KV/Txn\"}";
-
-/// A write slower than this is "slow" in the report's count of where slow writes
-/// were slow (a bucket bound of etcdmux's and of etcd's histograms).
-pub const SLOW_WRITE: Duration = Duration::from_millis(10);
 
 /// One Prometheus histogram: cumulative bucket counts by upper bound, sum, count.
 #[derive(Debug, Clone, Default, PartialEq)]
