@@ -392,12 +392,13 @@ impl Watches {
     }
 
     /// Every watch, leaving none.
-    fn take(&mut self) -> Vec<Watch> {
-        match std::mem::replace(self, Watches::None) {
-            Watches::None => Vec::new(),
-            Watches::One(_, w) => vec![w],
-            Watches::Many(m) => m.into_values().collect(),
-        }
+    fn take(&mut self) -> impl Iterator<Item = Watch> {
+        let (one, many) = match std::mem::replace(self, Watches::None) {
+            Watches::None => (None, None),
+            Watches::One(_, w) => (Some(w), None),
+            Watches::Many(m) => (None, Some(m)),
+        };
+        one.into_iter().chain(many.into_iter().flat_map(HashMap::into_values))
     }
 }
 
@@ -478,7 +479,7 @@ mod tests {
         assert!(w.remove(&8).is_some());
         assert!(w.remove(&8).is_none(), "removed twice");
         assert_eq!((w.len(), ids(&w, &[7, 8, 9])), (2, vec![7, 9]));
-        assert_eq!(w.take().len(), 2);
+        assert_eq!(w.take().count(), 2);
         assert_eq!(w.len(), 0);
     }
 
