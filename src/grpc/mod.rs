@@ -1,9 +1,10 @@
-//! The gRPC edge: one tonic server per listener and one file per etcd service.
+//! The gRPC edge: one HTTP/2 server per listener and one file per etcd service.
 //! Services are thin: they take the caller's [`Scope`](crate::keyspace::Scope) and
 //! deadline, hand the request to [`ops`](crate::ops) or [`watch`](crate::watch), and
 //! turn the result into an answer in one place ([`answer`]).
 //!
 //! - [`server`]: listeners, the tower stack, shutdown and drain;
+//! - [`serve`]: a listener's accept loop and HTTP/2 connections (hyper);
 //! - [`accept`]: accept-error backoff (out of file descriptors);
 //! - [`layer`]: per-call metrics;
 //! - [`span`]: the span and request id of every call (see [`crate::trace`]);
@@ -42,6 +43,7 @@ pub mod layer;
 pub mod lease;
 pub mod limits;
 pub mod maintenance;
+pub mod serve;
 pub mod server;
 pub mod span;
 pub mod tls;

@@ -20,8 +20,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tower::ServiceBuilder;
 
 use super::accept::Backoff;
 use super::cluster::ClusterService;
@@ -31,6 +32,7 @@ use super::layer::GrpcMetricsLayer;
 use super::lease::LeaseService;
 use super::limits::{Limits, LimitsLayer};
 use super::maintenance::MaintenanceService;
+use super::serve::{serve, Http2};
 use super::span::CallSpanLayer;
 use super::tls::{ScopeSource, ServerTls};
 use super::watch::WatchService;
@@ -45,7 +47,7 @@ use crate::watch::Hub;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-type Listener = JoinHandle<Result<(), tonic::transport::Error>>;
+type Listener = JoinHandle<()>;
 
 /// A running etcdmux.
 pub struct Running {
@@ -91,11 +93,11 @@ impl Running {
         tracing::info!("shut down");
     }
 
-    /// Waits until a listener stops on its own: a fatal error, or `Ok` after a
-    /// shutdown began elsewhere.
+    /// Waits until a listener stops on its own: after a shutdown began elsewhere, or
+    /// an error if its task panicked.
     pub async fn wait(&mut self) -> Result<(), BoxError> {
         let Some(first) = self.listeners.first_mut() else { return Ok(()) };
-        first.await??;
+        first.await?;
         Ok(())
     }
 }
@@ -151,8 +153,12 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     let limits = Limits::new(&proxy.cfg.limits);
     // After the recorder (Health::start): the layer keeps handles into it.
     let metrics_layer = GrpcMetricsLayer::new();
-    let keepalive = Duration::from_millis(proxy.cfg.limits.http2_keepalive_interval_ms);
-    let keepalive_timeout = Duration::from_millis(proxy.cfg.limits.http2_keepalive_timeout_ms);
+    let h2 = Http2 {
+        max_concurrent_streams: proxy.cfg.server.max_concurrent_streams,
+        connection_window_bytes: proxy.cfg.server.connection_window_bytes,
+        keepalive_interval: Duration::from_millis(proxy.cfg.limits.http2_keepalive_interval_ms),
+        keepalive_timeout: Duration::from_millis(proxy.cfg.limits.http2_keepalive_timeout_ms),
+    };
     for (((listener, l), scope), tls) in listeners.into_iter().zip(proxy.cfg.listeners.iter()).zip(scopes).zip(tls) {
         addrs.push(l.addr);
         tracing::info!(addr = %l.addr, static_tenant = ?l.static_tenant, tls = l.is_tls(), mtls = l.client_cert_auth, "listening");
@@ -161,34 +167,31 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
                 $server::new($svc).max_decoding_message_size(max_in).max_encoding_message_size(max_out)
             };
         }
-        // Outermost: a call refused by the limits has a span and a request id too.
-        let router = Server::builder()
-            .layer(CallSpanLayer)
-            .layer(metrics_layer.clone())
-            .layer(LimitsLayer::new(limits.clone()))
-            .max_concurrent_streams(proxy.cfg.server.max_concurrent_streams)
-            .initial_connection_window_size(proxy.cfg.server.connection_window_bytes)
-            .http2_keepalive_interval(Some(keepalive))
-            .http2_keepalive_timeout(Some(keepalive_timeout))
-            .tcp_nodelay(true)
-            .add_service(svc!(KvServer, KvService::new(proxy.clone(), scope.clone())))
+        let routes = Routes::new(svc!(KvServer, KvService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(LeaseServer, LeaseService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(WatchServer, WatchService::new(proxy.clone(), scope.clone(), hub.clone())))
             .add_service(svc!(MaintenanceServer, MaintenanceService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())))
-            .add_service(health.grpc_service());
+            .add_service(health.grpc_service())
+            .prepare();
+        // Outermost: a call refused by the limits has a span and a request id too.
+        let stack = ServiceBuilder::new()
+            .layer(CallSpanLayer)
+            .layer(metrics_layer.clone())
+            .layer(LimitsLayer::new(limits.clone()))
+            .service(routes);
         let stop = stop_accepting.clone();
-        // Server::tcp_nodelay applies only to sockets tonic binds itself: without it
-        // here, Nagle's algorithm adds ~40 ms to small responses (found by apiload).
+        // Without TCP_NODELAY, Nagle's algorithm adds ~40 ms to small responses
+        // (found by apiload).
         let incoming = Backoff::new(TcpIncoming::from(listener).with_nodelay(Some(true)));
         let served = match tls {
             Some((tls, reloader)) => {
                 reloader.spawn(&proxy.tasks, reload_every);
                 let max = proxy.cfg.server.tls_max_handshakes;
                 let incoming = TlsIncoming::new(incoming, tls, proxy.tasks.clone(), handshake_timeout, max);
-                proxy.tasks.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()))
+                proxy.tasks.spawn(serve(incoming, stack, h2, stop))
             }
-            None => proxy.tasks.spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())),
+            None => proxy.tasks.spawn(serve(incoming, stack, h2, stop)),
         };
         tasks.push(served);
     }
