@@ -23,7 +23,7 @@
 //!              handlers report the tenant into (per_tenant.rs)
 //! health/      readiness (a pure decision in ready.rs), the probe of etcd, the
 //!              grpc.health.v1 statuses, the HTTP /livez, /readyz, /metrics server
-//! pb.rs        generated etcd protos;  codec.rs  the gRPC codec (small buffers)
+//! pb.rs        generated etcd protos;  codec/  the gRPC codec (small buffers), Watch framing
 //! keyspace/    tenant names, resolution rules, the layout, range planning, the
 //!              client views of a listener (pure: no I/O)
 //! ops/         the Proxy and what it does: validate (etcd's request checks, before

@@ -245,8 +245,15 @@ async fn identity_from_client_certificate() {
     let admin = pki.client("admin", "admin", vec![uri("spiffe://example.org/apiserver")]);
     let mut kv_admin = KvClient::new(tls_channel(addr, &pki, Some(&admin)).await.expect("admin channel"));
     kv_admin.range(get("/projects/b/pods/secret")).await.expect("admin reads b");
-    let mut kv_x = KvClient::new(ch_x);
+    let mut kv_x = KvClient::new(ch_x.clone());
     let s = denied(kv_x.range(get("/projects/x/pods/a")).await, "unmapped reads");
     assert!(s.message().contains("spiffe://other.org/project/x"), "{}", s.message());
     denied(kv_x.put(put("/projects/x/pods/a", "v")).await, "unmapped writes");
+    // A Watch stream is refused before it opens.
+    let (_xtx, xrx) = tokio::sync::mpsc::channel::<WatchRequest>(1);
+    let s = denied(
+        WatchClient::new(ch_x).watch(tokio_stream::wrappers::ReceiverStream::new(xrx)).await,
+        "unmapped watches",
+    );
+    assert!(s.message().contains("spiffe://other.org/project/x"), "{}", s.message());
 }

@@ -16,9 +16,8 @@ use etcdmux::metrics::names;
 use etcdmux::ops::Proxy;
 use etcdmux::pb::etcdserverpb::{
     alarm_request::AlarmAction, kv_client::KvClient, kv_server::KvServer, maintenance_client::MaintenanceClient,
-    watch_client::WatchClient, watch_request, watch_server::WatchServer, AlarmRequest, AlarmType, PutRequest,
-    RangeRequest, StatusRequest, WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
-    WatchResponse,
+    watch_client::WatchClient, watch_request, AlarmRequest, AlarmType, PutRequest, RangeRequest, StatusRequest,
+    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
 };
 use etcdmux::watch::Hub;
 use tokio::sync::mpsc;
@@ -62,7 +61,7 @@ async fn serve(etcd: &common::Etcd, watch: &str) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let router = Server::builder()
-        .add_service(WatchServer::new(WatchService::new(proxy.clone(), scope.clone(), hub.clone())))
+        .add_service(WatchService::new(proxy.clone(), scope.clone(), hub.clone()))
         .add_service(KvServer::new(KvService::new(proxy.clone(), scope)));
     let tasks = proxy.tasks.clone();
     let server = tokio::spawn(async move {
@@ -376,6 +375,50 @@ async fn garbage_on_a_watch_stream_ends_it_with_an_error() {
         }
         Ok(r) => panic!("a garbage request got {r:?} instead of an error status"),
     }
+    mux.stop().await;
+}
+
+/// etcdmux frames Watch streams itself (not tonic's codec): what the codec refused is
+/// refused the same way, with its texts. A compressed stream is refused before it
+/// opens; a request over `max_request_bytes` and a response over
+/// `max_response_bytes` end the stream with OUT_OF_RANGE, never with OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_framing_refuses_compression_and_oversized_messages() {
+    let _serial = SERIAL.lock().await;
+    let etcd = common::Etcd::start();
+    let mux = serve(&etcd, "\n[server]\nmax_response_bytes = 4096\n").await;
+    let channel = Channel::from_shared(mux.url.clone()).unwrap().connect().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
+    let mut grpc = tonic::client::Grpc::new(channel);
+
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(tokio_stream::pending::<Bytes>());
+    req.metadata_mut().insert("grpc-encoding", "gzip".parse().unwrap());
+    let refused = grpc.streaming(req, path.clone(), common::RawCodec).await.expect_err("a gzip stream");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    assert!(refused.message().contains("`gzip`"), "{refused:?}");
+
+    grpc.ready().await.unwrap();
+    let huge = Bytes::from(vec![0u8; 3 << 20]);
+    let msgs = tokio_stream::iter([huge]).chain(tokio_stream::pending::<Bytes>());
+    let mut stream = grpc.streaming(tonic::Request::new(msgs), path, common::RawCodec).await.unwrap().into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("the stream ended");
+    let s = end.expect_err("a request over the limit");
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    assert!(s.message().contains("decoded message length too large"), "{s:?}");
+
+    let (tx, mut stream) = open(&mux.url).await;
+    tx.send(create(1, "/projects/big/pods/")).await.unwrap();
+    let created = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    assert!(created.created && !created.canceled, "{created:?}");
+    let mut kv = KvClient::connect(mux.url.clone()).await.unwrap();
+    let put =
+        PutRequest { key: b("/projects/big/pods/ns/a"), value: Bytes::from(vec![b'x'; 8192]), ..Default::default() };
+    kv.put(put).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("the stream ended");
+    let s = end.expect_err("an event over the response limit");
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    assert!(s.message().contains("encoded message length too large"), "{s:?}");
     mux.stop().await;
 }
 

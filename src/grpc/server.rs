@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    maintenance_server::MaintenanceServer,
 };
 use crate::watch::Hub;
 
@@ -169,7 +169,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         }
         let routes = Routes::new(svc!(KvServer, KvService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(LeaseServer, LeaseService::new(proxy.clone(), scope.clone())))
-            .add_service(svc!(WatchServer, WatchService::new(proxy.clone(), scope.clone(), hub.clone())))
+            .add_service(WatchService::new(proxy.clone(), scope.clone(), hub.clone()))
             .add_service(svc!(MaintenanceServer, MaintenanceService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())))
             .add_service(health.grpc_service())

@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tonic::Request;
@@ -77,6 +78,9 @@ fn server_config(files: &Checked) -> std::result::Result<ServerConfig, BoxError>
 /// Where a listener's requests get their [`Scope`]: the listener's own, or, on a
 /// listener with `client_cert_auth` under `[tenancy.identity]`, the listener's with
 /// the principal of each request's client certificate.
+/// A client's certificate chain, as tonic's connect info gives it.
+pub type PeerCerts = Arc<Vec<CertificateDer<'static>>>;
+
 #[derive(Debug, Clone)]
 pub struct ScopeSource {
     listener: Scope,
@@ -91,11 +95,17 @@ impl ScopeSource {
 
     /// The scope of one request.
     pub fn of<T>(&self, resolver: &Resolver, req: &Request<T>) -> Result<Scope> {
+        self.of_certs(resolver, || req.peer_certs())
+    }
+
+    /// The scope of a request on a connection whose client certificates `certs`
+    /// gives (read only when the listener takes identities from them).
+    pub fn of_certs(&self, resolver: &Resolver, certs: impl FnOnce() -> Option<PeerCerts>) -> Result<Scope> {
         if !self.from_cert {
             return Ok(self.listener.clone());
         }
         let Some(rules) = resolver.identity() else { return Ok(self.listener.clone()) };
-        let certs = req.peer_certs();
+        let certs = certs();
         let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
             return Err(Error::PermissionDenied("the request carries no client certificate".to_string()));
         };

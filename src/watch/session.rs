@@ -1,7 +1,8 @@
-//! One client Watch stream, served by one future: the [`ResponseStream`] handed to
-//! tonic drains the stream's [`StreamSink`] (which the hub fills without ever
-//! waiting), keeps header revisions from going backwards, and reads the client's
-//! requests (create, cancel, progress) when something it waits on wakes it. A
+//! One client Watch stream, served by one future: the [`ResponseStream`] that the
+//! response body (`grpc::watch`) polls drains the stream's [`StreamSink`] (which
+//! the hub fills without ever waiting), keeps header revisions from going
+//! backwards, and reads the client's requests (create, cancel, progress) when
+//! something it waits on wakes it. A
 //! stream costs no task, upstream watch or connection of its own: hyper's task for
 //! the HTTP/2 stream polls it, and an idle stream's queue holds no memory.
 
@@ -16,20 +17,21 @@ use bytes::Bytes;
 use futures::Stream;
 use pin_project_lite::pin_project;
 use tokio_util::sync::WaitForCancellationFutureOwned;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::hub::Hub;
 use super::passthrough::passthrough;
 use super::sink::{Outgoing, SinkReceiver, StreamSink};
 use super::watcher::{Render, Watcher};
+use crate::codec::frame::Decoder;
 use crate::error::Error;
 use crate::keyspace::{End, RangeRef, Scope, TenantName};
 use crate::ops::Proxy;
 use crate::pb::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::trace::call::{self, Call};
 
-/// Starts one client stream: the stream of its responses, to hand to tonic, which
-/// reads the requests too. It ends when the hub stops (shutdown) with
+/// Starts one client stream: the stream of its responses, to hand to the response
+/// body, which reads the requests too. It ends when the hub stops (shutdown) with
 /// `UNAVAILABLE`, so clients reconnect and resume. Call it in the call's scope: the
 /// requests are then read in the call's span.
 pub fn start(
@@ -37,7 +39,7 @@ pub fn start(
     scope: Scope,
     hub: Arc<Hub>,
     require_leader: bool,
-    inbound: Streaming<WatchRequest>,
+    inbound: Decoder<WatchRequest>,
 ) -> ResponseStream {
     let cfg = &proxy.cfg.watch;
     let (sink, rx) = StreamSink::new(cfg.stream_buffer, cfg.stream_control_reserve, require_leader, hub.queued_gauge());
@@ -112,7 +114,7 @@ struct Requests {
     state: StreamState,
     /// `None` once the client closed its side (its watches keep running until it
     /// goes away, as in etcd) or sent what does not decode.
-    inbound: Option<Streaming<WatchRequest>>,
+    inbound: Option<Decoder<WatchRequest>>,
     /// The create in progress: requests are handled one at a time, in order.
     creating: Option<Creating>,
     /// Reading stopped because the stream was full.

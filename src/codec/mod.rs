@@ -1,4 +1,5 @@
-//! The gRPC codec: prost with small initial buffers.
+//! The gRPC codec: prost with small initial buffers, and ([`frame`]) gRPC's message
+//! framing for the Watch stream, served without tonic's codec.
 //!
 //! tonic's default allocates an 8 KiB encode and an 8 KiB decode buffer for every
 //! call and stream up front. With one watch stream per (project, resource), as
@@ -6,6 +7,8 @@
 //! here and grow to the first message's size: an idle watch stream keeps ~180 B of
 //! buffers instead of 512 (256 B each, the previous setting), and a call's first
 //! allocation is the size it needs (`make mem-profile` shows them per stream).
+
+pub mod frame;
 
 use std::marker::PhantomData;
 
