@@ -35,7 +35,7 @@ use super::maintenance::MaintenanceService;
 use super::serve::{serve, Http2};
 use super::span::CallSpanLayer;
 use super::tls::{ScopeSource, ServerTls};
-use super::watch::WatchService;
+use super::watch::{WatchFirst, WatchService};
 use crate::certs::{Apply, Reloader};
 use crate::config::Config;
 use crate::ops::Proxy;
@@ -169,7 +169,6 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
         }
         let routes = Routes::new(svc!(KvServer, KvService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(LeaseServer, LeaseService::new(proxy.clone(), scope.clone())))
-            .add_service(WatchService::new(proxy.clone(), scope.clone(), hub.clone()))
             .add_service(svc!(MaintenanceServer, MaintenanceService::new(proxy.clone(), scope.clone())))
             .add_service(svc!(ClusterServer, ClusterService::new(proxy.clone(), scope.clone())))
             .add_service(health.grpc_service())
@@ -179,7 +178,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
             .layer(CallSpanLayer)
             .layer(metrics_layer.clone())
             .layer(LimitsLayer::new(limits.clone()))
-            .service(routes);
+            .service(WatchFirst::new(WatchService::new(proxy.clone(), scope.clone(), hub.clone()), routes));
         let stop = stop_accepting.clone();
         // Without TCP_NODELAY, Nagle's algorithm adds ~40 ms to small responses
         // (found by apiload).

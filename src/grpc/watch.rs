@@ -33,7 +33,8 @@ use crate::watch::Hub;
 /// (tonic's yield threshold).
 const BATCH_BYTES: usize = 32 * 1024;
 
-/// The `etcdserverpb.Watch` service, for tonic's routes.
+/// The `etcdserverpb.Watch` service: in front of tonic's router ([`WatchFirst`]), or
+/// in it (it is a [`NamedService`]).
 #[derive(Clone)]
 pub struct WatchService {
     proxy: Arc<Proxy>,
@@ -95,6 +96,45 @@ impl Service<http::Request<Body>> for WatchService {
         // Opened when polled: inside the call's scope (span, tenant slot), which the
         // layers set around the future, not around this call.
         Box::pin(async move { Ok(svc.open(req)) })
+    }
+}
+
+/// The listener's services with Watch served first, before tonic's router: the
+/// router boxes a body again at each of its layers (a few small allocations for
+/// as long as a stream lives).
+#[derive(Clone)]
+pub struct WatchFirst<S> {
+    watch: WatchService,
+    rest: S,
+}
+
+impl<S> WatchFirst<S> {
+    pub fn new(watch: WatchService, rest: S) -> WatchFirst<S> {
+        WatchFirst { watch, rest }
+    }
+}
+
+/// The path of Watch calls.
+const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
+
+impl<S> Service<http::Request<Body>> for WatchFirst<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = futures::future::Either<Opening, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.rest.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if req.uri().path() == WATCH_PATH {
+            futures::future::Either::Left(self.watch.call(req))
+        } else {
+            futures::future::Either::Right(self.rest.call(req))
+        }
     }
 }
 
