@@ -110,6 +110,16 @@ impl<T: prost::Message + Default> Decoder<T> {
     }
 }
 
+impl<T> Decoder<T> {
+    /// Ends the stream with `status`: nothing more is read or decoded after it.
+    fn fail(&mut self, status: Status) -> Status {
+        self.ended = true;
+        self.partial = BytesMut::new();
+        self.frame = Bytes::new();
+        status
+    }
+}
+
 impl<T: prost::Message + Default> Stream for Decoder<T> {
     type Item = Result<T, Status>;
 
@@ -119,10 +129,7 @@ impl<T: prost::Message + Default> Stream for Decoder<T> {
                 match self.next_message() {
                     Ok(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
                     Ok(None) => {}
-                    Err(status) => {
-                        self.ended = true;
-                        return Poll::Ready(Some(Err(status)));
-                    }
+                    Err(status) => return Poll::Ready(Some(Err(self.fail(status)))),
                 }
             }
             if self.ended {
@@ -135,14 +142,12 @@ impl<T: prost::Message + Default> Stream for Decoder<T> {
                         self.frame = data;
                     }
                 }
-                Some(Err(status)) => {
-                    self.ended = true;
-                    return Poll::Ready(Some(Err(status)));
-                }
+                Some(Err(status)) => return Poll::Ready(Some(Err(self.fail(status)))),
                 None => {
                     self.ended = true;
                     if !self.partial.is_empty() {
-                        return Poll::Ready(Some(Err(Status::internal("Unexpected EOF decoding stream."))));
+                        let status = Status::internal("Unexpected EOF decoding stream.");
+                        return Poll::Ready(Some(Err(self.fail(status))));
                     }
                 }
             }
@@ -214,7 +219,9 @@ mod tests {
     #[tokio::test]
     async fn bad_frames_end_with_tonics_errors() {
         let one = framed(&[cancel(1)]);
-        let too_big = decode_all(vec![one.clone()], 2).await;
+        // One error, then the stream ends (a stream that kept failing on the same
+        // bytes would be polled for ever).
+        let too_big = decode_all(vec![one.clone(), one.clone()], 2).await;
         assert_eq!(too_big.len(), 1);
         let e = too_big[0].as_ref().expect_err("over the limit");
         assert_eq!(e.code(), tonic::Code::OutOfRange);
@@ -222,13 +229,15 @@ mod tests {
 
         let mut compressed = one.to_vec();
         compressed[0] = 1;
-        let got = decode_all(vec![Bytes::from(compressed)], 1024).await;
+        let got = decode_all(vec![Bytes::from(compressed), one.clone()], 1024).await;
+        assert_eq!(got.len(), 1);
         assert_eq!(got[0].as_ref().expect_err("compressed").code(), tonic::Code::Internal);
 
         let cut = decode_all(vec![one.slice(..one.len() - 1)], 1024).await;
         assert_eq!(cut[0].as_ref().expect_err("cut short").message(), "Unexpected EOF decoding stream.");
 
-        let garbage = decode_all(vec![Bytes::from_static(&[0, 0, 0, 0, 2, 0xff, 0xff])], 1024).await;
+        let garbage = decode_all(vec![Bytes::from_static(&[0, 0, 0, 0, 2, 0xff, 0xff]), one], 1024).await;
+        assert_eq!(garbage.len(), 1);
         assert_eq!(garbage[0].as_ref().expect_err("not protobuf").code(), tonic::Code::Internal);
         assert!(decode_all(vec![], 1024).await.is_empty(), "an empty body is no message and no error");
     }
