@@ -21,6 +21,10 @@ use tonic::Status;
 /// The prefix of every message: compressed flag and length.
 const HEADER: usize = 5;
 
+/// At most this much is reserved for a message split over frames before its bytes
+/// arrive; the buffer grows with them.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 /// The messages of a request body, decoded as they arrive; at most `max` bytes each.
 pub struct Decoder<T> {
     body: Body,
@@ -76,6 +80,16 @@ fn decode<T: prost::Message + Default>(msg: &[u8]) -> Result<T, Status> {
 impl<T: prost::Message + Default> Decoder<T> {
     /// The next whole message of what has arrived, if there is one.
     fn next_message(&mut self) -> Result<Option<T>, Status> {
+        let next = self.take_message();
+        // A frame is a slice of the connection's read buffer: an empty one still
+        // holds it, and an idle stream would keep a chunk of it alive.
+        if self.frame.is_empty() {
+            self.frame = Bytes::new();
+        }
+        next
+    }
+
+    fn take_message(&mut self) -> Result<Option<T>, Status> {
         if self.partial.is_empty() {
             // The usual case: whole messages in the frame, decoded where they lie.
             let Some(len) = message_len(&self.frame, self.max)? else {
@@ -84,7 +98,9 @@ impl<T: prost::Message + Default> Decoder<T> {
                 return Ok(None);
             };
             if self.frame.len() < HEADER + len {
-                self.partial.reserve(HEADER + len);
+                // What a header announces is not reserved whole before it arrives:
+                // five bytes must not cost a stream `max` bytes.
+                self.partial.reserve((HEADER + len).min(RESERVE_AHEAD));
                 self.partial.extend_from_slice(&self.frame);
                 self.frame.clear();
                 return Ok(None);
@@ -141,6 +157,11 @@ impl<T: prost::Message + Default> Stream for Decoder<T> {
                     if let Ok(data) = frame.into_data() {
                         self.frame = data;
                     }
+                }
+                // The client reset the stream: an end, not an error (as tonic has it).
+                Some(Err(status)) if status.code() == tonic::Code::Cancelled => {
+                    self.fail(status);
+                    return Poll::Ready(None);
                 }
                 Some(Err(status)) => return Poll::Ready(Some(Err(self.fail(status)))),
                 None => {
@@ -240,6 +261,30 @@ mod tests {
         assert_eq!(garbage.len(), 1);
         assert_eq!(garbage[0].as_ref().expect_err("not protobuf").code(), tonic::Code::Internal);
         assert!(decode_all(vec![], 1024).await.is_empty(), "an empty body is no message and no error");
+    }
+
+    /// Regression: an idle stream kept the frame its last message came in, a slice
+    /// of the connection's read buffer (8 KiB or more), alive.
+    #[tokio::test]
+    async fn a_stream_waiting_for_more_keeps_no_frame() {
+        let frame = framed(&[cancel(1), cancel(2)]);
+        let probe = frame.clone();
+        let rest = futures::stream::pending::<Result<Frame<Bytes>, Status>>();
+        let s = futures::stream::iter([Ok::<_, Status>(Frame::data(frame))]).chain(rest);
+        let mut dec = Decoder::<WatchRequest>::new(Body::new(http_body_util::StreamBody::new(s)), 1024);
+        assert_eq!(dec.next().await.expect("one").expect("decoded"), cancel(1));
+        assert_eq!(dec.next().await.expect("two").expect("decoded"), cancel(2));
+        let more = futures::poll!(dec.next());
+        assert!(more.is_pending(), "{more:?}");
+        assert!(probe.is_unique(), "the decoder still holds the frame");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_body_ends_the_stream_without_an_error() {
+        let s = futures::stream::iter([Err::<Frame<Bytes>, _>(Status::cancelled("reset"))]);
+        let got =
+            Decoder::<WatchRequest>::new(Body::new(http_body_util::StreamBody::new(s)), 1024).collect::<Vec<_>>().await;
+        assert!(got.is_empty(), "{got:?}");
     }
 
     #[test]

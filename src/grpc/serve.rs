@@ -40,6 +40,8 @@ pub struct Http2 {
 }
 
 impl Http2 {
+    /// tonic's settings, but for hyper's bound on streams reset for errors of the
+    /// client's making (1,024 per connection), which tonic turned off.
     fn builder(&self) -> http2::Builder<TokioExecutor> {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())

@@ -75,12 +75,12 @@ fn server_config(files: &Checked) -> std::result::Result<ServerConfig, BoxError>
     Ok(config)
 }
 
-/// Where a listener's requests get their [`Scope`]: the listener's own, or, on a
-/// listener with `client_cert_auth` under `[tenancy.identity]`, the listener's with
-/// the principal of each request's client certificate.
 /// A client's certificate chain, as tonic's connect info gives it.
 pub type PeerCerts = Arc<Vec<CertificateDer<'static>>>;
 
+/// Where a listener's requests get their [`Scope`]: the listener's own, or, on a
+/// listener with `client_cert_auth` under `[tenancy.identity]`, the listener's with
+/// the principal of each request's client certificate.
 #[derive(Debug, Clone)]
 pub struct ScopeSource {
     listener: Scope,

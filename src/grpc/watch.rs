@@ -52,8 +52,13 @@ impl WatchService {
         let (parts, body) = req.into_parts();
         if let Some(encoding) = parts.headers.get("grpc-encoding").filter(|e| e.as_bytes() != b"identity") {
             let name = String::from_utf8_lossy(encoding.as_bytes());
-            return Status::unimplemented(format!("Content is compressed with `{name}` which isn't supported"))
-                .into_http();
+            let mut status =
+                Status::unimplemented(format!("Content is compressed with `{name}` which isn't supported"));
+            // What the client may send instead, as gRPC recommends.
+            status
+                .metadata_mut()
+                .insert("grpc-accept-encoding", tonic::metadata::MetadataValue::from_static("identity"));
+            return status.into_http();
         }
         let require_leader = parts.headers.contains_key(REQUIRE_LEADER);
         let certs = || {
