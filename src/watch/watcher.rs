@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::event::HubEvent;
 use super::sink::StreamSink;
@@ -65,6 +65,7 @@ impl Watcher {
         render: Render,
     ) -> Watcher {
         use crate::pb::etcdserverpb::watch_create_request::FilterType;
+        let (start, end) = own_range(start, end);
         Watcher {
             id,
             sink,
@@ -164,9 +165,43 @@ impl Watcher {
     }
 }
 
+/// The range a watcher keeps, in one allocation of its own. The keys it is given are
+/// slices of the client's decoded create request (its key and range end, two
+/// allocations), which would stay alive for as long as the watch does.
+fn own_range(start: Bytes, end: End) -> (Bytes, End) {
+    match end {
+        End::Key(e) => {
+            let mut both = BytesMut::with_capacity(start.len() + e.len());
+            both.extend_from_slice(&start);
+            both.extend_from_slice(&e);
+            let both = both.freeze();
+            (both.slice(..start.len()), End::Key(both.slice(start.len()..)))
+        }
+        other => (Bytes::copy_from_slice(&start), other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watcher_keeps_its_own_copy_of_its_range() {
+        // As decoded from a create: the key and range end, each its own allocation.
+        let key = Bytes::from(b"/projects/p/pods/".to_vec());
+        let range_end = Bytes::from(b"/projects/p/pods0".to_vec());
+        let (k, r) = (key.clone(), range_end.clone());
+        let (start, end) = own_range(k.slice(11..), End::Key(r.slice(11..)));
+        drop((k, r));
+        assert_eq!(start, Bytes::from_static(b"/pods/"));
+        assert!(matches!(&end, End::Key(e) if e == &Bytes::from_static(b"/pods0")), "{end:?}");
+        assert!(key.is_unique() && range_end.is_unique(), "the request's keys are still referenced");
+        let (single, end) = own_range(key.slice(11..), End::Single);
+        assert_eq!(single, Bytes::from_static(b"/pods/"));
+        assert!(matches!(end, End::Single));
+        drop(single);
+        assert!(key.is_unique());
+    }
 
     /// Every watcher carries this; streams with thousands of watchers multiply it.
     #[test]
