@@ -56,14 +56,18 @@ impl Http2 {
 /// The gRPC service every connection of a listener serves (the tower stack over the
 /// etcd services).
 pub trait Grpc:
-    Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static
+    Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
 {
 }
 
-impl<S> Grpc for S
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+impl<S> Grpc for S where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static
 {
 }
 
@@ -76,7 +80,6 @@ where
     I: Stream<Item = Result<IO, E>>,
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     S: Grpc,
-    S::Future: Send + 'static,
 {
     let builder = h2.builder();
     let mut conns = JoinSet::new();
@@ -115,7 +118,6 @@ async fn connection<IO, S>(io: IO, svc: S, builder: http2::Builder<TokioExecutor
 where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     S: Grpc,
-    S::Future: Send + 'static,
 {
     let svc = PerConnection { svc, info: io.connect_info() };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
@@ -147,7 +149,6 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infall
 impl<S, C> hyper::service::Service<http::Request<Incoming>> for PerConnection<S, C>
 where
     S: Grpc,
-    S::Future: Send + 'static,
     C: Clone + Send + Sync + 'static,
 {
     type Response = http::Response<Body>;
