@@ -28,24 +28,27 @@ const RESERVE_AHEAD: usize = 64 * 1024;
 /// The messages of a request body, decoded as they arrive; at most `max` bytes each.
 pub struct Decoder<T> {
     body: Body,
-    /// The part of a message that came in an earlier frame; empty (no capacity)
-    /// between messages.
-    partial: BytesMut,
+    /// The part of a message that came in an earlier frame, never empty; none
+    /// between messages. Boxed: most streams never see a split message, and every
+    /// stream carries this field for its life.
+    partial: Option<Box<BytesMut>>,
     /// The current frame's bytes not decoded yet.
     frame: Bytes,
-    max: usize,
+    /// gRPC's length prefix is 32 bits: no larger bound means anything.
+    max: u32,
     ended: bool,
     _msg: PhantomData<fn() -> T>,
 }
 
 impl<T> Decoder<T> {
     pub fn new(body: Body, max: usize) -> Decoder<T> {
-        Decoder { body, partial: BytesMut::new(), frame: Bytes::new(), max, ended: false, _msg: PhantomData }
+        let max = u32::try_from(max).unwrap_or(u32::MAX);
+        Decoder { body, partial: None, frame: Bytes::new(), max, ended: false, _msg: PhantomData }
     }
 }
 
 /// The length of the message at the start of `buf`, once its header is there.
-fn message_len(buf: &[u8], max: usize) -> Result<Option<usize>, Status> {
+fn message_len(buf: &[u8], max: u32) -> Result<Option<usize>, Status> {
     if buf.len() < HEADER {
         return Ok(None);
     }
@@ -64,13 +67,13 @@ fn message_len(buf: &[u8], max: usize) -> Result<Option<usize>, Status> {
             )))
         }
     }
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     if len > max {
         return Err(Status::out_of_range(format!(
             "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
         )));
     }
-    Ok(Some(len))
+    Ok(Some(len as usize))
 }
 
 fn decode<T: prost::Message + Default>(msg: &[u8]) -> Result<T, Status> {
@@ -90,38 +93,35 @@ impl<T: prost::Message + Default> Decoder<T> {
     }
 
     fn take_message(&mut self) -> Result<Option<T>, Status> {
-        if self.partial.is_empty() {
+        let Some(partial) = self.partial.as_mut() else {
             // The usual case: whole messages in the frame, decoded where they lie.
-            let Some(len) = message_len(&self.frame, self.max)? else {
-                self.partial.extend_from_slice(&self.frame);
+            let len = message_len(&self.frame, self.max)?;
+            let Some(len) = len.filter(|len| self.frame.len() >= HEADER + len) else {
+                // What a header announces is not reserved whole before it arrives:
+                // five bytes must not cost a stream `max` bytes.
+                let mut partial = BytesMut::with_capacity(len.map_or(HEADER, |len| (HEADER + len).min(RESERVE_AHEAD)));
+                partial.extend_from_slice(&self.frame);
+                self.partial = Some(Box::new(partial));
                 self.frame.clear();
                 return Ok(None);
             };
-            if self.frame.len() < HEADER + len {
-                // What a header announces is not reserved whole before it arrives:
-                // five bytes must not cost a stream `max` bytes.
-                self.partial.reserve((HEADER + len).min(RESERVE_AHEAD));
-                self.partial.extend_from_slice(&self.frame);
-                self.frame.clear();
-                return Ok(None);
-            }
             let msg = decode(&self.frame[HEADER..HEADER + len]);
             self.frame.advance(HEADER + len);
             return msg.map(Some);
-        }
+        };
         // A message split over frames: gather it.
-        while self.partial.len() < HEADER && self.frame.has_remaining() {
-            self.partial.put_u8(self.frame.get_u8());
+        while partial.len() < HEADER && self.frame.has_remaining() {
+            partial.put_u8(self.frame.get_u8());
         }
-        let Some(len) = message_len(&self.partial, self.max)? else { return Ok(None) };
-        let want = (HEADER + len - self.partial.len()).min(self.frame.len());
-        self.partial.extend_from_slice(&self.frame.split_to(want));
-        if self.partial.len() < HEADER + len {
+        let Some(len) = message_len(partial, self.max)? else { return Ok(None) };
+        let want = (HEADER + len - partial.len()).min(self.frame.len());
+        partial.extend_from_slice(&self.frame.split_to(want));
+        if partial.len() < HEADER + len {
             return Ok(None);
         }
-        let msg = decode(&self.partial[HEADER..]);
+        let msg = decode(&partial[HEADER..]);
         // An idle stream keeps no buffer.
-        self.partial = BytesMut::new();
+        self.partial = None;
         msg.map(Some)
     }
 }
@@ -130,7 +130,7 @@ impl<T> Decoder<T> {
     /// Ends the stream with `status`: nothing more is read or decoded after it.
     fn fail(&mut self, status: Status) -> Status {
         self.ended = true;
-        self.partial = BytesMut::new();
+        self.partial = None;
         self.frame = Bytes::new();
         status
     }
@@ -141,7 +141,7 @@ impl<T: prost::Message + Default> Stream for Decoder<T> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            if !self.frame.is_empty() || !self.partial.is_empty() {
+            if !self.frame.is_empty() || self.partial.is_some() {
                 match self.next_message() {
                     Ok(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
                     Ok(None) => {}
@@ -166,7 +166,7 @@ impl<T: prost::Message + Default> Stream for Decoder<T> {
                 Some(Err(status)) => return Poll::Ready(Some(Err(self.fail(status)))),
                 None => {
                     self.ended = true;
-                    if !self.partial.is_empty() {
+                    if self.partial.is_some() {
                         let status = Status::internal("Unexpected EOF decoding stream.");
                         return Poll::Ready(Some(Err(self.fail(status))));
                     }

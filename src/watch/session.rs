@@ -338,11 +338,14 @@ impl StreamState {
 
 /// A stream's watches by id. Most streams carry one (the apiserver opens a stream
 /// per watch cache, one watch each), so the first is kept inline and a map is
-/// allocated only for a second: the map's smallest table is ~120 bytes a stream.
+/// allocated only for a second: the map's smallest table is ~120 bytes a stream,
+/// and the map itself, boxed, takes 8 of this enum's 32 instead of 48.
 enum Watches {
     None,
     One(i64, Watch),
-    Many(HashMap<i64, Watch>),
+    // The extra allocation is the point: only streams with a second watch pay it.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<i64, Watch>>),
 }
 
 impl Watches {
@@ -366,7 +369,7 @@ impl Watches {
     fn insert(&mut self, id: i64, w: Watch) {
         *self = match std::mem::replace(self, Watches::None) {
             Watches::None => Watches::One(id, w),
-            Watches::One(k, first) => Watches::Many(HashMap::from([(k, first), (id, w)])),
+            Watches::One(k, first) => Watches::Many(Box::new(HashMap::from([(k, first), (id, w)]))),
             Watches::Many(mut m) => {
                 m.insert(id, w);
                 Watches::Many(m)
@@ -400,7 +403,7 @@ impl Watches {
             Watches::One(_, w) => (Some(w), None),
             Watches::Many(m) => (None, Some(m)),
         };
-        one.into_iter().chain(many.into_iter().flat_map(HashMap::into_values))
+        one.into_iter().chain(many.into_iter().flat_map(|m| m.into_values()))
     }
 }
 
