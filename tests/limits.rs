@@ -2,7 +2,8 @@
 //! bound are refused at once with etcd's RESOURCE_EXHAUSTED "etcdserver: too many
 //! requests" (etcd is SIGSTOPped so that calls stay in progress), watch streams are
 //! not counted, and a watch create beyond `max_watchers_per_stream` is refused with
-//! the reason. The tests read process-wide metrics, so they run one at a time.
+//! the reason; a connection is read a slice per turn of its task. The tests read
+//! process-wide metrics, so they run one at a time.
 
 mod common;
 
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use etcdmux::metrics::names;
 use etcdmux::pb::etcdserverpb::{
-    kv_client::KvClient, watch_client::WatchClient, watch_request, RangeRequest, WatchCreateRequest, WatchRequest,
-    WatchResponse,
+    kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest, WatchCreateRequest,
+    WatchRequest, WatchResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,13 +22,17 @@ use tonic::{Code, Streaming};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn rejections(scope: &str) -> f64 {
+/// The sum of `name`'s series whose labels contain `label`.
+fn counter(name: &str, label: &str) -> f64 {
     let text = etcdmux::metrics::install().expect("metrics recorder").render();
-    let label = format!("scope=\"{scope}\"");
     text.lines()
-        .filter(|l| l.starts_with(names::OVERLOAD_REJECTIONS) && l.contains(&label))
+        .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
+}
+
+fn rejections(scope: &str) -> f64 {
+    counter(names::OVERLOAD_REJECTIONS, &format!("scope=\"{scope}\""))
 }
 
 fn signal(etcd: &common::Etcd, sig: &str) {
@@ -135,6 +140,27 @@ async fn the_per_connection_bound_leaves_other_connections_alone() {
     held_b.await.expect("task").expect("the other connection got through");
     a.range(range()).await.expect("the connection works again");
     assert_eq!(rejections("connection") - before, 1.0);
+    mux.shutdown().await;
+}
+
+/// A request larger than `server.connection_read_slice_bytes` is read over several
+/// turns of its connection's task (each counted), and answered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_read_a_slice_per_turn() {
+    let _serial = SERIAL.lock().await;
+    let etcd = common::Etcd::start();
+    let mut mux = start(&etcd, "max_unary_inflight = 100\n[server]\nconnection_read_slice_bytes = 1024").await;
+    let mut a = kv(&mux.url).await;
+    let before = counter(names::CONNECTION_READ_YIELDS, "");
+    let value = bytes::Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let key = bytes::Bytes::from_static(b"/projects/p1/big");
+    a.put(PutRequest { key: key.clone(), value: value.clone(), ..Default::default() }).await.expect("put");
+    let yields = counter(names::CONNECTION_READ_YIELDS, "") - before;
+    // 64 KiB in 1 KiB slices; HTTP/2 may deliver it in fewer, larger reads, never
+    // in fewer turns than a few dozen.
+    assert!(yields >= 32.0, "{yields} yields");
+    let got = a.range(RangeRequest { key, ..Default::default() }).await.expect("range").into_inner();
+    assert_eq!(got.kvs.first().map(|kv| &kv.value), Some(&value), "the value, whole");
     mux.shutdown().await;
 }
 

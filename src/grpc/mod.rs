@@ -5,6 +5,7 @@
 //!
 //! - [`server`]: listeners, the tower stack, shutdown and drain;
 //! - [`serve`]: a listener's accept loop and HTTP/2 connections (hyper);
+//! - [`paced`]: a connection's socket, read a slice per turn of its task;
 //! - [`accept`]: accept-error backoff (out of file descriptors);
 //! - [`layer`]: per-call metrics;
 //! - [`span`]: the span and request id of every call (see [`crate::trace`]);
@@ -43,6 +44,7 @@ pub mod layer;
 pub mod lease;
 pub mod limits;
 pub mod maintenance;
+pub mod paced;
 pub mod serve;
 pub mod server;
 pub mod span;

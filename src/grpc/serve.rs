@@ -30,11 +30,15 @@ use tonic::body::Body;
 use tonic::transport::server::Connected;
 use tower::{Service, ServiceExt};
 
+use super::paced::{Paced, Turning, Turns};
+
 /// The HTTP/2 settings of a listener's connections.
 #[derive(Debug, Clone, Copy)]
 pub struct Http2 {
     pub max_concurrent_streams: u32,
     pub connection_window_bytes: u32,
+    /// Bytes read from a connection per turn of its task ([`Paced`]).
+    pub read_slice_bytes: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
@@ -91,7 +95,8 @@ where
                 Some(done) = conns.join_next(), if !conns.is_empty() => log_end(done),
                 io = incoming.next() => match io {
                     Some(Ok(io)) => {
-                        conns.spawn(connection(io, svc.clone(), builder.clone(), stop.clone()));
+                        let conn = connection(io, svc.clone(), builder.clone(), h2.read_slice_bytes, stop.clone());
+                        conns.spawn(conn);
                     }
                     // Counted and logged where they happen (accept backoff, TLS handshakes).
                     Some(Err(_)) => {}
@@ -114,18 +119,24 @@ fn log_end(done: Result<(), tokio::task::JoinError>) {
 }
 
 /// One client connection, until it closes; GOAWAY and drain when `stop` is cancelled.
-async fn connection<IO, S>(io: IO, svc: S, builder: http2::Builder<TokioExecutor>, stop: CancellationToken)
-where
+async fn connection<IO, S>(
+    io: IO,
+    svc: S,
+    builder: http2::Builder<TokioExecutor>,
+    read_slice: usize,
+    stop: CancellationToken,
+) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     S: Grpc,
 {
     let svc = PerConnection { svc, info: io.connect_info() };
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    let mut conn = std::pin::pin!(conn);
+    let turns = Turns::default();
+    let conn = builder.serve_connection(TokioIo::new(Paced::new(io, turns.clone(), read_slice)), svc);
+    let mut conn = std::pin::pin!(Turning::new(turns, conn));
     let end = tokio::select! {
         end = conn.as_mut() => end,
         _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().conn().graceful_shutdown();
             conn.await
         }
     };

@@ -23,6 +23,7 @@ pub mod names {
     pub const GRPC_REQUEST_DURATION: &str = "etcdmux_grpc_request_duration_seconds";
     pub const GRPC_INFLIGHT: &str = "etcdmux_grpc_inflight";
     pub const OVERLOAD_REJECTIONS: &str = "etcdmux_overload_rejections_total";
+    pub const CONNECTION_READ_YIELDS: &str = "etcdmux_connection_read_yields_total";
     pub const REQUEST_ERRORS: &str = "etcdmux_request_errors_total";
     pub const UPSTREAM_ERRORS: &str = "etcdmux_upstream_errors_total";
     pub const UPSTREAM_RETRIES: &str = "etcdmux_upstream_retries_total";
@@ -110,6 +111,13 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Requests refused by a [limits] bound, by scope: global, connection (unary calls in progress), \
          watchers_per_stream (watch creates)",
+    ),
+    (
+        names::CONNECTION_READ_YIELDS,
+        Kind::Counter,
+        Unit::Count,
+        "Times a client connection's task stopped reading for a turn after \
+         server.connection_read_slice_bytes, so its streams and other connections could run",
     ),
     (
         names::REQUEST_ERRORS,
