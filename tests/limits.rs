@@ -2,7 +2,7 @@
 //! bound are refused at once with etcd's RESOURCE_EXHAUSTED "etcdserver: too many
 //! requests" (etcd is SIGSTOPped so that calls stay in progress), watch streams are
 //! not counted, and a watch create beyond `max_watchers_per_stream` is refused with
-//! the reason; a connection is read a slice per turn of its task. The tests read
+//! the reason; a connection opens a few streams per turn of its task. The tests read
 //! process-wide metrics, so they run one at a time.
 
 mod common;
@@ -143,23 +143,35 @@ async fn the_per_connection_bound_leaves_other_connections_alone() {
     mux.shutdown().await;
 }
 
-/// A request larger than `server.connection_read_slice_bytes` is read over several
-/// turns of its connection's task (each counted), and answered whole.
+/// A connection that opens more than `server.connection_streams_per_turn` streams
+/// at once is read over several turns of its task (counted), and every call is
+/// answered; a large request body is one stream, read at full speed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_is_read_a_slice_per_turn() {
+async fn a_connection_opens_a_few_streams_per_turn() {
     let _serial = SERIAL.lock().await;
     let etcd = common::Etcd::start();
-    let mut mux = start(&etcd, "max_unary_inflight = 100\n[server]\nconnection_read_slice_bytes = 1024").await;
-    let mut a = kv(&mux.url).await;
-    let before = counter(names::CONNECTION_READ_YIELDS, "");
-    let value = bytes::Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let mut mux = start(&etcd, "max_unary_inflight = 1000\n[server]\nconnection_streams_per_turn = 1").await;
+    let a = kv(&mux.url).await;
     let key = bytes::Bytes::from_static(b"/projects/p1/big");
-    a.put(PutRequest { key: key.clone(), value: value.clone(), ..Default::default() }).await.expect("put");
-    let yields = counter(names::CONNECTION_READ_YIELDS, "") - before;
-    // 64 KiB in 1 KiB slices; HTTP/2 may deliver it in fewer, larger reads, never
-    // in fewer turns than a few dozen.
-    assert!(yields >= 32.0, "{yields} yields");
-    let got = a.range(RangeRequest { key, ..Default::default() }).await.expect("range").into_inner();
+    let value = bytes::Bytes::from((0..1024 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+
+    let before = counter(names::CONNECTION_READ_YIELDS, "");
+    let mut c = a.clone();
+    c.put(PutRequest { key: key.clone(), value: value.clone(), ..Default::default() }).await.expect("put");
+    let big = counter(names::CONNECTION_READ_YIELDS, "") - before;
+    // One stream: its 1 MiB body does not end turns (a turn per 8 KiB read would
+    // be 128).
+    assert!(big <= 4.0, "{big} turns ended for one large put");
+
+    let before = counter(names::CONNECTION_READ_YIELDS, "");
+    let calls: Vec<_> = (0..64).map(|_| hanging(&a)).collect();
+    for call in calls {
+        call.await.expect("task").expect("answered");
+    }
+    let many = counter(names::CONNECTION_READ_YIELDS, "") - before;
+    assert!(many >= 1.0, "64 calls at once on one connection, one stream per turn: {many} turns ended");
+    let mut c = a.clone();
+    let got = c.range(RangeRequest { key, ..Default::default() }).await.expect("range").into_inner();
     assert_eq!(got.kvs.first().map(|kv| &kv.value), Some(&value), "the value, whole");
     mux.shutdown().await;
 }

@@ -131,12 +131,12 @@ pub struct ServerConfig {
     /// each before etcdmux reads them. The default takes a burst of about 20,000
     /// (hyper's 1 MiB: about 2,500). Default 8388608 (8 MiB).
     pub connection_window_bytes: u32,
-    /// Bytes read from one client connection per turn of its task; then it lets
-    /// the streams it feeds and other connections run. Without it a burst of new
+    /// Streams (calls) one client connection may open per turn of its task; then
+    /// it lets the new streams and other connections run. Without it a burst of new
     /// streams waits whole in h2's per-connection tables, which keep their largest
-    /// size for the connection's life, and a connection sending a flood holds a
-    /// worker thread. At least 1024. Default 8192.
-    pub connection_read_slice_bytes: usize,
+    /// size for the connection's life, and a connection opening calls in a flood
+    /// holds a worker thread. Request bodies do not count. At least 1. Default 32.
+    pub connection_streams_per_turn: usize,
     /// How long a graceful shutdown (SIGTERM) may take, for all listeners together:
     /// unary calls in flight finish, watch streams end with `UNAVAILABLE`, the watch
     /// hub stops last. What is still running then is closed.
@@ -169,7 +169,7 @@ impl Default for ServerConfig {
             max_response_bytes: 256 * 1024 * 1024,
             max_concurrent_streams: 10_000,
             connection_window_bytes: 8 * 1024 * 1024,
-            connection_read_slice_bytes: 8 * 1024,
+            connection_streams_per_turn: 32,
             shutdown_grace_ms: 10_000,
             tenant_metrics_top: 100,
             tls_reload_interval_ms: 10_000,
@@ -550,11 +550,8 @@ impl Config {
                 self.server.connection_window_bytes
             ));
         }
-        if self.server.connection_read_slice_bytes < 1024 {
-            return bad(format!(
-                "server.connection_read_slice_bytes ({}) must be at least 1024",
-                self.server.connection_read_slice_bytes
-            ));
+        if self.server.connection_streams_per_turn == 0 {
+            return bad("server.connection_streams_per_turn must be at least 1".into());
         }
         if self.server.tls_handshake_timeout_ms == 0 || self.server.tls_max_handshakes == 0 {
             return bad("server.tls_handshake_timeout_ms and tls_max_handshakes must be at least 1".into());

@@ -5,7 +5,7 @@
 //!
 //! - [`server`]: listeners, the tower stack, shutdown and drain;
 //! - [`serve`]: a listener's accept loop and HTTP/2 connections (hyper);
-//! - [`paced`]: a connection's socket, read a slice per turn of its task;
+//! - [`paced`]: a connection's socket, read until it opened a few streams per turn;
 //! - [`accept`]: accept-error backoff (out of file descriptors);
 //! - [`layer`]: per-call metrics;
 //! - [`span`]: the span and request id of every call (see [`crate::trace`]);

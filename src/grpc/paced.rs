@@ -1,15 +1,18 @@
-//! A client connection's socket, read a slice per turn of its task.
+//! A client connection is read until it has opened a few streams in one turn of
+//! its task, then the task lets others run.
 //!
 //! hyper's task for a connection reads frames for as long as the socket has them
-//! (up to tokio's budget, about a megabyte) before the tasks of its streams run.
-//! Until they run, every frame read for them waits in h2's per-connection tables,
-//! and so does every response they queue until the connection's task writes it;
-//! those tables grow to the largest such pile and keep that size for the
-//! connection's life. A burst of 1,000 Watch streams opened at once on one
-//! connection left ~370 B a stream there. Reading a slice
-//! (`server.connection_read_slice_bytes`) per turn lets the streams take their
-//! frames between slices; it also keeps one connection sending a flood from
-//! holding a worker thread while others wait.
+//! (up to tokio's budget, about a megabyte) before the tasks of the streams it
+//! accepted run. Until they run, every frame read for them waits in h2's
+//! per-connection tables, and so does every response they queue until the
+//! connection's task writes it; those tables grow to the largest such pile and
+//! keep that size for the connection's life. A burst of 1,000 Watch streams opened
+//! at once on one connection left ~370 B a stream there. Here the reader counts
+//! the HTTP/2 HEADERS frames it reads (each opens a stream: gRPC clients send no
+//! trailers), and after `server.connection_streams_per_turn` of them in one turn
+//! it yields: the new streams take their frames first, and one connection opening
+//! calls in a flood cannot hold a worker thread while others wait. A large
+//! request body (DATA frames) is read at full speed.
 
 use std::future::Future;
 use std::io;
@@ -63,19 +66,23 @@ impl<F: Future> Future for Turning<F> {
     }
 }
 
-/// A connection's socket, read at most `slice` bytes per turn.
+/// A connection's socket, yielding after `per_turn` streams opened in one turn.
 pub struct Paced<IO> {
     io: IO,
     turns: Turns,
-    slice: usize,
-    /// The turn `read` counts in.
+    per_turn: usize,
+    frames: Frames,
+    /// The turn `opened` counts in.
     turn: u64,
-    read: usize,
+    opened: usize,
+    /// Whether this turn's yield has been counted (hyper asks to read again for
+    /// each stream it accepts in a turn).
+    counted: bool,
 }
 
 impl<IO> Paced<IO> {
-    pub fn new(io: IO, turns: Turns, slice: usize) -> Paced<IO> {
-        Paced { io, turns, slice, turn: 0, read: 0 }
+    pub fn new(io: IO, turns: Turns, per_turn: usize) -> Paced<IO> {
+        Paced { io, turns, per_turn, frames: Frames::default(), turn: 0, opened: 0, counted: false }
     }
 }
 
@@ -85,28 +92,75 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Paced<IO> {
         let now = this.turns.now();
         if now != this.turn {
             this.turn = now;
-            this.read = 0;
+            this.opened = 0;
+            this.counted = false;
         }
-        if this.read >= this.slice {
-            // Back after the tasks woken meanwhile (the streams the frames are for).
-            metrics::counter!(names::CONNECTION_READ_YIELDS).increment(1);
+        if this.opened >= this.per_turn {
+            if !this.counted {
+                this.counted = true;
+                metrics::counter!(names::CONNECTION_READ_YIELDS).increment(1);
+            }
+            // Back after the tasks woken meanwhile (the streams just opened).
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let limit = this.slice - this.read;
-        let polled = if buf.remaining() <= limit {
-            let before = buf.filled().len();
-            let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-            polled.map_ok(|()| buf.filled().len() - before)
-        } else {
-            // No more than the slice's rest: read into that much of `buf`.
-            let mut part = ReadBuf::new(buf.initialize_unfilled_to(limit));
-            let polled = Pin::new(&mut this.io).poll_read(cx, &mut part);
-            let n = part.filled().len();
-            buf.advance(n);
-            polled.map_ok(|()| n)
-        };
-        polled.map_ok(|n| this.read += n)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.opened += this.frames.headers_in(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+/// The client's connection preface, before its first frame (RFC 9113, 3.4).
+const PREFACE: usize = 24;
+const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
+
+/// Where a reader is in a client connection's bytes: the preface, then frames,
+/// each a 9-byte header (24-bit length, type, flags, stream id) and its payload.
+/// The bytes are only looked at; h2 parses them and answers what is malformed.
+struct Frames {
+    /// Bytes still to pass over: the preface or a frame's payload.
+    skip: usize,
+    header: [u8; FRAME_HEADER],
+    /// Bytes of `header` read so far.
+    have: usize,
+}
+
+impl Default for Frames {
+    fn default() -> Frames {
+        Frames { skip: PREFACE, header: [0; FRAME_HEADER], have: 0 }
+    }
+}
+
+impl Frames {
+    /// Takes the next bytes of the connection; the HEADERS frames whose header
+    /// ends in them.
+    fn headers_in(&mut self, mut data: &[u8]) -> usize {
+        let mut headers = 0;
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == FRAME_HEADER {
+                self.have = 0;
+                let [a, b, c, kind, ..] = self.header;
+                self.skip = u32::from_be_bytes([0, a, b, c]) as usize;
+                if kind == HEADERS {
+                    headers += 1;
+                }
+            }
+        }
+        headers
     }
 }
 
@@ -138,13 +192,44 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Paced<IO> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Paced, Turning, Turns};
+    use super::{Frames, Paced, Turning, Turns, FRAME_HEADER, HEADERS, PREFACE};
     use std::future::Future;
     use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::{Context, Poll, Wake, Waker};
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadBuf};
+
+    /// A frame of `kind` with a payload of `len` bytes.
+    fn frame(kind: u8, len: usize) -> Vec<u8> {
+        let l = (len as u32).to_be_bytes();
+        let mut f = vec![l[1], l[2], l[3], kind, 0x4, 0, 0, 0, 1];
+        f.resize(FRAME_HEADER + len, 0xab);
+        f
+    }
+
+    /// The preface and frames of `kinds` (payloads of assorted sizes, 16 KiB among them).
+    fn connection_bytes(kinds: &[u8]) -> Vec<u8> {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        assert_eq!(bytes.len(), PREFACE);
+        for (i, &kind) in kinds.iter().enumerate() {
+            bytes.extend(frame(kind, [0, 1, 9, 40, 16_384][i % 5]));
+        }
+        bytes
+    }
+
+    #[test]
+    fn headers_frames_are_counted_however_the_bytes_are_cut() {
+        // DATA, HEADERS, SETTINGS, WINDOW_UPDATE, CONTINUATION, RST_STREAM, PING.
+        let kinds = [0x0, HEADERS, 0x4, 0x8, HEADERS, 0x9, HEADERS, 0x3, 0x6, 0x0, HEADERS];
+        let bytes = connection_bytes(&kinds);
+        for chunk in [1, 2, 8, 9, 10, 23, 24, 25, 100, 4096, bytes.len()] {
+            let mut frames = Frames::default();
+            let counted: usize = bytes.chunks(chunk).map(|c| frames.headers_in(c)).sum();
+            assert_eq!(counted, 4, "read {chunk} bytes at a time");
+            assert_eq!((frames.skip, frames.have), (0, 0), "between frames at the end");
+        }
+    }
 
     struct Count(AtomicUsize);
 
@@ -154,51 +239,54 @@ mod tests {
         }
     }
 
-    const SLICE: usize = 8 * 1024;
-
-    /// Reads once with a 64 KiB buffer: the bytes read, or pending.
-    fn read_now(r: &mut Paced<DuplexStream>, cx: &mut Context<'_>) -> Poll<usize> {
-        let mut chunk = vec![0u8; 64 * 1024];
+    /// Reads once: the bytes read, or pending.
+    fn read_now(r: &mut Paced<DuplexStream>, cx: &mut Context<'_>, max: usize) -> Poll<usize> {
+        let mut chunk = vec![0u8; max];
         let mut buf = ReadBuf::new(&mut chunk);
         Pin::new(r).poll_read(cx, &mut buf).map(|res| res.map(|()| buf.filled().len()).expect("read"))
     }
 
-    /// One slice per turn, however large the reader's buffer; past it the reader is
-    /// pending and has woken its task, and the next turn reads on.
+    /// After `per_turn` streams opened the reader is pending, however often it is
+    /// asked in that turn, and has woken its task; the next turn reads on. Request
+    /// bodies do not count.
     #[tokio::test]
-    async fn one_slice_per_turn() {
+    async fn a_turn_ends_after_its_streams() {
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
-        tx.write_all(&vec![1u8; 3 * SLICE]).await.expect("write");
+        let bytes = connection_bytes(&[0x4, HEADERS, 0x0, 0x0, 0x0, 0x0, 0x0, HEADERS, HEADERS]);
+        tx.write_all(&bytes).await.expect("write");
         let turns = Turns::default();
-        let mut r = Paced::new(rx, turns.clone(), SLICE);
+        let mut r = Paced::new(rx, turns.clone(), 2);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
         let mut turn = Box::pin(Turning::new(turns, std::future::pending::<()>()));
-
         assert!(turn.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(read_now(&mut r, &mut cx), Poll::Ready(SLICE));
-        assert!(read_now(&mut r, &mut cx).is_pending(), "a slice per turn");
-        assert!(read_now(&mut r, &mut cx).is_pending(), "however often it is asked");
+
+        // The preface, SETTINGS, one HEADERS and five DATA frames: one stream.
+        let first = connection_bytes(&[0x4, HEADERS, 0x0, 0x0, 0x0, 0x0, 0x0]).len();
+        assert_eq!(read_now(&mut r, &mut cx, first), Poll::Ready(first));
+        assert_eq!(read_now(&mut r, &mut cx, FRAME_HEADER), Poll::Ready(FRAME_HEADER), "a second stream");
+        assert!(read_now(&mut r, &mut cx, 1024).is_pending(), "two streams: the turn ends");
+        assert!(read_now(&mut r, &mut cx, 1024).is_pending(), "however often it is asked");
         assert!(count.0.load(Ordering::SeqCst) >= 1, "the task is woken for its next turn");
         assert!(turn.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(read_now(&mut r, &mut cx), Poll::Ready(SLICE), "the next turn reads on");
+        assert!(read_now(&mut r, &mut cx, 1024).is_ready(), "the next turn reads on");
     }
 
     /// Nothing is lost or reordered, and a task reading it to the end finishes.
     #[tokio::test]
     async fn every_byte_in_order() {
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
-        let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = connection_bytes(&[HEADERS; 100]);
         tx.write_all(&sent).await.expect("write");
         drop(tx);
         let turns = Turns::default();
-        let mut r = Paced::new(rx, turns.clone(), SLICE);
+        let mut r = Paced::new(rx, turns.clone(), 1);
         let mut got = Vec::new();
-        let read = Turning::new(turns, async {
+        Turning::new(turns, async {
             r.read_to_end(&mut got).await.expect("read");
-        });
-        read.await;
+        })
+        .await;
         assert!(got == sent);
     }
 }

@@ -37,8 +37,8 @@ use super::paced::{Paced, Turning, Turns};
 pub struct Http2 {
     pub max_concurrent_streams: u32,
     pub connection_window_bytes: u32,
-    /// Bytes read from a connection per turn of its task ([`Paced`]).
-    pub read_slice_bytes: usize,
+    /// Streams a connection may open per turn of its task ([`Paced`]).
+    pub streams_per_turn: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
@@ -95,7 +95,7 @@ where
                 Some(done) = conns.join_next(), if !conns.is_empty() => log_end(done),
                 io = incoming.next() => match io {
                     Some(Ok(io)) => {
-                        let conn = connection(io, svc.clone(), builder.clone(), h2.read_slice_bytes, stop.clone());
+                        let conn = connection(io, svc.clone(), builder.clone(), h2.streams_per_turn, stop.clone());
                         conns.spawn(conn);
                     }
                     // Counted and logged where they happen (accept backoff, TLS handshakes).
@@ -123,7 +123,7 @@ async fn connection<IO, S>(
     io: IO,
     svc: S,
     builder: http2::Builder<TokioExecutor>,
-    read_slice: usize,
+    streams_per_turn: usize,
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
@@ -131,7 +131,7 @@ async fn connection<IO, S>(
 {
     let svc = PerConnection { svc, info: io.connect_info() };
     let turns = Turns::default();
-    let conn = builder.serve_connection(TokioIo::new(Paced::new(io, turns.clone(), read_slice)), svc);
+    let conn = builder.serve_connection(TokioIo::new(Paced::new(io, turns.clone(), streams_per_turn)), svc);
     let mut conn = std::pin::pin!(Turning::new(turns, conn));
     let end = tokio::select! {
         end = conn.as_mut() => end,

@@ -156,7 +156,7 @@ pub async fn start(mut cfg: Config) -> Result<Running, BoxError> {
     let h2 = Http2 {
         max_concurrent_streams: proxy.cfg.server.max_concurrent_streams,
         connection_window_bytes: proxy.cfg.server.connection_window_bytes,
-        read_slice_bytes: proxy.cfg.server.connection_read_slice_bytes,
+        streams_per_turn: proxy.cfg.server.connection_streams_per_turn,
         keepalive_interval: Duration::from_millis(proxy.cfg.limits.http2_keepalive_interval_ms),
         keepalive_timeout: Duration::from_millis(proxy.cfg.limits.http2_keepalive_timeout_ms),
     };

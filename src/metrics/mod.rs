@@ -116,8 +116,8 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         names::CONNECTION_READ_YIELDS,
         Kind::Counter,
         Unit::Count,
-        "Times a client connection's task stopped reading for a turn after \
-         server.connection_read_slice_bytes, so its streams and other connections could run",
+        "Turns of a client connection's task that stopped reading after \
+         server.connection_streams_per_turn new streams, so they and other connections could run",
     ),
     (
         names::REQUEST_ERRORS,
