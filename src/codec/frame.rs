@@ -94,6 +94,11 @@ impl<T: prost::Message + Default> Decoder<T> {
 
     fn take_message(&mut self) -> Result<Option<T>, Status> {
         let Some(partial) = self.partial.as_mut() else {
+            // Nothing to start a message with: keep no empty partial (it would
+            // read as a message cut short at the end of the stream).
+            if self.frame.is_empty() {
+                return Ok(None);
+            }
             // The usual case: whole messages in the frame, decoded where they lie.
             let len = message_len(&self.frame, self.max)?;
             let Some(len) = len.filter(|len| self.frame.len() >= HEADER + len) else {
